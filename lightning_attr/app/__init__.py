@@ -1,0 +1,1 @@
+"""Hydra entry points (train, attribute), the command line, and the HTML report."""

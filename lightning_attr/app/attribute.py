@@ -1,0 +1,195 @@
+"""``lightning-attr-attribute``: explain a trained run's predictions and write the report (Hydra app).
+
+    lightning-attr-attribute run_dir=runs/demo
+    lightning-attr-attribute run_dir=runs/poisoned queries=triggered top_k=10
+
+Reads what ``lightning-attr-train`` wrote into ``run_dir`` (``config.yaml``, ``model.pt``,
+``responses/``), scores the queries against every source with forward passes only, computes every
+training example's self-influence, and writes ``report.html``, ``figures/*.png`` and the raw top-k
+table ``attributions.csv`` / ``attributions.json`` into ``out_dir`` (default: ``run_dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_attr.app.io import write_json
+
+
+@dataclass
+class AttributionResult:
+    """Everything the report draws. Shapes: ``Q`` queries, ``S`` sources, ``n`` training examples, ``k`` top-k."""
+
+    queries: str
+    x_query: Tensor  # [Q, *input_shape]
+    y_query: Tensor  # [Q]
+    pred: Tensor  # [Q]
+    scores: Tensor  # [Q, S] predicted rise of the query loss if the source were removed
+    source_ids: list
+    example_to_source: Tensor  # [n] source position of each training example
+    top_k: int
+    self_influence: Tensor | None  # [n]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_run(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
+    missing = [name for name in ("config.yaml", "model.pt", "run.json") if not (run_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{run_dir} is not a finished lightning-attr-train run (missing {', '.join(missing)}); "
+            f"train first: lightning-attr-train hydra.run.dir={run_dir}"
+        )
+    return OmegaConf.load(run_dir / "config.yaml"), json.loads((run_dir / "run.json").read_text())
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+def attribute_run(cfg: DictConfig) -> dict[str, Any]:
+    """Score, evaluate and report one train run; returns the summary written to ``attribution.json``."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    from lightning_attr.app.report import write_report
+    from lightning_attr.app.summary import print_attribute_summary
+
+    if cfg.top_k < 1 or cfg.batch_size < 1:
+        raise ValueError(f"top_k and batch_size must be >= 1, got top_k={cfg.top_k}, batch_size={cfg.batch_size}.")
+    run_dir = Path(cfg.run_dir)
+    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else run_dir
+    train_cfg, run = _load_run(run_dir)
+    queries = cfg.get("queries") or train_cfg.get("report", {}).get("queries", "test")
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    datamodule = hydra.utils.instantiate(train_cfg.data)
+    datamodule.setup("fit")
+    model = hydra.utils.instantiate(train_cfg.model)
+    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+    model.eval()
+    if not run["responses"]:
+        raise ValueError(f"{run_dir} was trained without an attribution callback (run.json lists no responses).")
+    responses = cfg.get("responses") or next(iter(run["responses"].values()))
+    from lightning_attr import ResponseStore
+
+    store = ResponseStore.load(responses)
+    timings["load_s"] = time.perf_counter() - start
+
+    dataset = datamodule.query_dataset(queries)
+    if cfg.get("max_queries"):
+        dataset = torch.utils.data.Subset(dataset, range(min(int(cfg.max_queries), len(dataset))))
+    loader = DataLoader(dataset, batch_size=int(cfg.batch_size))
+    xs, ys, preds, scores = [], [], [], []
+    start = time.perf_counter()
+    with _progress() as progress:
+        task = progress.add_task("attributing queries", total=len(dataset))
+        for x, y in loader:
+            with torch.no_grad():
+                preds.append(model(x).argmax(-1))
+            scores.append(model.attribute((x, y), responses=store))
+            xs.append(x), ys.append(y)
+            progress.advance(task, len(y))
+    timings["scores_s"] = time.perf_counter() - start
+    timings["ms_per_query"] = 1000 * timings["scores_s"] / max(len(dataset), 1)
+
+    self_influence = None
+    if cfg.self_influence:
+        start = time.perf_counter()
+        values = []
+        train_loader = DataLoader(datamodule.train_dataset(), batch_size=int(cfg.batch_size))
+        with _progress() as progress:
+            task = progress.add_task("self-influence", total=datamodule.n_train)
+            for batch in train_loader:
+                values.append(model.self_influence(batch, responses=store))
+                progress.advance(task, len(batch[-1]))
+        self_influence = torch.cat(values)
+        timings["self_influence_s"] = time.perf_counter() - start
+
+    result = AttributionResult(
+        queries=queries,
+        x_query=torch.cat(xs),
+        y_query=torch.cat(ys),
+        pred=torch.cat(preds),
+        scores=torch.cat(scores),
+        source_ids=list(store.source_ids),
+        example_to_source=store.example_to_source(),
+        top_k=min(int(cfg.top_k), store.n_sources),
+        self_influence=self_influence,
+    )
+    result.metrics["accuracy"] = float((result.pred == result.y_query).float().mean())
+    flipped = datamodule.metadata["flipped"]
+    if self_influence is not None and bool(flipped.any()):
+        finite = torch.isfinite(self_influence)
+        result.metrics["mislabel_auc"] = float(binary_auroc(self_influence[finite], flipped[finite].long()))
+        result.metrics["n_flipped"] = int(flipped.sum())
+    if "poisoned" in datamodule.metadata:
+        result.metrics["poison"] = poison_metrics(result, datamodule.metadata["poisoned"])
+
+    start = time.perf_counter()
+    files = write_report(out_dir, result, datamodule, train_cfg, run, cfg)
+    timings["report_s"] = time.perf_counter() - start
+
+    summary = {
+        "run_dir": str(run_dir),
+        "responses": str(responses),
+        "report": str(files["report"]),
+        "tables": [str(files["csv"]), str(files["json"])],
+        "figures": [str(p) for p in files["figures"]],
+        "queries": queries,
+        "n_queries": len(dataset),
+        "n_sources": store.n_sources,
+        "accuracy": result.metrics["accuracy"],
+        "mislabel_auc": result.metrics.get("mislabel_auc"),
+        "n_flipped": result.metrics.get("n_flipped"),
+        "poison": result.metrics.get("poison"),
+        "timings": timings,
+        "train_timings": run.get("timings"),
+    }
+    write_json(out_dir / "attribution.json", summary)
+    print_attribute_summary(summary)
+    return summary
+
+
+def poison_metrics(result: AttributionResult, poisoned: Tensor) -> dict[str, Any]:
+    """How often a poisoned source is the top proponent of a query.
+
+    A source counts as poisoned when all its examples are. Returns ``top1_rate`` (share of queries
+    whose strongest proponent is poisoned), ``source_id`` (the poisoned source ids, joined) and
+    ``mean_rank`` (mean 1-based rank of the best-ranked poisoned source).
+    """
+    n_sources = len(result.source_ids)
+    counts = torch.bincount(result.example_to_source, minlength=n_sources)
+    hits = torch.bincount(result.example_to_source, weights=poisoned.double(), minlength=n_sources)
+    is_poisoned = (hits == counts) & (counts > 0)
+    if not bool(is_poisoned.any()):
+        return {"top1_rate": 0.0, "source_id": "none (no source is entirely poisoned)", "mean_rank": None}
+    scores = result.scores.nan_to_num(float("-inf"))
+    order = scores.argsort(dim=1, descending=True)
+    ranks = torch.where(is_poisoned[order])[1].reshape(len(scores), -1)[:, 0] + 1 if len(scores) else torch.zeros(0)
+    ids = [str(result.source_ids[i]) for i in torch.where(is_poisoned)[0].tolist()]
+    return {
+        "top1_rate": float((ranks == 1).float().mean()) if len(scores) else 0.0,
+        "source_id": ids[0] if len(ids) == 1 else f"{len(ids)} poisoned sources",
+        "mean_rank": float(ranks.float().mean()) if len(scores) else None,
+    }
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lightning_attr.conf", config_name="attribute")
+def main(cfg: DictConfig) -> None:
+    attribute_run(cfg)
+
+
+if __name__ == "__main__":
+    main()

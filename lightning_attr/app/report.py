@@ -1,0 +1,337 @@
+"""The HTML report: per-query explanations drawn, dataset-level views, and the raw top-k table.
+
+Everything is written atomically into ``out_dir``: ``report.html``, ``figures/*.png`` (matplotlib,
+Agg backend, no display needed), ``attributions.csv`` and ``attributions.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from lightning_attr.app.io import atomic_write, write_json, write_text  # noqa: E402
+
+PRO, OPP, NEUTRAL, FLIP = "#1b7837", "#b2182b", "#4d4d4d", "#d6604d"
+
+
+# ---------------------------------------------------------------------- drawing helpers
+def draw_example(ax, x: Tensor, display_shape: tuple[int, ...] | None, color: str = NEUTRAL) -> None:
+    """Draw one input: an image when ``display_shape`` is set, else a 1D signal."""
+    x = x.detach().float().cpu()
+    if display_shape is not None:
+        ax.imshow(x.reshape(display_shape).numpy(), cmap="gray_r", interpolation="nearest")
+    else:
+        ax.plot(x.reshape(-1).numpy(), color=color, lw=1.5)
+        ax.set_ylim(-3.5, 3.5)
+    ax.set_xticks([]), ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(color)
+        spine.set_linewidth(2 if color != NEUTRAL else 0.8)
+
+
+def _save(fig, path: Path) -> Path:
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+class _Sources:
+    """Which training examples make each source, and how to label a source in a figure."""
+
+    def __init__(self, result, datamodule) -> None:
+        self.ids = result.source_ids
+        self.e2s = result.example_to_source
+        n_sources = len(self.ids)
+        self.counts = torch.bincount(self.e2s, minlength=n_sources)
+        self.per_example = bool((self.counts == 1).all())
+        self.example_of = torch.full((n_sources,), -1, dtype=torch.long)
+        if self.per_example:
+            self.example_of[self.e2s] = torch.arange(len(self.e2s))
+        self.x = datamodule.split.x_train
+        self.label = datamodule.metadata["label"]
+        self.flipped = datamodule.metadata["flipped"]
+        self.true_label = datamodule.metadata["true_label"]
+        self.poisoned = datamodule.metadata.get("poisoned")
+
+    def name(self, j: int) -> str:
+        return str(self.ids[j])
+
+    def describe(self, j: int) -> dict[str, Any]:
+        row: dict[str, Any] = {"source_position": j, "source_id": self.name(j), "n_examples": int(self.counts[j])}
+        if self.per_example:
+            e = int(self.example_of[j])
+            row.update(example=e, source_label=int(self.label[e]), flipped=bool(self.flipped[e]))
+            if self.poisoned is not None:
+                row["poisoned"] = bool(self.poisoned[e])
+        return row
+
+
+# ---------------------------------------------------------------------- figures
+def figure_query(path: Path, q: int, result, sources: _Sources, display_shape) -> Path:
+    k = result.top_k
+    scores = result.scores[q]
+    finite = scores.nan_to_num(float("-inf"))
+    pro = finite.topk(k).indices.tolist()
+    opp = (-scores).nan_to_num(float("-inf")).topk(k).indices.tolist()
+    y, pred = int(result.y_query[q]), int(result.pred[q])
+    title = f"query {q}: label {y}, predicted {pred}"
+    if sources.per_example:
+        fig, axes = plt.subplots(2, k + 1, figsize=(1.7 * (k + 1), 3.9), squeeze=False)
+        ok = PRO if pred == y else OPP
+        draw_example(axes[0, 0], result.x_query[q], display_shape, ok)
+        axes[0, 0].set_title(f"query {q}\nlabel {y} / pred {pred}", fontsize=8, color=ok)
+        axes[1, 0].axis("off")
+        axes[1, 0].text(0.5, 0.5, "top: proponents\n(removing them\nraises the loss)\n\nbottom: opponents",
+                        ha="center", va="center", fontsize=7, transform=axes[1, 0].transAxes)
+        for row, picks, color in ((0, pro, PRO), (1, opp, OPP)):
+            for c, j in enumerate(picks, start=1):
+                e = int(sources.example_of[j])
+                flipped = bool(sources.flipped[e])
+                draw_example(axes[row, c], sources.x[e], display_shape, FLIP if flipped else color)
+                note = " (flipped)" if flipped else ""
+                axes[row, c].set_title(f"#{e} label {int(sources.label[e])}{note}\n{float(scores[j]):+.3g}",
+                                       fontsize=7, color=FLIP if flipped else color)
+    else:
+        show = sorted(set(pro) | set(opp), key=lambda j: -float(finite[j])) if len(scores) > 24 else list(range(len(scores)))
+        fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, max(2.6, 0.26 * len(show) + 1)),
+                                       gridspec_kw={"width_ratios": [1, 3]})
+        ok = PRO if pred == y else OPP
+        draw_example(ax0, result.x_query[q], display_shape, ok)
+        ax0.set_title(title, fontsize=8, color=ok)
+        vals = [float(scores[j]) for j in show]
+        ax1.barh(range(len(show)), vals, color=[PRO if v > 0 else OPP for v in vals])
+        ax1.set_yticks(range(len(show)), [sources.name(j) for j in show], fontsize=7)
+        ax1.invert_yaxis()
+        ax1.axvline(0, color=NEUTRAL, lw=0.8)
+        ax1.set_xlabel("score: predicted rise of the query loss if the source were removed", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def figure_top_sources(path: Path, result, sources: _Sources, n: int = 20) -> tuple[Path, list[int]]:
+    mean = result.scores.nanmean(dim=0)
+    strength = result.scores.abs().nanmean(dim=0).nan_to_num(-1.0)
+    top = strength.argsort(descending=True)[: min(n, len(strength))].tolist()
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(top) + 1.2))
+    vals = [float(mean[j]) for j in top]
+    ax.barh(range(len(top)), [float(strength[j]) for j in top], color="#cccccc", label="mean |score|")
+    ax.barh(range(len(top)), vals, height=0.45, color=[PRO if v > 0 else OPP for v in vals], label="mean score")
+    labels = []
+    for j in top:
+        d = sources.describe(j)
+        labels.append(f"{d['source_id']}" + (f" (label {d['source_label']}{', flipped' if d['flipped'] else ''})" if sources.per_example else f" ({d['n_examples']} ex.)"))
+    ax.set_yticks(range(len(top)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color=NEUTRAL, lw=0.8)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"most influential sources over {len(result.scores)} queries", fontsize=9)
+    return _save(fig, path), top
+
+
+def figure_examples_grid(path: Path, examples: list[int], sources: _Sources, display_shape, caption, values=None) -> Path:
+    cols = min(8, max(len(examples), 1))
+    rows = max(1, -(-len(examples) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.75 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, e, i in zip(axes.flat, examples, range(len(examples))):
+        ax.axis("on")
+        flipped = bool(sources.flipped[e])
+        draw_example(ax, sources.x[e], display_shape, FLIP if flipped else NEUTRAL)
+        text = f"#{e} label {int(sources.label[e])}"
+        if flipped:
+            text += f" (true {int(sources.true_label[e])})"
+        if values is not None:
+            text += f"\n{values[i]:.3g}"
+        ax.set_title(text, fontsize=7, color=FLIP if flipped else "black")
+    fig.suptitle(caption, fontsize=9)
+    return _save(fig, path)
+
+
+def figure_self_influence(path: Path, si: Tensor, flipped: Tensor) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 3))
+    finite = torch.isfinite(si)
+    clean, bad = si[finite & ~flipped].numpy(), si[finite & flipped].numpy()
+    bins = torch.linspace(float(si[finite].min()), float(si[finite].max()), 50).numpy()
+    ax.hist(clean, bins=bins, color="#999999", alpha=0.8, label=f"clean ({len(clean)})")
+    if len(bad):
+        ax.hist(bad, bins=bins, color=FLIP, alpha=0.9, label=f"flipped label ({len(bad)})")
+    ax.set_yscale("log")
+    ax.set_xlabel("self-influence (score of a training example against its own source)", fontsize=8)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def figure_score_distribution(path: Path, scores: Tensor) -> Path:
+    vals = scores[torch.isfinite(scores)].flatten()
+    fig, ax = plt.subplots(figsize=(6.5, 3))
+    if len(vals):
+        ax.hist(vals.numpy(), bins=80, color="#4393c3")
+    ax.set_yscale("log")
+    ax.axvline(0, color=NEUTRAL, lw=0.8)
+    ax.set_xlabel("score (all queries x sources): positive = proponent, negative = opponent", fontsize=8)
+    return _save(fig, path)
+
+
+def figure_sources_bar(path: Path, result, sources: _Sources) -> Path:
+    mean = result.scores.nanmean(dim=0)
+    s = len(mean)
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * s + 1), 3.2))
+    colors = [PRO if float(v) > 0 else OPP for v in mean]
+    ax.bar(range(s), mean.numpy(), color=colors)
+    ax.set_xticks(range(s), [sources.name(j) for j in range(s)], rotation=60, ha="right", fontsize=7)
+    ax.axhline(0, color=NEUTRAL, lw=0.8)
+    ax.set_ylabel("mean score over queries", fontsize=8)
+    ax.set_title(f"per-source attribution ({result.queries} queries)", fontsize=9)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------- tables
+def topk_rows(result, sources: _Sources) -> list[dict[str, Any]]:
+    """The raw top-k table: one row per (query, proponent/opponent, rank)."""
+    rows = []
+    k = result.top_k
+    for q in range(len(result.scores)):
+        scores = result.scores[q]
+        for kind, order in (("proponent", scores.nan_to_num(float("-inf")).topk(k).indices),
+                            ("opponent", (-scores).nan_to_num(float("-inf")).topk(k).indices)):
+            for rank, j in enumerate(order.tolist(), start=1):
+                rows.append({"query": q, "query_label": int(result.y_query[q]), "prediction": int(result.pred[q]),
+                             "kind": kind, "rank": rank, "score": float(scores[j]), **sources.describe(j)})
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------- html
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left}
+img{max-width:100%;border:1px solid #eee}.pro{color:#1b7837}.opp{color:#b2182b}.kv td:first-child{font-weight:600}
+.note{color:#555;font-size:.9em}"""
+
+
+def _kv_table(items: list[tuple[str, Any]]) -> str:
+    return "<table class='kv'>" + "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in items) + "</table>"
+
+
+def _img(rel: str, alt: str) -> str:
+    return f"<p><img src='{html.escape(rel)}' alt='{html.escape(alt)}'></p>"
+
+
+def write_report(out_dir: Path, result, datamodule, train_cfg, run: dict[str, Any], cfg) -> dict[str, Any]:
+    """Write ``report.html``, ``figures/*.png``, ``attributions.csv`` and ``attributions.json``.
+
+    Returns ``{"report": Path, "csv": Path, "json": Path, "figures": [Path, ...]}``.
+    """
+    out_dir = Path(out_dir)
+    fig_dir = out_dir / "figures"
+    display_shape = datamodule.display_shape
+    sources = _Sources(result, datamodule)
+    figures: list[Path] = []
+    body: list[str] = []
+    m = result.metrics
+
+    # -- header
+    t = run.get("timings", {})
+    items = [
+        ("run", run["run_dir"]),
+        ("data", f"{datamodule.dataset}: {datamodule.n_train:,} training examples"
+                 + (f", {int(datamodule.metadata['flipped'].sum())} labels flipped" if bool(datamodule.metadata['flipped'].any()) else "")),
+        ("model", train_cfg.model.net.get("_target_", train_cfg.model.get("_target_"))),
+        ("sources", f"{len(result.source_ids):,} ({'one per example' if sources.per_example else 'groups'})"),
+        ("attribution", ", ".join(f"{k}={v}" for k, v in train_cfg.callbacks.get(next(iter(run['responses'])), {}).items()
+                                  if k in ("horizon", "damping", "curvature", "mode"))),
+        ("queries", f"{len(result.scores):,} ({result.queries}), accuracy {m['accuracy']:.3f}"),
+        ("training fit", f"{t.get('fit_s', float('nan')):.1f} s"
+         + (f", of which the attribution callback {t['attribution_callback_s']:.1f} s" if "attribution_callback_s" in t else "")),
+    ]
+    if "mislabel_auc" in m:
+        items.append(("mislabel detection AUC (self-influence)", f"{m['mislabel_auc']:.3f} over {m['n_flipped']} flipped labels"))
+    if "poison" in m:
+        p = m["poison"]
+        items.append(("poisoned source is the top proponent", f"{p['top1_rate']:.0%} of queries ({p['source_id']}; mean rank {p['mean_rank']})"))
+    body.append("<h1>lightning_attr report</h1>")
+    body.append("<p class='note'>A score is the predicted rise of the query's loss if the source were removed "
+                "from training: <span class='pro'>positive = proponent</span> (it helped this prediction), "
+                "<span class='opp'>negative = opponent</span>. Computed from responses simulated during training, "
+                "read out with forward passes only.</p>")
+    body.append(_kv_table(items))
+
+    # -- per query
+    body.append("<h2>Queries: top proponents and opponents</h2>")
+    n_drawn = min(int(cfg.n_drawn), len(result.scores))
+    for q in range(n_drawn):
+        path = figure_query(fig_dir / f"query_{q:03d}.png", q, result, sources, display_shape)
+        figures.append(path)
+        body.append(_img(f"figures/{path.name}", f"query {q}"))
+
+    # -- dataset level
+    body.append("<h2>Most influential sources overall</h2>")
+    path, top = figure_top_sources(fig_dir / "top_sources.png", result, sources)
+    figures.append(path)
+    body.append(_img(f"figures/{path.name}", "most influential sources"))
+    if sources.per_example:
+        path = figure_examples_grid(fig_dir / "top_sources_examples.png", [int(sources.example_of[j]) for j in top[:16]],
+                                    sources, display_shape, "the 16 most influential training examples (mean |score|)")
+        figures.append(path)
+        body.append(_img(f"figures/{path.name}", "most influential examples"))
+    else:
+        path = figure_sources_bar(fig_dir / "sources_bar.png", result, sources)
+        figures.append(path)
+        body.append(_img(f"figures/{path.name}", "per-source bar chart"))
+
+    if result.self_influence is not None:
+        si = result.self_influence
+        body.append("<h2>Self-influence: likely mislabelled or atypical examples</h2>")
+        body.append("<p class='note'>Each training example scored against its own source. High values mark examples "
+                    "the model fits only by memorizing them; flipped labels are drawn in red.</p>")
+        if "mislabel_auc" in m:
+            body.append(f"<p><b>Mislabel detection AUC: {m['mislabel_auc']:.3f}</b> ({m['n_flipped']} flipped labels among "
+                        f"{len(si):,} examples).</p>")
+        order = si.nan_to_num(float("-inf")).argsort(descending=True)[:16].tolist()
+        path = figure_examples_grid(fig_dir / "self_influence_top.png", order, sources, display_shape,
+                                    "highest self-influence", values=[float(si[e]) for e in order])
+        figures.append(path)
+        body.append(_img(f"figures/{path.name}", "highest self-influence examples"))
+        path = figure_self_influence(fig_dir / "self_influence_hist.png", si, datamodule.metadata["flipped"])
+        figures.append(path)
+        body.append(_img(f"figures/{path.name}", "self-influence distribution"))
+
+    body.append("<h2>Score distribution</h2>")
+    path = figure_score_distribution(fig_dir / "score_distribution.png", result.scores)
+    figures.append(path)
+    body.append(_img(f"figures/{path.name}", "score distribution"))
+
+    # -- raw tables
+    rows = topk_rows(result, sources)
+    csv_path = _write_csv(out_dir / "attributions.csv", rows)
+    json_path = write_json(out_dir / "attributions.json", {"top_k": result.top_k, "queries": result.queries, "rows": rows})
+    body.append("<h2>Raw data</h2>")
+    body.append(f"<p>Top-{result.top_k} table (one row per query, kind and rank): "
+                f"<a href='{csv_path.name}'>{csv_path.name}</a>, <a href='{json_path.name}'>{json_path.name}</a>. "
+                f"Run summary: <a href='attribution.json'>attribution.json</a>.</p>")
+    config_yaml = html.escape(json.dumps(run.get("timings", {}), indent=1))
+    body.append(f"<details><summary>training timings</summary><pre>{config_yaml}</pre></details>")
+
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>lightning_attr report</title><style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n"
+    report = write_text(out_dir / "report.html", page)
+    return {"report": report, "csv": csv_path, "json": json_path, "figures": figures}

@@ -1,0 +1,166 @@
+"""``lightning-attr-train``: fit a model with the attribution callback on (Hydra app).
+
+    lightning-attr-train experiment=demo hydra.run.dir=runs/demo
+    lightning-attr-train data=digits model=cnn callbacks.attribution.horizon=50
+    lightning-attr-train -m callbacks.attribution.horizon=50,100
+
+The run directory receives ``config.yaml`` (the resolved config), ``model.pt`` (the trained
+weights), ``responses/`` (the response store) and ``run.json`` (timings, metrics, paths), which is
+all ``lightning-attr-attribute run_dir=...`` needs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_attr.app.io import atomic_write, write_json, write_text
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    if cfg.get("output_dir"):
+        return Path(cfg.output_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise ValueError(
+            "output_dir is null and Hydra is not running (compose API): set cfg.output_dir to the run directory."
+        )
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _is_attribution_callback(node: Any) -> bool:
+    from lightning_attr import AttributionCallback
+
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not target:
+        return False
+    try:
+        cls = hydra.utils.get_class(target)
+    except Exception:  # a callable target, not a class
+        return False
+    return isinstance(cls, type) and issubclass(cls, AttributionCallback)
+
+
+def instantiate_callbacks(cfg: DictConfig, sources: Any, output_dir: Path) -> tuple[list, list[str]]:
+    """Instantiate ``cfg.callbacks`` (a dict of named callback configs).
+
+    The attribution callback(s) get ``sources`` from the ``sources`` group and, when their
+    ``dirpath`` is null, ``<output_dir>/responses`` (``<output_dir>/responses_<name>`` for a second
+    one). Returns ``(callbacks, names of the attribution callbacks)``.
+    """
+    callbacks, attribution_names = [], []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ValueError(f"callbacks.{name} must be a config with a _target_, got {node!r}.")
+        kwargs: dict[str, Any] = {}
+        if _is_attribution_callback(node):
+            if node.get("sources") is not None and sources is not None:
+                raise ValueError(
+                    f"callbacks.{name}.sources is set and the sources group also defines sources; "
+                    f"keep one (sources=per_example leaves callbacks.{name}.sources in charge)."
+                )
+            if sources is not None:
+                kwargs["sources"] = sources
+            if node.get("dirpath") is None:
+                suffix = "" if not attribution_names else f"_{name}"
+                kwargs["dirpath"] = str(output_dir / f"responses{suffix}")
+            attribution_names.append(name)
+        callbacks.append(hydra.utils.instantiate(node, **kwargs))
+    return callbacks, attribution_names
+
+
+def instantiate_loggers(cfg: DictConfig, output_dir: Path) -> list:
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        kwargs = {"save_dir": str(output_dir)} if node.get("save_dir", "unset") is None else {}
+        loggers.append(hydra.utils.instantiate(node, **kwargs))
+    return loggers
+
+
+def run_train(cfg: DictConfig) -> dict[str, Any]:
+    """Train as configured and write the run directory; returns the summary written to ``run.json``."""
+    import lightning as L
+
+    from lightning_attr.app.summary import print_train_summary
+    from lightning_attr.app.timing import HookTimer
+
+    timings: dict[str, float] = {}
+    output_dir = _output_dir(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    start = time.perf_counter()
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.setup("fit")
+    sources = hydra.utils.instantiate(cfg.sources)(datamodule) if cfg.get("sources") else None
+    model = hydra.utils.instantiate(cfg.model)
+    timings["setup_s"] = time.perf_counter() - start
+
+    callbacks, attribution_names = instantiate_callbacks(cfg, sources, output_dir)
+    loggers = instantiate_loggers(cfg, output_dir)
+    trainer_kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
+    if cfg.trainer.get("default_root_dir") is None:
+        trainer_kwargs["default_root_dir"] = str(output_dir)
+    trainer = hydra.utils.instantiate(cfg.trainer, **trainer_kwargs)
+
+    attribution = [cb for cb in callbacks if _attr_instance(cb)]
+    timers = [HookTimer(cb) for cb in attribution] if trainer.world_size == 1 else []
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    timings["fit_s"] = time.perf_counter() - start
+    if timers:
+        timings["attribution_callback_s"] = sum(t.total for t in timers)
+        timings["training_without_callback_s"] = timings["fit_s"] - timings["attribution_callback_s"]
+
+    start = time.perf_counter()
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["output_dir"] = str(output_dir)
+    if trainer.is_global_zero:
+        atomic_write(output_dir / "model.pt", lambda p: torch.save(model.state_dict(), p))
+        write_text(output_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    timings["save_s"] = time.perf_counter() - start
+
+    summary = {
+        "run_dir": str(output_dir),
+        "model": str(output_dir / "model.pt"),
+        "config": str(output_dir / "config.yaml"),
+        "responses": {name: str(cb.dirpath) for name, cb in zip(attribution_names, attribution)},
+        "n_train": datamodule.n_train,
+        "n_sources": datamodule.n_train if sources is None else len(set(sources)),
+        "global_step": int(trainer.global_step),
+        "epochs": int(trainer.current_epoch),
+        "metrics": metrics,
+        "timings": timings,
+    }
+    if trainer.is_global_zero:
+        write_json(output_dir / "run.json", summary)
+        print_train_summary(summary)
+    return summary
+
+
+def _attr_instance(cb: Any) -> bool:
+    from lightning_attr import AttributionCallback
+
+    return isinstance(cb, AttributionCallback)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lightning_attr.conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    summary = run_train(cfg)
+    return summary["metrics"].get("val/acc")
+
+
+if __name__ == "__main__":
+    main()

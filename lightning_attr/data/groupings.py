@@ -1,0 +1,54 @@
+"""How training examples are grouped into sources, as Hydra-instantiable objects.
+
+A grouping is called with the set-up datamodule and returns what
+:class:`lightning_attr.AttributionCallback` takes as ``sources``: ``None`` (one source per example)
+or a list with one source id per training example (examples sharing an id form one source).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from lightning_attr.data.datamodule import ClassificationDataModule
+
+
+class Grouping(Protocol):
+    def __call__(self, datamodule: ClassificationDataModule) -> list[str] | None: ...
+
+
+class PerExample:
+    """Every training example is its own source (``sources=None``)."""
+
+    def __call__(self, datamodule: ClassificationDataModule) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "PerExample()"
+
+
+class ByColumn:
+    """One source per distinct value of a metadata column (``label``, ``true_label``, ``group``, ...).
+
+    Args:
+        column: the column of ``datamodule.metadata``.
+        prefix: source ids are ``f"{prefix}{value}"`` (default ``f"{column}="``), so they read well in
+            the report (``group=3``, ``label=7``).
+    """
+
+    def __init__(self, column: str = "group", prefix: str | None = None) -> None:
+        self.column = column
+        self.prefix = f"{column}=" if prefix is None else prefix
+
+    def __call__(self, datamodule: ClassificationDataModule) -> list[str]:
+        if datamodule.split is None:
+            datamodule.setup("fit")
+        if self.column not in datamodule.metadata:
+            hint = " (set data.n_groups to create random groups)" if self.column == "group" else ""
+            raise ValueError(
+                f"sources grouped by column {self.column!r}, but the datamodule has columns "
+                f"{sorted(datamodule.metadata)}{hint}."
+            )
+        return [f"{self.prefix}{int(v)}" for v in datamodule.metadata[self.column].tolist()]
+
+    def __repr__(self) -> str:
+        return f"ByColumn(column={self.column!r})"
