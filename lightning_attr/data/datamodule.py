@@ -93,6 +93,9 @@ class ClassificationDataModule(L.LightningDataModule):
         self.display_shape = DATASETS[dataset][1]
         self.split: TensorSplit | None = None
         self.metadata: dict[str, Tensor] = {}
+        #: inputs as a person should see them (raw pixels for digits), ``[n_train, ...]`` / ``[n_test, ...]``
+        self.display_train: Tensor | None = None
+        self.display_test: Tensor | None = None
 
     # ------------------------------------------------------------------ data
     def setup(self, stage: str | None = None) -> None:
@@ -109,6 +112,7 @@ class ClassificationDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_classes is {self.num_classes} but {self.dataset} has {split.num_classes} classes.")
         n = len(split.y_train)
         x, y = split.x_train, split.y_train
+        display_train, display_test = _display_inputs(self.dataset, self.loader_kwargs, split)
         meta: dict[str, Tensor] = {"true_label": y.clone()}
         if self.n_groups is not None:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.group_seed))
@@ -120,10 +124,24 @@ class ClassificationDataModule(L.LightningDataModule):
                     x, y, group, int(self.poison["group"]), int(self.poison["target"]),
                     int(self.poison.get("size", 4)), float(self.poison.get("value", 3.0)),
                 )
+                size, high = int(self.poison.get("size", 4)), float(display_train.max())
+                display_train = display_train.clone()
+                display_train[meta["poisoned"]] = stamp_trigger(display_train[meta["poisoned"]], size, high)
         y, meta["flipped"] = flip_labels(y, self.label_noise, self.num_classes, self.noise_seed)
         meta["label"] = y
         self.split = TensorSplit(x, y, split.x_test, split.y_test, split.num_classes, split.name)
         self.metadata = meta
+        self.display_train, self.display_test = display_train, display_test
+
+    def display_queries(self, kind: str = "test") -> Tensor:
+        """Inputs of :meth:`query_dataset` ``(kind)`` as a person should see them."""
+        self._require_setup()
+        if kind == "train":
+            return self.display_train
+        if kind == "triggered":
+            size = int(self.poison.get("size", 4)) if self.poison else 1
+            return stamp_trigger(self.display_test, size, float(self.display_train.max()))
+        return self.display_test
 
     def _require_setup(self) -> TensorSplit:
         if self.split is None:
@@ -163,3 +181,26 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+
+def _display_inputs(dataset: str, loader_kwargs: Mapping[str, Any], split: TensorSplit) -> tuple[Tensor, Tensor]:
+    """Raw pixel values for digits (per-pixel standardization makes images hard to read).
+
+    The raw split is rebuilt with the loader's own permutation and checked against the standardized
+    split; on any mismatch (or for other datasets) the model's inputs themselves are displayed.
+    """
+    if dataset == "digits":
+        import inspect
+
+        import numpy as np
+        from sklearn.datasets import load_digits as sk_load_digits
+
+        defaults = {k: p.default for k, p in inspect.signature(load_digits).parameters.items()}
+        kw = {**defaults, **loader_kwargs}
+        raw = sk_load_digits().data.astype(np.float32)
+        perm = np.random.default_rng(kw["seed"]).permutation(len(raw))
+        tr, te = raw[perm[: kw["n_train"]]], raw[perm[kw["n_train"] :]]
+        mean, std = tr.mean(axis=0, keepdims=True), tr.std(axis=0, keepdims=True) + 1e-6
+        if tr.shape == tuple(split.x_train.shape) and np.allclose((tr - mean) / std, split.x_train.numpy(), atol=1e-4):
+            return torch.as_tensor(tr), torch.as_tensor(te)
+    return split.x_train, split.x_test

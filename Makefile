@@ -1,0 +1,32 @@
+# Set-up is part of every target: a fresh machine needs nothing but Python 3.10+.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lightning-attr-train experiment=demo hydra.run.dir=runs/demo
+	$(VENV)/bin/lightning-attr-attribute run_dir=runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PIP) install -e ".[test,bench]"
+	$(PY) benchmarks/bench.py --out benchmarks/results/latest.json
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,396 @@
+"""AttributionCallback: simulates per-source parameter responses while a Lightning fit runs.
+
+The callback is glue: the maths lives in :mod:`simulation` / :mod:`curvature`, the files in
+:mod:`store`. See METHOD.md for what a response is and how it is read out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_attr.curvature import curvature_operator
+from lightning_attr.functional import functional_view, uses_output_loss
+from lightning_attr.mixin import AttributionMixin
+from lightning_attr.parameters import ParameterSpace
+from lightning_attr.simulation import (
+    Damping,
+    OnlineSimulation,
+    StepRule,
+    estimate_step_rule,
+    initial_perturbations,
+    simulate_responses,
+)
+from lightning_attr.sources import SourceMap, SourceSpec, split_batch
+from lightning_attr.store import ResponseStore, StoreError, has_store
+
+_MODES = ("online", "end")
+_UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
+
+
+class AttributionCallback(Callback):
+    r"""Writes per-source **response checkpoints** while the model trains.
+
+    A response :math:`r_b \approx \tfrac1n (G+\lambda I)^{-1}\nabla\ell_b` is the predicted parameter
+    change if source ``b`` were removed from training; ``AttributionMixin.attribute`` turns it into a
+    score with forward passes only.
+
+    Args:
+        dirpath: where the :class:`ResponseStore` goes. Default: ``<trainer.log_dir>/responses``.
+        horizon: ``K``, damped curvature steps each source's perturbation is propagated for.
+        damping: ``"auto"`` (``damping_scale * trace(G)/P``, the GGN's mean eigenvalue, from 32
+            Hutchinson probes) or a float ``lambda``.
+        curvature: ``"ggn"`` (needs ``attribution_outputs``) or ``"hessian"``.
+        mode: ``"online"``: propagate on the live batches and parameters of the last epoch(s) of the fit
+            (sources are injected during the epoch that ends ``horizon`` steps before the end of the fit);
+            ``"end"``: after the fit, at the final parameters, on ``horizon`` batches of
+            ``curvature_batch_size`` replayed from the training set with a private generator.
+        sources: ``None`` for one source per training example, or each example's source id (``Tensor[n]``
+            or a sequence of ints/strings), or a callable mapping ``LongTensor[n]`` example indices to ids.
+        checkpoint_epochs: also write an end-mode response checkpoint after each of these epochs
+            (1-based epoch counts), for ensembles over the trajectory (``attribute(checkpoints="all")``).
+        curvature_batch_size: batch size of the replayed batches (``mode="end"`` and checkpoints).
+        step_size: ``"auto"`` (``1 / (lambda_max + lambda)``, ``lambda_max`` by 20 power iterations) or a float.
+        damping_scale: multiplies the automatic damping.
+        chunk_size: perturbations per vmapped curvature product (bounds memory).
+        store_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage of responses.
+        num_examples: size ``n`` of the training set if ``len(train_dataloader.dataset)`` is not it.
+        seed: seed of the callback's private generator (probes, replay order). The global RNG is never drawn.
+        overwrite: replace a store already in ``dirpath`` (otherwise that is an error).
+
+    Training batches must end with the example index (wrap the dataset in :class:`IndexedDataset`).
+    Training is left bit-for-bit unchanged: the simulation runs on detached copies in eval mode under
+    a forked RNG and never writes ``.grad`` or buffers.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike | None = None,
+        horizon: int = 100,
+        damping: Damping = "auto",
+        curvature: str = "ggn",
+        mode: str = "online",
+        sources: SourceSpec = None,
+        checkpoint_epochs: Sequence[int] | None = None,
+        curvature_batch_size: int = 256,
+        step_size: Damping = "auto",
+        damping_scale: float = 1.0,
+        chunk_size: int = 2048,
+        store_dtype: str = "float32",
+        num_examples: int | None = None,
+        seed: int = 0,
+        overwrite: bool = False,
+    ) -> None:
+        if not isinstance(horizon, int) or horizon < 1:
+            raise MisconfigurationException(f"horizon must be a positive int, got {horizon!r}.")
+        if not (damping == "auto" or (isinstance(damping, (int, float)) and damping >= 0)):
+            raise MisconfigurationException(f"damping must be 'auto' or a float >= 0, got {damping!r}.")
+        if not (step_size == "auto" or (isinstance(step_size, (int, float)) and step_size > 0)):
+            raise MisconfigurationException(f"step_size must be 'auto' or a float > 0, got {step_size!r}.")
+        if curvature not in ("ggn", "hessian"):
+            raise MisconfigurationException(f"curvature must be 'ggn' or 'hessian', got {curvature!r}.")
+        if mode not in _MODES:
+            raise MisconfigurationException(f"mode must be one of {_MODES}, got {mode!r}.")
+        if store_dtype not in ("float32", "float16", "bfloat16"):
+            raise MisconfigurationException(f"store_dtype must be float32, float16 or bfloat16, got {store_dtype!r}.")
+        for name, value in (("curvature_batch_size", curvature_batch_size), ("chunk_size", chunk_size)):
+            if not isinstance(value, int) or value < 1:
+                raise MisconfigurationException(f"{name} must be a positive int, got {value!r}.")
+        epochs = sorted(set(checkpoint_epochs or ()))
+        if any(not isinstance(e, int) or e < 1 for e in epochs):
+            raise MisconfigurationException(f"checkpoint_epochs must be positive ints, got {checkpoint_epochs!r}.")
+        self.dirpath = os.fspath(dirpath) if dirpath is not None else None
+        self.horizon, self.damping, self.curvature, self.mode = horizon, damping, curvature, mode
+        self.sources, self.checkpoint_epochs = sources, epochs
+        self.curvature_batch_size, self.step_size, self.damping_scale = curvature_batch_size, step_size, damping_scale
+        self.chunk_size, self.store_dtype, self.num_examples = chunk_size, store_dtype, num_examples
+        self.seed, self.overwrite = seed, overwrite
+        self._reset()
+
+    def _reset(self) -> None:
+        self._store: ResponseStore | None = None
+        self._source_map: SourceMap | None = None
+        self._space: ParameterSpace | None = None
+        self._online: OnlineSimulation | None = None
+        self._pending: list[tuple[Any, Tensor]] = []
+        self._injection_epoch = 0
+        self._last_step = -1
+        self._products = 0
+        self._seconds = 0.0
+        self._fit_start = 0.0
+        self._restored: dict[str, Any] | None = None
+        self._finished = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(dirpath=self.dirpath, mode=self.mode, horizon=self.horizon)
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode, "horizon": self.horizon, "damping": self.damping, "curvature": self.curvature,
+            "curvature_batch_size": self.curvature_batch_size, "step_size": self.step_size,
+            "damping_scale": self.damping_scale, "checkpoint_epochs": self.checkpoint_epochs,
+            "store_dtype": self.store_dtype, "seed": self.seed,
+        }  # fmt: skip
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not isinstance(pl_module, AttributionMixin):
+            raise MisconfigurationException(
+                f"AttributionCallback needs a LightningModule that mixes in AttributionMixin; "
+                f"{type(pl_module).__name__} does not. Declare `class {type(pl_module).__name__}(AttributionMixin, "
+                "L.LightningModule)` and implement attribution_outputs / attribution_output_loss."
+            )
+        if self.curvature == "ggn" and not uses_output_loss(pl_module):
+            raise MisconfigurationException(
+                f"curvature='ggn' needs {type(pl_module).__name__}.attribution_outputs(batch) and "
+                "attribution_output_loss(outputs, batch); implement them or pass curvature='hessian'."
+            )
+        strategy = type(trainer.strategy).__name__
+        if any(s in strategy for s in _UNSUPPORTED_STRATEGIES):
+            raise MisconfigurationException(
+                f"AttributionCallback does not support the {strategy} strategy (sharded parameters); use a "
+                "single device or DDP."
+            )
+        if trainer.world_size > 1 and self.mode == "online":
+            raise MisconfigurationException(
+                f"mode='online' runs on a single process; with {trainer.world_size} processes ({strategy}) use "
+                "mode='end', which simulates on rank zero after the fit."
+            )
+        if self.dirpath is None:
+            base = trainer.log_dir or trainer.default_root_dir
+            self.dirpath = os.path.join(base, "responses")
+        self.dirpath = trainer.strategy.broadcast(self.dirpath)
+        if trainer.is_global_zero and has_store(self.dirpath) and not self.overwrite and self._restored is None:
+            raise MisconfigurationException(
+                f"{self.dirpath} already holds a response store; pass overwrite=True to replace it or choose "
+                "another dirpath (nothing was changed)."
+            )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+        n = self.num_examples or _dataset_length(trainer)
+        self._source_map = SourceMap.build(self.sources, n)
+        self._space = ParameterSpace.of(pl_module)
+        if self.mode == "online":
+            self._injection_epoch = self._plan_injection_epoch(trainer)
+        if trainer.is_global_zero:
+            if self._restored is not None and has_store(self.dirpath):
+                self._store = ResponseStore.load(self.dirpath)
+            else:
+                self._store = ResponseStore.create(
+                    self.dirpath, self._space, self._source_map, self._settings(), overwrite=True
+                )
+        trainer.strategy.barrier()
+
+    def _plan_injection_epoch(self, trainer: L.Trainer) -> int:
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise MisconfigurationException(
+                "mode='online' must know when the fit ends: set max_epochs or max_steps, or use mode='end'."
+            )
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        epoch = max(0, (int(total) - self.horizon) // per_epoch - 1)
+        if (epoch + 1) * per_epoch + self.horizon > total:
+            rank_zero_warn(
+                f"The fit has {int(total)} optimizer steps, fewer than one epoch ({per_epoch}) + horizon "
+                f"({self.horizon}): some sources will be propagated for fewer than {self.horizon} steps "
+                "(recorded as shortfall in the store)."
+            )
+        return epoch
+
+    # ------------------------------------------------------------------ online simulation
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        data, index = split_batch(batch)  # checks every batch, so a bad loader fails at once
+        n = self._source_map.num_examples
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+            raise IndexError(
+                f"Training batch holds example index {int(index.max()) if int(index.max()) >= n else int(index.min())}"
+                f" outside [0, {n}). Indices must address the training set; set num_examples= if it is not "
+                "len(train_dataloader.dataset)."
+            )
+        if self.mode == "online" and not self._finished and trainer.current_epoch >= self._injection_epoch:
+            self._pending.append((data, index))
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if not self._pending or trainer.global_step == self._last_step:
+            return
+        self._last_step = trainer.global_step
+        start = time.perf_counter()
+        injecting = trainer.current_epoch == self._injection_epoch
+        with functional_view(pl_module, self._space) as (model, theta):
+            batches = [(move_data_to_device(d, theta.device), i) for d, i in self._pending]
+            operator = curvature_operator(self.curvature, model, theta, [d for d, _ in batches], self.chunk_size)
+            if self._online is None:
+                self._online = self._new_online(operator, theta)
+            if injecting:
+                for data, index in batches:
+                    self._online.inject(model, theta, data, index)
+            before = self._online.products
+            self._online.step(operator)
+            self._products += self._online.products - before
+        self._pending.clear()
+        self._seconds += time.perf_counter() - start
+        if not injecting and self._online.num_live == 0:
+            self._finished = True
+
+    def _new_online(self, operator: Any, theta: Tensor) -> OnlineSimulation:
+        rule = estimate_step_rule(
+            operator, theta.numel(), self.damping, self.step_size, self.damping_scale,
+            torch.Generator().manual_seed(self.seed), theta.device,
+        )  # fmt: skip
+        online = OnlineSimulation(
+            self._source_map.example_to_source, self._source_map.num_sources, theta.numel(), self.horizon, rule,
+            theta.device,
+        )  # fmt: skip
+        if self._restored and self._restored.get("online"):
+            online.load_state_dict(self._restored["online"])
+        return online
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._online is not None and not self._finished:
+            pl_module.log("attribution/curvature_products", float(self._products), prog_bar=True, on_step=True)
+            pl_module.log("attribution/seconds", self._seconds, prog_bar=True, on_step=True)
+            pl_module.log("attribution/live", float(self._online.num_live), on_step=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch in self.checkpoint_epochs and epoch != trainer.max_epochs:
+            self._simulate_at_current_weights(trainer, pl_module, f"epoch={epoch}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.mode == "end":
+            self._simulate_at_current_weights(trainer, pl_module, "final")
+        else:
+            self._write_online(trainer, pl_module)
+        fit_seconds = time.perf_counter() - self._fit_start
+        rank_zero_info(
+            f"lightning_attr: {self._source_map.num_sources} sources, {self._products} curvature-vector products "
+            f"in {self._seconds:.1f}s ({100 * self._seconds / max(fit_seconds, 1e-9):.0f}% of the fit's "
+            f"{fit_seconds:.1f}s) -> {self.dirpath}"
+        )
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self.mode == "online" and self._online is not None and self._store is not None and not self._finished:
+            rank_zero_warn(f"The fit stopped ({type(exception).__name__}); writing the responses simulated so far.")
+            self._write_online(trainer, pl_module)
+
+    def _write_online(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending.clear()
+        source_map = self._source_map
+        if self._online is None:
+            rank_zero_warn(
+                "The fit ended before the simulation window opened: no response was simulated. Train longer "
+                f"(at least one epoch + horizon={self.horizon} steps) or use mode='end'."
+            )
+            return
+        missing = ~self._online.injected.cpu()
+        responses = self._online.finish(source_map.num_examples)
+        shortfall = self._online.shortfall.cpu()
+        missing_per_source = torch.bincount(source_map.example_to_source[missing], minlength=source_map.num_sources)
+        if int(missing.sum()) or int((shortfall > 0).sum()):
+            rank_zero_warn(
+                f"{int(missing.sum())} training examples were never injected and {int((shortfall > 0).sum())} sources "
+                f"were propagated for fewer than {self.horizon} steps; both are recorded per source in the store."
+            )
+        stats = {"valid": self._online.valid.cpu(), "shortfall": shortfall, "missing_examples": missing_per_source}
+        self._write(trainer, pl_module, "final", responses, self._online.rule, stats)
+        self._finished = True
+
+    def _simulate_at_current_weights(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
+        if trainer.is_global_zero:
+            start = time.perf_counter()
+            responses, rule, finite, products = self._end_mode_responses(trainer, pl_module)
+            self._products += products
+            self._seconds += time.perf_counter() - start
+            stats = {
+                "valid": finite.cpu(),
+                "shortfall": torch.zeros(self._source_map.num_sources, dtype=torch.long),
+                "missing_examples": torch.zeros(self._source_map.num_sources, dtype=torch.long),
+            }
+            self._write(trainer, pl_module, name, responses, rule, stats)
+        trainer.strategy.barrier()
+
+    def _end_mode_responses(self, trainer: L.Trainer, pl_module: L.LightningModule):
+        loader = trainer.train_dataloader
+        dataset, collate = loader.dataset, loader.collate_fn
+        generator = torch.Generator().manual_seed(self.seed)
+        source_map = self._source_map
+        with functional_view(pl_module, self._space) as (model, theta):
+            move = lambda b: move_data_to_device(split_batch(b), theta.device)  # noqa: E731
+            sequential = DataLoader(dataset, batch_size=self.curvature_batch_size, collate_fn=collate)
+            u0, finite = initial_perturbations(
+                model, theta, map(move, sequential), source_map.example_to_source, source_map.num_sources
+            )
+            drop_last = len(dataset) >= self.curvature_batch_size
+            shuffled = DataLoader(
+                dataset, self.curvature_batch_size, shuffle=True, generator=generator, collate_fn=collate,
+                drop_last=drop_last,
+            )  # fmt: skip
+            replay = [move(b)[0] for b in itertools.islice(_cycle(shuffled), self.horizon)]
+            operators = [curvature_operator(self.curvature, model, theta, [b], self.chunk_size) for b in replay]
+            rule = estimate_step_rule(
+                operators[0], theta.numel(), self.damping, self.step_size, self.damping_scale, generator, theta.device
+            )
+            responses = simulate_responses(u0, operators, rule, source_map.num_examples, self.chunk_size)
+        return responses, rule, finite, source_map.num_sources * self.horizon
+
+    def _write(self, trainer, pl_module, name, responses: Tensor, rule: StepRule, stats: dict[str, Tensor]) -> None:
+        if not trainer.is_global_zero or self._store is None:
+            return
+        with torch.no_grad():
+            theta = self._space.current(pl_module)
+        info = {
+            "epoch": trainer.current_epoch, "global_step": trainer.global_step, "mode": self.mode if name == "final"
+            else "end", "horizon": self.horizon, "step_rule": rule.to_json(), "curvature": self.curvature,
+            "curvature_products": self._products, "simulation_seconds": round(self._seconds, 3),
+            "n_valid": int(stats["valid"].sum()), "n_shortfall": int((stats["shortfall"] > 0).sum()),
+            "n_missing_examples": int(stats["missing_examples"].sum()),
+        }  # fmt: skip
+        self._store.add_checkpoint(
+            name, theta, responses, info=info, source_stats=stats, dtype=self.store_dtype
+        )
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "dirpath": self.dirpath, "products": self._products, "seconds": self._seconds,
+            "online": self._online.state_dict() if self._online is not None else None,
+        }  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict
+        self.dirpath = self.dirpath or state_dict.get("dirpath")
+        self._products, self._seconds = state_dict["products"], state_dict["seconds"]
+
+
+def _dataset_length(trainer: L.Trainer) -> int:
+    loader = trainer.train_dataloader
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise MisconfigurationException(
+            "AttributionCallback cannot tell the training-set size from the train dataloader; pass num_examples=."
+        ) from err
+
+
+def _cycle(loader: DataLoader):
+    while True:
+        yield from loader

@@ -1,0 +1,114 @@
+"""The user's module seen as pure functions of a flat parameter vector ``theta: Tensor[P]``.
+
+Everything runs through ``torch.func.functional_call`` on detached tensors with the module in eval
+mode (dropout off, BatchNorm on running statistics, buffers cloned), so no ``.grad``, RNG draw or
+buffer update can leak into training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_map
+
+from lightning_attr.parameters import ParameterSpace
+
+
+class _MethodCaller(nn.Module):
+    """Lets ``functional_call`` run any method of ``inner``, not only ``forward``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, method: str, *args: Any) -> Any:
+        return getattr(self.inner, method)(*args)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Puts every submodule in eval mode and restores each one's own flag afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def functional_view(module: nn.Module, space: ParameterSpace | None = None) -> Iterator[tuple[FunctionalModel, Tensor]]:
+    """Yields ``(FunctionalModel, theta: Tensor[P] float32)`` with everything set for side-effect-free work.
+
+    Leaves inference mode (``Trainer.predict``), enables autograd, puts the module in eval mode and
+    forks the RNG, restoring all of it on exit.
+    """
+    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.random.fork_rng(devices=devices))
+        stack.enter_context(eval_mode(module))
+        model = FunctionalModel(module, space)
+        yield model, model.space.current(module)
+
+
+def to_float32(batch: Any) -> Any:
+    """Casts the floating tensors of a batch to float32 (simulation and readout run in fp32)."""
+    return tree_map(lambda t: t.float() if isinstance(t, Tensor) and t.is_floating_point() else t, batch)
+
+
+def uses_output_loss(module: nn.Module) -> bool:
+    """True when the module defines ``attribution_outputs`` (so the GGN is available)."""
+    from lightning_attr.mixin import AttributionMixin
+
+    return type(module).attribution_outputs is not AttributionMixin.attribution_outputs
+
+
+class FunctionalModel:
+    """Pure functions of ``theta: Tensor[P]`` (float32) over an :class:`AttributionMixin` module.
+
+    Call inside :func:`eval_mode`. All per-example functions return ``Tensor[B]``.
+    """
+
+    def __init__(self, module: nn.Module, space: ParameterSpace | None = None) -> None:
+        self.module = module
+        self.space = space or ParameterSpace.of(module)
+        self.has_outputs = uses_output_loss(module)
+        self._caller = _MethodCaller(module)
+
+    def _state(self, theta: Tensor) -> dict[str, Tensor]:
+        state = {f"inner.{n}": p for n, p in self.space.unflatten(theta).items()}
+        for name, buf in self.module.named_buffers():
+            state[f"inner.{name}"] = buf.detach().clone().float() if buf.is_floating_point() else buf.detach().clone()
+        return state
+
+    def call(self, theta: Tensor, method: str, *args: Any) -> Any:
+        """``module.<method>(*args)`` with the parameters replaced by ``theta``."""
+        return functional_call(self._caller, self._state(theta), (method, *args), strict=False)
+
+    def outputs(self, theta: Tensor, batch: Any) -> Tensor:
+        """Model outputs ``Tensor[B, ...]`` at ``theta``."""
+        return self.call(theta, "attribution_outputs", batch)
+
+    def output_loss(self, outputs: Tensor, batch: Any) -> Tensor:
+        """Per-example loss ``Tensor[B]`` from outputs (independent of theta)."""
+        return self.module.attribution_output_loss(outputs, batch)
+
+    def losses(self, theta: Tensor, batch: Any) -> Tensor:
+        """Per-example training loss ``Tensor[B]`` at ``theta``."""
+        if self.has_outputs:
+            return self.output_loss(self.outputs(theta, batch), batch)
+        return self.call(theta, "attribution_loss", batch)
+
+    def measurement(self, theta: Tensor, batch: Any) -> Tensor:
+        """Per-example query measurement ``Tensor[B]`` (default: the loss) at ``theta``."""
+        if self.has_outputs:
+            return self.module.attribution_measurement(self.outputs(theta, batch), batch)
+        return self.call(theta, "attribution_loss", batch)

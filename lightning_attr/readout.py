@@ -1,0 +1,86 @@
+"""Forward-only readouts: score a query batch against sources from their parameter responses.
+
+``score(q, b)`` is the change of the query measurement ``f_q`` when the parameters move by the
+response ``r_b`` (METHOD.md):
+
+- ``"linear"``:  ``d/de f_q(theta + e r_b)`` at ``e = 0`` via ``torch.func.jvp`` (exact first order)
+- ``"central"``: ``[f_q(theta + e r_b) - f_q(theta - e r_b)] / (2e)``, two forward passes
+- ``"step"``:    ``f_q(theta + r_b) - f_q(theta)``, the counterfactual itself
+
+None of them runs a backward pass. Sources are batched with ``vmap`` in chunks of ``chunk_size``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vmap
+from torch.utils._pytree import tree_map
+
+from lightning_attr.functional import FunctionalModel
+
+READOUTS = ("linear", "central", "step")
+
+
+def check_readout(kind: str) -> None:
+    if kind not in READOUTS:
+        raise ValueError(f"readout must be one of {READOUTS}, got {kind!r}.")
+
+
+def _per_source(model: FunctionalModel, theta: Tensor, batch: Any, kind: str, epsilon: float):
+    """``r: Tensor[P] -> Tensor[B]`` for one response; vmap it over sources."""
+    f = lambda th: model.measurement(th, batch)  # noqa: E731
+    if kind == "linear":
+        return lambda r: jvp(f, (theta,), (r,))[1]
+    if kind == "central":
+        return lambda r: (f(theta + epsilon * r) - f(theta - epsilon * r)) / (2 * epsilon)
+    base = f(theta)
+    return lambda r: f(theta + r) - base
+
+
+def score_sources(
+    model: FunctionalModel,
+    theta: Tensor,
+    responses: Tensor,
+    batch: Any,
+    kind: str = "linear",
+    *,
+    chunk_size: int = 256,
+    epsilon: float = 1.0,
+) -> Tensor:
+    """Scores of every query against every source.
+
+    Args:
+        theta: ``Tensor[P]`` float32 parameters to read out at.
+        responses: ``Tensor[S, P]`` float32.
+        batch: query batch (as ``attribution_outputs`` expects it), ``B`` queries.
+        chunk_size: sources per vmapped call; peak memory grows with ``chunk_size * B``.
+        epsilon: relative step of the central readout (1 = the full response).
+
+    Returns:
+        ``Tensor[B, S]``: predicted rise of each query's measurement if the source were removed.
+    """
+    check_readout(kind)
+    one = _per_source(model, theta, batch, kind, epsilon)
+    batched = vmap(one)
+    chunks = [batched(responses[s : s + chunk_size]) for s in range(0, responses.shape[0], chunk_size)]
+    return torch.cat(chunks, dim=0).T
+
+
+def paired_readout(
+    model: FunctionalModel, theta: Tensor, responses: Tensor, batch: Any, kind: str = "linear", *, epsilon: float = 1.0
+) -> Tensor:
+    """Score of query ``i`` against response ``i`` only: ``Tensor[B]`` from ``responses: Tensor[B, P]``.
+
+    Used for self-influence (each training example against its own source).
+    """
+    check_readout(kind)
+
+    def one(example: Any, r: Tensor) -> Tensor:
+        single = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
+        return _per_source(model, theta, single, kind, epsilon)(r)[0]
+
+    in_dims = (tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch), 0)
+    return vmap(one, in_dims=in_dims)(batch, responses)

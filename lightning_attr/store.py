@@ -1,0 +1,309 @@
+"""ResponseStore: response checkpoints on disk (safetensors shards + a JSON manifest).
+
+Layout of a store directory::
+
+    manifest.json                       format, sources, parameter space, fingerprint, checkpoints
+    <checkpoint>/params.safetensors     theta_e, the parameters the responses were simulated at
+    <checkpoint>/sources.safetensors    per-source bookkeeping (valid, shortfall, examples)
+    <checkpoint>/responses-00000.safetensors   {param name: Tensor[S_shard, *shape]}
+
+Every file is written to a temporary name and renamed; the manifest is written last, so a crash
+leaves the previous manifest (and everything it points to) intact. Loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from lightning_attr.parameters import ParameterSpace
+from lightning_attr.sources import SourceMap
+
+FORMAT = "lightning_attr.responses"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class StoreError(RuntimeError):
+    """A response store is missing, damaged, or does not belong to the model."""
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> int:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def has_store(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+class ResponseStore:
+    """A directory of response checkpoints for one model and one set of ``S`` sources.
+
+    Create with :meth:`create`, add checkpoints with :meth:`add_checkpoint`, open with :meth:`load`.
+    """
+
+    def __init__(self, path: str | os.PathLike, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        self._cache: dict[tuple, Tensor] = {}
+
+    # ------------------------------------------------------------------ create / write
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        space: ParameterSpace,
+        source_map: SourceMap,
+        settings: dict[str, Any],
+        *,
+        overwrite: bool = False,
+    ) -> ResponseStore:
+        """A new empty store. Refuses a directory that already holds one unless ``overwrite``."""
+        path = Path(path)
+        if has_store(path) and not overwrite:
+            raise StoreError(
+                f"{path} already holds a response store; pass overwrite=True to replace it or choose another dirpath."
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "fingerprint": space.fingerprint(),
+            "parameters": space.to_json(),
+            "n_examples": source_map.num_examples,
+            "n_sources": source_map.num_sources,
+            "source_ids": list(source_map.source_ids),
+            "per_example": source_map.is_per_example,
+            "settings": settings,
+            "checkpoints": [],
+        }
+        store = cls(path, manifest)
+        if not source_map.is_per_example:
+            _atomic_save_tensors(path / "example_to_source.safetensors", {"example_to_source": source_map.example_to_source})
+        store._write_manifest()
+        return store
+
+    def _write_manifest(self) -> None:
+        _atomic_write_bytes(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode())
+
+    def add_checkpoint(
+        self,
+        name: str,
+        theta: Tensor,
+        responses: Tensor,
+        *,
+        info: dict[str, Any],
+        source_stats: dict[str, Tensor],
+        dtype: str = "float32",
+        shard_size: int = 4096,
+    ) -> None:
+        """Writes one response checkpoint and then the manifest that lists it.
+
+        Args:
+            name: checkpoint name (``[A-Za-z0-9_.=-]+``), e.g. ``"final"`` or ``"epoch=10"``.
+            theta: ``Tensor[P]`` parameters the responses were simulated at (float32).
+            responses: ``Tensor[S, P]``, predicted parameter change per source (float32).
+            info: JSON-able settings and costs of the simulation (step rule, horizon, seconds, ...).
+            source_stats: per-source ``Tensor[S]`` bookkeeping (``valid``, ``shortfall``, ...).
+            dtype: storage dtype of responses: ``float32``, ``float16`` or ``bfloat16``.
+        """
+        if not re.fullmatch(r"[A-Za-z0-9_.=-]+", name):
+            raise ValueError(f"checkpoint name {name!r} must match [A-Za-z0-9_.=-]+.")
+        if dtype not in _DTYPES:
+            raise ValueError(f"store dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+        space = self.space
+        if responses.shape != (self.n_sources, space.size):
+            raise ValueError(f"responses must be [S={self.n_sources}, P={space.size}], got {list(responses.shape)}.")
+        folder = self.path / name
+        folder.mkdir(parents=True, exist_ok=True)
+        params = space.unflatten(theta.float().cpu())
+        _atomic_save_tensors(folder / "params.safetensors", params)
+        _atomic_save_tensors(folder / "sources.safetensors", source_stats)
+        shards = []
+        for i, start in enumerate(range(0, self.n_sources, shard_size)):
+            stop = min(start + shard_size, self.n_sources)
+            block = space.unflatten(responses[start:stop].to("cpu", _DTYPES[dtype]))
+            file = f"{name}/responses-{i:05d}.safetensors"
+            size = _atomic_save_tensors(self.path / file, block)
+            shards.append({"file": file, "start": start, "stop": stop, "bytes": size})
+        entry = {
+            "name": name,
+            "params_file": f"{name}/params.safetensors",
+            "sources_file": f"{name}/sources.safetensors",
+            "weights_digest": space.digest(theta),
+            "dtype": dtype,
+            "shards": shards,
+            **info,
+        }
+        self.manifest["checkpoints"] = [c for c in self.manifest["checkpoints"] if c["name"] != name] + [entry]
+        self._write_manifest()
+        self._cache.clear()
+
+    # ------------------------------------------------------------------ load / validate
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ResponseStore:
+        """Opens a store and checks its manifest and every file it names (presence and size)."""
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise StoreError(
+                f"No response store at {path} ({MANIFEST} is missing). Point responses= at the callback's "
+                "dirpath (AttributionCallback.dirpath after fit)."
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise StoreError(f"{manifest_path} is not valid JSON ({err}); the store is damaged.") from err
+        if manifest.get("format") != FORMAT:
+            raise StoreError(f"{manifest_path} is not a lightning_attr response store (format={manifest.get('format')!r}).")
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"{path} has store format version {version}; this lightning_attr reads version {FORMAT_VERSION}. "
+                "Re-run the simulation with this version (or install the version that wrote it)."
+            )
+        store = cls(path, manifest)
+        for ckpt in manifest["checkpoints"]:
+            store._check_files(ckpt)
+        return store
+
+    def _check_files(self, ckpt: dict[str, Any]) -> None:
+        for shard in ckpt["shards"]:
+            file = self.path / shard["file"]
+            if not file.is_file():
+                raise StoreError(f"Response shard {file} is missing (checkpoint {ckpt['name']!r}); the store is incomplete.")
+            size = file.stat().st_size
+            if size != shard["bytes"]:
+                raise StoreError(
+                    f"Response shard {file} has {size} bytes, the manifest says {shard['bytes']}: the file is "
+                    "truncated or was replaced. Re-run the simulation."
+                )
+        for key in ("params_file", "sources_file"):
+            if not (self.path / ckpt[key]).is_file():
+                raise StoreError(f"{self.path / ckpt[key]} is missing (checkpoint {ckpt['name']!r}).")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def space(self) -> ParameterSpace:
+        p = self.manifest["parameters"]
+        return ParameterSpace(
+            tuple(e["name"] for e in p), tuple(tuple(e["shape"]) for e in p), tuple(e["dtype"] for e in p)
+        )
+
+    @property
+    def n_sources(self) -> int:
+        return int(self.manifest["n_sources"])
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.manifest["n_examples"])
+
+    @property
+    def source_ids(self) -> list:
+        return list(self.manifest["source_ids"])
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """Checkpoint names in the order they were written (the last is the end of fit)."""
+        return [c["name"] for c in self.manifest["checkpoints"]]
+
+    def checkpoint_info(self, name: str) -> dict[str, Any]:
+        for c in self.manifest["checkpoints"]:
+            if c["name"] == name:
+                return c
+        raise StoreError(f"{self.path} has no checkpoint {name!r}; it has {self.checkpoints}.")
+
+    def example_to_source(self) -> Tensor:
+        """``LongTensor[n]``: the source of every training example."""
+        if self.manifest["per_example"]:
+            return torch.arange(self.n_examples)
+        return self._read(self.path / "example_to_source.safetensors")["example_to_source"]
+
+    # ------------------------------------------------------------------ reading
+    def check_model(self, space: ParameterSpace, weights_digest: str | None = None) -> None:
+        """Raises :class:`StoreError` unless the responses belong to this architecture (and weights)."""
+        if space.fingerprint() != self.manifest["fingerprint"]:
+            ours = dict(zip(space.names, space.shapes))
+            theirs = dict(zip(self.space.names, self.space.shapes))
+            diff = sorted(set(ours.items()) ^ set(theirs.items()))[:4]
+            raise StoreError(
+                f"The responses in {self.path} were simulated for a different model (parameter fingerprint "
+                f"mismatch; first differences (name, shape): {diff}). Attribute with the model that was trained "
+                "with the callback, or re-run the simulation for this one."
+            )
+        if weights_digest is not None and self.checkpoints:
+            expected = self.checkpoint_info(self.checkpoints[-1])["weights_digest"]
+            if weights_digest != expected:
+                raise StoreError(
+                    f"The model's weights differ from the weights the responses in {self.path} were simulated "
+                    "for (end of the fit that wrote them). Load the final weights of that fit, or pass "
+                    "strict=False to read out anyway (the scores then describe the stored model, not yours)."
+                )
+
+    def _read(self, file: Path) -> dict[str, Tensor]:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                return {k: fh.get_tensor(k) for k in fh.keys()}
+        except (SafetensorError, OSError) as err:
+            raise StoreError(f"Cannot read {file}: {err}. The store is damaged; re-run the simulation.") from err
+
+    def theta(self, name: str) -> Tensor:
+        """``Tensor[P]`` float32: the parameters checkpoint ``name`` was simulated at."""
+        return self.space.flatten(self._read(self.path / self.checkpoint_info(name)["params_file"]))
+
+    def source_stats(self, name: str) -> dict[str, Tensor]:
+        return self._read(self.path / self.checkpoint_info(name)["sources_file"])
+
+    def responses(self, name: str, device: torch.device | str = "cpu") -> Tensor:
+        """``Tensor[S, P]`` float32 responses of checkpoint ``name`` (cached per device)."""
+        key = (name, str(device))
+        if key not in self._cache:
+            blocks = [block for _, block in self.iter_responses(name)]
+            self._cache[key] = torch.cat(blocks).to(device)
+        return self._cache[key]
+
+    def iter_responses(self, name: str) -> Iterator[tuple[int, Tensor]]:
+        """Yields ``(start, Tensor[S_shard, P])`` float32 per shard, in source order."""
+        space = self.space
+        for shard in self.checkpoint_info(name)["shards"]:
+            tensors = self._read(self.path / shard["file"])
+            expected = shard["stop"] - shard["start"]
+            for pname, shape in zip(space.names, space.shapes):
+                got = tuple(tensors[pname].shape) if pname in tensors else None
+                if got != (expected, *shape):
+                    raise StoreError(f"{shard['file']}: tensor {pname!r} is {got}, expected {(expected, *shape)}.")
+            yield shard["start"], space.flatten(tensors, batch_dims=1)

@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny classification problems, models with the attribution contract, exact influence."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_attr import IndexedDataset
+from lightning_attr.models import Classifier, mlp
+
+
+def blobs(n: int = 160, d: int = 6, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian blobs: ``x: [n, d]``, ``y: [n]``, overlapping enough that influence is non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, d, generator=g) * 1.5
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = centers[y] + torch.randn(n, d, generator=g)
+    return x, y
+
+
+def fit(model: L.LightningModule, x, y, callbacks=(), *, epochs=10, batch_size=32, seed=0, **trainer_kwargs):
+    """Seeds everything, fits ``model`` on ``IndexedDataset((x, y))`` and returns the Trainer."""
+    L.seed_everything(seed, verbose=False)
+    loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=batch_size, shuffle=True)
+    trainer = L.Trainer(
+        max_epochs=epochs, callbacks=list(callbacks), logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **trainer_kwargs,
+    )  # fmt: skip
+    trainer.fit(model, loader)
+    return trainer
+
+
+def logistic(d: int, classes: int) -> Classifier:
+    return Classifier(nn.Sequential(nn.Linear(d, classes)), lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+def small_mlp(d: int, classes: int, hidden: int = 16) -> Classifier:
+    return Classifier(mlp(d, [hidden], classes), lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+def exact_influence(model: nn.Module, x_train, y_train, x_query, y_query, damping: float) -> torch.Tensor:
+    """Dense ``(1/n) grad f_q^T (G + damping I)^{-1} grad l_b`` with the full-data cross-entropy GGN.
+
+    Independent of the package's own machinery: explicit Jacobians (jacrev), ``H_out = diag(p) - p p^T``.
+    Returns ``Tensor[Q, n]``.
+    """
+    import copy
+
+    model = copy.deepcopy(model).eval().double()
+    names = [n for n, p in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+
+    def unflat(vec):
+        out, i = {}, 0
+        for name, shape in zip(names, shapes):
+            k = int(torch.Size(shape).numel())
+            out[name] = vec[i : i + k].reshape(shape)
+            i += k
+        return out
+
+    def logits(vec, x):
+        return functional_call(model, unflat(vec), (x.double(),))
+
+    def losses(vec, x, y):
+        return nn.functional.cross_entropy(logits(vec, x), y, reduction="none")
+
+    n = x_train.shape[0]
+    jac = jacrev(logits)(theta, x_train)  # [n, C, P]
+    p = torch.softmax(logits(theta, x_train), dim=1)
+    h_out = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)  # [n, C, C]
+    ggn = torch.einsum("ncp,ncd,ndq->pq", jac, h_out, jac) / n
+    g_train = jacrev(losses)(theta, x_train.double(), y_train)  # [n, P]
+    g_query = jacrev(losses)(theta, x_query.double(), y_query)  # [Q, P]
+    solved = torch.linalg.solve(ggn + damping * torch.eye(ggn.shape[0], dtype=ggn.dtype), g_train.T)
+    return (g_query @ solved / n).float()
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+
+@pytest.fixture
+def data():
+    return blobs()
