@@ -31,7 +31,7 @@ class AttributionResult:
     """Everything the report draws. Shapes: ``Q`` queries, ``S`` sources, ``n`` training examples, ``k`` top-k."""
 
     queries: str
-    x_query: Tensor  # [Q, *input_shape]
+    x_query: Tensor  # [Q, *input_shape] as drawn (raw pixels where the dataset has them)
     y_query: Tensor  # [Q]
     pred: Tensor  # [Q]
     scores: Tensor  # [Q, S] predicted rise of the query loss if the source were removed
@@ -39,6 +39,7 @@ class AttributionResult:
     example_to_source: Tensor  # [n] source position of each training example
     top_k: int
     self_influence: Tensor | None  # [n]
+    y_true: Tensor | None = None  # [Q] true classes of triggered queries (their labels are the poison target)
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,7 +92,7 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("max_queries"):
         dataset = torch.utils.data.Subset(dataset, range(min(int(cfg.max_queries), len(dataset))))
     loader = DataLoader(dataset, batch_size=int(cfg.batch_size))
-    xs, ys, preds, scores = [], [], [], []
+    ys, preds, scores = [], [], []
     start = time.perf_counter()
     with _progress() as progress:
         task = progress.add_task("attributing queries", total=len(dataset))
@@ -99,7 +100,7 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
             with torch.no_grad():
                 preds.append(model(x).argmax(-1))
             scores.append(model.attribute((x, y), responses=store))
-            xs.append(x), ys.append(y)
+            ys.append(y)
             progress.advance(task, len(y))
     timings["scores_s"] = time.perf_counter() - start
     timings["ms_per_query"] = 1000 * timings["scores_s"] / max(len(dataset), 1)
@@ -119,7 +120,7 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
 
     result = AttributionResult(
         queries=queries,
-        x_query=torch.cat(xs),
+        x_query=datamodule.display_queries(queries)[: len(dataset)],
         y_query=torch.cat(ys),
         pred=torch.cat(preds),
         scores=torch.cat(scores),
@@ -127,6 +128,7 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
         example_to_source=store.example_to_source(),
         top_k=min(int(cfg.top_k), store.n_sources),
         self_influence=self_influence,
+        y_true=datamodule.split.y_test[: len(dataset)] if queries == "triggered" else None,
     )
     result.metrics["accuracy"] = float((result.pred == result.y_query).float().mean())
     flipped = datamodule.metadata["flipped"]
@@ -135,7 +137,10 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
         result.metrics["mislabel_auc"] = float(binary_auroc(self_influence[finite], flipped[finite].long()))
         result.metrics["n_flipped"] = int(flipped.sum())
     if "poisoned" in datamodule.metadata:
-        result.metrics["poison"] = poison_metrics(result, datamodule.metadata["poisoned"])
+        affected = None
+        if result.y_true is not None:  # triggered queries the backdoor flipped to the target class
+            affected = (result.y_true != result.y_query) & (result.pred == result.y_query)
+        result.metrics["poison"] = poison_metrics(result, datamodule.metadata["poisoned"], affected)
 
     start = time.perf_counter()
     files = write_report(out_dir, result, datamodule, train_cfg, run, cfg)
@@ -162,12 +167,13 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def poison_metrics(result: AttributionResult, poisoned: Tensor) -> dict[str, Any]:
+def poison_metrics(result: AttributionResult, poisoned: Tensor, affected: Tensor | None = None) -> dict[str, Any]:
     """How often a poisoned source is the top proponent of a query.
 
     A source counts as poisoned when all its examples are. Returns ``top1_rate`` (share of queries
-    whose strongest proponent is poisoned), ``source_id`` (the poisoned source ids, joined) and
-    ``mean_rank`` (mean 1-based rank of the best-ranked poisoned source).
+    whose strongest proponent is poisoned), ``source_id`` (the poisoned source ids, joined),
+    ``mean_rank`` (mean 1-based rank of the best-ranked poisoned source) and, given ``affected:
+    Tensor[Q] bool`` (queries the poison changed), ``affected_top1_rate`` and ``n_affected``.
     """
     n_sources = len(result.source_ids)
     counts = torch.bincount(result.example_to_source, minlength=n_sources)
@@ -179,7 +185,11 @@ def poison_metrics(result: AttributionResult, poisoned: Tensor) -> dict[str, Any
     order = scores.argsort(dim=1, descending=True)
     ranks = torch.where(is_poisoned[order])[1].reshape(len(scores), -1)[:, 0] + 1 if len(scores) else torch.zeros(0)
     ids = [str(result.source_ids[i]) for i in torch.where(is_poisoned)[0].tolist()]
-    return {
+    out = {}
+    if affected is not None:
+        out["n_affected"] = int(affected.sum())
+        out["affected_top1_rate"] = float((ranks[affected] == 1).float().mean()) if bool(affected.any()) else None
+    return out | {
         "top1_rate": float((ranks == 1).float().mean()) if len(scores) else 0.0,
         "source_id": ids[0] if len(ids) == 1 else f"{len(ids)} poisoned sources",
         "mean_rank": float(ranks.float().mean()) if len(scores) else None,

@@ -33,7 +33,6 @@ def draw_example(ax, x: Tensor, display_shape: tuple[int, ...] | None, color: st
         ax.imshow(x.reshape(display_shape).numpy(), cmap="gray_r", interpolation="nearest")
     else:
         ax.plot(x.reshape(-1).numpy(), color=color, lw=1.5)
-        ax.set_ylim(-3.5, 3.5)
     ax.set_xticks([]), ax.set_yticks([])
     for spine in ax.spines.values():
         spine.set_edgecolor(color)
@@ -58,7 +57,7 @@ class _Sources:
         self.example_of = torch.full((n_sources,), -1, dtype=torch.long)
         if self.per_example:
             self.example_of[self.e2s] = torch.arange(len(self.e2s))
-        self.x = datamodule.split.x_train
+        self.x = datamodule.display_train
         self.label = datamodule.metadata["label"]
         self.flipped = datamodule.metadata["flipped"]
         self.true_label = datamodule.metadata["true_label"]
@@ -86,11 +85,15 @@ def figure_query(path: Path, q: int, result, sources: _Sources, display_shape) -
     opp = (-scores).nan_to_num(float("-inf")).topk(k).indices.tolist()
     y, pred = int(result.y_query[q]), int(result.pred[q])
     title = f"query {q}: label {y}, predicted {pred}"
+    if result.y_true is not None:
+        title += f" (triggered; true class {int(result.y_true[q])})"
     if sources.per_example:
         fig, axes = plt.subplots(2, k + 1, figsize=(1.7 * (k + 1), 3.9), squeeze=False)
         ok = PRO if pred == y else OPP
         draw_example(axes[0, 0], result.x_query[q], display_shape, ok)
         axes[0, 0].set_title(f"query {q}\nlabel {y} / pred {pred}", fontsize=8, color=ok)
+        if result.y_true is not None:
+            fig.suptitle(title, fontsize=9)
         axes[1, 0].axis("off")
         axes[1, 0].text(0.5, 0.5, "top: proponents\n(removing them\nraises the loss)\n\nbottom: opponents",
                         ha="center", va="center", fontsize=7, transform=axes[1, 0].transAxes)
@@ -108,14 +111,14 @@ def figure_query(path: Path, q: int, result, sources: _Sources, display_shape) -
                                        gridspec_kw={"width_ratios": [1, 3]})
         ok = PRO if pred == y else OPP
         draw_example(ax0, result.x_query[q], display_shape, ok)
-        ax0.set_title(title, fontsize=8, color=ok)
+        ax0.set_title(f"label {y} / pred {pred}", fontsize=8, color=ok)
         vals = [float(scores[j]) for j in show]
         ax1.barh(range(len(show)), vals, color=[PRO if v > 0 else OPP for v in vals])
         ax1.set_yticks(range(len(show)), [sources.name(j) for j in show], fontsize=7)
         ax1.invert_yaxis()
         ax1.axvline(0, color=NEUTRAL, lw=0.8)
         ax1.set_xlabel("score: predicted rise of the query loss if the source were removed", fontsize=8)
-    fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 
@@ -268,7 +271,9 @@ def write_report(out_dir: Path, result, datamodule, train_cfg, run: dict[str, An
         items.append(("mislabel detection AUC (self-influence)", f"{m['mislabel_auc']:.3f} over {m['n_flipped']} flipped labels"))
     if "poison" in m:
         p = m["poison"]
-        items.append(("poisoned source is the top proponent", f"{p['top1_rate']:.0%} of queries ({p['source_id']}; mean rank {p['mean_rank']})"))
+        items.append(("poisoned source is the top proponent", f"{p['top1_rate']:.0%} of queries ({p['source_id']}; mean rank {p['mean_rank']:.2f})"))
+        if p.get("affected_top1_rate") is not None:
+            items.append(("... of the queries the trigger flipped", f"{p['affected_top1_rate']:.0%} of {p['n_affected']}"))
     body.append("<h1>lightning_attr report</h1>")
     body.append("<p class='note'>A score is the predicted rise of the query's loss if the source were removed "
                 "from training: <span class='pro'>positive = proponent</span> (it helped this prediction), "

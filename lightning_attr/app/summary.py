@@ -47,6 +47,8 @@ def print_attribute_summary(summary: dict[str, Any], console: Console | None = N
     if summary.get("poison") is not None:
         p = summary["poison"]
         table.add_row("poisoned source ranks first", f"{p['top1_rate']:.0%} of queries ({p['source_id']})")
+        if p.get("affected_top1_rate") is not None:
+            table.add_row("  of the queries the trigger flipped", f"{p['affected_top1_rate']:.0%} of {p['n_affected']}")
     table.add_row("scoring", f"{_fmt_s(t.get('scores_s'))} ({t.get('ms_per_query', 0):.2f} ms/query)")
     if "self_influence_s" in t:
         table.add_row("self-influence", _fmt_s(t["self_influence_s"]))
