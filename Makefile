@@ -26,6 +26,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PIP) install -e ".[test,bench]"
+	# kronfluence without its dependencies: they pull torchvision and, with it, a multi-GB CUDA torch.
+	# Its real dependencies (accelerate, einops, einconv, opt-einsum) come with the [bench] extra.
+	$(PIP) install --no-deps kronfluence
 	$(PY) benchmarks/bench.py --out benchmarks/results/latest.json
 
 clean:
