@@ -8,12 +8,18 @@ from rich.console import Console
 from rich.table import Table
 
 
+def _console() -> Console:
+    # paths must stay whole in logs and pipes (rich would wrap them at 80 columns)
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
 def _fmt_s(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:,.1f} s"
 
 
 def print_train_summary(summary: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     t = summary["timings"]
     table = Table(title="lightning-attr-train", show_header=False, title_justify="left")
     table.add_row("run directory", summary["run_dir"])
@@ -34,7 +40,7 @@ def print_train_summary(summary: dict[str, Any], console: Console | None = None)
 
 
 def print_attribute_summary(summary: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     t = summary["timings"]
     table = Table(title="lightning-attr-attribute", show_header=False, title_justify="left")
     table.add_row("report", summary["report"])
