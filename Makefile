@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lightning-attr-train experiment=demo hydra.run.dir=runs/demo
+	# overwrite=true: `make demo` may be run again; it owns runs/demo/
+	$(VENV)/bin/lightning-attr-train experiment=demo hydra.run.dir=runs/demo callbacks.attribution.overwrite=true
 	$(VENV)/bin/lightning-attr-attribute run_dir=runs/demo
 
 test: $(STAMP)

@@ -2,7 +2,8 @@
 
     lightning-attr train [hydra overrides]       same as lightning-attr-train
     lightning-attr attribute run_dir=... [...]   same as lightning-attr-attribute
-    lightning-attr demo [RUN_DIR]                train experiment=demo, then attribute (default runs/demo)
+    lightning-attr demo [RUN_DIR]                train experiment=demo, then attribute (default runs/demo;
+                                                 an earlier demo there is replaced)
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         from lightning_attr.app.attribute import main as attribute_main
         from lightning_attr.app.train import main as train_main
 
-        _run_hydra(train_main, "lightning-attr train", ["experiment=demo", f"hydra.run.dir={run_dir}"])
+        _run_hydra(train_main, "lightning-attr train",
+                   ["experiment=demo", f"hydra.run.dir={run_dir}", "callbacks.attribution.overwrite=true"])
         _run_hydra(attribute_main, "lightning-attr attribute", [f"run_dir={run_dir}"])
     else:
         print(f"unknown command {command!r}; expected train, attribute or demo.\nusage:\n{USAGE}", file=sys.stderr)
