@@ -76,9 +76,12 @@ def test_attribute_writes_the_report(sweep):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 40 * 2 * 3  # queries x {proponent, opponent} x top_k
     first = [r for r in rows if r["query"] == "0"]
-    pro = [float(r["score"]) for r in first if r["kind"] == "proponent"]
-    opp = [float(r["score"]) for r in first if r["kind"] == "opponent"]
+    assert {r["ranked_by"] for r in rows} == {"relative"}  # the default; raw scores are in the table too
+    pro = [float(r["relative_score"]) for r in first if r["kind"] == "proponent"]
+    opp = [float(r["relative_score"]) for r in first if r["kind"] == "opponent"]
     assert pro == sorted(pro, reverse=True) and opp == sorted(opp) and pro[0] >= opp[0]
+    # relative = score / sqrt(self-influence of the source): same sign as the raw score
+    assert all((float(r["score"]) > 0) == (float(r["relative_score"]) > 0) for r in rows if float(r["score"]) != 0)
     table = json.loads((run / "attributions.json").read_text())
     assert table["top_k"] == 3 and len(table["rows"]) == len(rows)
     summary = json.loads((run / "attribution.json").read_text())

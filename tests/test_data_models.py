@@ -113,3 +113,16 @@ def test_every_network_trains_with_the_callback_and_attributes(name, make, tmp_p
     trainer.fit(net, DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=32, shuffle=True))
     scores = net.eval().attribute((x[:5], y[:5]), responses=cb.dirpath)
     assert scores.shape == (5, 96) and bool(torch.isfinite(scores).all()) and float(scores.abs().max()) > 0
+
+
+def test_relative_scores_divide_by_the_sources_self_influence():
+    from lightning_attr.app.attribute import relative_scores
+
+    scores = torch.tensor([[4.0, -2.0, 1.0]])
+    # three sources; source 1 holds examples 1 and 2 (self-influence 1 + 3 = 4); source 2 has a
+    # negative estimate and is floored at 1% of the median positive source self-influence
+    si = torch.tensor([16.0, 1.0, 3.0, -5.0])
+    e2s = torch.tensor([0, 1, 1, 2])
+    rel = relative_scores(scores, si, e2s)
+    floor = torch.tensor([16.0, 4.0]).median() * 1e-2
+    assert torch.allclose(rel, torch.tensor([[4.0 / 4.0, -2.0 / 2.0, 1.0 / floor.sqrt()]]))

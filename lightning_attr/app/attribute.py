@@ -40,6 +40,12 @@ class AttributionResult:
     top_k: int
     self_influence: Tensor | None  # [n]
     y_true: Tensor | None = None  # [Q] true classes of triggered queries (their labels are the poison target)
+    relative: Tensor | None = None  # [Q, S] score / sqrt(self-influence of the source)
+    rank_by: str = "score"  # what the per-query top-k lists are ranked by: "score" or "relative"
+
+    @property
+    def ranking(self) -> Tensor:
+        return self.relative if self.rank_by == "relative" else self.scores
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
@@ -66,6 +72,11 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
     from lightning_attr.app.report import write_report
     from lightning_attr.app.summary import print_attribute_summary
 
+    rank_by = cfg.get("rank_by", "score")
+    if rank_by not in ("score", "relative"):
+        raise ValueError(f"rank_by must be 'score' or 'relative', got {rank_by!r}.")
+    if rank_by == "relative" and not cfg.self_influence:
+        raise ValueError("rank_by=relative divides by each source's self-influence: set self_influence=true.")
     if cfg.top_k < 1 or cfg.batch_size < 1:
         raise ValueError(f"top_k and batch_size must be >= 1, got top_k={cfg.top_k}, batch_size={cfg.batch_size}.")
     run_dir = Path(cfg.run_dir)
@@ -130,6 +141,9 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
         self_influence=self_influence,
         y_true=datamodule.split.y_test[: len(dataset)] if queries == "triggered" else None,
     )
+    if self_influence is not None:
+        result.relative = relative_scores(result.scores, self_influence, result.example_to_source)
+        result.rank_by = rank_by
     result.metrics["accuracy"] = float((result.pred == result.y_query).float().mean())
     flipped = datamodule.metadata["flipped"]
     if self_influence is not None and bool(flipped.any()):
@@ -153,6 +167,7 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
         "tables": [str(files["csv"]), str(files["json"])],
         "figures": [str(p) for p in files["figures"]],
         "queries": queries,
+        "rank_by": result.rank_by,
         "n_queries": len(dataset),
         "n_sources": store.n_sources,
         "accuracy": result.metrics["accuracy"],
@@ -165,6 +180,22 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
     write_json(out_dir / "attribution.json", summary)
     print_attribute_summary(summary)
     return summary
+
+
+def relative_scores(scores: Tensor, self_influence: Tensor, example_to_source: Tensor) -> Tensor:
+    """``scores: Tensor[Q, S]`` divided by the square root of each source's self-influence.
+
+    A source's self-influence is the sum of its examples' (the first-order rise of the source's own
+    loss if it were removed), always >= 0 in exact arithmetic; small or negative estimates are floored
+    at 1% of the median positive one so that no source is inflated without bound.
+    """
+    n_sources = scores.shape[1]
+    per_source = torch.zeros(n_sources, dtype=scores.dtype).index_add_(
+        0, example_to_source, self_influence.to(scores.dtype).nan_to_num(0.0)
+    )
+    positive = per_source[per_source > 0]
+    floor = float(positive.median()) * 1e-2 if len(positive) else 1.0
+    return scores / per_source.clamp_min(floor).sqrt()
 
 
 def poison_metrics(result: AttributionResult, poisoned: Tensor, affected: Tensor | None = None) -> dict[str, Any]:

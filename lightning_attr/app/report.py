@@ -77,12 +77,18 @@ class _Sources:
 
 
 # ---------------------------------------------------------------------- figures
+def _top(values: Tensor, k: int) -> tuple[list[int], list[int]]:
+    """Positions of the ``k`` largest and ``k`` most negative entries (NaN never ranks)."""
+    pro = values.nan_to_num(float("-inf")).topk(k).indices.tolist()
+    opp = (-values).nan_to_num(float("-inf")).topk(k).indices.tolist()
+    return pro, opp
+
+
 def figure_query(path: Path, q: int, result, sources: _Sources, display_shape) -> Path:
     k = result.top_k
-    scores = result.scores[q]
+    scores, ranking = result.scores[q], result.ranking[q]
     finite = scores.nan_to_num(float("-inf"))
-    pro = finite.topk(k).indices.tolist()
-    opp = (-scores).nan_to_num(float("-inf")).topk(k).indices.tolist()
+    pro, opp = _top(ranking, k)
     y, pred = int(result.y_query[q]), int(result.pred[q])
     title = f"query {q}: label {y}, predicted {pred}"
     if result.y_true is not None:
@@ -95,7 +101,8 @@ def figure_query(path: Path, q: int, result, sources: _Sources, display_shape) -
         if result.y_true is not None:
             fig.suptitle(title, fontsize=9)
         axes[1, 0].axis("off")
-        axes[1, 0].text(0.5, 0.5, "top: proponents\n(removing them\nraises the loss)\n\nbottom: opponents",
+        axes[1, 0].text(0.5, 0.5, "top: proponents\n(removing them\nraises the loss)\n\nbottom: opponents"
+                        + ("\n\nranked by\nrelative score" if result.rank_by == "relative" else ""),
                         ha="center", va="center", fontsize=7, transform=axes[1, 0].transAxes)
         for row, picks, color in ((0, pro, PRO), (1, opp, OPP)):
             for c, j in enumerate(picks, start=1):
@@ -138,7 +145,7 @@ def figure_top_sources(path: Path, result, sources: _Sources, n: int = 20) -> tu
     ax.invert_yaxis()
     ax.axvline(0, color=NEUTRAL, lw=0.8)
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(f"most influential sources over {len(result.scores)} queries", fontsize=9)
+    ax.set_title(f"most influential sources over {len(result.scores)} queries (raw scores)", fontsize=9)
     return _save(fig, path), top
 
 
@@ -207,11 +214,15 @@ def topk_rows(result, sources: _Sources) -> list[dict[str, Any]]:
     k = result.top_k
     for q in range(len(result.scores)):
         scores = result.scores[q]
-        for kind, order in (("proponent", scores.nan_to_num(float("-inf")).topk(k).indices),
-                            ("opponent", (-scores).nan_to_num(float("-inf")).topk(k).indices)):
-            for rank, j in enumerate(order.tolist(), start=1):
-                rows.append({"query": q, "query_label": int(result.y_query[q]), "prediction": int(result.pred[q]),
-                             "kind": kind, "rank": rank, "score": float(scores[j]), **sources.describe(j)})
+        relative = result.relative[q] if result.relative is not None else None
+        pro, opp = _top(result.ranking[q], k)
+        for kind, order in (("proponent", pro), ("opponent", opp)):
+            for rank, j in enumerate(order, start=1):
+                row = {"query": q, "query_label": int(result.y_query[q]), "prediction": int(result.pred[q]),
+                       "kind": kind, "rank": rank, "ranked_by": result.rank_by, "score": float(scores[j])}
+                if relative is not None:
+                    row["relative_score"] = float(relative[j])
+                rows.append(row | sources.describe(j))
     return rows
 
 
@@ -283,6 +294,11 @@ def write_report(out_dir: Path, result, datamodule, train_cfg, run: dict[str, An
 
     # -- per query
     body.append("<h2>Queries: top proponents and opponents</h2>")
+    if result.rank_by == "relative":
+        body.append("<p class='note'>Ranked by the <b>relative score</b>, score / sqrt(self-influence of the source) "
+                    "(as in RelatIF, Barshan et al. 2020): raw scores favour the few examples the model memorized "
+                    "(often mislabelled ones) for every query; dividing by their self-influence shows what explains "
+                    "<i>this</i> query. The numbers drawn are the raw scores; <code>rank_by=score</code> ranks by them.</p>")
     n_drawn = min(int(cfg.n_drawn), len(result.scores))
     for q in range(n_drawn):
         path = figure_query(fig_dir / f"query_{q:03d}.png", q, result, sources, display_shape)
