@@ -93,12 +93,18 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
     model.eval()
     if not run["responses"]:
         raise ValueError(f"{run_dir} was trained without an attribution callback (run.json lists no responses).")
-    responses = cfg.get("responses") or next(iter(run["responses"].values()))
+    responses = Path(cfg.get("responses") or next(iter(run["responses"].values())))
+    if not responses.is_absolute() and not cfg.get("responses"):
+        responses = run_dir / responses  # run.json records it relative to the run directory
     from lightning_attr import ResponseStore
 
     store = ResponseStore.load(responses)
     timings["load_s"] = time.perf_counter() - start
 
+    readout = cfg.get("readout", "linear")
+    checkpoints = cfg.get("checkpoints", "last")
+    if not isinstance(checkpoints, str):
+        checkpoints = list(checkpoints)
     dataset = datamodule.query_dataset(queries)
     if cfg.get("max_queries"):
         dataset = torch.utils.data.Subset(dataset, range(min(int(cfg.max_queries), len(dataset))))
@@ -110,7 +116,7 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
         for x, y in loader:
             with torch.no_grad():
                 preds.append(model(x).argmax(-1))
-            scores.append(model.attribute((x, y), responses=store))
+            scores.append(model.attribute((x, y), responses=store, readout=readout, checkpoints=checkpoints))
             ys.append(y)
             progress.advance(task, len(y))
     timings["scores_s"] = time.perf_counter() - start
@@ -124,7 +130,7 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
         with _progress() as progress:
             task = progress.add_task("self-influence", total=datamodule.n_train)
             for batch in train_loader:
-                values.append(model.self_influence(batch, responses=store))
+                values.append(model.self_influence(batch, responses=store, readout=readout))
                 progress.advance(task, len(batch[-1]))
         self_influence = torch.cat(values)
         timings["self_influence_s"] = time.perf_counter() - start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -24,7 +25,7 @@ def print_train_summary(summary: dict[str, Any], console: Console | None = None)
     table = Table(title="lightning-attr-train", show_header=False, title_justify="left")
     table.add_row("run directory", summary["run_dir"])
     for name, path in summary["responses"].items():
-        table.add_row(f"responses ({name})", path)
+        table.add_row(f"responses ({name})", str(Path(summary["run_dir"]) / path))
     table.add_row("examples / sources", f"{summary['n_train']:,} / {summary['n_sources']:,}")
     for key in ("val/acc", "val/loss"):
         if key in summary["metrics"]:

@@ -136,7 +136,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         "run_dir": str(output_dir),
         "model": str(output_dir / "model.pt"),
         "config": str(output_dir / "config.yaml"),
-        "responses": {name: str(cb.dirpath) for name, cb in zip(attribution_names, attribution)},
+        # relative to the run directory when inside it, so a moved or copied run still works
+        "responses": {name: _relative_to(cb.dirpath, output_dir) for name, cb in zip(attribution_names, attribution)},
         "n_train": datamodule.n_train,
         "n_sources": datamodule.n_train if sources is None else len(set(sources)),
         "global_step": int(trainer.global_step),
@@ -148,6 +149,11 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         write_json(output_dir / "run.json", summary)
         print_train_summary(summary)
     return summary
+
+
+def _relative_to(path: str, root: Path) -> str:
+    p, root = Path(path).resolve(), root.resolve()
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
 
 
 def _attr_instance(cb: Any) -> bool:
