@@ -94,7 +94,8 @@ def figure_query(path: Path, q: int, result, sources: _Sources, display_shape) -
     if result.y_true is not None:
         title += f" (triggered; true class {int(result.y_true[q])})"
     if sources.per_example:
-        fig, axes = plt.subplots(2, k + 1, figsize=(1.7 * (k + 1), 3.9), squeeze=False)
+        fig, axes = plt.subplots(2, k + 1, figsize=(1.7 * (k + 1), 4.3), squeeze=False)
+        fig.subplots_adjust(hspace=0.55)
         ok = PRO if pred == y else OPP
         draw_example(axes[0, 0], result.x_query[q], display_shape, ok)
         axes[0, 0].set_title(f"query {q}\nlabel {y} / pred {pred}", fontsize=8, color=ok)
@@ -152,7 +153,8 @@ def figure_top_sources(path: Path, result, sources: _Sources, n: int = 20) -> tu
 def figure_examples_grid(path: Path, examples: list[int], sources: _Sources, display_shape, caption, values=None) -> Path:
     cols = min(8, max(len(examples), 1))
     rows = max(1, -(-len(examples) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.75 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.9 * rows), squeeze=False)
+    fig.subplots_adjust(hspace=0.6)
     for ax in axes.flat:
         ax.axis("off")
     for ax, e, i in zip(axes.flat, examples, range(len(examples))):
@@ -165,7 +167,7 @@ def figure_examples_grid(path: Path, examples: list[int], sources: _Sources, dis
         if values is not None:
             text += f"\n{values[i]:.3g}"
         ax.set_title(text, fontsize=7, color=FLIP if flipped else "black")
-    fig.suptitle(caption, fontsize=9)
+    fig.suptitle(caption, fontsize=9, y=1 + 0.35 / (1.9 * rows))  # above the panel titles
     return _save(fig, path)
 
 
