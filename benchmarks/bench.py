@@ -55,6 +55,7 @@ from lightning_attr.evaluation.peers import (  # noqa: E402
     DattriTRAK,
     KronfluenceEKFAC,
     Peer,
+    TraKerTRAK,
     sum_over_sources,
 )
 from lightning_attr.evaluation.retrain import atomic_write_json  # noqa: E402
@@ -271,18 +272,7 @@ def run_peer(peer: Peer, models, data, xq, yq, args, slow: bool) -> Result:
         reps_single = 3 if slow else args.single_repeats
         reps_batched = 1 if slow else args.batched_repeats
         single, batched, scores = time_queries(peer.score, xq, yq, reps_single, reps_batched)
-    return Result(peer.name, dict(peer.config), scores.float(), setup_s, single, batched, peer_storage(peer), rss.peak_mb)
-
-
-def peer_storage(peer: Peer) -> int:
-    """Bytes a peer keeps between setup and queries (its cached features / factors)."""
-    a = getattr(peer, "_attributor", None)
-    if a is not None and hasattr(a, "inv_XTX_XT_list"):
-        return sum(t.numel() * t.element_size() for t in a.inv_XTX_XT_list) + a.Q.numel() * a.Q.element_size()
-    out = getattr(peer, "_output_dir", None)
-    if out is not None and Path(out).exists():
-        return sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file() and "factors" in str(p))
-    return 0  # recomputes everything per query (IF-CG, LiSSA, TracIn)
+    return Result(peer.name, dict(peer.config), scores.float(), setup_s, single, batched, peer.storage_bytes(), rss.peak_mb)
 
 
 def tune(make_peer, grid, models, data, x_val, y_val, lds_val_fn) -> tuple[object, dict]:
@@ -305,7 +295,7 @@ def tune(make_peer, grid, models, data, x_val, y_val, lds_val_fn) -> tuple[objec
 
 
 # ------------------------------------------------------------------------------------------- main
-def bench_setting(setting: Setting, args) -> list[dict]:
+def bench_setting(setting: Setting, args, emit) -> list[dict]:
     torch.manual_seed(0)
     data = setting.load()
     n, q_all = len(data.x_train), len(data.x_test)
@@ -363,33 +353,66 @@ def bench_setting(setting: Setting, args) -> list[dict]:
         tracin_models.append(m.eval())
     print(f"[{setting.name}] plain fit {plain_fit_s:.2f}s; 9 ensemble members in {ens_train_s:.1f}s", flush=True)
 
-    results: dict[str, list[Result]] = {"example": [], "source": []}
+    emitted: list[dict] = []
+    def record(regime: str, r: Result) -> dict:
+        lds = lds_of(regime, r.scores_report, rep_idx)
+        lo = gt[regime]["leave_out"]
+        cols = loo_examples if regime == "example" else torch.arange(setting.n_groups)
+        corr = nanmean(leave_out_correlations(r.scores_report[:, cols], lo.values[:, rep_idx]))
+        rec = {
+            "setting": setting.name, "regime": regime, "method": r.method, "config": r.config,
+            "lds": round(nanmean(lds), 4), "lds_ci95": ci95(lds),
+            "loo": round(corr, 4) if regime == "example" else None,
+            "group_corr": round(corr, 4) if regime == "source" else None,
+            "setup_s": round(r.setup_s, 3), "query_ms_single": round(r.query_ms_single, 4),
+            "query_ms_batched": round(r.query_ms_batched, 5), "storage_bytes": int(r.storage_bytes),
+            "peak_rss_mb": round(r.peak_rss_mb, 1), "n_train": n,
+            "n_sources": n if regime == "example" else setting.n_groups, "n_queries": len(rep_idx),
+            "torch": torch.__version__, "machine": machine(),
+        }  # fmt: skip
+        rec["config"]["ground_truth"] = {
+            "lds": f"{n_subsets} retrains on {setting.alpha:.0%} of the sources, 1 seed each",
+            "leave_out": f"{len(cols)} {'examples' if regime == 'example' else 'groups'} x {lo.settings['n_seeds']} seeds, seed held fixed",
+        }
+        assert tuple(rec) == FIELDS
+        print(f"  => {regime:8s} {r.method:40s} LDS {rec['lds']:.3f}  corr {corr:.3f}  setup {r.setup_s:.2f}s  "
+              f"Q=1 {r.query_ms_single:.2f}ms  batched {r.query_ms_batched:.4f}ms/q", flush=True)  # fmt: skip
+        emitted.append(rec)
+        emit(emitted)
+        return rec
+
     wanted = lambda name: not args.methods or any(m.lower() in name.lower() for m in args.methods)  # noqa: E731
 
-    # response checkpoints at 1/3, 1/2, 2/3, 5/6 of the run (10/15/20/25 of 30 epochs, as METHOD.md measured)
+    # ours, default settings, both modes, both regimes
     ens_epochs = [round(setting.recipe.epochs * k / 6) for k in (2, 3, 4, 5)]
-    # ours, default settings, both modes, both regimes (+ the response-checkpoint ensemble)
-    for regime in ("example", "source"):
-        for mode, ck in (("online", None), ("end", None), ("online", ens_epochs)):
-            label = f"ours {mode}{' ens' if ck else ''}"
-            if not wanted("ours") or (ck and args.no_ensemble):
-                continue
-            print(f"[{setting.name}/{regime}] {label}", flush=True)
-            try:
-                results[regime].append(run_ours(setting, data, regime, groups, x_rep, y_rep, plain_fit_s, mode, workdir, args, ck))
-            except Exception:
-                traceback.print_exc()
+
+    def run_ours_all(variants):
+        for regime in ("example", "source"):
+            for mode, ck in variants:
+                if not wanted("ours"):
+                    continue
+                print(f"[{setting.name}/{regime}] ours {mode}{' + checkpoints ' + str(ck) if ck else ''}", flush=True)
+                try:
+                    record(regime, run_ours(setting, data, regime, groups, x_rep, y_rep, plain_fit_s, mode, workdir, args, ck))
+                except Exception:
+                    traceback.print_exc()
+
+    run_ours_all([("online", None), ("end", None)])
 
     # peers: per-example scores on the SAME model; the source regime sums them per group
     lds_val = lambda s: nanmean(lds_of("example", s, val_idx))  # noqa: E731
+    # TRAK's ridge: traker and dattri scale their features differently, so the grid is wide (1e-3..1e5)
+    lam = [10.0**k for k in range(-3, 6)]
     specs = [
-        ("TRAK-1", lambda v: DattriTRAK(1, proj_dim=512, regularization=v), 0.0, [1e-3, 1e-2, 1e-1, 1.0, 10.0], False),
-        ("TRAK-10", lambda v: DattriTRAK(10, proj_dim=512, regularization=v), 0.0, [1e-3, 1e-2, 1e-1, 1.0, 10.0], False),
-        ("IF-CG", lambda v: DattriIFCG(regularization=v), 0.0, [1e-3, 1e-2, 1e-1, 1.0], False),
+        ("TRAK-1 traker", lambda v: TraKerTRAK(1, proj_dim=2048, lambda_reg=v), 0.0, lam, False),
+        ("TRAK-10 traker", lambda v: TraKerTRAK(10, proj_dim=2048, lambda_reg=v), 0.0, lam, False),
+        ("TRAK-1 dattri", lambda v: DattriTRAK(1, proj_dim=512, regularization=v), 0.0, lam, False),
+        ("TRAK-10 dattri", lambda v: DattriTRAK(10, proj_dim=512, regularization=v), 0.0, lam, False),
+        ("IF-CG", lambda v: DattriIFCG(regularization=v), 0.0, [1e-4, 1e-3, 1e-2, 1e-1, 1.0], False),
         ("IF-LiSSA", lambda v: DattriIFLiSSA(damping=v), 0.0, None, True),
         ("grad-dot", lambda v: DattriTracIn([1.0]), None, None, False),
         ("TracIn", lambda v: DattriTracIn([setting.recipe.lr] * len(tracin_models)), None, None, False),
-        ("EK-FAC", lambda v: KronfluenceEKFAC(damping_factor=v, output_dir=str(workdir / f"kf-{v}")), 1e-8, [None, 1e-4, 1e-3, 1e-2, 1e-1], False),
+        ("EK-FAC", lambda v: KronfluenceEKFAC(damping_factor=v), 1e-8, [None, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1], False),
     ]
     for label, make_peer, default, grid, slow in specs:
         if not wanted(label) or label in args.skip:
@@ -416,45 +439,25 @@ def bench_setting(setting: Setting, args) -> list[dict]:
                 continue
             res.method = f"{res.method} [{tag}]"
             res.config = {**res.config, "variant": tag, **(run[2] if len(run) > 2 else {})}
-            if label == "TRAK-10":
+            if label.startswith("TRAK-10"):
                 res.config["extra_models_trained"] = 9
                 res.config["extra_training_s"] = round(ens_train_s, 2)
-            results["example"].append(res)
+            record("example", res)
             # source regime: same per-example scores summed per group; the sum is timed and added
             t_sum, grouped = timed(lambda: sum_over_sources(res.scores_report, groups, setting.n_groups), 5)
             t_one, _ = timed(lambda: sum_over_sources(res.scores_report[:1], groups, setting.n_groups), 5)
-            results["source"].append(
+            record(
+                "source",
                 Result(res.method, {**res.config, "source_scores": "sum of per-example scores per group"}, grouped, res.setup_s,
                        res.query_ms_single + 1e3 * t_one, res.query_ms_batched + 1e3 * t_sum / len(x_rep),
-                       res.storage_bytes, res.peak_rss_mb)
+                       res.storage_bytes, res.peak_rss_mb),
             )  # fmt: skip
 
-    records = []
-    for regime, rs in results.items():
-        for r in rs:
-            lds = lds_of(regime, r.scores_report, rep_idx)
-            lo = gt[regime]["leave_out"]
-            cols = loo_examples if regime == "example" else torch.arange(setting.n_groups)
-            corr = nanmean(leave_out_correlations(r.scores_report[:, cols], lo.values[:, rep_idx]))
-            rec = {
-                "setting": setting.name, "regime": regime, "method": r.method, "config": r.config,
-                "lds": round(nanmean(lds), 4), "lds_ci95": ci95(lds),
-                "loo": round(corr, 4) if regime == "example" else None,
-                "group_corr": round(corr, 4) if regime == "source" else None,
-                "setup_s": round(r.setup_s, 3), "query_ms_single": round(r.query_ms_single, 4),
-                "query_ms_batched": round(r.query_ms_batched, 5), "storage_bytes": int(r.storage_bytes),
-                "peak_rss_mb": round(r.peak_rss_mb, 1), "n_train": n,
-                "n_sources": n if regime == "example" else setting.n_groups, "n_queries": len(rep_idx),
-                "torch": torch.__version__, "machine": machine(),
-            }  # fmt: skip
-            rec["config"]["ground_truth"] = {
-                "lds": f"{n_subsets} retrains on {setting.alpha:.0%} of the sources, 1 seed each",
-                "leave_out": f"{len(cols)} {'examples' if regime == 'example' else 'groups'} x {lo.settings['n_seeds']} seeds, seed held fixed",
-            }
-            assert tuple(rec) == FIELDS
-            records.append(rec)
-            print(f"  {regime:8s} {r.method:40s} LDS {rec['lds']:.3f}  corr {corr:.3f}  setup {r.setup_s:.2f}s  "
-                  f"Q=1 {r.query_ms_single:.2f}ms  batched {r.query_ms_batched:.4f}ms/q", flush=True)  # fmt: skip
+    # response checkpoints along the run (10/15/20/25/30 of 30 epochs, as METHOD.md measured): last, it is the dearest
+    if not args.no_ensemble:
+        run_ours_all([("online", ens_epochs)])
+
+    records = emitted
     shutil.rmtree(workdir, ignore_errors=True)
     return records
 
@@ -529,14 +532,18 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     if out.exists():  # keep other settings' records from an earlier run
         records = [r for r in json.loads(out.read_text()) if r["setting"] not in args.settings]
-    for name in args.settings:
-        records += bench_setting(SETTINGS[name], args)
-        atomic_write_json(out, records, sort_keys=False)
+    def write(all_records: list[dict]) -> None:
+        atomic_write_json(out, all_records, sort_keys=False)
         md = out.with_suffix(".md")
         tmp = md.with_suffix(".md.tmp")
-        tmp.write_text(markdown(records))
+        tmp.write_text(markdown(all_records))
         os.replace(tmp, md)
-        figure(records, out.with_suffix(".png"))
+        figure(all_records, out.with_suffix(".png"))
+
+    for name in args.settings:
+        done = list(records)
+        records = done + bench_setting(SETTINGS[name], args, lambda partial: write(done + partial))
+        write(records)
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
 
 

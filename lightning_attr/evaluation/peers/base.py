@@ -64,3 +64,14 @@ class Peer(ABC):
     @property
     def n_models(self) -> int:
         return 1
+
+    def storage_bytes(self) -> int:
+        """Bytes kept between setup and queries (features, factors); 0 for methods that recompute all per query."""
+        return 0
+
+
+def dir_bytes(path) -> int:
+    """Total size of the files under ``path``."""
+    from pathlib import Path
+
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

@@ -28,12 +28,15 @@ def _state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _ce_task(model: nn.Module, checkpoints: list[dict[str, Tensor]]):
+def _ce_task(model: nn.Module, checkpoints: list[dict[str, Tensor]], unbatched: bool = False):
+    """Cross-entropy task; ``unbatched``: the loss receives ONE example (TracIn vmaps over examples itself)."""
     task_mod = require("dattri.task")
     base = copy.deepcopy(model)
 
     def loss(params, data):
         x, y = data
+        if unbatched:
+            x, y = x.unsqueeze(0), y.unsqueeze(0)
         return F.cross_entropy(torch.func.functional_call(base, params, x), y.long())
 
     return task_mod.AttributionTask(loss_func=loss, model=base, checkpoints=checkpoints)
@@ -84,6 +87,10 @@ class DattriTRAK(Peer):
         )
         with torch.no_grad():
             self._attributor.cache(_loader(x_train, y_train, 256))
+
+    def storage_bytes(self) -> int:
+        a = self._attributor
+        return sum(t.numel() * t.element_size() for t in a.inv_XTX_XT_list) + a.Q.numel() * a.Q.element_size()
 
     def score(self, x_query: Tensor, y_query: Tensor) -> Tensor:
         with torch.no_grad():
@@ -161,7 +168,7 @@ class DattriTracIn(Peer):
         if len(models) != len(self.weights):
             raise ValueError(f"{self.name} needs {len(self.weights)} checkpoints, got {len(models)}.")
         algo = require("dattri.algorithm.tracin")
-        task = _ce_task(models[0], [_state(m) for m in models])
+        task = _ce_task(models[0], [_state(m) for m in models], unbatched=True)
         self._attributor = algo.TracInAttributor(
             task=task, weight_list=torch.tensor(self.weights), normalized_grad=self.config["normalized_grad"],
             projector_kwargs={"proj_dim": self.config["proj_dim"], "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu"},

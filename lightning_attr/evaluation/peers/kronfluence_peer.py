@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from lightning_attr.evaluation.peers.base import Peer, require
+from lightning_attr.evaluation.peers.base import Peer, dir_bytes, require
 
 
 class KronfluenceEKFAC(Peer):
@@ -73,6 +73,10 @@ class KronfluenceEKFAC(Peer):
             factor_args=args_mod.FactorArguments(strategy=self.config["strategy"]),
             overwrite_output_dir=True,
         )
+        self._storage = dir_bytes(self._output_dir)  # the fitted factors (safetensors) and their arguments
+
+    def storage_bytes(self) -> int:
+        return self._storage
 
     def score(self, x_query: Tensor, y_query: Tensor) -> Tensor:
         self._calls += 1
