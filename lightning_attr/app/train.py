@@ -61,7 +61,8 @@ def instantiate_callbacks(cfg: DictConfig, sources: Any, output_dir: Path) -> tu
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ValueError(f"callbacks.{name} must be a config with a _target_, got {node!r}.")
         kwargs: dict[str, Any] = {}
-        if _is_attribution_callback(node):
+        detected = _is_attribution_callback(node)
+        if detected:
             if node.get("sources") is not None and sources is not None:
                 raise ValueError(
                     f"callbacks.{name}.sources is set and the sources group also defines sources; "
@@ -72,8 +73,16 @@ def instantiate_callbacks(cfg: DictConfig, sources: Any, output_dir: Path) -> tu
             if node.get("dirpath") is None:
                 suffix = "" if not attribution_names else f"_{name}"
                 kwargs["dirpath"] = str(output_dir / f"responses{suffix}")
+        # kwargs go to the constructor, not through OmegaConf (a per-example list of ids can be long)
+        callback = hydra.utils.instantiate(node, _partial_=True)(**kwargs) if detected else hydra.utils.instantiate(node)
+        if _attr_instance(callback):
+            if not detected:
+                raise ValueError(
+                    f"callbacks.{name} builds an AttributionCallback through {node._target_!r}, which the app "
+                    f"cannot pass sources and dirpath to; target lightning_attr.AttributionCallback directly."
+                )
             attribution_names.append(name)
-        callbacks.append(hydra.utils.instantiate(node, **kwargs))
+        callbacks.append(callback)
     return callbacks, attribution_names
 
 
