@@ -202,3 +202,19 @@ def test_user_file_overrides_the_packaged_one(tmp_path):
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="train")
     assert cfg.callbacks.attribution.horizon == 7
+
+
+def test_the_app_hands_sources_and_dirpath_to_the_attribution_callback(tmp_path):
+    from lightning_attr.app.train import instantiate_callbacks
+
+    cfg = _compose(["data=digits", "sources=by_label", "callbacks=[attribution,early_stopping]"])
+    dm = instantiate(cfg.data)
+    ids = instantiate(cfg.sources)(dm)
+    callbacks, names = instantiate_callbacks(cfg, ids, tmp_path)
+    (cb,) = [c for c in callbacks if isinstance(c, AttributionCallback)]
+    assert names == ["attribution"] and cb.sources == ids and cb.dirpath == str(tmp_path / "responses")
+    assert len(callbacks) == 2
+    # sources twice (the callback config and the sources group) is refused, not silently resolved
+    clash = _compose(["data=digits", "sources=by_label", "callbacks.attribution.sources=[0,1]"])
+    with pytest.raises(ValueError, match="sources group also defines sources"):
+        instantiate_callbacks(clash, ids, tmp_path)
