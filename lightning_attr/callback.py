@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_attr.curvature import curvature_operator
+from lightning_attr.curvature import batch_size_of, curvature_operator
 from lightning_attr.functional import functional_view, uses_output_loss
 from lightning_attr.mixin import AttributionMixin
 from lightning_attr.parameters import ParameterSpace
@@ -31,10 +31,11 @@ from lightning_attr.simulation import (
     OnlineSimulation,
     StepRule,
     estimate_step_rule,
+    finite_examples,
     initial_perturbations,
     simulate_responses,
 )
-from lightning_attr.sources import SourceMap, SourceSpec, split_batch
+from lightning_attr.sources import IndexedDataset, SourceMap, SourceSpec, split_batch
 from lightning_attr.store import ResponseStore, StoreError, has_store
 
 _MODES = ("online", "end")
@@ -133,6 +134,7 @@ class AttributionCallback(Callback):
         self._fit_start = 0.0
         self._restored: dict[str, Any] | None = None
         self._finished = False
+        self._warned_non_finite = False
 
     @property
     def state_key(self) -> str:
@@ -184,7 +186,7 @@ class AttributionCallback(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
-        n = self.num_examples or _dataset_length(trainer)
+        n = self.num_examples or _indexed_dataset_length(trainer)
         self._source_map = SourceMap.build(self.sources, n)
         self._space = ParameterSpace.of(pl_module)
         if self.mode == "online":
@@ -235,7 +237,11 @@ class AttributionCallback(Callback):
         injecting = trainer.current_epoch == self._injection_epoch
         with functional_view(pl_module, self._space) as (model, theta):
             batches = [(move_data_to_device(d, theta.device), i) for d, i in self._pending]
-            operator = curvature_operator(self.curvature, model, theta, [d for d, _ in batches], self.chunk_size)
+            curvature_batches = self._finite(model, theta, [d for d, _ in batches])
+            if not curvature_batches:  # every example non-finite: nothing to learn the curvature from
+                self._pending.clear()
+                return
+            operator = curvature_operator(self.curvature, model, theta, curvature_batches, self.chunk_size)
             if self._online is None:
                 self._online = self._new_online(operator, theta)
             if injecting:
@@ -248,6 +254,21 @@ class AttributionCallback(Callback):
         self._seconds += time.perf_counter() - start
         if not injecting and self._online.num_live == 0:
             self._finished = True
+
+    def _finite(self, model: Any, theta: Tensor, batches: list[Any]) -> list[Any]:
+        """Curvature batches without non-finite examples (warns once per fit with the count)."""
+        kept, dropped = [], 0
+        for batch in batches:
+            batch, n = finite_examples(model, theta, batch)
+            dropped += n
+            if batch_size_of(batch) > 0:
+                kept.append(batch)
+        if dropped and not self._warned_non_finite:
+            self._warned_non_finite = True
+            rank_zero_warn(
+                f"{dropped} examples with a non-finite loss were left out of the curvature batches (warned once)."
+            )
+        return kept
 
     def _new_online(self, operator: Any, theta: Tensor) -> OnlineSimulation:
         rule = estimate_step_rule(
@@ -310,6 +331,7 @@ class AttributionCallback(Callback):
                 f"were propagated for fewer than {self.horizon} steps; both are recorded per source in the store."
             )
         stats = {"valid": self._online.valid.cpu(), "shortfall": shortfall, "missing_examples": missing_per_source}
+        _warn_invalid(stats["valid"])
         self._write(trainer, pl_module, "final", responses, self._online.rule, stats)
         self._finished = True
 
@@ -324,6 +346,7 @@ class AttributionCallback(Callback):
                 "shortfall": torch.zeros(self._source_map.num_sources, dtype=torch.long),
                 "missing_examples": torch.zeros(self._source_map.num_sources, dtype=torch.long),
             }
+            _warn_invalid(stats["valid"])
             self._write(trainer, pl_module, name, responses, rule, stats)
         trainer.strategy.barrier()
 
@@ -343,7 +366,9 @@ class AttributionCallback(Callback):
                 dataset, self.curvature_batch_size, shuffle=True, generator=generator, collate_fn=collate,
                 drop_last=drop_last,
             )  # fmt: skip
-            replay = [move(b)[0] for b in itertools.islice(_cycle(shuffled), self.horizon)]
+            replay = self._finite(model, theta, [move(b)[0] for b in itertools.islice(_cycle(shuffled), self.horizon)])
+            if not replay:
+                raise RuntimeError("Every replayed training example has a non-finite loss; cannot simulate responses.")
             operators = [curvature_operator(self.curvature, model, theta, [b], self.chunk_size) for b in replay]
             rule = estimate_step_rule(
                 operators[0], theta.numel(), self.damping, self.step_size, self.damping_scale, generator, theta.device
@@ -380,15 +405,26 @@ class AttributionCallback(Callback):
         self._products, self._seconds = state_dict["products"], state_dict["seconds"]
 
 
-def _dataset_length(trainer: L.Trainer) -> int:
-    loader = trainer.train_dataloader
-    dataset = getattr(loader, "dataset", None)
-    try:
-        return len(dataset)  # type: ignore[arg-type]
-    except TypeError as err:
+def _indexed_dataset_length(trainer: L.Trainer) -> int:
+    """``len`` of the training set, which must be an :class:`IndexedDataset` (class labels would otherwise
+    pass for example indices)."""
+    dataset = getattr(trainer.train_dataloader, "dataset", None)
+    if not isinstance(dataset, IndexedDataset):
         raise MisconfigurationException(
-            "AttributionCallback cannot tell the training-set size from the train dataloader; pass num_examples=."
-        ) from err
+            f"The training dataset is a {type(dataset).__name__}, not an IndexedDataset: wrap it as "
+            "IndexedDataset(dataset) so batches end with example indices. If your batches already end with "
+            "the example index, pass num_examples=len(train_set) to say so."
+        )
+    return len(dataset)
+
+
+def _warn_invalid(valid: Tensor) -> None:
+    if not bool(valid.all()):
+        bad = (~valid).nonzero().squeeze(1)
+        rank_zero_warn(
+            f"{bad.numel()} sources had non-finite gradients or responses (first: {bad[:5].tolist()}); they are "
+            "stored as invalid and score NaN. Check those examples and the loss for NaN/inf."
+        )
 
 
 def _cycle(loader: DataLoader):

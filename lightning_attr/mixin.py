@@ -108,7 +108,7 @@ class AttributionMixin:
             readout: ``"linear"`` (jvp), ``"central"`` (two forward passes) or ``"step"``.
             checkpoints: ``"last"`` (the end of fit), ``"all"`` (ensemble over the run's response
                 checkpoints, each read out at its own parameters, normalized per query by its std over
-                sources and rescaled to the last checkpoint's), a name or a list of names.
+                sources; the mean is rescaled to the last checkpoint's std), a name or a list of names.
             chunk_size: sources per vmapped forward pass; bounds peak memory.
             strict: refuse responses simulated for other weights than the module's current ones.
 
@@ -194,7 +194,7 @@ def _checkpoint_names(store: ResponseStore, checkpoints: Checkpoints) -> list[st
 
 
 def _ensemble(per_ckpt: list[Tensor]) -> Tensor:
-    """Mean of per-query std-normalized scores, in the units of the last checkpoint."""
-    stds = [s.nan_to_num(0.0).std(dim=1, keepdim=True).clamp_min(1e-30) for s in per_ckpt]
-    mean = torch.stack([s / d for s, d in zip(per_ckpt, stds)]).mean(dim=0)
-    return mean * stds[-1]
+    """Mean of per-query std-normalized scores, rescaled to the last checkpoint's per-query std."""
+    unit = lambda s: s / s.nan_to_num(0.0).std(dim=1, keepdim=True).clamp_min(1e-30)  # noqa: E731
+    mean = torch.stack([unit(s) for s in per_ckpt]).mean(dim=0)
+    return unit(mean) * per_ckpt[-1].nan_to_num(0.0).std(dim=1, keepdim=True)

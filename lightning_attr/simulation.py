@@ -18,6 +18,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 from torch.func import vjp, vmap
+from torch.utils._pytree import tree_map
 
 from lightning_attr.curvature import CurvatureOperator, Spectrum, estimate_spectrum
 from lightning_attr.functional import FunctionalModel
@@ -91,6 +92,25 @@ def source_gradients(
     return vmap(pullback)(selector)[0]
 
 
+def select_examples(batch: Any, rows: Tensor) -> Any:
+    """The examples ``rows`` of every tensor in a batch (leading dimension)."""
+    return tree_map(lambda t: t[rows.to(t.device)] if isinstance(t, Tensor) and t.dim() > 0 else t, batch)
+
+
+def finite_loss_mask(model: FunctionalModel, theta: Tensor, batch: Any) -> Tensor:
+    """``BoolTensor[B]``: examples whose loss is finite at ``theta`` (one forward pass)."""
+    with torch.no_grad():
+        return torch.isfinite(model.losses(theta, batch))
+
+
+def finite_examples(model: FunctionalModel, theta: Tensor, batch: Any) -> tuple[Any, int]:
+    """The batch without examples whose loss is non-finite (they would poison every product and gradient
+    they share a backward pass with). Returns ``(batch, number of examples dropped)``."""
+    keep = finite_loss_mask(model, theta, batch)
+    dropped = int((~keep).sum())
+    return (batch if dropped == 0 else select_examples(batch, keep.nonzero().squeeze(1))), dropped
+
+
 def propagate(
     initial: Tensor, operators: Sequence[CurvatureOperator], rule: StepRule
 ) -> Tensor:
@@ -146,14 +166,17 @@ class OnlineSimulation:
         if not bool(first.any()):
             return
         positions = first.nonzero().squeeze(1)
-        sub_batch = torch.utils._pytree.tree_map(
-            lambda t: t[positions.to(t.device)] if isinstance(t, Tensor) and t.dim() > 0 else t, batch
-        )
+        self.injected[index[positions]] = True
+        sub_batch = select_examples(batch, positions)
+        finite_loss = finite_loss_mask(model, theta, sub_batch)
+        self.valid[self.example_to_source[index[positions[~finite_loss]]]] = False
+        positions, sub_batch = positions[finite_loss], select_examples(sub_batch, finite_loss.nonzero().squeeze(1))
+        if positions.numel() == 0:
+            return
         sources = self.example_to_source[index[positions]]
         unique, rows = torch.unique(sources, return_inverse=True)
         grads = source_gradients(model, theta, sub_batch, rows, unique.numel())
-        self.injected[index[positions]] = True
-        finite = torch.isfinite(grads).all(dim=1)
+        finite = torch.isfinite(grads).all(dim=1) & self.valid[unique]
         self.valid[unique[~finite]] = False
         unique, grads = unique[finite], grads[finite]
         is_live = torch.isin(unique, self.live_sources)
@@ -235,7 +258,12 @@ def initial_perturbations(
     finite = torch.ones(num_sources, dtype=torch.bool, device=theta.device)
     e2s = example_to_source.to(theta.device)
     for data, index in batches:
-        unique, rows = torch.unique(e2s[index.to(theta.device)], return_inverse=True)
+        index = index.to(theta.device)
+        finite_loss = finite_loss_mask(model, theta, data)
+        finite[e2s[index[~finite_loss]]] = False
+        keep = finite_loss.nonzero().squeeze(1)
+        data, index = select_examples(data, keep), index[keep]
+        unique, rows = torch.unique(e2s[index], return_inverse=True)
         grads = source_gradients(model, theta, data, rows, unique.numel())
         ok = torch.isfinite(grads).all(dim=1)
         finite[unique[~ok]] = False

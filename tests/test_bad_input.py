@@ -1,0 +1,123 @@
+"""Bad input gets a clear error (or a documented skip-and-warn), never a silently corrupt store."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from conftest import blobs, fit, small_mlp
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_attr import AttributionCallback, ResponseStore
+from lightning_attr.models import Classifier
+
+
+def _trainer(callbacks, **kwargs):
+    return L.Trainer(
+        max_epochs=2, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, **kwargs,
+    )  # fmt: skip
+
+
+def test_batch_without_source_index(tmp_path):
+    x, y = blobs(n=32)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)  # labels would pass for indices: refused
+    with pytest.raises(MisconfigurationException, match="IndexedDataset"):
+        _trainer([AttributionCallback(tmp_path / "r", horizon=2)]).fit(small_mlp(6, 3), loader)
+    loader = DataLoader(TensorDataset(x), batch_size=8)  # batches are [x]: no index at all
+    with pytest.raises(ValueError, match="IndexedDataset"):
+        _trainer([AttributionCallback(tmp_path / "r2", horizon=2, num_examples=32)]).fit(small_mlp(6, 3), loader)
+
+
+def test_index_out_of_range(tmp_path):
+    x, y = blobs(n=32)
+    bad = TensorDataset(x, y, torch.arange(32) + 100)  # an own index column: num_examples confirms it
+    with pytest.raises(IndexError, match=r"outside \[0, 32\)"):
+        _trainer([AttributionCallback(tmp_path / "r", horizon=2, num_examples=32)]).fit(small_mlp(6, 3), DataLoader(bad, batch_size=8))
+
+
+class _SkipsNonFiniteInputs(Classifier):
+    """Trains only on finite inputs, so the model stays finite while one example's gradient is NaN."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        keep = x.isfinite().all(dim=1)
+        return nn.functional.cross_entropy(self(x[keep]), y[keep])
+
+
+def test_non_finite_gradients_are_skipped_and_reported(tmp_path):
+    x, y = blobs(n=48)
+    x[5] = float("nan")
+    model = _SkipsNonFiniteInputs(nn.Sequential(nn.Linear(6, 3)))
+    cb = AttributionCallback(tmp_path / "r", mode="end", horizon=5, curvature_batch_size=16)
+    with pytest.warns(UserWarning, match="non-finite"):
+        fit(model, x, y, [cb], epochs=2, batch_size=16)
+    assert not any(p.isnan().any() for p in model.parameters())
+    store = ResponseStore.load(cb.dirpath)
+    assert store.checkpoint_info("final")["n_valid"] == 47
+    assert not bool(store.source_stats("final")["valid"][5])
+    queries = (x[:3].nan_to_num(), y[:3])
+    scores = model.attribute(queries, responses=cb.dirpath)
+    assert scores[:, 5].isnan().all() and scores[:, torch.arange(48) != 5].isfinite().all()
+    top = model.attribute(queries, responses=cb.dirpath, top_k=3)
+    assert 5 not in top.proponent_indices and 5 not in top.opponent_indices
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_sharded_strategies_are_refused(tmp_path, strategy):
+    cb = AttributionCallback(tmp_path / "r")
+
+    class FakeStrategy:
+        pass
+
+    FakeStrategy.__name__ = {"fsdp": "FSDPStrategy", "deepspeed": "DeepSpeedStrategy"}[strategy]
+    trainer = _trainer([cb])
+    trainer.strategy.__class__ = type(FakeStrategy.__name__, (type(trainer.strategy),), {})
+    with pytest.raises(MisconfigurationException, match="does not support"):
+        cb.setup(trainer, small_mlp(6, 3), "fit")
+
+
+def test_constructor_validates_arguments():
+    for kwargs, message in [
+        ({"horizon": 0}, "horizon"),
+        ({"damping": -1.0}, "damping"),
+        ({"mode": "later"}, "mode"),
+        ({"curvature": "fisher"}, "curvature"),
+        ({"store_dtype": "int8"}, "store_dtype"),
+        ({"checkpoint_epochs": [0]}, "checkpoint_epochs"),
+    ]:
+        with pytest.raises(MisconfigurationException, match=message):
+            AttributionCallback(**kwargs)
+
+
+def test_module_without_contract_is_refused(tmp_path):
+    class Plain(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(6, 3)
+
+    with pytest.raises(MisconfigurationException, match="AttributionMixin"):
+        AttributionCallback(tmp_path / "r").setup(_trainer([]), Plain(), "fit")
+
+
+def test_online_needs_a_known_end(tmp_path):
+    x, y = blobs(n=32)
+    trainer = L.Trainer(max_epochs=-1, max_steps=-1, callbacks=[AttributionCallback(tmp_path / "r")], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    from torch.utils.data import DataLoader as DL
+
+    from lightning_attr import IndexedDataset
+
+    with pytest.raises(MisconfigurationException, match="max_epochs or max_steps"):
+        trainer.fit(small_mlp(6, 3), DL(IndexedDataset(TensorDataset(x, y)), batch_size=8))
+
+
+def test_short_fit_records_shortfall(tmp_path):
+    x, y = blobs(n=64)
+    cb = AttributionCallback(tmp_path / "r", mode="online", horizon=50)
+    with pytest.warns(UserWarning, match="fewer than"):
+        fit(small_mlp(6, 3), x, y, [cb], epochs=2, batch_size=16)
+    info = ResponseStore.load(cb.dirpath).checkpoint_info("final")
+    assert info["n_shortfall"] > 0

@@ -1,0 +1,129 @@
+"""ResponseStore: round trip, and refusal of anything that is not what it claims to be."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import blobs, fit, logistic, small_mlp
+
+from lightning_attr import AttributionCallback, ResponseStore, StoreError
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    x, y = blobs(n=96, d=6, classes=3)
+    model = small_mlp(6, 3)
+    cb = AttributionCallback(root / "r", mode="end", horizon=20, curvature_batch_size=32, checkpoint_epochs=[2])
+    fit(model, x, y, [cb], epochs=4)
+    return model, cb.dirpath, blobs(n=8, d=6, classes=3, seed=9)
+
+
+def test_round_trip_gives_identical_scores(trained, tmp_path):
+    model, path, (xq, yq) = trained
+    first = model.attribute((xq, yq), responses=path)
+    reopened = ResponseStore.load(path)
+    assert reopened.checkpoints == ["epoch=2", "final"]
+    assert torch.equal(first, model.attribute((xq, yq), responses=reopened))
+    m = reopened.manifest
+    assert m["format_version"] == 1 and m["n_sources"] == 96 and len(m["parameters"]) == 4
+    assert m["settings"]["horizon"] == 20 and m["checkpoints"][-1]["step_rule"]["step_size"] > 0
+    # the parameter snapshot of the final checkpoint is the model's weights
+    assert reopened.space.digest(reopened.theta("final")) == m["checkpoints"][-1]["weights_digest"]
+
+
+def test_ensemble_over_response_checkpoints(trained):
+    model, path, (xq, yq) = trained
+    last = model.attribute((xq, yq), responses=path)
+    early = model.attribute((xq, yq), responses=path, checkpoints="epoch=2")
+    both = model.attribute((xq, yq), responses=path, checkpoints="all")
+    assert both.shape == last.shape and not torch.equal(both, last) and not torch.equal(early, last)
+    # units of the last checkpoint: per query the same spread over sources
+    torch.testing.assert_close(both.std(dim=1), last.std(dim=1), rtol=1e-4, atol=0)
+    with pytest.raises(StoreError, match="no checkpoint 'epoch=99'"):
+        model.attribute((xq, yq), responses=path, checkpoints="epoch=99")
+
+
+def test_half_precision_store_reads_back(tmp_path):
+    x, y = blobs(n=64, d=6, classes=3)
+    model = small_mlp(6, 3)
+    cb = AttributionCallback(tmp_path / "r", mode="end", horizon=10, curvature_batch_size=32, store_dtype="bfloat16")
+    fit(model, x, y, [cb], epochs=2)
+    scores = model.attribute((x[:4], y[:4]), responses=cb.dirpath)
+    assert scores.dtype == torch.float32 and scores.isfinite().all()
+    shard = next((tmp_path / "r" / "final").glob("responses-*.safetensors"))
+    assert shard.stat().st_size < 64 * model.net[1].weight.numel() * 4  # smaller than fp32 would be
+
+
+def test_mismatched_model_is_refused(trained):
+    _, path, (xq, yq) = trained
+    other = logistic(6, 3)
+    with pytest.raises(StoreError, match="different model"):
+        other.attribute((xq, yq), responses=path)
+
+
+def test_changed_weights_are_refused_unless_not_strict(trained):
+    model, path, (xq, yq) = trained
+    import copy
+
+    tweaked = copy.deepcopy(model)
+    with torch.no_grad():
+        tweaked.net[1].weight.add_(1e-3)
+    with pytest.raises(StoreError, match="weights differ"):
+        tweaked.attribute((xq, yq), responses=path)
+    assert tweaked.attribute((xq, yq), responses=path, strict=False).shape == (8, 96)
+
+
+def _copy_store(path, tmp_path):
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(path, target)
+    return target
+
+
+def test_truncated_shard_is_refused(trained, tmp_path):
+    model, path, (xq, yq) = trained
+    target = _copy_store(path, tmp_path)
+    shard = next((target / "final").glob("responses-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(StoreError, match="truncated"):
+        model.attribute((xq, yq), responses=target)
+
+
+def test_missing_shard_is_refused(trained, tmp_path):
+    model, path, (xq, yq) = trained
+    target = _copy_store(path, tmp_path)
+    next((target / "final").glob("responses-*.safetensors")).unlink()
+    with pytest.raises(StoreError, match="missing"):
+        ResponseStore.load(target)
+
+
+def test_wrong_version_manifest_is_refused(trained, tmp_path):
+    _, path, _ = trained
+    target = _copy_store(path, tmp_path)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="format version 99"):
+        ResponseStore.load(target)
+
+
+def test_not_a_store_is_refused(tmp_path):
+    with pytest.raises(StoreError, match="manifest.json is missing"):
+        ResponseStore.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="not valid JSON"):
+        ResponseStore.load(tmp_path)
+
+
+def test_existing_store_is_not_overwritten(trained, tmp_path):
+    model, path, _ = trained
+    target = _copy_store(path, tmp_path)
+    before = (target / "manifest.json").read_bytes()
+    x, y = blobs(n=96, d=6, classes=3)
+    with pytest.raises(Exception, match="already holds a response store"):
+        fit(small_mlp(6, 3), x, y, [AttributionCallback(target, mode="end", horizon=2)], epochs=1)
+    assert (target / "manifest.json").read_bytes() == before
