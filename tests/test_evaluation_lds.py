@@ -1,7 +1,7 @@
 """Accuracy regression: our LDS on a small fixed digits setting stays above a measured floor.
 
-Setting: sklearn digits, MLP 64-64-10, 1,400 train, SGD(0.05, momentum 0.9, wd 1e-3), batch 64,
-30 epochs, callback with its DEFAULTS (online, horizon 100, auto damping). Ground truth: 40
+Setting: sklearn digits, MLP 64-64-10, 600 train, SGD(0.05, momentum 0.9, wd 1e-3), batch 64,
+20 epochs, callback with its DEFAULTS (online, horizon 100, auto damping). Ground truth: 40
 half-data retrains from the vmapped harness (same recipe), measured on 120 test queries.
 The floor is the value measured when this test was written minus a margin for platform noise;
 a change that breaks accuracy (signs, damping, readout, injection timing) drops far below it.
@@ -18,10 +18,11 @@ from lightning_attr.data import load_digits
 from lightning_attr.evaluation import FixedOrderSampler, LinearDatamodelingScore, RetrainingHarness, TrainingRecipe
 from lightning_attr.models import Classifier, mlp
 
-# measured: LDS 0.XXX (torch 2.13 CPU, 40 subsets, 120 queries); margin 0.08
-LDS_FLOOR = 0.0
+# measured 0.557 when written (torch 2.13 CPU, core at 82af5c3); margin 0.07 for platform noise.
+# A sign error gives about -0.5, and responses that carry no information about 0.
+LDS_FLOOR = 0.49
 
-RECIPE = TrainingRecipe(epochs=30, batch_size=64, lr=0.05, momentum=0.9, weight_decay=1e-3)
+RECIPE = TrainingRecipe(epochs=20, batch_size=64, lr=0.05, momentum=0.9, weight_decay=1e-3)
 
 
 def _make(seed: int):
@@ -31,7 +32,7 @@ def _make(seed: int):
 
 def test_digits_lds_stays_above_floor(tmp_path):
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    data = load_digits(1400, seed=0)
+    data = load_digits(600, seed=0)
     xq, yq = data.x_test[:120], data.y_test[:120]
     n = len(data.x_train)
 
@@ -55,5 +56,5 @@ def test_digits_lds_stays_above_floor(tmp_path):
     metric = LinearDatamodelingScore(truth.masks)
     metric.update(scores, truth.values)
     lds = float(metric.compute())
-    print(f"digits LDS (online, defaults, 40 subsets, 120 queries): {lds:.4f}")
+    print(f"digits-600 LDS (online, defaults, 40 subsets, 120 queries): {lds:.4f}")
     assert lds > LDS_FLOOR, f"LDS {lds:.3f} fell below the measured floor {LDS_FLOOR}"
