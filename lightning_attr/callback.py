@@ -178,11 +178,6 @@ class AttributionCallback(Callback):
             base = trainer.log_dir or trainer.default_root_dir
             self.dirpath = os.path.join(base, "responses")
         self.dirpath = trainer.strategy.broadcast(self.dirpath)
-        if trainer.is_global_zero and has_store(self.dirpath) and not self.overwrite and self._restored is None:
-            raise MisconfigurationException(
-                f"{self.dirpath} already holds a response store; pass overwrite=True to replace it or choose "
-                "another dirpath (nothing was changed)."
-            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
@@ -192,7 +187,14 @@ class AttributionCallback(Callback):
         if self.mode == "online":
             self._injection_epoch = self._plan_injection_epoch(trainer)
         if trainer.is_global_zero:
-            if self._restored is not None and has_store(self.dirpath):
+            # here, not in setup: a resumed fit has restored this callback's state by now
+            resuming = self._restored is not None and has_store(self.dirpath)
+            if has_store(self.dirpath) and not (self.overwrite or resuming):
+                raise MisconfigurationException(
+                    f"{self.dirpath} already holds a response store; pass overwrite=True to replace it or choose "
+                    "another dirpath (nothing was changed)."
+                )
+            if resuming:
                 self._store = ResponseStore.load(self.dirpath)
             else:
                 self._store = ResponseStore.create(

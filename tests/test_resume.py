@@ -1,0 +1,49 @@
+"""A fit interrupted inside the simulation window and resumed from its checkpoint finishes the simulation."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from conftest import blobs, small_mlp
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_attr import AttributionCallback, IndexedDataset, ResponseStore
+
+
+class _StopAfterEpoch(L.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def _trainer(tmp_path, callbacks):
+    return L.Trainer(
+        max_epochs=6, callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+
+
+def test_resume_continues_the_online_simulation(tmp_path):
+    x, y = blobs(n=64)
+    loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=16, shuffle=True)
+    store_dir = tmp_path / "responses"
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
+    # 4 steps per epoch, 24 in all, horizon 6: sources are injected in epoch index 3 and propagated to step 22
+    first = AttributionCallback(store_dir, mode="online", horizon=6)
+    _trainer(tmp_path, [first, ckpt, _StopAfterEpoch(3)]).fit(small_mlp(6, 3), loader)
+    interrupted = ResponseStore.load(store_dir).checkpoint_info("final")
+    assert interrupted["n_shortfall"] > 0  # stopped early: the shortfall is recorded, not hidden
+
+    second = AttributionCallback(store_dir, mode="online", horizon=6)
+    model = small_mlp(6, 3)
+    _trainer(tmp_path, [second, ModelCheckpoint(dirpath=tmp_path / "ckpt2")]).fit(
+        model, loader, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    final = ResponseStore.load(store_dir).checkpoint_info("final")
+    assert final["n_shortfall"] == 0 and final["n_missing_examples"] == 0 and final["n_valid"] == 64
+    assert final["curvature_products"] == 64 * 6
+    assert model.attribute((x[:2], y[:2]), responses=store_dir).isfinite().all()
