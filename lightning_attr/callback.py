@@ -36,7 +36,7 @@ from lightning_attr.simulation import (
     simulate_responses,
 )
 from lightning_attr.sources import IndexedDataset, SourceMap, SourceSpec, split_batch
-from lightning_attr.store import ResponseStore, StoreError, has_store
+from lightning_attr.store import ResponseStore, has_store
 
 _MODES = ("online", "end")
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")

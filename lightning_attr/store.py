@@ -78,7 +78,7 @@ class ResponseStore:
     def __init__(self, path: str | os.PathLike, manifest: dict[str, Any]) -> None:
         self.path = Path(path)
         self.manifest = manifest
-        self._cache: dict[tuple, Tensor] = {}
+        self._cache: dict[tuple, Any] = {}
 
     # ------------------------------------------------------------------ create / write
     @classmethod
@@ -282,11 +282,18 @@ class ResponseStore:
             raise StoreError(f"Cannot read {file}: {err}. The store is damaged; re-run the simulation.") from err
 
     def theta(self, name: str) -> Tensor:
-        """``Tensor[P]`` float32: the parameters checkpoint ``name`` was simulated at."""
-        return self.space.flatten(self._read(self.path / self.checkpoint_info(name)["params_file"]))
+        """``Tensor[P]`` float32: the parameters checkpoint ``name`` was simulated at (cached)."""
+        key = ("theta", name)
+        if key not in self._cache:
+            self._cache[key] = self.space.flatten(self._read(self.path / self.checkpoint_info(name)["params_file"]))
+        return self._cache[key]
 
     def source_stats(self, name: str) -> dict[str, Tensor]:
-        return self._read(self.path / self.checkpoint_info(name)["sources_file"])
+        """Per-source bookkeeping of checkpoint ``name``: ``valid``, ``shortfall``, ``missing_examples`` (cached)."""
+        key = ("sources", name)
+        if key not in self._cache:
+            self._cache[key] = self._read(self.path / self.checkpoint_info(name)["sources_file"])
+        return self._cache[key]
 
     def responses(self, name: str, device: torch.device | str = "cpu") -> Tensor:
         """``Tensor[S, P]`` float32 responses of checkpoint ``name`` (cached per device)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import lightning as L
-import torch
 from conftest import blobs, small_mlp
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
