@@ -11,6 +11,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -61,8 +62,10 @@ class AttributionCallback(Callback):
             ``curvature_batch_size`` replayed from the training set with a private generator.
         sources: ``None`` for one source per training example, or each example's source id (``Tensor[n]``
             or a sequence of ints/strings), or a callable mapping ``LongTensor[n]`` example indices to ids.
-        checkpoint_epochs: also write an end-mode response checkpoint after each of these epochs
-            (1-based epoch counts), for ensembles over the trajectory (``attribute(checkpoints="all")``).
+        checkpoint_epochs: extra response checkpoints along the trajectory (1-based epoch numbers), for
+            ensembles (``attribute(checkpoints="all")``). Online: one more simulation window per entry,
+            injecting during that epoch, written ``horizon`` steps later with the weights of that moment.
+            End: an end-mode simulation at the weights after that epoch.
         curvature_batch_size: batch size of the replayed batches (``mode="end"`` and checkpoints).
         step_size: ``"auto"`` (``1 / (lambda_max + lambda)``, ``lambda_max`` by 20 power iterations) or a float.
         damping_scale: multiplies the automatic damping.
@@ -125,15 +128,14 @@ class AttributionCallback(Callback):
         self._store: ResponseStore | None = None
         self._source_map: SourceMap | None = None
         self._space: ParameterSpace | None = None
-        self._online: OnlineSimulation | None = None
+        self._windows: list[_Window] = []
+        self._rule: StepRule | None = None
         self._pending: list[tuple[Any, Tensor]] = []
-        self._injection_epoch = 0
         self._last_step = -1
         self._products = 0
         self._seconds = 0.0
         self._fit_start = 0.0
         self._restored: dict[str, Any] | None = None
-        self._finished = False
         self._warned_non_finite = False
 
     @property
@@ -185,7 +187,7 @@ class AttributionCallback(Callback):
         self._source_map = SourceMap.build(self.sources, n)
         self._space = ParameterSpace.of(pl_module)
         if self.mode == "online":
-            self._injection_epoch = self._plan_injection_epoch(trainer)
+            self._windows = self._plan_windows(trainer)
         if trainer.is_global_zero:
             # here, not in setup: a resumed fit has restored this callback's state by now
             resuming = self._restored is not None and has_store(self.dirpath)
@@ -201,6 +203,16 @@ class AttributionCallback(Callback):
                     self.dirpath, self._space, self._source_map, self._settings(), overwrite=True
                 )
         trainer.strategy.barrier()
+
+    def _plan_windows(self, trainer: L.Trainer) -> list[_Window]:
+        """The final window, plus one per ``checkpoint_epochs`` entry (injecting during that epoch)."""
+        final = self._plan_injection_epoch(trainer)
+        extra = [_Window(f"epoch={e}", e - 1) for e in self.checkpoint_epochs if e - 1 < final]
+        restored = (self._restored or {}).get("windows", {})
+        windows = [*extra, _Window("final", final)]
+        for window in windows:
+            window.done = restored.get(window.name) == "done"
+        return windows
 
     def _plan_injection_epoch(self, trainer: L.Trainer) -> int:
         total = trainer.estimated_stepping_batches
@@ -228,7 +240,7 @@ class AttributionCallback(Callback):
                 f" outside [0, {n}). Indices must address the training set; set num_examples= if it is not "
                 "len(train_dataloader.dataset)."
             )
-        if self.mode == "online" and not self._finished and trainer.current_epoch >= self._injection_epoch:
+        if any(w.active(trainer.current_epoch) for w in self._windows):
             self._pending.append((data, index))
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
@@ -236,26 +248,31 @@ class AttributionCallback(Callback):
             return
         self._last_step = trainer.global_step
         start = time.perf_counter()
-        injecting = trainer.current_epoch == self._injection_epoch
+        epoch = trainer.current_epoch
+        finished = []
         with functional_view(pl_module, self._space) as (model, theta):
             batches = [(move_data_to_device(d, theta.device), i) for d, i in self._pending]
+            self._pending.clear()
             curvature_batches = self._finite(model, theta, [d for d, _ in batches])
             if not curvature_batches:  # every example non-finite: nothing to learn the curvature from
-                self._pending.clear()
                 return
             operator = curvature_operator(self.curvature, model, theta, curvature_batches, self.chunk_size)
-            if self._online is None:
-                self._online = self._new_online(operator, theta)
-            if injecting:
-                for data, index in batches:
-                    self._online.inject(model, theta, data, index)
-            before = self._online.products
-            self._online.step(operator)
-            self._products += self._online.products - before
-        self._pending.clear()
+            for window in (w for w in self._windows if w.active(epoch)):
+                if window.simulation is None:
+                    window.simulation = self._new_online(window.name, operator, theta)
+                if epoch == window.injection_epoch:
+                    for data, index in batches:
+                        window.simulation.inject(model, theta, data, index)
+                before = window.simulation.products
+                window.simulation.step(operator)
+                self._products += window.simulation.products - before
+                if epoch > window.injection_epoch and window.simulation.num_live == 0:
+                    window.complete = True
+                    if window.name != "final":  # the final window is written at the end of fit, final weights
+                        finished.append(window)
         self._seconds += time.perf_counter() - start
-        if not injecting and self._online.num_live == 0:
-            self._finished = True
+        for window in finished:  # a checkpoint window is complete: write it with the weights it ended at
+            self._write_window(trainer, pl_module, window)
 
     def _finite(self, model: Any, theta: Tensor, batches: list[Any]) -> list[Any]:
         """Curvature batches without non-finite examples (warns once per fit with the count)."""
@@ -272,36 +289,40 @@ class AttributionCallback(Callback):
             )
         return kept
 
-    def _new_online(self, operator: Any, theta: Tensor) -> OnlineSimulation:
-        rule = estimate_step_rule(
-            operator, theta.numel(), self.damping, self.step_size, self.damping_scale,
-            torch.Generator().manual_seed(self.seed), theta.device,
-        )  # fmt: skip
+    def _new_online(self, name: str, operator: Any, theta: Tensor) -> OnlineSimulation:
+        if self._rule is None:  # one step rule for every window, from the first live batch
+            self._rule = estimate_step_rule(
+                operator, theta.numel(), self.damping, self.step_size, self.damping_scale,
+                torch.Generator().manual_seed(self.seed), theta.device,
+            )  # fmt: skip
         online = OnlineSimulation(
-            self._source_map.example_to_source, self._source_map.num_sources, theta.numel(), self.horizon, rule,
-            theta.device,
+            self._source_map.example_to_source, self._source_map.num_sources, theta.numel(), self.horizon,
+            self._rule, theta.device,
         )  # fmt: skip
-        if self._restored and self._restored.get("online"):
-            online.load_state_dict(self._restored["online"])
+        state = (self._restored or {}).get("windows", {}).get(name)
+        if isinstance(state, dict):
+            online.load_state_dict(state)
+            self._rule = online.rule
         return online
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self._online is not None and not self._finished:
+        live = [w.simulation for w in self._windows if w.simulation is not None and not w.done]
+        if live:
             pl_module.log("attribution/curvature_products", float(self._products), prog_bar=True, on_step=True)
             pl_module.log("attribution/seconds", self._seconds, prog_bar=True, on_step=True)
-            pl_module.log("attribution/live", float(self._online.num_live), on_step=True)
+            pl_module.log("attribution/live", float(sum(s.num_live for s in live)), on_step=True)
 
     # ------------------------------------------------------------------ checkpoints
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        if epoch in self.checkpoint_epochs and epoch != trainer.max_epochs:
+        if self.mode == "end" and epoch in self.checkpoint_epochs and epoch != trainer.max_epochs:
             self._simulate_at_current_weights(trainer, pl_module, f"epoch={epoch}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.mode == "end":
             self._simulate_at_current_weights(trainer, pl_module, "final")
         else:
-            self._write_online(trainer, pl_module)
+            self._write_open_windows(trainer, pl_module)
         fit_seconds = time.perf_counter() - self._fit_start
         rank_zero_info(
             f"lightning_attr: {self._source_map.num_sources} sources, {self._products} curvature-vector products "
@@ -310,32 +331,38 @@ class AttributionCallback(Callback):
         )
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if self.mode == "online" and self._online is not None and self._store is not None and not self._finished:
+        if self._store is not None and any(w.simulation is not None and not w.done for w in self._windows):
             rank_zero_warn(f"The fit stopped ({type(exception).__name__}); writing the responses simulated so far.")
-            self._write_online(trainer, pl_module)
+            self._write_open_windows(trainer, pl_module)
 
-    def _write_online(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _write_open_windows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """At the end of fit: writes every window not yet written, the final one last."""
         self._pending.clear()
-        source_map = self._source_map
-        if self._online is None:
+        if self._windows and self._windows[-1].simulation is None and not self._windows[-1].done:
             rank_zero_warn(
-                "The fit ended before the simulation window opened: no response was simulated. Train longer "
-                f"(at least one epoch + horizon={self.horizon} steps) or use mode='end'."
+                "The fit ended before the final simulation window opened: its responses were not simulated. "
+                f"Train longer (at least one epoch + horizon={self.horizon} steps) or use mode='end'."
             )
-            return
-        missing = ~self._online.injected.cpu()
-        responses = self._online.finish(source_map.num_examples)
-        shortfall = self._online.shortfall.cpu()
+        for window in self._windows:
+            if window.simulation is not None and not window.done:
+                self._write_window(trainer, pl_module, window)
+
+    def _write_window(self, trainer: L.Trainer, pl_module: L.LightningModule, window: _Window) -> None:
+        source_map, simulation = self._source_map, window.simulation
+        missing = ~simulation.injected.cpu()
+        responses = simulation.finish(source_map.num_examples)
+        shortfall = simulation.shortfall.cpu()
         missing_per_source = torch.bincount(source_map.example_to_source[missing], minlength=source_map.num_sources)
         if int(missing.sum()) or int((shortfall > 0).sum()):
             rank_zero_warn(
-                f"{int(missing.sum())} training examples were never injected and {int((shortfall > 0).sum())} sources "
-                f"were propagated for fewer than {self.horizon} steps; both are recorded per source in the store."
+                f"Window {window.name!r}: {int(missing.sum())} training examples were never injected and "
+                f"{int((shortfall > 0).sum())} sources were propagated for fewer than {self.horizon} steps; both are "
+                "recorded per source in the store."
             )
-        stats = {"valid": self._online.valid.cpu(), "shortfall": shortfall, "missing_examples": missing_per_source}
+        stats = {"valid": simulation.valid.cpu(), "shortfall": shortfall, "missing_examples": missing_per_source}
         _warn_invalid(stats["valid"])
-        self._write(trainer, pl_module, "final", responses, self._online.rule, stats)
-        self._finished = True
+        self._write(trainer, pl_module, window.name, responses, simulation.rule, stats)
+        window.done, window.simulation = True, None
 
     def _simulate_at_current_weights(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         if trainer.is_global_zero:
@@ -384,8 +411,8 @@ class AttributionCallback(Callback):
         with torch.no_grad():
             theta = self._space.current(pl_module)
         info = {
-            "epoch": trainer.current_epoch, "global_step": trainer.global_step, "mode": self.mode if name == "final"
-            else "end", "horizon": self.horizon, "step_rule": rule.to_json(), "curvature": self.curvature,
+            "epoch": trainer.current_epoch, "global_step": trainer.global_step, "mode": self.mode,
+            "horizon": self.horizon, "step_rule": rule.to_json(), "curvature": self.curvature,
             "curvature_products": self._products, "simulation_seconds": round(self._seconds, 3),
             "n_valid": int(stats["valid"].sum()), "n_shortfall": int((stats["shortfall"] > 0).sum()),
             "n_missing_examples": int(stats["missing_examples"].sum()),
@@ -398,13 +425,30 @@ class AttributionCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "dirpath": self.dirpath, "products": self._products, "seconds": self._seconds,
-            "online": self._online.state_dict() if self._online is not None else None,
+            "windows": {
+                w.name: "done" if w.done else w.simulation.state_dict() for w in self._windows
+                if w.done or w.simulation is not None
+            },
         }  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict
         self.dirpath = self.dirpath or state_dict.get("dirpath")
         self._products, self._seconds = state_dict["products"], state_dict["seconds"]
+
+
+@dataclass
+class _Window:
+    """One online simulation: sources injected during ``injection_epoch`` (0-based), written as ``name``."""
+
+    name: str
+    injection_epoch: int
+    simulation: OnlineSimulation | None = None
+    complete: bool = False  # every source propagated for the full horizon
+    done: bool = False  # written to the store
+
+    def active(self, epoch: int) -> bool:
+        return not (self.done or self.complete) and epoch >= self.injection_epoch
 
 
 def _indexed_dataset_length(trainer: L.Trainer) -> int:

@@ -127,3 +127,21 @@ def test_existing_store_is_not_overwritten(trained, tmp_path):
     with pytest.raises(Exception, match="already holds a response store"):
         fit(small_mlp(6, 3), x, y, [AttributionCallback(target, mode="end", horizon=2)], epochs=1)
     assert (target / "manifest.json").read_bytes() == before
+
+
+def test_online_checkpoint_windows(tmp_path):
+    """Online mode with checkpoint_epochs: one simulation window per entry, each complete, final last."""
+    x, y = blobs(n=64, d=6, classes=3)
+    model = small_mlp(6, 3)
+    cb = AttributionCallback(tmp_path / "r", mode="online", horizon=5, checkpoint_epochs=[2, 4])
+    fit(model, x, y, [cb], epochs=8, batch_size=16)  # 4 steps per epoch
+    store = ResponseStore.load(cb.dirpath)
+    assert store.checkpoints == ["epoch=2", "epoch=4", "final"]
+    for name in store.checkpoints:
+        info = store.checkpoint_info(name)
+        assert info["n_shortfall"] == 0 and info["n_missing_examples"] == 0 and info["mode"] == "online"
+    # window epoch=2 injects during epoch 2 (steps 4..7) and ends 5 steps after: written at step 12 or 13
+    assert 11 <= store.checkpoint_info("epoch=2")["global_step"] <= 13
+    assert cb._products == 3 * 64 * 5
+    scores = model.attribute((x[:4], y[:4]), responses=cb.dirpath, checkpoints="all")
+    assert scores.shape == (4, 64) and scores.isfinite().all()
