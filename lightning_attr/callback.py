@@ -67,7 +67,7 @@ class AttributionCallback(Callback):
             injecting during that epoch, written ``horizon`` steps later with the weights of that moment.
             End: an end-mode simulation at the weights after that epoch.
         curvature_batch_size: batch size of the replayed batches (``mode="end"`` and checkpoints).
-        step_size: ``"auto"`` (``1 / (lambda_max + lambda)``, ``lambda_max`` by 20 power iterations) or a float.
+        step_size: ``"auto"`` (``1 / (2 lambda_max + lambda)``, ``lambda_max`` by 20 power iterations) or a float.
         damping_scale: multiplies the automatic damping.
         chunk_size: perturbations per vmapped curvature product (bounds memory).
         store_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage of responses.
@@ -220,15 +220,11 @@ class AttributionCallback(Callback):
             raise MisconfigurationException(
                 "mode='online' must know when the fit ends: set max_epochs or max_steps, or use mode='end'."
             )
+        # The last epoch that ends at least `horizon` steps before the fit does: every source is injected
+        # once and fully propagated on live batches. A fit too short for that (or stopped early) finishes
+        # the remaining steps on replayed batches at the end (see _finish_on_replay).
         per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-        epoch = max(0, (int(total) - self.horizon) // per_epoch - 1)
-        if (epoch + 1) * per_epoch + self.horizon > total:
-            rank_zero_warn(
-                f"The fit has {int(total)} optimizer steps, fewer than one epoch ({per_epoch}) + horizon "
-                f"({self.horizon}): some sources will be propagated for fewer than {self.horizon} steps "
-                "(recorded as shortfall in the store)."
-            )
-        return epoch
+        return max(0, (int(total) - self.horizon) // per_epoch - 1)
 
     # ------------------------------------------------------------------ online simulation
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -333,10 +329,11 @@ class AttributionCallback(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._store is not None and any(w.simulation is not None and not w.done for w in self._windows):
             rank_zero_warn(f"The fit stopped ({type(exception).__name__}); writing the responses simulated so far.")
-            self._write_open_windows(trainer, pl_module)
+            self._write_open_windows(trainer, pl_module, finish=False)
 
-    def _write_open_windows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """At the end of fit: writes every window not yet written, the final one last."""
+    def _write_open_windows(self, trainer: L.Trainer, pl_module: L.LightningModule, finish: bool = True) -> None:
+        """At the end of fit: writes every window not yet written, the final one last. ``finish``: first
+        complete the live perturbations on replayed batches (not after an exception: shortfall recorded)."""
         self._pending.clear()
         if self._windows and self._windows[-1].simulation is None and not self._windows[-1].done:
             rank_zero_warn(
@@ -345,7 +342,40 @@ class AttributionCallback(Callback):
             )
         for window in self._windows:
             if window.simulation is not None and not window.done:
+                if finish:
+                    self._finish_on_replay(trainer, pl_module, window)
                 self._write_window(trainer, pl_module, window)
+
+    def _finish_on_replay(self, trainer: L.Trainer, pl_module: L.LightningModule, window: _Window) -> None:
+        """Propagates what is still live when the fit ends for its remaining steps, at the final weights,
+        on batches replayed from the training set (at most ``horizon`` of them)."""
+        simulation = window.simulation
+        steps = int(simulation.remaining.max()) + 1 if simulation.num_live else 0
+        if steps == 0:
+            return
+        start = time.perf_counter()
+        with functional_view(pl_module, self._space) as (model, theta):
+            batch_size = getattr(trainer.train_dataloader, "batch_size", None) or self.curvature_batch_size
+            for batch in self._replay_batches(trainer, model, theta, batch_size, steps):
+                before = simulation.products
+                simulation.step(curvature_operator(self.curvature, model, theta, [batch], self.chunk_size))
+                self._products += simulation.products - before
+        window.replayed_steps = steps
+        self._seconds += time.perf_counter() - start
+
+    def _replay_batches(self, trainer: L.Trainer, model: Any, theta: Tensor, batch_size: int, count: int) -> list:
+        """``count`` shuffled training batches (private generator, finite examples only), on ``theta``'s device."""
+        loader = trainer.train_dataloader
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        shuffled = DataLoader(
+            loader.dataset, batch_size, shuffle=True, generator=generator, collate_fn=loader.collate_fn,
+            drop_last=len(loader.dataset) >= batch_size,
+        )  # fmt: skip
+        batches = [move_data_to_device(split_batch(b)[0], theta.device) for b in itertools.islice(_cycle(shuffled), count)]
+        batches = self._finite(model, theta, batches)
+        if not batches:
+            raise RuntimeError("Every replayed training example has a non-finite loss; cannot simulate responses.")
+        return batches
 
     def _write_window(self, trainer: L.Trainer, pl_module: L.LightningModule, window: _Window) -> None:
         source_map, simulation = self._source_map, window.simulation
@@ -361,7 +391,7 @@ class AttributionCallback(Callback):
             )
         stats = {"valid": simulation.valid.cpu(), "shortfall": shortfall, "missing_examples": missing_per_source}
         _warn_invalid(stats["valid"])
-        self._write(trainer, pl_module, window.name, responses, simulation.rule, stats)
+        self._write(trainer, pl_module, window.name, responses, simulation.rule, stats, window.replayed_steps)
         window.done, window.simulation = True, None
 
     def _simulate_at_current_weights(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
@@ -390,14 +420,7 @@ class AttributionCallback(Callback):
             u0, finite = initial_perturbations(
                 model, theta, map(move, sequential), source_map.example_to_source, source_map.num_sources
             )
-            drop_last = len(dataset) >= self.curvature_batch_size
-            shuffled = DataLoader(
-                dataset, self.curvature_batch_size, shuffle=True, generator=generator, collate_fn=collate,
-                drop_last=drop_last,
-            )  # fmt: skip
-            replay = self._finite(model, theta, [move(b)[0] for b in itertools.islice(_cycle(shuffled), self.horizon)])
-            if not replay:
-                raise RuntimeError("Every replayed training example has a non-finite loss; cannot simulate responses.")
+            replay = self._replay_batches(trainer, model, theta, self.curvature_batch_size, self.horizon)
             operators = [curvature_operator(self.curvature, model, theta, [b], self.chunk_size) for b in replay]
             rule = estimate_step_rule(
                 operators[0], theta.numel(), self.damping, self.step_size, self.damping_scale, generator, theta.device
@@ -405,7 +428,9 @@ class AttributionCallback(Callback):
             responses = simulate_responses(u0, operators, rule, source_map.num_examples, self.chunk_size)
         return responses, rule, finite, source_map.num_sources * self.horizon
 
-    def _write(self, trainer, pl_module, name, responses: Tensor, rule: StepRule, stats: dict[str, Tensor]) -> None:
+    def _write(
+        self, trainer, pl_module, name, responses: Tensor, rule: StepRule, stats: dict[str, Tensor], replayed: int = 0
+    ) -> None:
         if not trainer.is_global_zero or self._store is None:
             return
         with torch.no_grad():
@@ -415,7 +440,7 @@ class AttributionCallback(Callback):
             "horizon": self.horizon, "step_rule": rule.to_json(), "curvature": self.curvature,
             "curvature_products": self._products, "simulation_seconds": round(self._seconds, 3),
             "n_valid": int(stats["valid"].sum()), "n_shortfall": int((stats["shortfall"] > 0).sum()),
-            "n_missing_examples": int(stats["missing_examples"].sum()),
+            "n_missing_examples": int(stats["missing_examples"].sum()), "replayed_steps": replayed,
         }  # fmt: skip
         self._store.add_checkpoint(
             name, theta, responses, info=info, source_stats=stats, dtype=self.store_dtype
@@ -445,6 +470,7 @@ class _Window:
     injection_epoch: int
     simulation: OnlineSimulation | None = None
     complete: bool = False  # every source propagated for the full horizon
+    replayed_steps: int = 0  # steps run on replayed batches after the fit
     done: bool = False  # written to the store
 
     def active(self, epoch: int) -> bool:

@@ -24,6 +24,7 @@ from lightning_attr.curvature import CurvatureOperator, Spectrum, estimate_spect
 from lightning_attr.functional import FunctionalModel
 
 Damping = Union[str, float]
+STEP_SAFETY = 2.0  # eta = 1 / (STEP_SAFETY * lambda_max + lam), see resolve_step_rule
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,14 @@ def resolve_step_rule(
     spectrum: Spectrum, damping: Damping = "auto", step_size: Damping = "auto", damping_scale: float = 1.0
 ) -> StepRule:
     """``damping="auto"``: ``lam = damping_scale * trace(G)/P`` (the mean eigenvalue, METHOD.md).
-    ``step_size="auto"``: ``eta = 1 / (lambda_max + lam)``, the largest step that keeps the
-    series monotone on the estimation batch."""
+    ``step_size="auto"``: ``eta = 1 / (2 lambda_max + lam)``, half the largest step that keeps the series
+    monotone on the estimation batch: other minibatches' curvature exceeds the one measured (and power
+    iteration under-estimates). Measured on digits (online, K=100, batch 64): eta = 1/(lambda_max + lam)
+    gave LDS 0.40, the half step 0.66, steps between 0.3x and 0.8x of it 0.65-0.67."""
     lam = damping_scale * spectrum.mean_eigenvalue if damping == "auto" else float(damping)
     if not math.isfinite(lam) or lam < 0:
         raise ValueError(f"damping resolved to {lam}; it must be finite and >= 0.")
-    eta = 1.0 / (spectrum.lambda_max + lam) if step_size == "auto" else float(step_size)
+    eta = 1.0 / (STEP_SAFETY * spectrum.lambda_max + lam) if step_size == "auto" else float(step_size)
     if not math.isfinite(eta) or eta <= 0:
         raise ValueError(
             f"step size resolved to {eta} (lambda_max={spectrum.lambda_max}, damping={lam}); "
