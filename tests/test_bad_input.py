@@ -114,10 +114,30 @@ def test_online_needs_a_known_end(tmp_path):
         trainer.fit(small_mlp(6, 3), DL(IndexedDataset(TensorDataset(x, y)), batch_size=8))
 
 
-def test_short_fit_records_shortfall(tmp_path):
+def test_short_fit_finishes_on_replayed_batches(tmp_path):
+    """A fit shorter than one epoch + horizon still gives every source its full horizon: what is live when
+    the fit ends is propagated on replayed batches at the final weights, and the store says how many."""
     x, y = blobs(n=64)
     cb = AttributionCallback(tmp_path / "r", mode="online", horizon=50)
-    with pytest.warns(UserWarning, match="fewer than"):
-        fit(small_mlp(6, 3), x, y, [cb], epochs=2, batch_size=16)
+    fit(small_mlp(6, 3), x, y, [cb], epochs=2, batch_size=16)
     info = ResponseStore.load(cb.dirpath).checkpoint_info("final")
-    assert info["n_shortfall"] > 0
+    assert info["n_shortfall"] == 0 and info["n_missing_examples"] == 0
+    assert 0 < info["replayed_steps"] <= 50
+    assert info["curvature_products"] == 64 * 50
+
+
+class _Interrupt(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 6:
+            raise RuntimeError("simulated crash")
+
+
+def test_crash_writes_what_is_live_and_records_the_shortfall(tmp_path):
+    x, y = blobs(n=64)
+    cb = AttributionCallback(tmp_path / "r", mode="online", horizon=50)
+    with pytest.warns(UserWarning, match="fewer than 50 steps"), pytest.raises(RuntimeError, match="simulated crash"):
+        fit(small_mlp(6, 3), x, y, [cb, _Interrupt()], epochs=4, batch_size=16)
+    info = ResponseStore.load(cb.dirpath).checkpoint_info("final")
+    assert info["n_shortfall"] > 0 and info["replayed_steps"] == 0
+    stats = ResponseStore.load(cb.dirpath).source_stats("final")
+    assert int(stats["shortfall"].max()) <= 50

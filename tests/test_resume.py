@@ -34,8 +34,8 @@ def test_resume_continues_the_online_simulation(tmp_path):
     # 4 steps per epoch, 24 in all, horizon 6: sources are injected in epoch index 3 and propagated to step 22
     first = AttributionCallback(store_dir, mode="online", horizon=6)
     _trainer(tmp_path, [first, ckpt, _StopAfterEpoch(3)]).fit(small_mlp(6, 3), loader)
-    interrupted = ResponseStore.load(store_dir).checkpoint_info("final")
-    assert interrupted["n_shortfall"] > 0  # stopped early: the shortfall is recorded, not hidden
+    stopped = ResponseStore.load(store_dir).checkpoint_info("final")
+    assert stopped["replayed_steps"] > 0  # stopped early: the live perturbations were finished on replay
 
     second = AttributionCallback(store_dir, mode="online", horizon=6)
     model = small_mlp(6, 3)
@@ -43,6 +43,7 @@ def test_resume_continues_the_online_simulation(tmp_path):
         model, loader, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
     final = ResponseStore.load(store_dir).checkpoint_info("final")
+    assert final["replayed_steps"] == 0  # the resumed fit propagated everything on its own live batches
     assert final["n_shortfall"] == 0 and final["n_missing_examples"] == 0 and final["n_valid"] == 64
     assert final["curvature_products"] == 64 * 6
     assert model.attribute((x[:2], y[:2]), responses=store_dir).isfinite().all()
