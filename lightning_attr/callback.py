@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_attr.curvature import batch_size_of, curvature_operator
-from lightning_attr.functional import functional_view, uses_output_loss
+from lightning_attr.functional import functional_view, to_float32, uses_output_loss
 from lightning_attr.mixin import AttributionMixin
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.simulation import (
@@ -247,7 +247,7 @@ class AttributionCallback(Callback):
         epoch = trainer.current_epoch
         finished = []
         with functional_view(pl_module, self._space) as (model, theta):
-            batches = [(move_data_to_device(d, theta.device), i) for d, i in self._pending]
+            batches = [(_to_simulation(d, theta.device), i) for d, i in self._pending]
             self._pending.clear()
             curvature_batches = self._finite(model, theta, [d for d, _ in batches])
             if not curvature_batches:  # every example non-finite: nothing to learn the curvature from
@@ -371,7 +371,7 @@ class AttributionCallback(Callback):
             loader.dataset, batch_size, shuffle=True, generator=generator, collate_fn=loader.collate_fn,
             drop_last=len(loader.dataset) >= batch_size,
         )  # fmt: skip
-        batches = [move_data_to_device(split_batch(b)[0], theta.device) for b in itertools.islice(_cycle(shuffled), count)]
+        batches = [_to_simulation(split_batch(b)[0], theta.device) for b in itertools.islice(_cycle(shuffled), count)]
         batches = self._finite(model, theta, batches)
         if not batches:
             raise RuntimeError("Every replayed training example has a non-finite loss; cannot simulate responses.")
@@ -415,10 +415,10 @@ class AttributionCallback(Callback):
         generator = torch.Generator().manual_seed(self.seed)
         source_map = self._source_map
         with functional_view(pl_module, self._space) as (model, theta):
-            move = lambda b: move_data_to_device(split_batch(b), theta.device)  # noqa: E731
             sequential = DataLoader(dataset, batch_size=self.curvature_batch_size, collate_fn=collate)
+            batches = ((_to_simulation(data, theta.device), index) for data, index in map(split_batch, sequential))
             u0, finite = initial_perturbations(
-                model, theta, map(move, sequential), source_map.example_to_source, source_map.num_sources
+                model, theta, batches, source_map.example_to_source, source_map.num_sources
             )
             replay = self._replay_batches(trainer, model, theta, self.curvature_batch_size, self.horizon)
             operators = [curvature_operator(self.curvature, model, theta, [b], self.chunk_size) for b in replay]
@@ -488,6 +488,11 @@ def _indexed_dataset_length(trainer: L.Trainer) -> int:
             "the example index, pass num_examples=len(train_set) to say so."
         )
     return len(dataset)
+
+
+def _to_simulation(data: Any, device: torch.device) -> Any:
+    """A batch on the simulation's device with floating tensors in fp32 (the simulation runs in fp32)."""
+    return to_float32(move_data_to_device(data, device))
 
 
 def _warn_invalid(valid: Tensor) -> None:

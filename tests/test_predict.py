@@ -8,7 +8,7 @@ import torch
 from conftest import blobs, fit
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_attr import AttributionCallback
+from lightning_attr import AttributionCallback, ResponseStore
 from lightning_attr.models import Classifier, mlp
 
 
@@ -57,3 +57,14 @@ def test_top_k_proponents_and_opponents(tmp_path):
     full = model.attribute((x[:6], y[:6]), responses=cb.dirpath)
     torch.testing.assert_close(si, full.diagonal(), rtol=1e-4, atol=1e-9)
     assert bool((si > 0).all())
+
+
+def test_bf16_model_simulates_and_reads_out_in_fp32(tmp_path):
+    x, y = blobs(n=64, d=6, classes=3)
+    model = Classifier(mlp(6, [8], 3)).to(torch.bfloat16)
+    cb = AttributionCallback(tmp_path / "r", mode="online", horizon=8)
+    fit(model, x.bfloat16(), y, [cb], epochs=4, batch_size=16)  # a model trained in bf16 end to end
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert ResponseStore.load(cb.dirpath).manifest["parameters"][0]["dtype"] == "bfloat16"
+    scores = model.attribute((x[:4].bfloat16(), y[:4]), responses=cb.dirpath)
+    assert scores.dtype == torch.float32 and scores.isfinite().all() and scores.abs().sum() > 0
