@@ -230,11 +230,11 @@ class AttributionCallback(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         data, index = split_batch(batch)  # checks every batch, so a bad loader fails at once
         n = self._source_map.num_examples
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n):
+        outside = (index < 0) | (index >= n)
+        if bool(outside.any()):
             raise IndexError(
-                f"Training batch holds example index {int(index.max()) if int(index.max()) >= n else int(index.min())}"
-                f" outside [0, {n}). Indices must address the training set; set num_examples= if it is not "
-                "len(train_dataloader.dataset)."
+                f"Training batch holds example index {int(index[outside][0])} outside [0, {n}). Indices must "
+                "address the training set; set num_examples= if it is not len(train_dataloader.dataset)."
             )
         if any(w.active(trainer.current_epoch) for w in self._windows):
             self._pending.append((data, index))
