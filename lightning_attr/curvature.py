@@ -39,15 +39,17 @@ def ggn_operator(model: FunctionalModel, theta: Tensor, batch: Any) -> Curvature
             "define them, or use curvature='hessian' with attribution_loss()."
         )
     scale = 1.0 / batch_size_of(batch)
-    outputs_of = lambda th: model.outputs(th, batch)  # noqa: E731
-    outputs, pullback = vjp(outputs_of, theta)
+    space = model.space
+    params = space.unflatten(theta)  # a dict: the pullback then builds one [P] row, not one per parameter
+    outputs_of = lambda p: model.outputs(p, batch)  # noqa: E731
+    outputs, pullback = vjp(outputs_of, params)
     outputs = outputs.detach()
     loss_grad = grad(lambda out: model.output_loss(out, batch).sum() * scale)
 
     def product(v: Tensor) -> Tensor:
-        jv = jvp(outputs_of, (theta,), (v,))[1]
+        jv = jvp(outputs_of, (params,), (space.unflatten(v),))[1]
         hjv = jvp(loss_grad, (outputs,), (jv,))[1]
-        return pullback(hjv)[0]
+        return space.flatten(pullback(hjv)[0])
 
     return vmap(product)
 
@@ -81,13 +83,20 @@ def curvature_operator(
     total = float(sum(sizes))
     parts = [(_OPERATORS[kind](model, theta, b), s / total) for b, s in zip(batches, sizes)]
 
+    def combined(chunk: Tensor) -> Tensor:
+        total = None
+        for op, weight in parts:
+            product = op(chunk)
+            if weight != 1.0:
+                product.mul_(weight)
+            total = product if total is None else total.add_(product)
+        return total
+
     def apply(block: Tensor) -> Tensor:
-        out = torch.zeros_like(block)
         step = chunk_size or block.shape[0]
-        for start in range(0, block.shape[0], step):
-            chunk = block[start : start + step]
-            out[start : start + step] = sum(w * op(chunk) for op, w in parts)
-        return out
+        if block.shape[0] <= step:
+            return combined(block)
+        return torch.cat([combined(block[start : start + step]) for start in range(0, block.shape[0], step)])
 
     return apply
 

@@ -83,18 +83,19 @@ class FunctionalModel:
         self.has_outputs = uses_output_loss(module)
         self._caller = _MethodCaller(module)
 
-    def _state(self, theta: Tensor) -> dict[str, Tensor]:
-        state = {f"inner.{n}": p for n, p in self.space.unflatten(theta).items()}
+    def _state(self, theta: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+        params = theta if isinstance(theta, dict) else self.space.unflatten(theta)
+        state = {f"inner.{n}": p for n, p in params.items()}
         for name, buf in self.module.named_buffers():
             state[f"inner.{name}"] = buf.detach().clone().float() if buf.is_floating_point() else buf.detach().clone()
         return state
 
-    def call(self, theta: Tensor, method: str, *args: Any) -> Any:
-        """``module.<method>(*args)`` with the parameters replaced by ``theta``."""
+    def call(self, theta: Tensor | dict[str, Tensor], method: str, *args: Any) -> Any:
+        """``module.<method>(*args)`` with the parameters replaced by ``theta`` (flat, or a dict by name)."""
         return functional_call(self._caller, self._state(theta), (method, *args), strict=False)
 
-    def outputs(self, theta: Tensor, batch: Any) -> Tensor:
-        """Model outputs ``Tensor[B, ...]`` at ``theta``."""
+    def outputs(self, theta: Tensor | dict[str, Tensor], batch: Any) -> Tensor:
+        """Model outputs ``Tensor[B, ...]`` at ``theta`` (flat, or a dict by name)."""
         return self.call(theta, "attribution_outputs", batch)
 
     def output_loss(self, outputs: Tensor, batch: Any) -> Tensor:

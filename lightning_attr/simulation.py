@@ -124,7 +124,7 @@ def propagate(
     u = initial.clone()
     total = u.clone()
     for op in operators:
-        u = u - rule.step_size * (op(u) + rule.damping * u)
+        u.sub_(op(u).add_(u, alpha=rule.damping), alpha=rule.step_size)
         total += u
     return rule.step_size * total
 
@@ -203,7 +203,8 @@ class OnlineSimulation:
         self.live_sources, self.live, self.remaining = self.live_sources[keep], self.live[keep], self.remaining[keep]
         if self.live.shape[0] == 0:
             return
-        self.live = self.live - self.rule.step_size * (operator(self.live) + self.rule.damping * self.live)
+        step = operator(self.live).add_(self.live, alpha=self.rule.damping)
+        self.live = self.live.sub_(step, alpha=self.rule.step_size)
         self.products += self.live.shape[0]
         self.remaining -= 1
         finite = torch.isfinite(self.live).all(dim=1)
