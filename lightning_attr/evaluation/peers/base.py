@@ -61,9 +61,17 @@ class Peer(ABC):
     def score(self, x_query: Tensor, y_query: Tensor) -> Tensor:
         """``Tensor[Q, n_train]`` scores of the queries against every training example."""
 
+    _n_models: int = 1
+
     @property
     def n_models(self) -> int:
-        return 1
+        return self._n_models
+
+    def _ensemble(self, models: list[nn.Module]) -> list[nn.Module]:
+        """The first ``n_models`` models; an error if fewer were trained."""
+        if len(models) < self.n_models:
+            raise ValueError(f"{self.name} needs {self.n_models} trained models, got {len(models)}.")
+        return models[: self.n_models]
 
     def storage_bytes(self) -> int:
         """Bytes kept between setup and queries (features, factors); 0 for methods that recompute all per query."""

@@ -60,13 +60,8 @@ class DattriTRAK(Peer):
         self.config = {"package": "dattri", "n_models": n_models, "proj_dim": proj_dim, "regularization": regularization, "proj_seed": proj_seed}
         self.name = f"TRAK-{n_models} (dattri)"
 
-    @property
-    def n_models(self) -> int:
-        return self._n_models
-
     def setup(self, models: list[nn.Module], x_train: Tensor, y_train: Tensor) -> None:
-        if len(models) < self._n_models:
-            raise ValueError(f"{self.name} needs {self._n_models} trained models, got {len(models)}.")
+        models = self._ensemble(models)
         task_mod = require("dattri.task")
         algo = require("dattri.algorithm.trak")
         base = copy.deepcopy(models[0])
@@ -80,7 +75,7 @@ class DattriTRAK(Peer):
             x, y = data
             return torch.exp(-F.cross_entropy(torch.func.functional_call(base, params, x.unsqueeze(0)), y.long().unsqueeze(0)))
 
-        task = task_mod.AttributionTask(loss_func=margin, model=base, checkpoints=[_state(m) for m in models[: self._n_models]])
+        task = task_mod.AttributionTask(loss_func=margin, model=base, checkpoints=[_state(m) for m in models])
         projector = {"proj_dim": self.config["proj_dim"], "proj_max_batch_size": 32, "proj_seed": self.config["proj_seed"], "device": "cpu"}
         self._attributor = algo.TRAKAttributor(
             task=task, correct_probability_func=prob, projector_kwargs=projector, device="cpu", regularization=self.config["regularization"]

@@ -36,18 +36,13 @@ class TraKerTRAK(Peer):
         self._save_dir = save_dir
         self._calls = 0
 
-    @property
-    def n_models(self) -> int:
-        return self._n_models
-
     def setup(self, models: list[nn.Module], x_train: Tensor, y_train: Tensor) -> None:
         trak = require("trak")
-        if len(models) < self._n_models:
-            raise ValueError(f"{self.name} needs {self._n_models} trained models, got {len(models)}.")
+        models = self._ensemble(models)
         if self._save_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="traker-")
             self._save_dir = self._tmp.name
-        self._checkpoints = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models[: self._n_models]]
+        self._checkpoints = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
         self._traker = trak.TRAKer(
             model=copy.deepcopy(models[0]).eval(), task="image_classification", train_set_size=len(x_train),
             save_dir=self._save_dir, load_from_save_dir=True, device="cpu", proj_dim=self.config["proj_dim"],
