@@ -19,8 +19,8 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	# overwrite=true: `make demo` may be run again; it owns runs/demo/
-	$(VENV)/bin/lightning-attr-train experiment=demo hydra.run.dir=runs/demo callbacks.attribution.overwrite=true
-	$(VENV)/bin/lightning-attr-attribute run_dir=runs/demo
+	OMP_NUM_THREADS=1 $(VENV)/bin/lightning-attr-train experiment=demo hydra.run.dir=runs/demo callbacks.attribution.overwrite=true
+	OMP_NUM_THREADS=1 $(VENV)/bin/lightning-attr-attribute run_dir=runs/demo
 
 # Two workers with one thread each: the tests run many small vmapped products, for which torch's
 # intra-op threads only add overhead on a 2-core machine.
