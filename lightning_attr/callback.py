@@ -57,7 +57,8 @@ class AttributionCallback(Callback):
             Hutchinson probes) or a float ``lambda``.
         curvature: ``"ggn"`` (needs ``attribution_outputs``) or ``"hessian"``.
         mode: ``"online"``: propagate on the live batches and parameters of the last epoch(s) of the fit
-            (sources are injected during the epoch that ends ``horizon`` steps before the end of the fit);
+            (sources are injected during the epoch that ends ``horizon`` steps before the end of the fit; what
+            is still live when a fit ends early is finished on replayed batches at the final weights);
             ``"end"``: after the fit, at the final parameters, on ``horizon`` batches of
             ``curvature_batch_size`` replayed from the training set with a private generator.
         sources: ``None`` for one source per training example, or each example's source id (``Tensor[n]``
