@@ -120,7 +120,7 @@ class AttributionMixin:
         check_readout(readout)
         store = self._attribution_store(responses)
         with functional_view(self, _cached_space(self)) as (model, theta):
-            store.check_model(model.space, model.space.digest(theta) if strict else None)
+            store.check_model(model.space, _weights_digest(self, model.space, theta) if strict else None)
             batch = _query_batch(batch, theta.device)
             names = _checkpoint_names(store, checkpoints)
             per_ckpt = []
@@ -146,7 +146,7 @@ class AttributionMixin:
         store = self._attribution_store(responses)
         data, index = split_batch(batch)
         with functional_view(self, _cached_space(self)) as (model, theta):
-            store.check_model(model.space, model.space.digest(theta) if strict else None)
+            store.check_model(model.space, _weights_digest(self, model.space, theta) if strict else None)
             if int(index.max()) >= store.n_examples or int(index.min()) < 0:
                 raise IndexError(f"example index out of range [0, {store.n_examples}) of the store's training set.")
             sources = store.example_to_source()[index.cpu()].to(theta.device)
@@ -164,6 +164,17 @@ class AttributionMixin:
         if cache.get(path, (None,))[0] != stamp or stamp is None:
             cache[path] = (stamp, ResponseStore.load(path))
         return cache[path][1]
+
+
+def _weights_digest(module: Any, space: ParameterSpace, theta: Tensor) -> str:
+    """``space.digest(theta)``, hashed again only when a parameter changed (in-place updates bump
+    ``_version``): a query should not pay for hashing P floats."""
+    key = tuple((p.data_ptr(), p._version) for p in module.parameters())
+    cache = module.__dict__.setdefault("_attribution_digest", {})
+    if key not in cache:
+        cache.clear()
+        cache[key] = space.digest(theta)
+    return cache[key]
 
 
 def _cached_space(module: Any) -> ParameterSpace:
