@@ -42,12 +42,46 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def has_recurrent_layer(module: nn.Module) -> bool:
+    """True when ``module`` holds an ``nn.RNNBase`` (RNN, GRU, LSTM)."""
+    return any(isinstance(m, nn.RNNBase) for m in module.modules())
+
+
+@contextlib.contextmanager
+def autodiff_kernels(module: nn.Module) -> Iterator[None]:
+    """Selects kernels that ``torch.func`` can differentiate in forward mode, for the simulation's and
+    the readout's own passes only (the flags are restored on exit, so training keeps its kernels).
+
+    - the fused fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` is turned off
+      (``aten::_transformer_encoder_layer_fwd`` has no forward-mode derivative);
+    - ``scaled_dot_product_attention`` runs on the math backend (the flash / memory-efficient kernels
+      have none either);
+    - when the module holds an ``nn.RNNBase`` (RNN, GRU, LSTM), oneDNN and cuDNN are turned off: their
+      fused RNN kernels have no forward-mode derivative. Only then: they also serve convolutions.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [torch.backends.mkldnn, torch.backends.cudnn] if has_recurrent_layer(module) else []
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    enabled = [b.enabled for b in backends]
+    torch.backends.mha.set_fastpath_enabled(False)
+    for backend in backends:
+        backend.enabled = False
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for backend, flag in zip(backends, enabled):
+            backend.enabled = flag
+
+
 @contextlib.contextmanager
 def functional_view(module: nn.Module, space: ParameterSpace | None = None) -> Iterator[tuple[FunctionalModel, Tensor]]:
     """Yields ``(FunctionalModel, theta: Tensor[P] float32)`` with everything set for side-effect-free work.
 
-    Leaves inference mode (``Trainer.predict``), enables autograd, puts the module in eval mode and
-    forks the RNG, restoring all of it on exit.
+    Leaves inference mode (``Trainer.predict``), enables autograd, puts the module in eval mode, forks
+    the RNG and selects differentiable kernels (:func:`autodiff_kernels`), restoring all of it on exit.
     """
     devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
     with contextlib.ExitStack() as stack:
@@ -55,6 +89,7 @@ def functional_view(module: nn.Module, space: ParameterSpace | None = None) -> I
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.random.fork_rng(devices=devices))
         stack.enter_context(eval_mode(module))
+        stack.enter_context(autodiff_kernels(module))
         model = FunctionalModel(module, space)
         yield model, model.space.current(module)
 

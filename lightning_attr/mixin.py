@@ -15,15 +15,18 @@ from lightning_attr.functional import functional_view, to_float32
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.readout import check_readout, paired_readout, score_sources
 from lightning_attr.sources import split_batch
-from lightning_attr.store import ResponseStore
+from lightning_attr.store import ResponseStore, check_store_path, manifest_stamp
 
 Responses = Union[str, os.PathLike, ResponseStore]
 Checkpoints = Union[str, Sequence[str]]
 
 
-@dataclass(frozen=True)
+@dataclass
 class TopKAttribution:
     """The ``k`` strongest proponents and opponents of each query.
+
+    A plain (mutable) dataclass, so Lightning can move it between devices and collect it from
+    ``predict_step`` (``Trainer.predict`` returns one per batch).
 
     Attributes:
         proponent_scores: ``Tensor[B, k]``, largest scores first (positive: removing the source would
@@ -159,9 +162,11 @@ class AttributionMixin:
         if isinstance(responses, ResponseStore):
             return responses
         cache = self.__dict__.setdefault("_attribution_store_cache", {})
-        path = os.fspath(responses)
-        stamp = os.stat(os.path.join(path, "manifest.json")).st_mtime_ns if os.path.isdir(path) else None
-        if cache.get(path, (None,))[0] != stamp or stamp is None:
+        path = os.fspath(check_store_path(responses))
+        stamp = manifest_stamp(path)
+        if stamp is None:  # no manifest: load() raises the StoreError that says why
+            return ResponseStore.load(path)
+        if cache.get(path, (None,))[0] != stamp:
             cache[path] = (stamp, ResponseStore.load(path))
         return cache[path][1]
 

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import jvp, vmap
-from torch.utils._pytree import tree_map
-
-from lightning_attr.functional import FunctionalModel
+from lightning_attr.curvature import batch_size_of
+from lightning_attr.functional import FunctionalModel, has_recurrent_layer
+from lightning_attr.simulation import select_examples
 
 READOUTS = ("linear", "central", "step")
 
@@ -38,6 +38,12 @@ def _per_source(model: FunctionalModel, theta: Tensor, batch: Any, kind: str, ep
         return lambda r: (f(theta + epsilon * r) - f(theta - epsilon * r)) / (2 * epsilon)
     base = f(theta)
     return lambda r: f(theta + r) - base
+
+
+def _loop(one: Any) -> Any:
+    """``vmap(one)`` as a Python loop. Recurrent kernels (``aten::gru.input``, ...) have a batching rule
+    only under forward-mode AD (the linear readout), so the central and step readouts loop over sources."""
+    return lambda responses: torch.stack([one(r) for r in responses])
 
 
 def score_sources(
@@ -64,23 +70,38 @@ def score_sources(
     """
     check_readout(kind)
     one = _per_source(model, theta, batch, kind, epsilon)
-    batched = vmap(one)
+    batched = vmap(one) if kind == "linear" or not has_recurrent_layer(model.module) else _loop(one)
     chunks = [batched(responses[s : s + chunk_size]) for s in range(0, responses.shape[0], chunk_size)]
     return torch.cat(chunks, dim=0).T
 
 
 def paired_readout(
-    model: FunctionalModel, theta: Tensor, responses: Tensor, batch: Any, kind: str = "linear", *, epsilon: float = 1.0
+    model: FunctionalModel,
+    theta: Tensor,
+    responses: Tensor,
+    batch: Any,
+    kind: str = "linear",
+    *,
+    chunk_size: int = 32,
+    epsilon: float = 1.0,
 ) -> Tensor:
     """Score of query ``i`` against response ``i`` only: ``Tensor[B]`` from ``responses: Tensor[B, P]``.
 
-    Used for self-influence (each training example against its own source).
+    Used for self-influence (each training example against its own source). Computed as the diagonal of
+    :func:`score_sources` on blocks of ``chunk_size`` examples: only the parameters are vmapped, never
+    the examples, which recurrent and attention kernels cannot take one at a time. Costs ``chunk_size``
+    forward(-mode) passes per example.
     """
     check_readout(kind)
-
-    def one(example: Any, r: Tensor) -> Tensor:
-        single = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
-        return _per_source(model, theta, single, kind, epsilon)(r)[0]
-
-    in_dims = (tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch), 0)
-    return vmap(one, in_dims=in_dims)(batch, responses)
+    n = batch_size_of(batch)
+    if responses.shape[0] != n:
+        raise ValueError(f"paired_readout needs one response per example: {responses.shape[0]} responses, {n} examples.")
+    diagonals = []
+    for start in range(0, n, chunk_size):
+        rows = torch.arange(start, min(start + chunk_size, n))
+        block = score_sources(
+            model, theta, responses[start : start + chunk_size], select_examples(batch, rows), kind,
+            chunk_size=chunk_size, epsilon=epsilon,
+        )  # fmt: skip
+        diagonals.append(block.diagonal())
+    return torch.cat(diagonals)

@@ -69,6 +69,29 @@ def has_store(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def check_store_path(path: Any) -> str | os.PathLike:
+    """``path`` if it can name a store directory; a clear :class:`StoreError` for ``None`` and non-paths."""
+    if path is None:
+        raise StoreError(
+            "responses is None: there is no response store yet. AttributionCallback.dirpath is set when "
+            "trainer.fit() starts and the store is written during the fit; call attribute() after fitting "
+            "with the callback, or pass the directory of an existing store."
+        )
+    if not isinstance(path, (str, os.PathLike)):
+        raise StoreError(
+            f"responses must be a store directory (str or os.PathLike) or a ResponseStore, got {type(path).__name__}."
+        )
+    return path
+
+
+def manifest_stamp(path: str | os.PathLike) -> int | None:
+    """Modification time (ns) of the store's manifest, or ``None`` when there is no manifest."""
+    try:
+        return (Path(path) / MANIFEST).stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 class ResponseStore:
     """A directory of response checkpoints for one model and one set of ``S`` sources.
 
@@ -177,12 +200,21 @@ class ResponseStore:
     @classmethod
     def load(cls, path: str | os.PathLike) -> ResponseStore:
         """Opens a store and checks its manifest and every file it names (presence and size)."""
-        path = Path(path)
+        path = Path(check_store_path(path))
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
+            if not path.is_dir():
+                found = f"{path} does not exist" if not path.exists() else f"{path} is a file, not a directory"
+            elif any(path.iterdir()):
+                found = (
+                    f"{path} holds files but no {MANIFEST} (the manifest is written last: the store is incomplete, "
+                    "or the manifest was deleted); re-run the simulation"
+                )
+            else:
+                found = f"{path} is empty ({MANIFEST} is missing)"
             raise StoreError(
-                f"No response store at {path} ({MANIFEST} is missing). Point responses= at the callback's "
-                "dirpath (AttributionCallback.dirpath after fit)."
+                f"No response store at {path}: {found}. Point responses= at the callback's dirpath "
+                "(AttributionCallback.dirpath after fit)."
             )
         try:
             manifest = json.loads(manifest_path.read_text())

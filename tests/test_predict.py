@@ -8,7 +8,7 @@ import torch
 from conftest import blobs, fit
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_attr import AttributionCallback, ResponseStore
+from lightning_attr import AttributionCallback, ResponseStore, TopKAttribution
 from lightning_attr.models import Classifier, mlp
 
 
@@ -57,6 +57,30 @@ def test_top_k_proponents_and_opponents(tmp_path):
     full = model.attribute((x[:6], y[:6]), responses=cb.dirpath)
     torch.testing.assert_close(si, full.diagonal(), rtol=1e-4, atol=1e-9)
     assert bool((si > 0).all())
+
+
+class ExplainedTopK(Classifier):
+    responses: str | None = None
+
+    def predict_step(self, batch, batch_idx):
+        return self.attribute(batch, responses=self.responses, top_k=3)
+
+
+def test_predict_step_returns_top_k(tmp_path):
+    """Trainer.predict moves and collects a TopKAttribution per batch (Lightning's apply_to_collection)."""
+    x, y = blobs(n=64, d=6, classes=3)
+    model = ExplainedTopK(mlp(6, [8], 3))
+    cb = AttributionCallback(tmp_path / "r", mode="end", horizon=10, curvature_batch_size=32)
+    fit(model, x, y, [cb], epochs=2)
+    model.responses = cb.dirpath
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    out = trainer.predict(model, DataLoader(TensorDataset(x[:10], y[:10]), batch_size=5))
+    assert len(out) == 2 and all(isinstance(o, TopKAttribution) for o in out)
+    direct = model.attribute((x[:10], y[:10]), responses=cb.dirpath, top_k=3)
+    for field in ("proponent_scores", "proponent_indices", "opponent_scores", "opponent_indices"):
+        predicted = torch.cat([getattr(o, field) for o in out])
+        torch.testing.assert_close(predicted, getattr(direct, field), rtol=1e-4, atol=1e-7)
+    assert out[0].source_ids == list(range(64))
 
 
 def test_bf16_model_simulates_and_reads_out_in_fp32(tmp_path):

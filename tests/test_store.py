@@ -119,6 +119,25 @@ def test_not_a_store_is_refused(tmp_path):
         ResponseStore.load(tmp_path)
 
 
+def test_store_without_manifest_is_refused(trained, tmp_path):
+    model, path, (xq, yq) = trained
+    target = _copy_store(path, tmp_path)
+    (target / "manifest.json").unlink()
+    with pytest.raises(StoreError, match="holds files but no manifest.json"):
+        model.attribute((xq, yq), responses=target)
+    with pytest.raises(StoreError, match="does not exist"):
+        model.attribute((xq, yq), responses=tmp_path / "nowhere")
+
+
+def test_attribute_before_any_fit_is_refused(trained):
+    model, _, (xq, yq) = trained
+    cb = AttributionCallback()  # dirpath is resolved when fit starts
+    with pytest.raises(StoreError, match="responses is None.*after fitting"):
+        model.attribute((xq, yq), responses=cb.dirpath)
+    with pytest.raises(StoreError, match="responses is None"):
+        model.self_influence((xq, yq, torch.arange(8)), responses=None)
+
+
 def test_existing_store_is_not_overwritten(trained, tmp_path):
     model, path, _ = trained
     target = _copy_store(path, tmp_path)
