@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
 
-from lightning_attr.functional import functional_view, to_float32
-from lightning_attr.parameters import ParameterSpace
-from lightning_attr.readout import check_readout, paired_readout, score_sources
-from lightning_attr.sources import split_batch
-from lightning_attr.store import ResponseStore, check_store_path, manifest_stamp
-
-Responses = Union[str, os.PathLike, ResponseStore]
-Checkpoints = Union[str, Sequence[str]]
+from lightning_attr.attributor import Checkpoints, Responses, cached_attributor
 
 
 @dataclass
@@ -106,36 +96,27 @@ class AttributionMixin:
 
         Args:
             batch: queries as ``attribution_outputs`` expects them (no source index), ``B`` of them.
-            responses: the callback's ``dirpath`` or an open :class:`ResponseStore`.
+            responses: the callback's ``dirpath`` or an open :class:`ResponseStore`; or a list of them
+                (runs of the same architecture and training set, e.g. a multirun over seeds), ensembled.
             top_k: if set, return the ``k`` strongest proponents and opponents instead of all scores.
             readout: ``"linear"`` (jvp), ``"central"`` (two forward passes) or ``"step"``.
-            checkpoints: ``"last"`` (the end of fit), ``"all"`` (ensemble over the run's response
-                checkpoints, each read out at its own parameters, normalized per query by its std over
-                sources; the mean is rescaled to the last checkpoint's std), a name or a list of names.
+            checkpoints: per store, ``"last"`` (the end of fit), ``"all"`` (every response checkpoint),
+                a name or a list of names. Several members (checkpoints, stores) are an ensemble: each is
+                read out at its own parameters, normalized per query by its std over sources, averaged,
+                and put back on the scale of the member read at the module's weights (see
+                :class:`~lightning_attr.attributor.Attributor`). Each member is read from disk once.
             chunk_size: sources per vmapped forward pass; bounds peak memory.
-            strict: refuse responses simulated for other weights than the module's current ones.
+            strict: one store: refuse responses simulated for other weights than the module's current
+                ones. Several stores: check each member's parameter snapshot against its manifest.
 
         Returns:
             ``Tensor[B, S]`` (float32): predicted rise of each query's measurement (default: its loss)
             if the source were removed from training. Positive = proponent. Sources whose simulation
             failed (non-finite gradients) score NaN. Or a :class:`TopKAttribution` if ``top_k``.
         """
-        check_readout(readout)
-        store = self._attribution_store(responses)
-        with functional_view(self, _cached_space(self)) as (model, theta):
-            store.check_model(model.space, _weights_digest(self, model.space, theta) if strict else None)
-            batch = _query_batch(batch, theta.device)
-            names = _checkpoint_names(store, checkpoints)
-            per_ckpt = []
-            for name in names:
-                at = theta if name == store.checkpoints[-1] else store.theta(name).to(theta.device)
-                scores = score_sources(
-                    model, at, store.responses(name, theta.device), batch, readout, chunk_size=chunk_size
-                )
-                valid = store.source_stats(name)["valid"].to(scores.device)
-                per_ckpt.append(scores.masked_fill(~valid, float("nan")))
-            scores = per_ckpt[0] if len(per_ckpt) == 1 else _ensemble(per_ckpt)
-        return scores if top_k is None else select_top_k(scores, top_k, store.source_ids)
+        attributor = cached_attributor(self, responses)
+        scores = attributor.scores(batch, readout=readout, checkpoints=checkpoints, chunk_size=chunk_size, strict=strict)
+        return scores if top_k is None else select_top_k(scores, top_k, attributor.source_ids)
 
     def self_influence(
         self, batch: Any, responses: Responses, *, readout: str = "linear", strict: bool = True
@@ -145,72 +126,4 @@ class AttributionMixin:
         High self-influence flags examples the model could not have fit without memorizing them
         (mislabelled or atypical). ``batch`` is a training batch *with* its trailing example index.
         """
-        check_readout(readout)
-        store = self._attribution_store(responses)
-        data, index = split_batch(batch)
-        with functional_view(self, _cached_space(self)) as (model, theta):
-            store.check_model(model.space, _weights_digest(self, model.space, theta) if strict else None)
-            if int(index.max()) >= store.n_examples or int(index.min()) < 0:
-                raise IndexError(f"example index out of range [0, {store.n_examples}) of the store's training set.")
-            sources = store.example_to_source()[index.cpu()].to(theta.device)
-            name = store.checkpoints[-1]
-            picked = store.responses(name, theta.device)[sources]
-            data = _query_batch(data, theta.device)
-            return paired_readout(model, theta, picked, data, readout)
-
-    def _attribution_store(self, responses: Responses) -> ResponseStore:
-        if isinstance(responses, ResponseStore):
-            return responses
-        cache = self.__dict__.setdefault("_attribution_store_cache", {})
-        path = os.fspath(check_store_path(responses))
-        stamp = manifest_stamp(path)
-        if stamp is None:  # no manifest: load() raises the StoreError that says why
-            return ResponseStore.load(path)
-        if cache.get(path, (None,))[0] != stamp:
-            cache[path] = (stamp, ResponseStore.load(path))
-        return cache[path][1]
-
-
-def _weights_digest(module: Any, space: ParameterSpace, theta: Tensor) -> str:
-    """``space.digest(theta)``, hashed again only when a parameter changed (in-place updates bump
-    ``_version``): a query should not pay for hashing P floats."""
-    key = tuple((p.data_ptr(), p._version) for p in module.parameters())
-    cache = module.__dict__.setdefault("_attribution_digest", {})
-    if key not in cache:
-        cache.clear()
-        cache[key] = space.digest(theta)
-    return cache[key]
-
-
-def _cached_space(module: Any) -> ParameterSpace:
-    cache = module.__dict__.setdefault("_attribution_space", {})
-    shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
-    if shapes not in cache:
-        cache.clear()
-        cache[shapes] = ParameterSpace.of(module)
-    return cache[shapes]
-
-
-def _query_batch(batch: Any, device: torch.device) -> Any:
-    # clone: tensors made under inference_mode cannot enter autograd / forward-mode AD
-    return to_float32(tree_map(lambda t: t.to(device).clone() if isinstance(t, Tensor) else t, batch))
-
-
-def _checkpoint_names(store: ResponseStore, checkpoints: Checkpoints) -> list[str]:
-    if not store.checkpoints:
-        raise ValueError(f"{store.path} holds no response checkpoint yet (did the fit finish?).")
-    if checkpoints == "last":
-        return [store.checkpoints[-1]]
-    if checkpoints == "all":
-        return list(store.checkpoints)
-    names = [checkpoints] if isinstance(checkpoints, str) else list(checkpoints)
-    for name in names:
-        store.checkpoint_info(name)
-    return names
-
-
-def _ensemble(per_ckpt: list[Tensor]) -> Tensor:
-    """Mean of per-query std-normalized scores, rescaled to the last checkpoint's per-query std."""
-    unit = lambda s: s / s.nan_to_num(0.0).std(dim=1, keepdim=True).clamp_min(1e-30)  # noqa: E731
-    mean = torch.stack([unit(s) for s in per_ckpt]).mean(dim=0)
-    return unit(mean) * per_ckpt[-1].nan_to_num(0.0).std(dim=1, keepdim=True)
+        return cached_attributor(self, responses).self_influence(batch, readout=readout, strict=strict)

@@ -245,6 +245,8 @@ class ResponseStore:
                     "truncated or was replaced. Re-run the simulation."
                 )
         for key in ("params_file", "sources_file"):
+            if key == "params_file" and key not in ckpt:
+                continue  # no parameter snapshot: readable at the module's weights only (the reader says so)
             if not (self.path / ckpt[key]).is_file():
                 raise StoreError(f"{self.path / ckpt[key]} is missing (checkpoint {ckpt['name']!r}).")
 

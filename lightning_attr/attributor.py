@@ -1,0 +1,301 @@
+"""Attributor: the read path. Scores query batches against the responses of one or several stores.
+
+One :class:`Attributor` serves one module (the architecture, and the weights of the member that was
+simulated at them) and one or several :class:`ResponseStore` (the runs of, e.g., a multirun over
+seeds). Every response checkpoint it reads is a **member**: its responses ``Tensor[S, P]``, its
+parameter snapshot ``theta_e: Tensor[P]`` and its per-source validity are read from disk once and
+kept in memory; a later query reads nothing from disk unless a store's manifest changed. A query
+against ``E`` members costs the sum of their readouts (``E * S`` forward(-mode) passes).
+
+Several members are an **ensemble** (METHOD.md): each member is read out at its own parameters
+(paired), normalized per query by its std over sources, and the normalized scores are averaged.
+The mean is put back on the per-query scale of one reference member (the first read out at the module's
+live weights, else the first store's last), so scores keep the units of the measurement.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from lightning_attr.functional import functional_view, to_float32
+from lightning_attr.parameters import ParameterSpace
+from lightning_attr.readout import check_readout, paired_readout, score_sources
+from lightning_attr.sources import split_batch
+from lightning_attr.store import ResponseStore, StoreError, check_store_path, manifest_stamp
+
+Store = Union[str, os.PathLike, ResponseStore]
+Responses = Union[Store, Sequence[Store]]
+Checkpoints = Union[str, Sequence[str]]
+_KEPT_ATTRIBUTORS = 4  # per module: stores held in memory for the last few `responses` arguments
+
+
+@dataclass
+class _Member:
+    """One response checkpoint held in memory: what one readout of an ensemble needs."""
+
+    entry: dict  # the checkpoint's manifest entry when it was read (a change means: read again)
+    theta: Tensor | None  # [P] float32, the parameters the responses were simulated at (None: not stored)
+    responses: Tensor  # [S, P] float32
+    valid: Tensor  # [S] bool
+
+
+class _OpenStore:
+    """A store and the manifest stamp it was opened at (``None`` for a store passed as an object)."""
+
+    def __init__(self, spec: Store) -> None:
+        self.spec = spec
+        self.store: ResponseStore | None = spec if isinstance(spec, ResponseStore) else None
+        self.stamp: int | None = None
+
+    def refresh(self) -> ResponseStore:
+        """The store, opened again if its manifest changed on disk since it was opened."""
+        if isinstance(self.spec, ResponseStore):
+            return self.spec
+        stamp = manifest_stamp(self.spec)
+        if self.store is None or stamp is None or stamp != self.stamp:
+            self.store = ResponseStore.load(self.spec)  # a clear StoreError when there is no store
+            self.stamp = stamp
+        return self.store
+
+
+class Attributor:
+    """Forward-only attribution of query batches against one or several response stores.
+
+    Args:
+        module: an :class:`AttributionMixin` module; it gives the architecture, and its live weights are
+            the ones the last checkpoint of a single store is read out at.
+        responses: a store (the callback's ``dirpath`` or an open :class:`ResponseStore`) or a non-empty
+            sequence of stores of the same architecture and sources (e.g. the runs of a multirun).
+    """
+
+    def __init__(self, module: nn.Module, responses: Responses) -> None:
+        specs = _store_specs(responses)
+        self.module = module
+        self._stores = [_OpenStore(spec) for spec in specs]
+        self._members: dict[tuple[int, str, str], _Member] = {}
+        self._verified: set[tuple[int, str]] = set()
+
+    @property
+    def multi_run(self) -> bool:
+        """Whether this attributor ensembles several stores (runs)."""
+        return len(self._stores) > 1
+
+    def stores(self) -> list[ResponseStore]:
+        """The stores, each re-opened if its manifest changed; checked to hold the same sources."""
+        stores = [s.refresh() for s in self._stores]
+        first = stores[0]
+        for store in stores[1:]:
+            if store.source_ids != first.source_ids or store.n_examples != first.n_examples:
+                raise StoreError(
+                    f"{store.path} holds other sources than {first.path} ({store.n_sources} sources over "
+                    f"{store.n_examples} examples vs {first.n_sources} over {first.n_examples}): an ensemble of "
+                    "runs needs the same training set and source map in every run."
+                )
+            if not first.manifest["per_example"] and not torch.equal(store.example_to_source(), first.example_to_source()):
+                raise StoreError(f"{store.path} maps examples to sources differently from {first.path}.")
+        return stores
+
+    @property
+    def source_ids(self) -> list:
+        return self.stores()[0].source_ids
+
+    # ------------------------------------------------------------------ queries
+    def scores(
+        self,
+        batch: Any,
+        *,
+        readout: str = "linear",
+        checkpoints: Checkpoints = "last",
+        chunk_size: int = 256,
+        strict: bool = True,
+    ) -> Tensor:
+        """``Tensor[B, S]`` float32: predicted rise of each query's measurement if the source were removed.
+
+        Args:
+            batch: queries as ``attribution_outputs`` expects them (no source index).
+            readout: ``"linear"``, ``"central"`` or ``"step"`` (see :mod:`readout`).
+            checkpoints: per store, ``"last"``, ``"all"``, a checkpoint name or a list of names.
+            chunk_size: sources per vmapped forward pass.
+            strict: one store: refuse a module whose weights are not the ones its last checkpoint was
+                simulated at. Several stores: check every member's parameter snapshot against the digest its
+                manifest recorded (the module's weights are then used only for a member simulated at them).
+
+        Sources invalid in any member score NaN.
+        """
+        check_readout(readout)
+        stores = self.stores()
+        with functional_view(self.module, _cached_space(self.module)) as (model, theta):
+            live_digest = self._check(stores, model.space, theta, strict)
+            batch = _query_batch(batch, theta.device)
+            names = [_checkpoint_names(store, checkpoints) for store in stores]
+            ensemble = sum(map(len, names)) > 1
+            per_member, live = [], []
+            for i, store in enumerate(stores):
+                for name in names[i]:
+                    member = self._member(i, store, name, theta.device, strict, ensemble)
+                    at = self._read_at(store, name, member, theta, live_digest, strict)
+                    live.append(at is theta)
+                    scores = score_sources(model, at, member.responses, batch, readout, chunk_size=chunk_size)
+                    per_member.append(scores.masked_fill(~member.valid, float("nan")))
+                if i == 0:
+                    first_store_last = len(per_member) - 1
+        if len(per_member) == 1:
+            return per_member[0]
+        return ensemble_mean(per_member, live.index(True) if any(live) else first_store_last)
+
+    def self_influence(self, batch: Any, *, readout: str = "linear", strict: bool = True) -> Tensor:
+        """``Tensor[B]``: each training example's score against its own source, from the last checkpoint of the
+        (first) store. ``batch`` is a training batch *with* its trailing example index."""
+        check_readout(readout)
+        store = self.stores()[0]
+        data, index = split_batch(batch)
+        with functional_view(self.module, _cached_space(self.module)) as (model, theta):
+            live_digest = self._check([store], model.space, theta, strict)
+            if int(index.max()) >= store.n_examples or int(index.min()) < 0:
+                raise IndexError(f"example index out of range [0, {store.n_examples}) of the store's training set.")
+            name = _checkpoint_names(store, "last")[0]
+            member = self._member(0, store, name, theta.device, strict, ensemble=False)
+            at = self._read_at(store, name, member, theta, live_digest, strict)
+            sources = store.example_to_source()[index.cpu()].to(theta.device)
+            return paired_readout(model, at, member.responses[sources], _query_batch(data, theta.device), readout)
+
+    # ------------------------------------------------------------------ internals
+    def _check(self, stores: list[ResponseStore], space: ParameterSpace, theta: Tensor, strict: bool) -> str | None:
+        """Fingerprint of every store; for a single store under ``strict``, the module's weights. Returns the
+        live weights' digest (``None`` when nothing needs it)."""
+        single = len(self._stores) == 1
+        live_digest = _weights_digest(self.module, space, theta) if strict or not single else None
+        for store in stores:
+            store.check_model(space, live_digest if (strict and single) else None)
+        return live_digest
+
+    def _read_at(
+        self, store: ResponseStore, name: str, member: _Member, theta: Tensor, live_digest: str | None, strict: bool
+    ) -> Tensor:
+        """The parameters a member is read out at: the live ones for the member simulated at them (and, with a
+        single store and ``strict=False``, for its last checkpoint whatever they are), else its snapshot."""
+        if live_digest is not None and member.entry["weights_digest"] == live_digest:
+            return theta
+        if len(self._stores) == 1 and not strict and name == store.checkpoints[-1]:
+            return theta
+        if member.theta is None:
+            raise StoreError(
+                f"Checkpoint {name!r} of {store.path} has no parameter snapshot and the module's weights are not "
+                "the ones it was simulated at: load that fit's final weights (or re-run the simulation)."
+            )
+        return member.theta
+
+    def _member(
+        self, i: int, store: ResponseStore, name: str, device: torch.device, strict: bool, ensemble: bool
+    ) -> _Member:
+        """Checkpoint ``name`` of store ``i`` on ``device``, read from disk only the first time (or after the
+        checkpoint was rewritten). ``ensemble``: it is one of several members (needs its parameter snapshot)."""
+        entry = store.checkpoint_info(name)
+        key = (i, name, str(device))
+        member = self._members.get(key)
+        if member is None or member.entry != entry:
+            has_snapshot = "params_file" in entry
+            member = _Member(
+                entry=entry,
+                theta=store.theta(name).to(device) if has_snapshot else None,
+                responses=store.responses(name, device),
+                valid=store.source_stats(name)["valid"].to(device),
+            )
+            self._members[key] = member
+            self._verified.discard((i, name))
+        if ensemble and member.theta is None:
+            raise StoreError(
+                f"Checkpoint {name!r} of {store.path} has no parameter snapshot (params.safetensors), so it cannot "
+                "be read out at the weights it was simulated at, which an ensemble needs. Re-run its simulation "
+                "with this version of lightning_attr (it writes one per checkpoint), or attribute with that "
+                "store alone at the model's own weights."
+            )
+        if strict and len(self._stores) > 1 and (i, name) not in self._verified:
+            if store.space.digest(member.theta) != entry["weights_digest"]:
+                raise StoreError(
+                    f"The parameter snapshot of checkpoint {name!r} in {store.path} does not match the weights "
+                    "digest its manifest recorded: the file was replaced or damaged. Re-run that simulation, or "
+                    "pass strict=False to read it out anyway."
+                )
+            self._verified.add((i, name))
+        return member
+
+
+def ensemble_mean(per_member: list[Tensor], reference: int = -1) -> Tensor:
+    """Ensemble of ``E`` members' scores, ``Tensor[B, S]`` each: the mean of the per-query std-normalized
+    scores (std over sources, NaN counted as 0), put back on the per-query std of ``per_member[reference]``.
+    A source NaN in any member is NaN."""
+    unit = lambda s: s / s.nan_to_num(0.0).std(dim=1, keepdim=True).clamp_min(1e-30)  # noqa: E731
+    mean = torch.stack([unit(s) for s in per_member]).mean(dim=0)
+    return unit(mean) * per_member[reference].nan_to_num(0.0).std(dim=1, keepdim=True)
+
+
+def cached_attributor(module: nn.Module, responses: Responses) -> Attributor:
+    """The module's :class:`Attributor` for ``responses`` (kept in ``module.__dict__``, the last few), so that
+    repeated queries against the same stores read nothing from disk."""
+    key = tuple(s if isinstance(s, ResponseStore) else os.path.abspath(os.fspath(s)) for s in _store_specs(responses))
+    cache = module.__dict__.setdefault("_attributors", {})
+    if key not in cache:
+        while len(cache) >= _KEPT_ATTRIBUTORS:
+            cache.pop(next(iter(cache)))
+        cache[key] = Attributor(module, responses)
+    return cache[key]
+
+
+def _store_specs(responses: Responses) -> list[Store]:
+    if isinstance(responses, ResponseStore) or responses is None or isinstance(responses, (str, os.PathLike)):
+        return [responses if isinstance(responses, ResponseStore) else check_store_path(responses)]
+    if not isinstance(responses, Sequence):
+        check_store_path(responses)  # raises: names what was passed
+    specs = list(responses)
+    if not specs:
+        raise ValueError(
+            "responses is an empty list: pass one store directory, or several (one per run of the same model) "
+            "to ensemble them."
+        )
+    return [s if isinstance(s, ResponseStore) else check_store_path(s) for s in specs]
+
+
+def _weights_digest(module: Any, space: ParameterSpace, theta: Tensor) -> str:
+    """``space.digest(theta)``, hashed again only when a parameter changed (in-place updates bump
+    ``_version``): a query should not pay for hashing P floats."""
+    key = tuple((p.data_ptr(), p._version) for p in module.parameters())
+    cache = module.__dict__.setdefault("_attribution_digest", {})
+    if key not in cache:
+        cache.clear()
+        cache[key] = space.digest(theta)
+    return cache[key]
+
+
+def _cached_space(module: Any) -> ParameterSpace:
+    cache = module.__dict__.setdefault("_attribution_space", {})
+    shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
+    if shapes not in cache:
+        cache.clear()
+        cache[shapes] = ParameterSpace.of(module)
+    return cache[shapes]
+
+
+def _query_batch(batch: Any, device: torch.device) -> Any:
+    # clone: tensors made under inference_mode cannot enter autograd / forward-mode AD
+    return to_float32(tree_map(lambda t: t.to(device).clone() if isinstance(t, Tensor) else t, batch))
+
+
+def _checkpoint_names(store: ResponseStore, checkpoints: Checkpoints) -> list[str]:
+    if not store.checkpoints:
+        raise ValueError(f"{store.path} holds no response checkpoint yet (did the fit finish?).")
+    if checkpoints == "last":
+        return [store.checkpoints[-1]]
+    if checkpoints == "all":
+        return list(store.checkpoints)
+    names = [checkpoints] if isinstance(checkpoints, str) else list(checkpoints)
+    for name in names:
+        store.checkpoint_info(name)
+    return names

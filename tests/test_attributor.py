@@ -1,0 +1,159 @@
+"""The read path: ensembles over checkpoints and runs equal the hand-computed paired, normalized mean;
+stores are read from disk once; ensembles of runs refuse what does not belong together."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import blobs, fit, small_mlp
+
+from safetensors.torch import load_file
+
+from lightning_attr import AttributionCallback, ResponseStore, StoreError
+from lightning_attr.functional import functional_view
+from lightning_attr.parameters import ParameterSpace
+from lightning_attr.readout import score_sources
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two runs (seeds 0, 1) of the same model on the same data, each with a mid-training checkpoint."""
+    root = tmp_path_factory.mktemp("runs")
+    x, y = blobs(n=64, d=6, classes=3)
+    out = []
+    for seed in (0, 1):
+        model = small_mlp(6, 3)
+        cb = AttributionCallback(root / f"run{seed}", mode="end", horizon=10, curvature_batch_size=32, checkpoint_epochs=[2])
+        fit(model, x, y, [cb], epochs=3, seed=seed)
+        out.append((model.eval(), cb.dirpath))
+    return out, blobs(n=6, d=6, classes=3, seed=9)
+
+
+def _by_hand(module, members):
+    """Each ``(store, name)`` read out at its stored parameters, unit std per query over sources, averaged,
+    put back on the first member's std."""
+    raw = []
+    with functional_view(module, ParameterSpace.of(module)) as (model, _):
+        for store, name, batch in members:
+            theta = store.space.flatten(load_file(str(store.path / name / "params.safetensors")))
+            raw.append(score_sources(model, theta, store.responses(name), batch))
+    unit = [s / s.std(dim=1, keepdim=True) for s in raw]
+    mean = torch.stack(unit).mean(0)
+    return mean / mean.std(dim=1, keepdim=True) * raw[0].std(dim=1, keepdim=True)
+
+
+def test_trajectory_ensemble_is_the_paired_normalized_mean(runs):
+    (model, path), _ = runs[0]
+    xq, yq = runs[1]
+    store = ResponseStore.load(path)
+    expected = _by_hand(model, [(store, "final", (xq, yq)), (store, "epoch=2", (xq, yq))])
+    got = model.attribute((xq, yq), responses=path, checkpoints="all")
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_ensemble_of_runs_is_the_paired_normalized_mean(runs):
+    (model0, path0), (model1, path1) = runs[0]
+    xq, yq = runs[1]
+    s0, s1 = ResponseStore.load(path0), ResponseStore.load(path1)
+    expected = _by_hand(model0, [(s0, "final", (xq, yq)), (s1, "final", (xq, yq))])
+    got = model0.attribute((xq, yq), responses=[path0, path1])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+    # the module gives the architecture; its weights only serve the member simulated at them: read from run 1's
+    # module (whose weights are not run 0's), the ensemble is on run 1's scale and otherwise the same ranking
+    other = model1.attribute((xq, yq), responses=[path0, path1])
+    torch.testing.assert_close(other / other.std(dim=1, keepdim=True), got / got.std(dim=1, keepdim=True), rtol=1e-4, atol=1e-6)
+    # two runs x two checkpoints
+    four = model0.attribute((xq, yq), responses=[path0, path1], checkpoints="all")
+    members = [(s, n, (xq, yq)) for s in (s0, s1) for n in ("epoch=2", "final")]
+    expected4 = _by_hand(model0, [members[1], members[0], members[2], members[3]])
+    torch.testing.assert_close(four, expected4, rtol=1e-4, atol=1e-7)
+
+
+def test_a_second_ensemble_query_reads_nothing_from_disk(runs, monkeypatch):
+    (model, path0), (_, path1) = runs[0]
+    xq, yq = runs[1]
+    reads = []
+    original = ResponseStore._read
+    monkeypatch.setattr(ResponseStore, "_read", lambda self, file: reads.append(file) or original(self, file))
+    loads = []
+    original_load = ResponseStore.load.__func__
+    monkeypatch.setattr(ResponseStore, "load", classmethod(lambda cls, p: loads.append(p) or original_load(cls, p)))
+    model.__dict__.pop("_attributors", None)
+    first = model.attribute((xq, yq), responses=[path0, path1], checkpoints="all")
+    assert len(loads) == 2 and len(reads) >= 2 * 3  # per member: responses, parameters, per-source stats
+    loads.clear(), reads.clear()
+    second = model.attribute((xq[:2], yq[:2]), responses=[path0, path1], checkpoints="all")
+    assert loads == [] and reads == []
+    torch.testing.assert_close(second, model.attribute((xq[:2], yq[:2]), responses=[path0, path1], checkpoints="all"))
+    assert first.shape == (6, 64)
+
+
+def test_a_rewritten_store_is_read_again(runs, tmp_path):
+    (model, path), _ = runs[0]
+    xq, yq = runs[1]
+    target = tmp_path / "copy"
+    shutil.copytree(path, target)
+    before = model.attribute((xq, yq), responses=target)
+    store = ResponseStore.load(target)
+    # replace the final checkpoint's responses with their double: the manifest changes, the scores follow
+    store.add_checkpoint(
+        "final", store.theta("final"), 2 * store.responses("final"),
+        info={}, source_stats=store.source_stats("final"),
+    )  # fmt: skip
+    torch.testing.assert_close(model.attribute((xq, yq), responses=target), 2 * before)
+
+
+def test_an_empty_list_is_refused(runs):
+    (model, _), _ = runs[0]
+    xq, yq = runs[1]
+    with pytest.raises(ValueError, match="empty list.*one store directory"):
+        model.attribute((xq, yq), responses=[])
+
+
+def test_stores_of_other_architectures_are_refused(runs, tmp_path):
+    (model, path), _ = runs[0]
+    xq, yq = runs[1]
+    x, y = blobs(n=64, d=6, classes=3)
+    cb = AttributionCallback(tmp_path / "wide", mode="end", horizon=2, curvature_batch_size=32)
+    fit(small_mlp(6, 3, hidden=8), x, y, [cb], epochs=1)
+    with pytest.raises(StoreError, match="different model.*fingerprint"):
+        model.attribute((xq, yq), responses=[path, cb.dirpath])
+
+
+def test_stores_of_other_training_sets_are_refused(runs, tmp_path):
+    (model, path), _ = runs[0]
+    xq, yq = runs[1]
+    x, y = blobs(n=48, d=6, classes=3)
+    cb = AttributionCallback(tmp_path / "fewer", mode="end", horizon=2, curvature_batch_size=32)
+    fit(small_mlp(6, 3), x, y, [cb], epochs=1)
+    with pytest.raises(StoreError, match="other sources.*same training set"):
+        model.attribute((xq, yq), responses=[path, cb.dirpath])
+
+
+def test_a_checkpoint_without_its_parameter_snapshot_is_refused(runs, tmp_path):
+    (model, path0), (model1, path1) = runs[0]
+    xq, yq = runs[1]
+    target = tmp_path / "no-snapshot"
+    shutil.copytree(path1, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    for entry in manifest["checkpoints"]:
+        del entry["params_file"]
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="no parameter snapshot.*an ensemble needs.*Re-run its simulation"):
+        model.attribute((xq, yq), responses=[path0, target])
+    # alone, at the weights it was simulated at, the store needs no snapshot
+    torch.testing.assert_close(model1.attribute((xq, yq), responses=target), model1.attribute((xq, yq), responses=path1))
+
+
+def test_a_replaced_snapshot_is_refused_when_strict(runs, tmp_path):
+    (model, path0), (_, path1) = runs[0]
+    xq, yq = runs[1]
+    target = tmp_path / "swapped"
+    shutil.copytree(path1, target)
+    shutil.copy(f"{path0}/final/params.safetensors", target / "final" / "params.safetensors")
+    with pytest.raises(StoreError, match="does not match the weights digest"):
+        model.attribute((xq, yq), responses=[path0, target])
+    assert model.attribute((xq, yq), responses=[path0, target], strict=False).isfinite().all()
