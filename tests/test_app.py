@@ -106,3 +106,20 @@ def test_lightning_attr_cli_usage(tmp_path, capsys):
     assert "lightning-attr train" in out and "lightning-attr demo" in out
     bad = _run([_script("lightning-attr"), "fly"], cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "unknown command 'fly'" in bad.stderr and "lightning-attr demo" in bad.stderr
+
+
+def test_attribute_ensembles_the_runs_of_a_multirun_folder_or_a_list(sweep, tmp_path):
+    from lightning_attr.app.attribute import attribute_run
+
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "lightning_attr" / "conf" / "attribute.yaml")
+    cfg.max_queries, cfg.n_drawn, cfg.self_influence, cfg.rank_by = 8, 1, False, "score"
+    cfg.run_dir, cfg.out_dir = str(sweep), str(tmp_path / "folder")
+    folder = attribute_run(cfg)
+    assert folder["responses"] == [str(sweep / job / "responses") for job in ("0", "1")]
+    cfg.run_dir, cfg.out_dir = [str(sweep / "1"), str(sweep / "0")], str(tmp_path / "list")
+    listed = attribute_run(cfg)
+    assert listed["responses"] == [str(sweep / job / "responses") for job in ("1", "0")]
+    assert (tmp_path / "list" / "report.html").is_file()
+    cfg.run_dir = []
+    with pytest.raises(ValueError, match="empty list"):
+        attribute_run(cfg)

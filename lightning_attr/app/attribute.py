@@ -2,6 +2,8 @@
 
     lightning-attr-attribute run_dir=runs/demo
     lightning-attr-attribute run_dir=runs/poisoned queries=triggered top_k=10
+    lightning-attr-attribute run_dir=runs/multirun/<time>        # every job's store, ensembled
+    lightning-attr-attribute 'run_dir=[runs/seed0,runs/seed1]'   # the same, for a list of runs
 
 Reads what ``lightning-attr-train`` wrote into ``run_dir`` (``config.yaml``, ``model.pt``,
 ``responses/``), scores the queries against every source with forward passes only, computes every
@@ -59,6 +61,32 @@ def _load_run(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
     return OmegaConf.load(run_dir / "config.yaml"), json.loads((run_dir / "run.json").read_text())
 
 
+def run_directories(run_dir: Any) -> list[Path]:
+    """The train runs to attribute: ``run_dir`` itself; or, for a multirun folder (no ``run.json``, job
+    directories that have one), its jobs in job order; or a list of run directories. Several runs are
+    ensembled (same model and data: each store is checked); the first gives the model and the data."""
+    if OmegaConf.is_list(run_dir) or isinstance(run_dir, (list, tuple)):
+        runs = [Path(d) for d in run_dir]
+        if not runs:
+            raise ValueError("run_dir is an empty list: give a run directory, a multirun folder, or a list of runs.")
+        return runs
+    path = Path(run_dir)
+    if path.is_dir() and not (path / "run.json").is_file():
+        jobs = [p for p in path.iterdir() if (p / "run.json").is_file()]
+        if jobs:
+            return sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+    return [path]
+
+
+def _run_store(run_dir: Path) -> Path:
+    """The response store of another run of an ensemble (its first attribution callback's)."""
+    _, run = _load_run(run_dir)
+    if not run["responses"]:
+        raise ValueError(f"{run_dir} was trained without an attribution callback (run.json lists no responses).")
+    store = Path(next(iter(run["responses"].values())))
+    return store if store.is_absolute() else run_dir / store
+
+
 def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -79,8 +107,9 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError("rank_by=relative divides by each source's self-influence: set self_influence=true.")
     if cfg.top_k < 1 or cfg.batch_size < 1:
         raise ValueError(f"top_k and batch_size must be >= 1, got top_k={cfg.top_k}, batch_size={cfg.batch_size}.")
-    run_dir = Path(cfg.run_dir)
-    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else run_dir
+    run_dirs = run_directories(cfg.run_dir)
+    run_dir = run_dirs[0]  # its model and data are used; every run's store joins the ensemble
+    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else Path(run_dir if OmegaConf.is_list(cfg.run_dir) else cfg.run_dir)
     train_cfg, run = _load_run(run_dir)
     queries = cfg.get("queries") or train_cfg.get("report", {}).get("queries", "test")
     timings: dict[str, float] = {}
@@ -99,6 +128,7 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
     from lightning_attr import ResponseStore
 
     store = ResponseStore.load(responses)
+    members = [responses] + [_run_store(other) for other in run_dirs[1:]]
     timings["load_s"] = time.perf_counter() - start
 
     readout = cfg.get("readout", "linear")
@@ -116,7 +146,8 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
         for x, y in loader:
             with torch.no_grad():
                 preds.append(model(x).argmax(-1))
-            scores.append(model.attribute((x, y), responses=store, readout=readout, checkpoints=checkpoints))
+            ensemble = store if len(members) == 1 else members
+            scores.append(model.attribute((x, y), responses=ensemble, readout=readout, checkpoints=checkpoints))
             ys.append(y)
             progress.advance(task, len(y))
     timings["scores_s"] = time.perf_counter() - start
@@ -168,7 +199,7 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
 
     summary = {
         "run_dir": str(run_dir),
-        "responses": str(responses),
+        "responses": str(responses) if len(members) == 1 else [str(m) for m in members],
         "report": str(files["report"]),
         "tables": [str(files["csv"]), str(files["json"])],
         "figures": [str(p) for p in files["figures"]],
