@@ -1,22 +1,27 @@
 """Benchmark: ours vs TRAK / influence functions / TracIn / EK-FAC on the same model and ground truth.
 
-    python benchmarks/bench.py --out benchmarks/results/latest.json [--settings digits mnist1d] [--quick]
+    python benchmarks/bench.py --out benchmarks/results/latest.json --cache-dir /work/cache/bench --threads 1
+    python benchmarks/bench.py --settings mnist1d-cnn1d --stages truth peers   # the parts that do not depend on ours
 
-Per setting (digits MLP 64-64-10, MNIST-1D MLP) and regime (``example``: one source per training
-example; ``source``: 10 random groups of examples), one JSON record per method with the fields
-of issue 4, plus a Markdown table (``<out>.md``) and a figure (``<out>.png``: LDS vs per-query
-cost). Ground truth comes from :class:`lightning_attr.evaluation.RetrainingHarness` (cached under
-``--cache-dir``); the attributed model is ONE Lightning fit whose example order is the harness's
-seed 0, so the harness's leave-out retrains are that fit minus one source.
+Settings (issue 7: where influence is hard): ``digits-mlp`` (MLP 64-64-10, SGD), ``mnist1d-mlp``
+(MLP 40-100-100-10, SGD) and ``mnist1d-cnn1d`` (the 1D CNN, Adam). Per setting and regime
+(``example``: one source per training example; ``source``: 10 random groups of examples), one
+JSON record per method, a Markdown table with issue 7's targets as pass/fail columns
+(``<out>.md``, see :mod:`lightning_attr.evaluation.targets`) and a figure (``<out>.png``).
 
-Peers need the ``[bench]`` extra; a peer whose package is missing is reported as skipped.
-Regularization of peers is tuned on a validation split of the test queries, never on the
-reported ones; ours runs with its defaults.
+Stages, each cached under ``--cache-dir/<setting>`` and keyed by everything it depends on:
+``truth`` (100 half-data retrains, leave-outs: :class:`RetrainingHarness`), ``peers`` (their scores
+and timings, keyed by the attributed model's weights digest), ``ours`` (never cached: the point of
+a rerun) with the exact damped-GGN target at the same model (the explicit matrix, cached).
+The attributed model is ONE Lightning fit whose example order is the harness's seed 0, so the
+harness's retrains stand in for that fit on a part of the data. Peers' regularization is tuned on
+validation queries, never on the reported ones; ours runs with its defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -29,17 +34,19 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import lightning as L
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_attr import AttributionCallback, IndexedDataset  # noqa: E402
+from lightning_attr import AttributionCallback, IndexedDataset, ResponseStore  # noqa: E402
 from lightning_attr.data import load_digits, load_mnist1d  # noqa: E402
 from lightning_attr.evaluation import (  # noqa: E402
     FixedOrderSampler,
@@ -48,6 +55,7 @@ from lightning_attr.evaluation import (  # noqa: E402
     leave_out_correlations,
     linear_datamodeling_scores,
 )
+from lightning_attr.evaluation.exact import ExactInfluence  # noqa: E402
 from lightning_attr.evaluation.peers import (  # noqa: E402
     DattriIFCG,
     DattriIFLiSSA,
@@ -58,12 +66,13 @@ from lightning_attr.evaluation.peers import (  # noqa: E402
     TraKerTRAK,
     sum_over_sources,
 )
-from lightning_attr.evaluation.retrain import atomic_write_json  # noqa: E402
-from lightning_attr.models import Classifier, mlp  # noqa: E402
+from lightning_attr.evaluation.retrain import _atomic_write_bytes, atomic_write_json, tensor_digest  # noqa: E402
+from lightning_attr.evaluation.targets import markdown  # noqa: E402
+from lightning_attr.models import CNN1d, Classifier, mlp  # noqa: E402
 
 FIELDS = (
-    "setting", "regime", "method", "config", "lds", "lds_ci95", "loo", "group_corr", "setup_s",
-    "query_ms_single", "query_ms_batched", "storage_bytes", "peak_rss_mb", "n_train", "n_sources",
+    "setting", "regime", "method", "config", "lds", "lds_ci95", "loo", "group_corr", "pearson_to_exact", "setup_s",
+    "setup_ratio", "query_ms_single", "query_ms_batched", "storage_bytes", "peak_rss_mb", "n_train", "n_sources",
     "n_queries", "torch", "machine",
 )  # fmt: skip
 
@@ -71,11 +80,16 @@ FIELDS = (
 # --------------------------------------------------------------------------------------- settings
 @dataclass
 class Setting:
+    """One bench setting: data, network, training recipe, queries, and its simulation-cost limit."""
+
     name: str
-    load: callable
-    hidden: tuple[int, ...]
+    load: Callable
+    build: Callable  # (data) -> nn.Module, freshly initialized from the global seed
+    arch: str
     recipe: TrainingRecipe
     n_val_queries: int
+    n_report_queries: int | None = None  # None: every test point not used for validation
+    setup_limit: float | None = None  # issue 7: simulation <= this x the plain fit
     n_groups: int = 10
     n_subsets: int = 100
     alpha: float = 0.5
@@ -85,10 +99,26 @@ class Setting:
     extra: dict = field(default_factory=dict)
 
 
+SGD = TrainingRecipe(30, 64, 0.05, 0.9, 1e-3)
 SETTINGS = {
-    "digits": Setting("digits", lambda: load_digits(1400, seed=0), (64,), TrainingRecipe(30, 64, 0.05, 0.9, 1e-3), 97),
-    "mnist1d": Setting("mnist1d", lambda: load_mnist1d(4000, 1000), (100, 100), TrainingRecipe(30, 64, 0.05, 0.9, 1e-3), 200),
-}
+    "digits-mlp": Setting(
+        "digits-mlp", lambda: load_digits(1400, seed=0), lambda d: mlp(64, [64], d.num_classes), "mlp-64-64-10", SGD, 97,
+        setup_limit=10.0,
+    ),
+    "mnist1d-mlp": Setting(
+        "mnist1d-mlp", lambda: load_mnist1d(4000, 1000), lambda d: mlp(40, [100, 100], d.num_classes), "mlp-40-100-100-10", SGD,
+        100, 300, n_loo=50, loo_seeds=2, group_seeds=2,
+    ),
+    "mnist1d-cnn1d": Setting(
+        "mnist1d-cnn1d", lambda: load_mnist1d(4000, 1000), lambda d: CNN1d([40], d.num_classes, (16, 32), 5), "cnn1d-16-32-k5",
+        TrainingRecipe(30, 64, 3e-3, 0.9, 1e-3, "adam"), 100, 300, setup_limit=30.0, n_loo=50, loo_seeds=2, group_seeds=2,
+    ),
+}  # fmt: skip
+
+
+def recipe_key(recipe: TrainingRecipe) -> dict:
+    """The recipe as the harness keys its cache (an SGD recipe without the ``optimizer`` field)."""
+    return {k: v for k, v in asdict(recipe).items() if (k, v) != ("optimizer", "sgd")}
 
 
 def machine() -> str:
@@ -180,13 +210,13 @@ class EpochSnapshots(L.Callback):
 
 def make_net(setting: Setting, data, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return mlp(int(torch.tensor(data.input_shape).prod()), list(setting.hidden), data.num_classes)
+    return setting.build(data)
 
 
 def fit(setting: Setting, data, callbacks: list, seed: int = 0) -> tuple[Classifier, float]:
     """One Lightning fit with the harness's example order for ``seed``; returns (model, seconds)."""
     r = setting.recipe
-    model = Classifier(make_net(setting, data, seed), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay)
+    model = Classifier(make_net(setting, data, seed), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay, optimizer=r.optimizer)
     n = len(data.x_train)
     loader = DataLoader(
         IndexedDataset(TensorDataset(data.x_train, data.y_train)),
@@ -202,18 +232,45 @@ def fit(setting: Setting, data, callbacks: list, seed: int = 0) -> tuple[Classif
     return model, time.perf_counter() - start
 
 
+# ------------------------------------------------------------------------------------------ cache
+def _key(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class ResultCache:
+    """Tensors + a JSON description per entry (``<name>-<key>.safetensors`` / ``.json``), JSON written last."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _paths(self, name: str, key: str) -> tuple[Path, Path]:
+        slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+        return self.root / f"{slug}-{key}.safetensors", self.root / f"{slug}-{key}.json"
+
+    def load(self, name: str, key: str) -> tuple[dict[str, Tensor], dict] | None:
+        tensors, meta = self._paths(name, key)
+        if not (tensors.exists() and meta.exists()):
+            return None
+        return load_file(str(tensors)), json.loads(meta.read_text())
+
+    def save(self, name: str, key: str, tensors: dict[str, Tensor], meta: dict) -> None:
+        tensors_path, meta_path = self._paths(name, key)
+        _atomic_write_bytes(tensors_path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
+        atomic_write_json(meta_path, meta)
+
+
 # ---------------------------------------------------------------------------------------- methods
 @dataclass
 class Result:
     method: str
     config: dict
-    scores_report: Tensor  # [Q_report, S]
+    scores: Tensor  # [q, S] for the first q reported queries
     setup_s: float
     query_ms_single: float
     query_ms_batched: float
     storage_bytes: int
     peak_rss_mb: float
-    scorer: object = None  # (x, y) -> Tensor[Q, S]: kept for the interleaved timing at the end
+    setup_ratio: float | None = None
 
 
 def time_queries(score_fn, xq: Tensor, yq: Tensor, single_repeats: int, batched_repeats: int) -> tuple[float, float, Tensor]:
@@ -230,48 +287,7 @@ def time_queries(score_fn, xq: Tensor, yq: Tensor, single_repeats: int, batched_
     return 1e3 * single, 1e3 * batched / len(xq), scores
 
 
-def run_ours(setting, data, regime, groups, xq, yq, plain_fit_s, mode, workdir, args, checkpoint_epochs=None) -> Result:
-    dirpath = Path(workdir) / f"ours-{regime}-{mode}{'-ens' if checkpoint_epochs else ''}"
-    shutil.rmtree(dirpath, ignore_errors=True)
-    sources = groups if regime == "source" else None
-    cb = AttributionCallback(dirpath=str(dirpath), mode=mode, sources=sources, checkpoint_epochs=checkpoint_epochs)
-    with PeakRSS() as rss:
-        model, fit_s = fit(setting, data, [cb])
-        model.eval()
-        checkpoints = "all" if checkpoint_epochs else "last"
-
-        def score(x, y):
-            return model.attribute((x, y), responses=cb.dirpath, checkpoints=checkpoints)
-
-        single, batched, scores = time_queries(score, xq, yq, args.single_repeats, args.batched_repeats)
-    from lightning_attr import ResponseStore
-
-    store = ResponseStore.load(cb.dirpath)
-    if regime == "source":  # order the columns as group ids 0..G-1
-        order = [store.source_ids.index(g) for g in range(int(groups.max()) + 1)]
-        scores = scores[:, order]
-    info = store.checkpoint_info(store.checkpoints[-1])
-    # setup = the callback's own wall time (its hooks + end-of-fit simulation), cumulative over checkpoints;
-    # the rest of the same fit is the plain training it rode on, timed under the same machine load.
-    sim_s = float(info.get("simulation_seconds", float("nan")))
-    train_s = fit_s - sim_s
-    config = {
-        "mode": mode, "horizon": cb.horizon, "damping": cb.damping, "curvature": cb.curvature,
-        "readout": "linear", "checkpoints": checkpoints, "checkpoint_epochs": checkpoint_epochs,
-        "fit_s_with_callback": round(fit_s, 3), "training_s_in_that_fit": round(train_s, 3),
-        "setup_to_training_ratio": round(sim_s / train_s, 3),
-        "plain_fit_s_separate_runs": round(plain_fit_s, 3),
-        "setup_by_difference_s": round(fit_s - plain_fit_s, 3),
-        "step_rule": info.get("step_rule"), "curvature_products": info.get("curvature_products"),
-        "n_shortfall": info.get("n_shortfall"),
-    }  # fmt: skip
-    if regime == "source":
-        base_score = score
-        score = lambda x, y: base_score(x, y)[:, order]  # noqa: E731
-    return Result(
-        f"ours ({mode}{', ' + str(len(checkpoint_epochs) + 1) + ' ckpts' if checkpoint_epochs else ''})",
-        config, scores, sim_s, single, batched, dir_bytes(cb.dirpath), rss.peak_mb, score,
-    )  # fmt: skip
+NO_DEFAULTS_ROW = object()
 
 
 def run_peer(peer: Peer, models, data, xq, yq, args, slow: bool) -> Result:
@@ -282,10 +298,25 @@ def run_peer(peer: Peer, models, data, xq, yq, args, slow: bool) -> Result:
         reps_single = 3 if slow else args.single_repeats
         reps_batched = 1 if slow else args.batched_repeats
         single, batched, scores = time_queries(peer.score, xq, yq, reps_single, reps_batched)
-    return Result(
-        peer.name, dict(peer.config), scores.float(), setup_s, single, batched, peer.storage_bytes(), rss.peak_mb,
-        None if slow else peer.score,
-    )
+    return Result(peer.name, dict(peer.config), scores.float(), setup_s, single, batched, peer.storage_bytes(), rss.peak_mb)
+
+
+PEER_SPECS = [  # (label, make(setting, value), default value or NO_DEFAULTS_ROW, tuning grid, slow: fewer queries/repeats)
+    # Grids: one decade either side of what digits chose with a wider grid in the first run (traker 1e2-1e3,
+    # dattri TRAK 0.1, IF-CG 1e-2, EK-FAC 1e-4-1e-3); a choice at a grid's edge is flagged in the config.
+    # traker's defaults (lambda_reg=0) collapse (digits: LDS -0.006 / 0.007), so only its tuned rows are run.
+    ("TRAK-1 traker", lambda s, v: TraKerTRAK(1, proj_dim=2048, lambda_reg=v), NO_DEFAULTS_ROW, [10.0, 100.0, 1e3, 1e4], False),
+    ("TRAK-10 traker", lambda s, v: TraKerTRAK(10, proj_dim=2048, lambda_reg=v), NO_DEFAULTS_ROW, [10.0, 100.0, 1e3, 1e4], False),
+    ("TRAK-1 dattri", lambda s, v: DattriTRAK(1, proj_dim=512, regularization=v), 0.0, [1e-2, 0.1, 1.0], False),
+    ("TRAK-10 dattri", lambda s, v: DattriTRAK(10, proj_dim=512, regularization=v), 0.0, [1e-2, 0.1, 1.0], False),
+    ("IF-CG", lambda s, v: DattriIFCG(regularization=v), 0.0, [1e-3, 1e-2, 1e-1], False),
+    ("IF-LiSSA", lambda s, v: DattriIFLiSSA(damping=v), 0.0, None, True),
+    ("grad-dot", lambda s, v: DattriTracIn([1.0]), None, None, False),
+    ("TracIn", lambda s, v: DattriTracIn([s.recipe.lr] * 5), None, None, False),
+    ("EK-FAC", lambda s, v: KronfluenceEKFAC(damping_factor=v), 1e-8, [None, 1e-4, 1e-3, 1e-2], False),
+]
+# the order peers are computed in when compute time is short: the targets' anchors first
+PEER_PRIORITY = ["TRAK-10 dattri", "IF-CG", "TRAK-1 dattri", "EK-FAC", "grad-dot", "TracIn", "TRAK-1 traker", "TRAK-10 traker", "IF-LiSSA"]
 
 
 def tune(make_peer, grid, models, data, x_val, y_val, lds_val_fn) -> tuple[object, dict]:
@@ -304,221 +335,380 @@ def tune(make_peer, grid, models, data, x_val, y_val, lds_val_fn) -> tuple[objec
     if not finite:
         raise RuntimeError(f"every grid value failed for {make_peer(grid[0]).name}: {results}")
     best = max(finite, key=finite.get)
-    return best, {"grid": {str(k): round(v, 4) for k, v in results.items()}, "chosen": best, "tuned_on": "validation queries"}
+    edge = best in (grid[0], grid[-1]) and best is not None
+    return best, {"grid": {str(k): round(v, 4) for k, v in results.items()}, "chosen": best, "chosen_at_grid_edge": edge,
+                  "tuned_on": "validation queries"}
 
 
-# ------------------------------------------------------------------------------------------- main
-def bench_setting(setting: Setting, args, emit) -> list[dict]:
-    torch.manual_seed(0)
-    data = setting.load()
-    n, q_all = len(data.x_train), len(data.x_test)
-    perm = torch.randperm(q_all, generator=torch.Generator().manual_seed(1))
-    val_idx, rep_idx = perm[: setting.n_val_queries].sort().values, perm[setting.n_val_queries :].sort().values
-    if args.quick:
-        rep_idx = rep_idx[: args.quick_queries]
-    x_val, y_val = data.x_test[val_idx], data.y_test[val_idx]
-    x_rep, y_rep = data.x_test[rep_idx], data.y_test[rep_idx]
-    groups = torch.randperm(n, generator=torch.Generator().manual_seed(2)) % setting.n_groups  # equal-size random groups
-    loo_examples = torch.randperm(n, generator=torch.Generator().manual_seed(3))[: setting.n_loo].sort().values
-    n_subsets = args.quick_subsets if args.quick else setting.n_subsets
-    make = lambda s: make_net(setting, data, s)  # noqa: E731
-    key = f"{setting.name}-mlp-{'-'.join(map(str, setting.hidden))}"
-    cache = Path(args.cache_dir) / setting.name
+# ------------------------------------------------------------------------------------------- bench
+class SettingBench:
+    """One setting: data, query splits, ground truth, the attributed model, and the records made from them."""
 
-    print(f"[{setting.name}] ground truth (cache {cache})", flush=True)
-    ex = RetrainingHarness(make, key, data.x_train, data.y_train, data.x_test, data.y_test, None, setting.recipe, cache)
-    gr = RetrainingHarness(make, key, data.x_train, data.y_train, data.x_test, data.y_test, groups, setting.recipe, cache)
-    t = time.perf_counter()
-    gt = {
-        "example": {"subsets": ex.subsets(n_subsets, setting.alpha), "leave_out": ex.leave_out(loo_examples, setting.loo_seeds)},
-        "source": {"subsets": gr.subsets(n_subsets, setting.alpha), "leave_out": gr.leave_out(list(range(setting.n_groups)), setting.group_seeds)},
-    }
-    print(f"[{setting.name}] ground truth ready in {time.perf_counter() - t:.1f}s "
-          f"(retrain seconds: {sum(g.train_seconds for r in gt.values() for g in r.values()):.1f})", flush=True)  # fmt: skip
+    def __init__(self, setting: Setting, args) -> None:
+        self.setting, self.args = setting, args
+        torch.manual_seed(0)
+        self.data = data = setting.load()
+        n, q_all = len(data.x_train), len(data.x_test)
+        perm = torch.randperm(q_all, generator=torch.Generator().manual_seed(1))
+        n_rep = setting.n_report_queries or q_all - setting.n_val_queries
+        if args.quick:
+            n_rep = min(n_rep, args.quick_queries)
+        self.val_idx = perm[: setting.n_val_queries].sort().values
+        self.rep_idx = perm[setting.n_val_queries : setting.n_val_queries + n_rep].sort().values
+        self.x_val, self.y_val = data.x_test[self.val_idx], data.y_test[self.val_idx]
+        self.x_rep, self.y_rep = data.x_test[self.rep_idx], data.y_test[self.rep_idx]
+        self.groups = torch.randperm(n, generator=torch.Generator().manual_seed(2)) % setting.n_groups  # equal-size random groups
+        n_loo = min(setting.n_loo, args.quick_queries) if args.quick else setting.n_loo
+        self.loo_examples = torch.randperm(n, generator=torch.Generator().manual_seed(3))[:n_loo].sort().values
+        self.n_subsets = args.quick_subsets if args.quick else setting.n_subsets
+        self.cache_root = Path(args.cache_dir) / setting.name
+        self.cache = ResultCache(self.cache_root)
+        self.signature = {
+            "setting": setting.name, "arch": setting.arch, "recipe": recipe_key(setting.recipe),
+            "data": tensor_digest(data.x_train, data.y_train, data.x_test, data.y_test),
+            "val": tensor_digest(self.val_idx), "report": tensor_digest(self.rep_idx),
+        }  # fmt: skip
+        self.records: list[dict] = []
+        self._model: nn.Module | None = None
+        self._members: list[nn.Module] | None = None
+        self._exact: ExactInfluence | None = None
+        self._trak1: DattriTRAK | None = None
 
-    def lds_of(regime, scores, idx):
-        g = gt[regime]["subsets"]
+    def make(self, seed: int) -> nn.Module:
+        return make_net(self.setting, self.data, seed)
+
+    # -- ground truth
+    def truth(self) -> None:
+        s, d = self.setting, self.data
+        key = f"{s.name}-{s.arch}"
+        ex = RetrainingHarness(self.make, key, d.x_train, d.y_train, d.x_test, d.y_test, None, s.recipe, self.cache_root)
+        gr = RetrainingHarness(self.make, key, d.x_train, d.y_train, d.x_test, d.y_test, self.groups, s.recipe, self.cache_root)
+        self.full_harness = ex
+        t = time.perf_counter()
+        print(f"[{s.name}] ground truth (cache {self.cache_root})", flush=True)
+        self.gt = {
+            "example": {"subsets": ex.subsets(self.n_subsets, s.alpha), "leave_out": ex.leave_out(self.loo_examples, 1 if self.args.quick else s.loo_seeds)},
+            "source": {"subsets": gr.subsets(self.n_subsets, s.alpha), "leave_out": gr.leave_out(list(range(s.n_groups)), 1 if self.args.quick else s.group_seeds)},
+        }
+        retrain_s = sum(g.train_seconds for r in self.gt.values() for g in r.values())
+        print(f"[{s.name}] ground truth ready in {time.perf_counter() - t:.1f}s (retrain seconds when computed: {retrain_s:.1f})", flush=True)
+
+    def lds(self, regime: str, scores: Tensor, idx: Tensor) -> Tensor:
+        g = self.gt[regime]["subsets"]
         return linear_datamodeling_scores(scores, g.masks, g.values[:, idx])
 
-    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{setting.name}-"))
-    # the attributed model, plain, timed; snapshots for TracIn
-    snap_epochs = [round(setting.recipe.epochs * k / 5) for k in range(1, 6)]
-    snaps = EpochSnapshots(snap_epochs)
-    plain_times = []
-    for _ in range(args.plain_fits):
-        model, seconds = fit(setting, data, [snaps])
-        plain_times.append(seconds)
-    plain_fit_s = statistics.median(plain_times)
-    net = model.net.eval()
-    extra_seeds = list(range(1, 10))
-    t = time.perf_counter()
-    ens = ex.full(extra_seeds)
-    ens_train_s = time.perf_counter() - t
-    members = [net]
-    for i in range(len(extra_seeds)):
-        m = make_net(setting, data, 0)
-        m.load_state_dict({k: v[i] for k, v in ens.items()})
-        members.append(m.eval())
-    tracin_models = []
-    for e in snap_epochs:
-        m = make_net(setting, data, 0)
-        m.load_state_dict(snaps.states[e])
-        tracin_models.append(m.eval())
-    print(f"[{setting.name}] plain fit {plain_fit_s:.2f}s; 9 ensemble members in {ens_train_s:.1f}s", flush=True)
+    # -- the attributed model (plain fits, timed), TracIn's snapshots, TRAK's extra members
+    def model(self) -> nn.Module:
+        if self._model is None:
+            s = self.setting
+            self.snap_epochs = [round(s.recipe.epochs * k / 5) for k in range(1, 6)]
+            snaps = EpochSnapshots(self.snap_epochs)
+            times = []
+            for _ in range(self.args.plain_fits):
+                snaps.states.clear()
+                model, seconds = fit(s, self.data, [snaps])
+                times.append(seconds)
+            self.plain_fit_s = statistics.median(times)
+            self.plain_fit_all_s = [round(t, 3) for t in times]
+            self._model = model.net.eval()
+            self.snapshots = snaps.states
+            self.weights = tensor_digest(*[p.detach() for p in self._model.parameters()])
+            with torch.no_grad():
+                acc = (self._model(self.data.x_test).argmax(1) == self.data.y_test).float().mean().item()
+            self.test_accuracy = round(acc, 4)
+            print(f"[{s.name}] plain fit {self.plain_fit_s:.2f}s (median of {len(times)}), test accuracy {acc:.3f}", flush=True)
+        return self._model
 
-    emitted: list[dict] = []
-    kept: list[tuple[dict, Result]] = []
-    def record(regime: str, r: Result) -> dict:
-        lds = lds_of(regime, r.scores_report, rep_idx)
-        lo = gt[regime]["leave_out"]
-        cols = loo_examples if regime == "example" else torch.arange(setting.n_groups)
-        corr = nanmean(leave_out_correlations(r.scores_report[:, cols], lo.values[:, rep_idx]))
+    def members(self) -> list[nn.Module]:
+        if self._members is None:
+            t = time.perf_counter()
+            extra = self.full_harness.full(list(range(1, 10)))
+            self.ens_train_s = time.perf_counter() - t
+            self._members = [self.model()]
+            for i in range(9):
+                m = self.make(0)
+                m.load_state_dict({k: v[i] for k, v in extra.items()})
+                self._members.append(m.eval())
+            print(f"[{self.setting.name}] 9 extra TRAK members in {self.ens_train_s:.1f}s", flush=True)
+        return self._members
+
+    def tracin_models(self) -> list[nn.Module]:
+        self.model()
+        out = []
+        for e in self.snap_epochs:
+            m = self.make(0)
+            m.load_state_dict(self.snapshots[e])
+            out.append(m.eval())
+        return out
+
+    # -- records
+    def record(self, regime: str, r: Result, pearson: float | None = None) -> dict:
+        s, n = self.setting, len(self.data.x_train)
+        idx = self.rep_idx[: len(r.scores)]
+        lds = self.lds(regime, r.scores, idx)
+        lo = self.gt[regime]["leave_out"]
+        cols = self.loo_examples if regime == "example" else torch.arange(s.n_groups)
+        corr = nanmean(leave_out_correlations(r.scores[:, cols], lo.values[:, idx]))
         rec = {
-            "setting": setting.name, "regime": regime, "method": r.method, "config": r.config,
+            "setting": s.name, "regime": regime, "method": r.method, "config": dict(r.config),
             "lds": round(nanmean(lds), 4), "lds_ci95": ci95(lds),
             "loo": round(corr, 4) if regime == "example" else None,
             "group_corr": round(corr, 4) if regime == "source" else None,
-            "setup_s": round(r.setup_s, 3), "query_ms_single": round(r.query_ms_single, 4),
-            "query_ms_batched": round(r.query_ms_batched, 5), "storage_bytes": int(r.storage_bytes),
-            "peak_rss_mb": round(r.peak_rss_mb, 1), "n_train": n,
-            "n_sources": n if regime == "example" else setting.n_groups, "n_queries": len(rep_idx),
+            "pearson_to_exact": None if pearson is None else round(pearson, 4),
+            "setup_s": None if r.setup_s is None else round(r.setup_s, 3),
+            "setup_ratio": None if r.setup_ratio is None else round(r.setup_ratio, 2),
+            "query_ms_single": _round(r.query_ms_single, 4), "query_ms_batched": _round(r.query_ms_batched, 5),
+            "storage_bytes": None if r.storage_bytes is None else int(r.storage_bytes), "peak_rss_mb": _round(r.peak_rss_mb, 1),
+            "n_train": n, "n_sources": n if regime == "example" else s.n_groups, "n_queries": len(idx),
             "torch": torch.__version__, "machine": machine(),
         }  # fmt: skip
         rec["config"]["ground_truth"] = {
-            "lds": f"{n_subsets} retrains on {setting.alpha:.0%} of the sources, 1 seed each",
+            "lds": f"{self.n_subsets} retrains on {s.alpha:.0%} of the sources, 1 seed each",
             "leave_out": f"{len(cols)} {'examples' if regime == 'example' else 'groups'} x {lo.settings['n_seeds']} seeds, seed held fixed",
         }
+        rec["config"]["plain_fit"] = {"seconds": self.plain_fit_all_s, "test_accuracy": self.test_accuracy, "recipe": recipe_key(s.recipe)}
         assert tuple(rec) == FIELDS
-        print(f"  => {regime:8s} {r.method:40s} LDS {rec['lds']:.3f}  corr {corr:.3f}  setup {r.setup_s:.2f}s  "
-              f"Q=1 {r.query_ms_single:.2f}ms  batched {r.query_ms_batched:.4f}ms/q", flush=True)  # fmt: skip
-        emitted.append(rec)
-        kept.append((rec, r))
-        emit(emitted)
+        print(f"  => {s.name:14s} {regime:8s} {r.method:44s} LDS {rec['lds']:.3f}  corr {corr:.3f}  setup {_fmt(r.setup_s)}s  "
+              f"Q=1 {_fmt(r.query_ms_single)}ms  batched {_fmt(r.query_ms_batched, 4)}ms/q", flush=True)  # fmt: skip
+        self.records.append(rec)
         return rec
 
-    wanted = lambda name: not args.methods or any(m.lower() in name.lower() for m in args.methods)  # noqa: E731
+    def record_both_regimes(self, r: Result, pearson: float | None = None, pearson_source: float | None = None) -> None:
+        """Per-example scores: the example regime as is, the source regime summed per group (the sum timed and added)."""
+        self.record("example", r, pearson)
+        g = self.setting.n_groups
+        t_sum, grouped = timed(lambda: sum_over_sources(r.scores, self.groups, g), 5)
+        t_one, _ = timed(lambda: sum_over_sources(r.scores[:1], self.groups, g), 5)
+        add = lambda ms, extra: None if ms is None else ms + extra  # noqa: E731
+        self.record(
+            "source",
+            Result(r.method, {**r.config, "source_scores": "sum of per-example scores per group"}, grouped, r.setup_s,
+                   add(r.query_ms_single, 1e3 * t_one), add(r.query_ms_batched, 1e3 * t_sum / len(r.scores)),
+                   r.storage_bytes, r.peak_rss_mb, r.setup_ratio),
+            pearson_source,
+        )  # fmt: skip
 
-    # ours, default settings, both modes, both regimes
-    ens_epochs = [round(setting.recipe.epochs * k / 6) for k in (2, 3, 4, 5)]
-
-    def run_ours_all(variants):
-        for regime in ("example", "source"):
-            for mode, ck in variants:
-                if not wanted("ours"):
+    # -- peers: computed once per (model weights, settings), then read from the cache
+    def peers(self, compute: bool) -> None:
+        s, args = self.setting, self.args
+        wanted = lambda name: not args.methods or any(m.lower() in name.lower() for m in args.methods)  # noqa: E731
+        self.model()
+        specs = {spec[0]: spec for spec in PEER_SPECS}
+        for label, make, default, grid, slow in (specs[k] for k in PEER_PRIORITY):
+            if not wanted(label) or label in args.skip:
+                continue
+            n_q = min(args.slow_queries, len(self.rep_idx)) if slow else len(self.rep_idx)
+            variants = [] if default is NO_DEFAULTS_ROW else [("defaults", default, None)]
+            if grid is not None and not args.no_tuning:
+                variants.append(("tuned", None, grid))
+            for tag, value, grid_ in variants:
+                key = _key({**self.signature, "weights": self.weights, "peer": label, "tag": tag, "value": value, "grid": grid_,
+                            "n_queries": n_q, "format": 1})  # fmt: skip
+                hit = self.cache.load(f"peer-{label}-{tag}", key)
+                if hit is None and not compute:
+                    print(f"[{s.name}] {label} [{tag}]: not cached (run --stages peers)", flush=True)
                     continue
-                print(f"[{setting.name}/{regime}] ours {mode}{' + checkpoints ' + str(ck) if ck else ''}", flush=True)
+                if hit is None:
+                    try:
+                        hit = self._run_peer(label, make, tag, value, grid_, slow, n_q)
+                    except ImportError as err:
+                        print(f"  skipped: {err}", flush=True)
+                        break
+                    except Exception:
+                        traceback.print_exc()
+                        continue
+                    self.cache.save(f"peer-{label}-{tag}", key, *hit)
+                tensors, meta = hit
+                r = Result(meta["method"], meta["config"], tensors["scores"], meta["setup_s"], meta["query_ms_single"],
+                           meta["query_ms_batched"], meta["storage_bytes"], meta["peak_rss_mb"],
+                           meta["setup_s"] / self.plain_fit_s)  # fmt: skip
+                r.config["measured_at"] = meta["measured_at"]
+                self.record_both_regimes(r)
+
+    def _run_peer(self, label, make, tag, value, grid, slow, n_q) -> tuple[dict[str, Tensor], dict]:
+        s = self.setting
+        models = self.tracin_models() if label in ("TracIn",) else self.members() if label.startswith("TRAK-10") else [self.model()]
+        tuning = None
+        if grid is not None:
+            print(f"[{s.name}] tuning {label} on {len(self.val_idx)} validation queries", flush=True)
+            lds_val = lambda sc: nanmean(self.lds("example", sc, self.val_idx))  # noqa: E731
+            value, tuning = tune(lambda v: make(s, v), grid, models, self.data, self.x_val, self.y_val, lds_val)
+        print(f"[{s.name}] {label} ({tag}: {value}) on {n_q} queries", flush=True)
+        res = run_peer(make(s, value), models, self.data, self.x_rep[:n_q], self.y_rep[:n_q], self.args, slow)
+        config = {**res.config, "variant": tag, **(tuning or {})}
+        if label.startswith("TRAK-10"):
+            config["extra_models_trained"] = 9
+            config["extra_training_s"] = round(self.ens_train_s, 2)
+        if slow:
+            config["queries"] = f"the first {n_q} reported queries only (seconds per query)"
+        meta = {
+            "method": f"{res.method} [{tag}]", "config": config, "setup_s": res.setup_s, "query_ms_single": res.query_ms_single,
+            "query_ms_batched": res.query_ms_batched, "storage_bytes": res.storage_bytes, "peak_rss_mb": res.peak_rss_mb,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }  # fmt: skip
+        return {"scores": res.scores.float()}, meta
+
+    # -- query cost at Q=1 against TRAK-1 timed at the same moment (the machine's load varies by 10x)
+    def paired_q1(self, score_fn) -> dict:
+        """Q=1 milliseconds of ``score_fn`` and of dattri's TRAK-1 on the same model, interleaved query by query (medians)."""
+        if self._trak1 is None:
+            self._trak1 = DattriTRAK(1, proj_dim=512, regularization=0.1)  # the query cost does not depend on the ridge
+            self._trak1.setup([self.model()], self.data.x_train, self.data.y_train)
+        ours, trak = [], []
+        for k in range(self.args.paired_rounds + 1):
+            x, y = self.x_rep[k : k + 1], self.y_rep[k : k + 1]
+            for fn, out in ((score_fn, ours), (self._trak1.score, trak)):
+                t = time.perf_counter()
+                fn(x, y)
+                if k:  # the first round warms up
+                    out.append(1e3 * (time.perf_counter() - t))
+        return {"paired_q1": {"ours_ms": round(statistics.median(ours), 3), "trak1_dattri_ms": round(statistics.median(trak), 3),
+                              "rounds": self.args.paired_rounds, "how": "alternating single queries, medians"}}
+
+    # -- the exact target at the same model
+    def _exact_key(self) -> str:
+        self.model()
+        return _key({**self.signature, "weights": self.weights, "format": 1})
+
+    def explicit_ggn(self) -> Tensor:
+        """The full-data GGN at the attributed model, ``Tensor[P, P]`` (cached in float32)."""
+        key = self._exact_key()
+        hit = self.cache.load("ggn", key)
+        if self._exact is None:
+            self._exact = ExactInfluence(self.model(), self.data.x_train, self.data.y_train, ggn=None if hit is None else hit[0]["ggn"])
+        if hit is None:
+            t = time.perf_counter()
+            print(f"[{self.setting.name}] explicit GGN, P = {self._exact.num_parameters}", flush=True)
+            g = self._exact.ggn
+            self.cache.save("ggn", key, {"ggn": g.float()}, {"seconds": time.perf_counter() - t, "P": self._exact.num_parameters})
+            print(f"[{self.setting.name}] explicit GGN in {time.perf_counter() - t:.1f}s", flush=True)
+        return self._exact.ggn
+
+    def exact_scores(self, damping: float) -> tuple[Tensor, float]:
+        """``Tensor[Q_rep, n]`` exact damped-GGN influence at the attributed model, and the seconds it took (cached)."""
+        key = self._exact_key()
+        name = f"exact-{damping:.6g}"
+        hit = self.cache.load(name, key)
+        if hit is not None:
+            return hit[0]["scores"], hit[1]["seconds"]
+        t = time.perf_counter()
+        self.explicit_ggn()
+        scores = self._exact.scores(self.x_rep, self.y_rep, damping)
+        seconds = time.perf_counter() - t
+        self.cache.save(name, key, {"scores": scores}, {"seconds": seconds, "damping": damping})
+        return scores, seconds
+
+    # -- ours
+    def ours(self) -> None:
+        s, args = self.setting, self.args
+        self.model()
+        epochs = s.recipe.epochs
+        variants = {
+            "default": ("online", None),
+            "end": ("end", None),
+            "ensemble": ("online", [round(epochs * k / 6) for k in (2, 3, 4, 5)]),
+        }
+        exact_done: dict[float, Tensor] = {}
+        for name in args.ours:
+            mode, ck = variants[name]
+            for regime in ("example", "source"):
+                print(f"[{s.name}/{regime}] ours {name}: mode={mode}{' checkpoints ' + str(ck) if ck else ''}", flush=True)
                 try:
-                    record(regime, run_ours(setting, data, regime, groups, x_rep, y_rep, plain_fit_s, mode, workdir, args, ck))
+                    r, damping = run_ours(self, regime, mode, ck)
                 except Exception:
                     traceback.print_exc()
+                    continue
+                pearson = None
+                if not args.no_exact and ck is None and damping is not None:
+                    if damping not in exact_done:
+                        exact, seconds = self.exact_scores(damping)
+                        exact_done[damping] = exact
+                        er = Result(f"exact damped-GGN target (λ={damping:.3g}, same model)",
+                                    {"damping": damping, "how": "explicit [P, P] GGN, Cholesky solve (lightning_attr.evaluation.exact)"},
+                                    exact, seconds, None, None, None, None)  # fmt: skip
+                        self.record_both_regimes(er, 1.0, 1.0)
+                    exact = exact_done[damping]
+                    if regime == "source":
+                        exact = sum_over_sources(exact, self.groups, s.n_groups)
+                    pearson = float(torch.corrcoef(torch.stack([r.scores.flatten(), exact.flatten()]))[0, 1])
+                self.record(regime, r, pearson)
 
-    run_ours_all([("online", None), ("end", None)])
 
-    # peers: per-example scores on the SAME model; the source regime sums them per group
-    lds_val = lambda s: nanmean(lds_of("example", s, val_idx))  # noqa: E731
-    # TRAK's ridge: traker and dattri scale their features differently, so the grid is wide (1e-3..1e5)
-    lam = [10.0**k for k in range(-3, 6)]
-    specs = [
-        ("TRAK-1 traker", lambda v: TraKerTRAK(1, proj_dim=2048, lambda_reg=v), 0.0, lam, False),
-        ("TRAK-10 traker", lambda v: TraKerTRAK(10, proj_dim=2048, lambda_reg=v), 0.0, lam, False),
-        ("TRAK-1 dattri", lambda v: DattriTRAK(1, proj_dim=512, regularization=v), 0.0, lam, False),
-        ("TRAK-10 dattri", lambda v: DattriTRAK(10, proj_dim=512, regularization=v), 0.0, lam, False),
-        ("IF-CG", lambda v: DattriIFCG(regularization=v), 0.0, [1e-4, 1e-3, 1e-2, 1e-1, 1.0], False),
-        ("IF-LiSSA", lambda v: DattriIFLiSSA(damping=v), 0.0, None, True),
-        ("grad-dot", lambda v: DattriTracIn([1.0]), None, None, False),
-        ("TracIn", lambda v: DattriTracIn([setting.recipe.lr] * len(tracin_models)), None, None, False),
-        ("EK-FAC", lambda v: KronfluenceEKFAC(damping_factor=v), 1e-8, [None, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1], False),
-    ]
-    for label, make_peer, default, grid, slow in specs:
-        if not wanted(label) or label in args.skip:
+def run_ours(bench: SettingBench, regime: str, mode: str, checkpoint_epochs) -> tuple[Result, float | None]:
+    s, args = bench.setting, bench.args
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{s.name}-"))
+    dirpath = workdir / "responses"
+    groups = bench.groups
+    cb = AttributionCallback(dirpath=str(dirpath), mode=mode, sources=groups if regime == "source" else None, checkpoint_epochs=checkpoint_epochs)
+    try:
+        with PeakRSS() as rss:
+            model, fit_s = fit(s, bench.data, [cb])
+            model.eval()
+            checkpoints = "all" if checkpoint_epochs else "last"
+
+            def score(x, y):
+                return model.attribute((x, y), responses=cb.dirpath, checkpoints=checkpoints)
+
+            single, batched, scores = time_queries(score, bench.x_rep, bench.y_rep, args.single_repeats, args.batched_repeats)
+            paired = bench.paired_q1(score) if args.paired_rounds > 0 else None
+        store = ResponseStore.load(cb.dirpath)
+        if regime == "source":  # order the columns as group ids 0..G-1
+            order = [store.source_ids.index(g) for g in range(s.n_groups)]
+            scores = scores[:, order]
+        info = store.checkpoint_info(store.checkpoints[-1])
+        storage = dir_bytes(cb.dirpath)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    # setup = the callback's own wall time (its hooks + end-of-fit simulation), cumulative over checkpoints;
+    # the rest of the same fit is the plain training it rode on, timed under the same machine load.
+    sim_s = float(info.get("simulation_seconds", float("nan")))
+    train_s = fit_s - sim_s
+    rule = info.get("step_rule") or {}
+    damping = rule.get("damping") if isinstance(rule, dict) else None
+    config = {
+        "mode": mode, "horizon": cb.horizon, "damping": cb.damping, "curvature": cb.curvature,
+        "readout": "linear", "checkpoints": checkpoints, "checkpoint_epochs": checkpoint_epochs,
+        "fit_s_with_callback": round(fit_s, 3), "training_s_in_that_fit": round(train_s, 3),
+        "plain_fit_s_separate_runs": round(bench.plain_fit_s, 3),
+        "step_rule": rule, "curvature_products": info.get("curvature_products"), "n_shortfall": info.get("n_shortfall"),
+        **(paired or {}),
+        "callback": {k: v for k, v in vars(cb).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))},
+    }  # fmt: skip
+    label = "default" if mode == "online" and not checkpoint_epochs else mode
+    method = f"ours ({label}{', ' + str(len(checkpoint_epochs) + 1) + ' ckpts' if checkpoint_epochs else ''})"
+    r = Result(method, config, scores, sim_s, single, batched, storage, rss.peak_mb, sim_s / train_s)
+    return r, (float(damping) if damping is not None else None)
+
+
+def _round(x, digits):
+    return None if x is None else round(x, digits)
+
+
+def _fmt(x, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+RENAMED_SETTINGS = {"digits": "digits-mlp", "mnist1d": "mnist1d-mlp"}  # names before issue 7's settings
+
+
+def imported_peers(path: str | None, setting: str, bench: SettingBench) -> list[dict]:
+    """Peer rows of an earlier run of the same setting (same model recipe, seeds and ground truth) that this run lacks."""
+    if path is None:
+        return []
+    have = {(r["regime"], r["method"]) for r in bench.records}
+    out = []
+    for r in json.loads(Path(path).read_text()):
+        if RENAMED_SETTINGS.get(r["setting"], r["setting"]) != setting or r["method"].startswith("ours") or (r["regime"], r["method"]) in have:
             continue
-        models = tracin_models if label == "TracIn" else members
-        runs = [("defaults", default)]
-        if grid is not None and not args.no_tuning:
-            print(f"[{setting.name}] tuning {label} on {len(val_idx)} validation queries", flush=True)
-            try:
-                best, tuning = tune(make_peer, grid, models, data, x_val, y_val, lds_val)
-                runs.append(("tuned", best, tuning))
-            except Exception:
-                traceback.print_exc()
-        for run in runs:
-            tag, value = run[0], run[1]
-            print(f"[{setting.name}] {label} ({tag}: {value})", flush=True)
-            try:
-                res = run_peer(make_peer(value), models, data, x_rep, y_rep, args, slow)
-            except ImportError as err:
-                print(f"  skipped: {err}", flush=True)
-                break
-            except Exception:
-                traceback.print_exc()
-                continue
-            res.method = f"{res.method} [{tag}]"
-            res.config = {**res.config, "variant": tag, **(run[2] if len(run) > 2 else {})}
-            if label.startswith("TRAK-10"):
-                res.config["extra_models_trained"] = 9
-                res.config["extra_training_s"] = round(ens_train_s, 2)
-            record("example", res)
-            # source regime: same per-example scores summed per group; the sum is timed and added
-            t_sum, grouped = timed(lambda: sum_over_sources(res.scores_report, groups, setting.n_groups), 5)
-            t_one, _ = timed(lambda: sum_over_sources(res.scores_report[:1], groups, setting.n_groups), 5)
-            record(
-                "source",
-                Result(res.method, {**res.config, "source_scores": "sum of per-example scores per group"}, grouped, res.setup_s,
-                       res.query_ms_single + 1e3 * t_one, res.query_ms_batched + 1e3 * t_sum / len(x_rep),
-                       res.storage_bytes, res.peak_rss_mb,
-                       None if res.scorer is None else (lambda f: lambda x, y: sum_over_sources(f(x, y), groups, setting.n_groups))(res.scorer)),
-            )  # fmt: skip
-
-    # response checkpoints along the run (10/15/20/25/30 of 30 epochs, as METHOD.md measured): last, it is the dearest
-    if not args.no_ensemble:
-        run_ours_all([("online", ens_epochs)])
-
-    # query costs again, all methods interleaved round by round, so every method sees the same machine
-    # load (the machine is shared): medians over rounds replace the first-pass numbers
-    timed_pairs = [(rec, r) for rec, r in kept if r.scorer is not None]
-    if timed_pairs and args.paired_rounds > 0:
-        print(f"[{setting.name}] interleaved timing of {len(timed_pairs)} methods x {args.paired_rounds} rounds", flush=True)
-        single = {id(rec): [] for rec, _ in timed_pairs}
-        batched = {id(rec): [] for rec, _ in timed_pairs}
-        for round_ in range(args.paired_rounds):
-            for rec, r in timed_pairs:
-                k = round_ % len(x_rep)
-                s1, _ = timed(lambda: r.scorer(x_rep[k : k + 1], y_rep[k : k + 1]), 5, warmup=1)
-                sb, _ = timed(lambda: r.scorer(x_rep, y_rep), 1, warmup=0)
-                single[id(rec)].append(1e3 * s1)
-                batched[id(rec)].append(1e3 * sb / len(x_rep))
-        for rec, _ in timed_pairs:
-            rec["config"]["first_pass_query_ms"] = [rec["query_ms_single"], rec["query_ms_batched"]]
-            rec["config"]["query_timing"] = f"interleaved with the other methods, median of {args.paired_rounds} rounds"
-            rec["query_ms_single"] = round(statistics.median(single[id(rec)]), 4)
-            rec["query_ms_batched"] = round(statistics.median(batched[id(rec)]), 5)
-            print(f"  {rec['regime']:8s} {rec['method']:40s} Q=1 {rec['query_ms_single']:.2f}ms  batched {rec['query_ms_batched']:.4f}ms/q", flush=True)
-        emit(emitted)
-    records = emitted
-    shutil.rmtree(workdir, ignore_errors=True)
-    return records
+        rec = {k: r.get(k) for k in FIELDS}
+        rec["setting"] = setting
+        rec["config"] = {**r["config"], "carried_over_from": Path(path).name,
+                         "note": "not re-run: same model recipe, seeds, queries and ground truth; timings from that run's load"}  # fmt: skip
+        out.append(rec)
+    return out
 
 
-def markdown(records: list[dict]) -> str:
-    lines = []
-    for (setting, regime) in dict.fromkeys((r["setting"], r["regime"]) for r in records):
-        rs = [r for r in records if r["setting"] == setting and r["regime"] == regime]
-        corr = "LOO corr" if regime == "example" else "group corr"
-        lines += [
-            f"### {setting}, {regime} regime ({rs[0]['n_sources']} sources, {rs[0]['n_queries']} queries)", "",
-            f"| method | LDS (95% CI) | {corr} | setup s | query ms (Q=1) | query ms/query (batched) | storage MB | peak RSS MB |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]  # fmt: skip
-        for r in rs:
-            c = r["loo"] if regime == "example" else r["group_corr"]
-            lines.append(
-                f"| {r['method']} | {r['lds']:.3f} ({r['lds_ci95'][0]:.3f}–{r['lds_ci95'][1]:.3f}) | {c:.3f} | {r['setup_s']:.2f} | "
-                f"{r['query_ms_single']:.2f} | {r['query_ms_batched']:.4f} | {r['storage_bytes'] / 1e6:.2f} | {r['peak_rss_mb']:.0f} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
+# ------------------------------------------------------------------------------------------ output
 def figure(records: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -526,9 +716,15 @@ def figure(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = list(dict.fromkeys((r["setting"], r["regime"]) for r in records))
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.5), squeeze=False)
-    for ax, (setting, regime) in zip(axes[0], keys):
+    cols = 2
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False)
+    for ax, (setting, regime) in zip(axes.flat, keys):
         for r in (r for r in records if r["setting"] == setting and r["regime"] == regime):
+            if r["query_ms_batched"] is None:  # the exact target: a horizontal line
+                ax.axhline(r["lds"], color="C2", ls="--", lw=1)
+                ax.annotate(r["method"], (1e-3, r["lds"]), xycoords=("axes fraction", "data"), fontsize=7, color="C2")
+                continue
             ours = r["method"].startswith("ours")
             ax.scatter(r["query_ms_batched"], r["lds"], marker="*" if ours else "o", s=120 if ours else 40, color="C3" if ours else "C0")
             ax.annotate(r["method"], (r["query_ms_batched"], r["lds"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -537,51 +733,79 @@ def figure(records: list[dict], path: Path) -> None:
         ax.set_ylabel("LDS")
         ax.set_title(f"{setting}, {regime} regime")
         ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=130)
+    fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
+
+
+def write_outputs(out: Path, records: list[dict]) -> None:
+    atomic_write_json(out, records, sort_keys=False)
+    limits = {name: s.setup_limit for name, s in SETTINGS.items()}
+    md = out.with_suffix(".md")
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text(f"<!-- generated by benchmarks/bench.py from {out.name}; do not edit -->\n\n" + markdown(records, limits))
+    os.replace(tmp, md)
+    figure(records, out.with_suffix(".png"))
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/latest.json")
-    p.add_argument("--settings", nargs="+", default=["digits", "mnist1d"], choices=sorted(SETTINGS))
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=sorted(SETTINGS))
+    p.add_argument("--stages", nargs="+", default=["truth", "peers", "ours"], choices=["truth", "exact", "peers", "ours"],
+                   help="exact: the explicit GGN at the attributed model; peers: compute the peers missing from the cache "
+                        "(cached peers are always reported)")  # fmt: skip
+    p.add_argument("--ours", nargs="*", default=["default", "end", "ensemble"], choices=["default", "end", "ensemble"])
+    p.add_argument("--merge", nargs="*", default=None, help="only merge these result JSONs (records of later files win) into --out")
     p.add_argument("--cache-dir", default="benchmarks/results/cache")
-    p.add_argument("--methods", nargs="*", default=None, help="substring filter on method labels (default: all)")
+    p.add_argument("--import-peers", default=None,
+                   help="an earlier results JSON whose peer rows are reported (marked) where this run has no such row")
+    p.add_argument("--methods", nargs="*", default=None, help="substring filter on peer labels (default: all)")
     p.add_argument("--skip", nargs="*", default=[], help="peer labels to skip, e.g. IF-LiSSA")
     p.add_argument("--no-tuning", action="store_true")
-    p.add_argument("--no-ensemble", action="store_true", help="skip ours with response checkpoints")
+    p.add_argument("--no-exact", action="store_true", help="skip the exact damped-GGN target")
+    p.add_argument("--slow-queries", type=int, default=30, help="reported queries scored by the slow peers (LiSSA)")
     p.add_argument("--single-repeats", type=int, default=20)
     p.add_argument("--batched-repeats", type=int, default=3)
-    p.add_argument("--plain-fits", type=int, default=3, help="plain fits timed (median), reported beside the setup ratio")
-    p.add_argument("--paired-rounds", type=int, default=5, help="rounds of interleaved query timing at the end (0 = off)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--paired-rounds", type=int, default=20, help="Q=1 timings of ours alternated with dattri's TRAK-1 (0 = off)")
+    p.add_argument("--plain-fits", type=int, default=3, help="plain fits timed (median)")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="smoke run: few subsets and queries")
     p.add_argument("--quick-subsets", type=int, default=20)
     p.add_argument("--quick-queries", type=int, default=40)
     args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.merge is not None:
+        merged: dict[tuple, dict] = {}
+        for path in args.merge:
+            for r in json.loads(Path(path).read_text()):
+                merged[(r["setting"], r["regime"], r["method"])] = r
+        write_outputs(out, list(merged.values()))
+        print(f"merged {len(merged)} records into {out}")
+        return
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    out = Path(args.out)
     records = []
     if out.exists():  # keep other settings' records from an earlier run
         records = [r for r in json.loads(out.read_text()) if r["setting"] not in args.settings]
-    def write(all_records: list[dict]) -> None:
-        atomic_write_json(out, all_records, sort_keys=False)
-        md = out.with_suffix(".md")
-        tmp = md.with_suffix(".md.tmp")
-        tmp.write_text(markdown(all_records))
-        os.replace(tmp, md)
-        figure(all_records, out.with_suffix(".png"))
-
     for name in args.settings:
-        done = list(records)
-        records = done + bench_setting(SETTINGS[name], args, lambda partial: write(done + partial))
-        write(records)
+        bench = SettingBench(SETTINGS[name], args)
+        bench.truth()
+        if "exact" in args.stages and not args.no_exact:
+            bench.explicit_ggn()
+        if "peers" in args.stages or "ours" in args.stages:
+            bench.peers(compute="peers" in args.stages)
+            write_outputs(out, records + bench.records)
+        if "ours" in args.stages:
+            bench.ours()
+        records += bench.records + imported_peers(args.import_peers, name, bench)
+        write_outputs(out, records)
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")
 
 

@@ -30,18 +30,19 @@ def _make(seed: int):
 RECIPE = TrainingRecipe(epochs=3, batch_size=10, lr=0.05, momentum=0.9, weight_decay=1e-3)
 
 
-def test_train_many_reproduces_the_lightning_fit():
+@pytest.mark.parametrize("recipe", [RECIPE, TrainingRecipe(3, 10, 0.01, 0.0, 1e-3, optimizer="adam")], ids=["sgd", "adam"])
+def test_train_many_reproduces_the_lightning_fit(recipe):
     """A full-data harness model with seed s IS the Lightning fit with FixedOrderSampler(seed=s)."""
     x, y, _, _ = _data()
     seed = 5
-    model = Classifier(_make(seed), lr=RECIPE.lr, momentum=RECIPE.momentum, weight_decay=RECIPE.weight_decay)
-    loader = DataLoader(TensorDataset(x, y), batch_size=RECIPE.batch_size, sampler=FixedOrderSampler(len(x), RECIPE.epochs, seed))
+    model = Classifier(_make(seed), recipe.lr, recipe.momentum, recipe.weight_decay, optimizer=recipe.optimizer)
+    loader = DataLoader(TensorDataset(x, y), batch_size=recipe.batch_size, sampler=FixedOrderSampler(len(x), recipe.epochs, seed))
     trainer = L.Trainer(
-        max_epochs=RECIPE.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_epochs=recipe.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, accelerator="cpu",
     )  # fmt: skip
     trainer.fit(model, loader)
-    stacked = train_many(_make, x, y, torch.ones(2, len(x), dtype=torch.bool), torch.tensor([seed, seed + 1]), RECIPE)
+    stacked = train_many(_make, x, y, torch.ones(2, len(x), dtype=torch.bool), torch.tensor([seed, seed + 1]), recipe)
     for name, p in model.net.named_parameters():
         assert torch.allclose(stacked[name][0], p.detach(), atol=1e-6), name
         assert not torch.allclose(stacked[name][1], p.detach(), atol=1e-3), f"seed {seed + 1} should differ ({name})"
@@ -114,3 +115,13 @@ def test_harness_validates_arguments(tmp_path):
         h.leave_out([1, 1])
     with pytest.raises(ValueError, match="lr > 0"):
         TrainingRecipe(lr=0.0)
+
+
+def test_recipe_refuses_an_unknown_optimizer_and_sgd_keys_stay():
+    with pytest.raises(ValueError, match="optimizer must be"):
+        TrainingRecipe(optimizer="rmsprop")
+    x, y, xq, yq = _data()
+    harness = RetrainingHarness(_make, "k", x, y, xq, yq, recipe=RECIPE)
+    assert "optimizer" not in harness._key_settings({})["recipe"]  # cached SGD ground truth stays valid
+    adam = RetrainingHarness(_make, "k", x, y, xq, yq, recipe=TrainingRecipe(optimizer="adam"))
+    assert adam._key_settings({})["recipe"]["optimizer"] == "adam"

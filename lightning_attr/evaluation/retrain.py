@@ -37,15 +37,22 @@ ModelFactory = Callable[[int], nn.Module]
 
 @dataclass(frozen=True)
 class TrainingRecipe:
-    """SGD recipe of the fit that the retrains stand in for (defaults: the digits benchmark)."""
+    """Recipe of the fit that the retrains stand in for (defaults: the digits benchmark).
+
+    ``optimizer="sgd"``: ``torch.optim.SGD(lr, momentum, weight_decay)``; ``"adam"``:
+    ``torch.optim.Adam(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay)`` (``momentum`` unused).
+    """
 
     epochs: int = 30
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-3
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}.")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}.")
         if self.lr <= 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
@@ -144,12 +151,16 @@ def _train_chunk(make_model: ModelFactory, x: Tensor, y: Tensor, masks: Tensor, 
     orders = _kept_orders(masks, seeds, recipe.epochs)  # [M, epochs, k]
     k = orders.shape[2]
     momentum_buf: dict[str, Tensor] | None = None
+    adam = _Adam(params, recipe) if recipe.optimizer == "adam" else None
     with torch.no_grad():
         for epoch in range(recipe.epochs):
             for start in range(0, k, recipe.batch_size):
                 idx = orders[:, epoch, start : start + recipe.batch_size]  # [M, B]
                 with torch.enable_grad():
                     grads = grad_fn(params, buffers, x[idx], y[idx])
+                if adam is not None:
+                    params = adam.step(params, grads)
+                    continue
                 # torch.optim.SGD (dampening 0, no nesterov): d = g + wd p; buf = mu buf + d (buf = d first); p -= lr buf
                 d = {n: grads[n] + recipe.weight_decay * params[n] for n in names}
                 if momentum_buf is None:
@@ -160,6 +171,28 @@ def _train_chunk(make_model: ModelFactory, x: Tensor, y: Tensor, masks: Tensor, 
                 step = momentum_buf if recipe.momentum > 0 else d
                 params = {n: params[n] - recipe.lr * step[n] for n in names}
     return {n: params[n].detach().clone() for n in names}
+
+
+class _Adam:
+    """``torch.optim.Adam``'s update (no amsgrad, L2 weight decay added to the gradient), written functionally."""
+
+    def __init__(self, params: dict[str, Tensor], recipe: TrainingRecipe, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.recipe, self.betas, self.eps, self.t = recipe, betas, eps, 0
+        self.m = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.v = {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def step(self, params: dict[str, Tensor], grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        (b1, b2), lr, wd = self.betas, self.recipe.lr, self.recipe.weight_decay
+        self.t += 1
+        correction1, correction2 = 1 - b1**self.t, 1 - b2**self.t
+        out = {}
+        for n, p in params.items():
+            g = grads[n] + wd * p if wd else grads[n]
+            self.m[n].lerp_(g, 1 - b1)
+            self.v[n].mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (self.v[n].sqrt() / correction2**0.5).add_(self.eps)
+            out[n] = p.addcdiv(self.m[n], denom, value=-lr / correction1)
+        return out
 
 
 def measure_loss(make_model: ModelFactory, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
@@ -179,7 +212,8 @@ def measure_loss(make_model: ModelFactory, params: dict[str, Tensor], x: Tensor,
 # the cache: one safetensors file of tensors + one JSON of settings per ground truth, keyed by settings
 
 
-def _tensor_digest(*tensors: Tensor) -> str:
+def tensor_digest(*tensors: Tensor) -> str:
+    """SHA-256 of the tensors' shapes, dtypes and bytes (cache keys)."""
     h = hashlib.sha256()
     for t in tensors:
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
@@ -280,7 +314,7 @@ class RetrainingHarness:
         self.source_ids, self.recipe = source_ids, recipe
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.chunk_size = chunk_size
-        self._data_digest = _tensor_digest(x_train, y_train, x_query, y_query, source_ids)
+        self._data_digest = tensor_digest(x_train, y_train, x_query, y_query, source_ids)
 
     # -- public
     def subsets(self, n_subsets: int = 100, alpha: float = 0.5, n_seeds: int = 1, seed: int = 0) -> GroundTruth:
@@ -317,7 +351,7 @@ class RetrainingHarness:
             raise ValueError(f"n_seeds must be >= 1, got {n_seeds}.")
         masks = torch.ones(len(removed), self.n_sources, dtype=torch.bool)
         masks[torch.arange(len(removed)), removed] = False
-        settings = {"kind": "leave_out", "removed_digest": _tensor_digest(removed), "n_seeds": n_seeds}
+        settings = {"kind": "leave_out", "removed_digest": tensor_digest(removed), "n_seeds": n_seeds}
         train_seeds = torch.arange(n_seeds).unsqueeze(1).expand(n_seeds, len(removed))
         return self._run("leave_out", masks, train_seeds, removed, settings)
 
@@ -331,7 +365,8 @@ class RetrainingHarness:
         return {
             **settings,
             "model": self.model_key,
-            "recipe": asdict(self.recipe),
+            # SGD recipes keep the cache keys they had before the optimizer field existed
+            "recipe": {k: v for k, v in asdict(self.recipe).items() if (k, v) != ("optimizer", "sgd")},
             "data": self._data_digest,
             "measurement": "cross_entropy",
             "format": 1,

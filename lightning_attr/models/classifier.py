@@ -30,13 +30,18 @@ class Classifier(AttributionMixin, L.LightningModule):
 
     Args:
         net: maps ``x: Tensor[B, ...]`` to logits ``Tensor[B, num_classes]``.
-        lr, momentum, weight_decay: SGD settings.
+        lr, momentum, weight_decay: optimizer settings (``momentum`` is SGD's; Adam keeps its default betas).
+        optimizer: ``"sgd"`` or ``"adam"`` (``torch.optim.Adam`` with L2 ``weight_decay``).
     """
 
-    def __init__(self, net: nn.Module, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 1e-3) -> None:
+    def __init__(
+        self, net: nn.Module, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 1e-3, optimizer: str = "sgd"
+    ) -> None:
         super().__init__()
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}.")
         self.net = net
-        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.lr, self.momentum, self.weight_decay, self.optimizer = lr, momentum, weight_decay, optimizer
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -63,4 +68,6 @@ class Classifier(AttributionMixin, L.LightningModule):
         self.log("val/acc", (logits.argmax(-1) == y).float().mean(), prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)

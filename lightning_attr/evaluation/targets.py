@@ -1,0 +1,124 @@
+"""Issue 7's targets, checked from a bench's records, and the Markdown table that shows them.
+
+A record is one JSON object of ``benchmarks/results/*.json`` (one setting x regime x method).
+Every pass/fail below is computed from the records' numbers; nothing is typed by hand:
+
+- ``lds_vs_trak10``: ours' LDS >= the best *tuned* TRAK-10 LDS of the same setting and regime + 0.02;
+- ``lds_vs_ifcg``: ours' LDS >= the tuned IF-CG LDS of the same setting and regime;
+- ``setup``: ours' setup ratio (simulation seconds / training seconds of the same fit) <= the
+  setting's limit (10x digits MLP, 30x the Adam CNN; no limit elsewhere: ``n/a``);
+- ``query_q1``: ours' query milliseconds at Q=1 <= TRAK-1's. Where the row holds a paired timing
+  (``config.paired_q1``: ours and dattri's TRAK-1 timed alternately, query by query, on a machine whose
+  load varies), that pair decides; otherwise the cheapest TRAK-1 row of the same setting and regime.
+
+A check whose anchor row is missing is ``n/a`` (never a pass).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+PASS, FAIL, NA = "pass", "FAIL", "n/a"
+LDS_MARGIN = 0.02
+
+
+def _finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def is_ours(record: Mapping) -> bool:
+    return str(record["method"]).startswith("ours")
+
+
+def anchors(records: Sequence[Mapping], setting: str, regime: str) -> dict[str, float | None]:
+    """The peer numbers the targets compare against, for one setting and regime (None if absent)."""
+    rows = [r for r in records if r["setting"] == setting and r["regime"] == regime and not is_ours(r)]
+
+    def best(pred, key, pick):
+        vals = [r[key] for r in rows if pred(r["method"]) and _finite(r.get(key))]
+        return pick(vals) if vals else None
+
+    return {
+        "trak10_tuned_lds": best(lambda m: m.startswith("TRAK-10") and "[tuned]" in m, "lds", max),
+        "ifcg_tuned_lds": best(lambda m: m.startswith("IF-CG") and "[tuned]" in m, "lds", max),
+        "trak1_query_ms_single": best(lambda m: m.startswith("TRAK-1 "), "query_ms_single", min),
+    }
+
+
+def check(record: Mapping, anchor: Mapping[str, float | None], setup_limit: float | None) -> dict[str, str]:
+    """Pass / FAIL / n/a of each target for one of our rows (empty for a peer's row)."""
+    if not is_ours(record):
+        return {}
+
+    def cmp(value, bound, ok) -> str:
+        return NA if not (_finite(value) and _finite(bound)) else (PASS if ok(value, bound) else FAIL)
+
+    trak = anchor.get("trak10_tuned_lds")
+    return {
+        "lds_vs_trak10": cmp(record.get("lds"), None if trak is None else trak + LDS_MARGIN, lambda v, b: v >= b),
+        "lds_vs_ifcg": cmp(record.get("lds"), anchor.get("ifcg_tuned_lds"), lambda v, b: v >= b),
+        "setup": cmp(record.get("setup_ratio"), setup_limit, lambda v, b: v <= b),
+        "query_q1": cmp(*_q1_pair(record, anchor), lambda v, b: v <= b),
+    }
+
+
+def _q1_pair(record: Mapping, anchor: Mapping) -> tuple:
+    paired = (record.get("config") or {}).get("paired_q1")
+    if paired:
+        return paired["ours_ms"], paired["trak1_dattri_ms"]
+    return record.get("query_ms_single"), anchor.get("trak1_query_ms_single")
+
+
+def _paired(record: Mapping) -> str:
+    paired = (record.get("config") or {}).get("paired_q1")
+    return f" ({paired['ours_ms']:.1f} vs {paired['trak1_dattri_ms']:.1f})" if paired else ""
+
+
+def _num(x, fmt: str) -> str:
+    return format(x, fmt) if _finite(x) else "–"
+
+
+def markdown(records: Sequence[Mapping], setup_limits: Mapping[str, float | None], notes: Mapping[str, str] | None = None) -> str:
+    """One table per setting and regime, our rows first, with the target columns."""
+    lines: list[str] = []
+    for setting, regime in dict.fromkeys((r["setting"], r["regime"]) for r in records):
+        rows = [r for r in records if r["setting"] == setting and r["regime"] == regime]
+        exact = [r for r in rows if str(r["method"]).startswith("exact")]
+        rows = [r for r in rows if is_ours(r)] + exact + [r for r in rows if not is_ours(r) and r not in exact]
+        anchor = anchors(records, setting, regime)
+        limit = setup_limits.get(setting)
+        corr = "LOO corr" if regime == "example" else "group corr"
+        trak = anchor["trak10_tuned_lds"]
+        lines += [
+            f"### {setting}, {regime} regime ({rows[0]['n_sources']} sources)",
+            "",
+            f"Anchors: tuned TRAK-10 LDS {_num(trak, '.3f')} (target {_num(None if trak is None else trak + LDS_MARGIN, '.3f')}), "
+            f"tuned IF-CG LDS {_num(anchor['ifcg_tuned_lds'], '.3f')}, TRAK-1 at Q=1 {_num(anchor['trak1_query_ms_single'], '.2f')} ms, "
+            f"setup limit {('%gx' % limit) if limit else 'none'}.",
+            "",
+            f"| method | LDS (95% CI) | {corr} | Pearson to exact | setup s | setup / fit | query ms (Q=1) | ms/query (batched) "
+            "| storage MB | queries | LDS ≥ TRAK-10+0.02 | LDS ≥ IF-CG | setup ≤ limit | Q=1 ≤ TRAK-1 (paired ms) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        carried = False
+        for r in rows:
+            c = check(r, anchor, limit)
+            mark = " †" if (r.get("config") or {}).get("carried_over_from") else ""
+            carried = carried or bool(mark)
+            ci = r.get("lds_ci95") or [None, None]
+            lines.append(
+                f"| {r['method']}{mark} | {_num(r.get('lds'), '.3f')} ({_num(ci[0], '.3f')}–{_num(ci[1], '.3f')}) "
+                f"| {_num(r.get('loo') if regime == 'example' else r.get('group_corr'), '.3f')} "
+                f"| {_num(r.get('pearson_to_exact'), '.3f')} | {_num(r.get('setup_s'), '.2f')} | {_num(r.get('setup_ratio'), '.1f')} "
+                f"| {_num(r.get('query_ms_single'), '.2f')} | {_num(r.get('query_ms_batched'), '.4f')} "
+                f"| {_num(None if r.get('storage_bytes') is None else r['storage_bytes'] / 1e6, '.2f')} | {r.get('n_queries', '–')} "
+                f"| {c.get('lds_vs_trak10', '')} | {c.get('lds_vs_ifcg', '')} | {c.get('setup', '')} | {c.get('query_q1', '')}{_paired(r)} |"
+            )
+        if carried:
+            lines += ["", "† not re-run here: carried over from an earlier run of the same model, seeds and ground truth "
+                      "(its `config.carried_over_from`); its timings are that run's."]
+        if notes and notes.get(setting):
+            lines += ["", notes[setting]]
+        lines.append("")
+    return "\n".join(lines)
