@@ -28,6 +28,7 @@ from lightning_attr.functional import functional_view, to_float32, uses_output_l
 from lightning_attr.mixin import AttributionMixin
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.simulation import (
+    PROPAGATIONS,
     Damping,
     OnlineSimulation,
     StepRule,
@@ -69,6 +70,10 @@ class AttributionCallback(Callback):
             End: an end-mode simulation at the weights after that epoch.
         curvature_batch_size: batch size of the replayed batches (``mode="end"`` and checkpoints).
         step_size: ``"auto"`` (``1 / (2 lambda_max + lambda)``, ``lambda_max`` by 20 power iterations) or a float.
+            The accelerated rules take ``[lambda, 1/step_size]`` as the spectrum of ``G + lambda I``.
+        propagation: the rule that moves each perturbation (:mod:`lightning_attr.simulation`): ``"neumann"``
+            (damped gradient steps, ``O(kappa)`` products to converge), ``"chebyshev"`` (Chebyshev
+            semi-iteration) or ``"heavy_ball"`` (Polyak momentum); the last two need ``O(sqrt(kappa))``.
         damping_scale: multiplies the automatic damping.
         chunk_size: perturbations per vmapped curvature product (bounds memory).
         store_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage of responses.
@@ -92,6 +97,7 @@ class AttributionCallback(Callback):
         checkpoint_epochs: Sequence[int] | None = None,
         curvature_batch_size: int = 256,
         step_size: Damping = "auto",
+        propagation: str = "neumann",
         damping_scale: float = 1.0,
         chunk_size: int = 2048,
         store_dtype: str = "float32",
@@ -105,6 +111,13 @@ class AttributionCallback(Callback):
             raise MisconfigurationException(f"damping must be 'auto' or a float >= 0, got {damping!r}.")
         if not (step_size == "auto" or (isinstance(step_size, (int, float)) and step_size > 0)):
             raise MisconfigurationException(f"step_size must be 'auto' or a float > 0, got {step_size!r}.")
+        if propagation not in PROPAGATIONS:
+            raise MisconfigurationException(f"propagation must be one of {PROPAGATIONS}, got {propagation!r}.")
+        if propagation != "neumann" and damping != "auto" and damping <= 0:
+            raise MisconfigurationException(
+                f"propagation={propagation!r} needs damping > 0 (the lower end of the spectrum it accelerates "
+                f"over), got {damping!r}; pass damping='auto', a positive float, or propagation='neumann'."
+            )
         if curvature not in ("ggn", "hessian"):
             raise MisconfigurationException(f"curvature must be 'ggn' or 'hessian', got {curvature!r}.")
         if mode not in _MODES:
@@ -121,6 +134,7 @@ class AttributionCallback(Callback):
         self.horizon, self.damping, self.curvature, self.mode = horizon, damping, curvature, mode
         self.sources, self.checkpoint_epochs = sources, epochs
         self.curvature_batch_size, self.step_size, self.damping_scale = curvature_batch_size, step_size, damping_scale
+        self.propagation = propagation
         self.chunk_size, self.store_dtype, self.num_examples = chunk_size, store_dtype, num_examples
         self.seed, self.overwrite = seed, overwrite
         self._reset()
@@ -147,7 +161,7 @@ class AttributionCallback(Callback):
         return {
             "mode": self.mode, "horizon": self.horizon, "damping": self.damping, "curvature": self.curvature,
             "curvature_batch_size": self.curvature_batch_size, "step_size": self.step_size,
-            "damping_scale": self.damping_scale, "checkpoint_epochs": self.checkpoint_epochs,
+            "propagation": self.propagation, "damping_scale": self.damping_scale, "checkpoint_epochs": self.checkpoint_epochs,
             "store_dtype": self.store_dtype, "seed": self.seed,
         }  # fmt: skip
 
@@ -290,7 +304,7 @@ class AttributionCallback(Callback):
         if self._rule is None:  # one step rule for every window, from the first live batch
             self._rule = estimate_step_rule(
                 operator, theta.numel(), self.damping, self.step_size, self.damping_scale,
-                torch.Generator().manual_seed(self.seed), theta.device,
+                torch.Generator().manual_seed(self.seed), theta.device, self.propagation,
             )  # fmt: skip
         online = OnlineSimulation(
             self._source_map.example_to_source, self._source_map.num_sources, theta.numel(), self.horizon,
@@ -424,7 +438,8 @@ class AttributionCallback(Callback):
             replay = self._replay_batches(trainer, model, theta, self.curvature_batch_size, self.horizon)
             operators = [curvature_operator(self.curvature, model, theta, [b], self.chunk_size) for b in replay]
             rule = estimate_step_rule(
-                operators[0], theta.numel(), self.damping, self.step_size, self.damping_scale, generator, theta.device
+                operators[0], theta.numel(), self.damping, self.step_size, self.damping_scale, generator, theta.device,
+                self.propagation,
             )
             responses = simulate_responses(u0, operators, rule, source_map.num_examples, self.chunk_size)
         return responses, rule, finite, source_map.num_sources * self.horizon

@@ -1,17 +1,30 @@
 """Short-horizon perturbation propagation: per-source parameter responses without retraining.
 
-For a source ``b`` the response is the truncated Neumann series
+For a source ``b`` the response approaches ``(1/n) (G + lam I)^{-1} grad l_b``, the predicted
+parameter change if ``b`` were removed (METHOD.md). Every propagation rule is the same recurrence on
+the solution ``x``, the residual ``r`` and the increment ``d``, one curvature product per step:
 
-    u_0 = grad l_b(theta);   u_{k+1} = u_k - eta (G_k u_k + lam u_k);   r_b = (eta / n) sum_{k=0..K} u_k
+    x_0 = 0;  r_0 = grad l_b;  d_0 = gamma_0 r_0
+    x_{k+1} = x_k + d_k;   r_{k+1} = r_k - (G_k + lam I) d_k;   d_{k+1} = alpha_{k+1} d_k + gamma_{k+1} r_{k+1}
 
-which approaches ``(1/n) (G + lam I)^{-1} grad l_b``, the predicted parameter change if ``b`` were
-removed (METHOD.md). Pure ``torch`` / ``torch.func``: no Lightning in this module.
+and after ``K`` products the estimate is ``x_K + d_K`` (the last increment needs no product).
+
+- ``"neumann"``: ``alpha = 0, gamma = eta``: the truncated Neumann series ``eta sum_{k<=K} u_k`` with
+  ``u_{k+1} = u_k - eta (G_k + lam) u_k`` (``r_k = u_k``).
+- ``"chebyshev"``: Chebyshev semi-iteration on ``[lam, 1/eta]`` (Golub & Varga): the residual polynomial
+  of degree ``k`` with the smallest maximum on that interval, at every ``k``.
+- ``"heavy_ball"``: Polyak's momentum with the optimal constant ``gamma, alpha`` for that interval.
+
+``G_k`` is the curvature of the ``k``-th minibatch; ``1/eta = 2 lambda_max + lam`` leaves a factor-2
+margin for minibatches that curve more than the one measured. Accelerated rules need ``O(sqrt(kappa))``
+products where Neumann needs ``O(kappa)``, ``kappa = (1/eta) / lam``. Pure ``torch`` / ``torch.func``:
+no Lightning in this module.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Union
 
@@ -25,29 +38,67 @@ from lightning_attr.functional import FunctionalModel
 
 Damping = Union[str, float]
 STEP_SAFETY = 2.0  # eta = 1 / (STEP_SAFETY * lambda_max + lam), see resolve_step_rule
+PROPAGATIONS = ("neumann", "chebyshev", "heavy_ball")
 
 
 @dataclass(frozen=True)
 class StepRule:
-    """Damping ``lam`` and step size ``eta`` of the propagation, and where they came from."""
+    """Damping ``lam``, step size ``eta`` and propagation rule, and where they came from.
+
+    Attributes:
+        damping: ``lam``, the lower end of the spectrum of ``G + lam I`` the accelerated rules assume.
+        step_size: ``eta``; ``1/eta`` is the upper end of that spectrum.
+        lambda_max, mean_eigenvalue: the spectrum estimate (NaN when nothing was estimated).
+        propagation: one of :data:`PROPAGATIONS`.
+    """
 
     damping: float
     step_size: float
     lambda_max: float
     mean_eigenvalue: float
+    propagation: str = "neumann"
 
     def to_json(self) -> dict:
         return asdict(self)
 
+    def coefficients(self, length: int) -> tuple[Tensor, Tensor]:
+        """``(alpha, gamma)``: ``Tensor[length]`` float64 each, the coefficients of steps ``0..length-1``
+        (``alpha[0]`` is unused: ``d_0 = gamma_0 r_0``). Units: ``gamma`` in 1/curvature, ``alpha`` none."""
+        alpha = torch.zeros(length, dtype=torch.float64)
+        gamma = torch.full((length,), self.step_size, dtype=torch.float64)
+        lower, upper = self.damping, 1.0 / self.step_size
+        if self.propagation == "heavy_ball":
+            root_a, root_b = math.sqrt(lower), math.sqrt(upper)
+            gamma.fill_(4.0 / (root_a + root_b) ** 2)
+            alpha.fill_(((root_b - root_a) / (root_b + root_a)) ** 2)
+            alpha[0] = 0.0
+        elif self.propagation == "chebyshev":
+            center, half_width = (upper + lower) / 2, (upper - lower) / 2
+            sigma = center / half_width
+            rho = 1.0 / sigma
+            gamma[0] = 1.0 / center
+            for k in range(1, length):
+                rho_next = 1.0 / (2 * sigma - rho)
+                alpha[k], gamma[k] = rho_next * rho, 2 * rho_next / half_width
+                rho = rho_next
+        return alpha, gamma
+
 
 def resolve_step_rule(
-    spectrum: Spectrum, damping: Damping = "auto", step_size: Damping = "auto", damping_scale: float = 1.0
+    spectrum: Spectrum,
+    damping: Damping = "auto",
+    step_size: Damping = "auto",
+    damping_scale: float = 1.0,
+    propagation: str = "neumann",
 ) -> StepRule:
     """``damping="auto"``: ``lam = damping_scale * trace(G)/P`` (the mean eigenvalue, METHOD.md).
     ``step_size="auto"``: ``eta = 1 / (2 lambda_max + lam)``, half the largest step that keeps the series
     monotone on the estimation batch: other minibatches' curvature exceeds the one measured (and power
     iteration under-estimates). Measured on digits (online, K=100, batch 64): eta = 1/(lambda_max + lam)
-    gave LDS 0.40, the half step 0.66, steps between 0.3x and 0.8x of it 0.65-0.67."""
+    gave LDS 0.40, the half step 0.66, steps between 0.3x and 0.8x of it 0.65-0.67. The accelerated
+    rules take ``[lam, 1/eta]`` as the spectrum of ``G + lam I`` and need ``lam > 0``."""
+    if propagation not in PROPAGATIONS:
+        raise ValueError(f"propagation must be one of {PROPAGATIONS}, got {propagation!r}.")
     lam = damping_scale * spectrum.mean_eigenvalue if damping == "auto" else float(damping)
     if not math.isfinite(lam) or lam < 0:
         raise ValueError(f"damping resolved to {lam}; it must be finite and >= 0.")
@@ -57,7 +108,12 @@ def resolve_step_rule(
             f"step size resolved to {eta} (lambda_max={spectrum.lambda_max}, damping={lam}); "
             "the curvature estimate is degenerate: pass damping>0 or an explicit step_size."
         )
-    return StepRule(lam, eta, spectrum.lambda_max, spectrum.mean_eigenvalue)
+    if propagation != "neumann" and not 0 < lam < 1.0 / eta:
+        raise ValueError(
+            f"propagation={propagation!r} needs 0 < damping < 1/step_size (the spectrum interval of G + damping), "
+            f"got damping={lam}, 1/step_size={1.0 / eta}; pass a positive damping or propagation='neumann'."
+        )
+    return StepRule(lam, eta, spectrum.lambda_max, spectrum.mean_eigenvalue, propagation)
 
 
 def estimate_step_rule(
@@ -68,13 +124,14 @@ def estimate_step_rule(
     damping_scale: float,
     generator: torch.Generator,
     device: torch.device,
+    propagation: str = "neumann",
 ) -> StepRule:
     """Spectrum estimate (only when something is ``"auto"``) followed by :func:`resolve_step_rule`."""
     if damping == "auto" or step_size == "auto":
         spectrum = estimate_spectrum(operator, dim, generator=generator, device=device)
     else:
         spectrum = Spectrum(float("nan"), float("nan"))
-    return resolve_step_rule(spectrum, damping, step_size, damping_scale)
+    return resolve_step_rule(spectrum, damping, step_size, damping_scale, propagation)
 
 
 def source_gradients(
@@ -115,45 +172,73 @@ def finite_examples(model: FunctionalModel, theta: Tensor, batch: Any) -> tuple[
 
 
 def propagate(
-    initial: Tensor, operators: Sequence[CurvatureOperator], rule: StepRule
+    initial: Tensor,
+    operators: Sequence[CurvatureOperator],
+    rule: StepRule,
+    on_step: Callable[[int, Tensor], None] | None = None,
 ) -> Tensor:
-    """``eta * sum_{k=0..K} u_k`` for a block ``u_0 = initial: Tensor[C, P]``, ``K = len(operators)``.
+    """``x_K + d_K`` (module docstring) for a block ``r_0 = initial: Tensor[C, P]``, ``K = len(operators)``:
+    an estimate of ``(G + lam I)^{-1} initial``. Divide by ``n`` to get responses. Holds three ``[C, P]``
+    blocks (``x``, ``r``, ``d``) besides the product's own.
 
-    Divide by ``n`` to get responses.
+    Args:
+        on_step: called as ``on_step(k, x_k + d_k)`` after every product ``k = 1..K`` (convergence curves).
     """
-    u = initial.clone()
-    total = u.clone()
-    for op in operators:
-        u.sub_(op(u).add_(u, alpha=rule.damping), alpha=rule.step_size)
-        total += u
-    return rule.step_size * total
+    alpha, gamma = rule.coefficients(len(operators) + 1)
+    x = torch.zeros_like(initial)
+    r = initial.clone()
+    d = r * float(gamma[0])
+    for k, op in enumerate(operators, start=1):
+        x += d
+        r.sub_(op(d).add_(d, alpha=rule.damping))
+        d.mul_(float(alpha[k])).add_(r, alpha=float(gamma[k]))
+        if on_step is not None:
+            on_step(k, x + d)
+    return x.add_(d)
 
 
 class OnlineSimulation:
     """Live propagation alongside training: sources are injected when their examples are in the batch.
 
-    Every step: new examples' gradients are added to their source's live perturbation (which then
-    lives ``horizon`` more steps), every live perturbation is accumulated, then moved one damped
-    step on the current batch's curvature. State is kept on ``device`` in float32.
+    Every step: new examples' gradients are added to their source's live residual (the source then
+    lives ``horizon`` more steps and its propagation rule restarts from its current solution), then
+    every live source takes one step of the rule (module docstring) on the current batch's curvature,
+    each at its own iteration index. State is kept on ``device`` in float32.
 
     Args:
         num_sources: ``S``. example_to_source: ``LongTensor[n]``. dim: ``P``.
         horizon: ``K`` propagation steps after a source's last injection.
     """
 
+    _STATE = ("solution", "injected", "valid", "live_sources", "residual", "increment", "iteration", "remaining", "shortfall")
+
     def __init__(
         self, example_to_source: Tensor, num_sources: int, dim: int, horizon: int, rule: StepRule, device: torch.device
     ) -> None:
         self.example_to_source = example_to_source.to(device)
-        self.num_sources, self.dim, self.horizon, self.rule = num_sources, dim, horizon, rule
-        self.total = torch.zeros(num_sources, dim, device=device)  # sum_k u_k per source
+        self.num_sources, self.dim, self.horizon = num_sources, dim, horizon
+        self.solution = torch.zeros(num_sources, dim, device=device)  # x per source, all but the last increment
         self.injected = torch.zeros(example_to_source.numel(), dtype=torch.bool, device=device)
         self.valid = torch.ones(num_sources, dtype=torch.bool, device=device)
         self.live_sources = torch.zeros(0, dtype=torch.long, device=device)
-        self.live = torch.zeros(0, dim, device=device)
+        self.residual = torch.zeros(0, dim, device=device)  # r per live source
+        self.increment = torch.zeros(0, dim, device=device)  # d per live source
+        self.iteration = torch.zeros(0, dtype=torch.long, device=device)  # k per live source (0 = just (re)started)
         self.remaining = torch.zeros(0, dtype=torch.long, device=device)
         self.shortfall = torch.zeros(num_sources, dtype=torch.long, device=device)
         self.products = 0
+        self.rule = rule
+
+    @property
+    def rule(self) -> StepRule:
+        return self._rule
+
+    @rule.setter
+    def rule(self, rule: StepRule) -> None:
+        self._rule = rule
+        # an iteration index never exceeds the horizon: re-injection restarts it
+        alpha, gamma = rule.coefficients(self.horizon + 1)
+        self._alpha, self._gamma = (c.to(device=self.solution.device, dtype=torch.float32) for c in (alpha, gamma))
 
     def inject(self, model: FunctionalModel, theta: Tensor, batch: Any, index: Tensor) -> None:
         """Adds ``grad l_i(theta)`` of every not-yet-injected example ``i`` in the batch to its source."""
@@ -184,59 +269,71 @@ class OnlineSimulation:
         unique, grads = unique[finite], grads[finite]
         is_live = torch.isin(unique, self.live_sources)
         if bool(is_live.any()):
+            # a live source (a group whose members arrive in several batches): the right-hand side grows by
+            # the new gradients, so does the residual; the rule restarts from the current solution
             where = (self.live_sources.unsqueeze(0) == unique[is_live].unsqueeze(1)).float().argmax(dim=1)
-            self.live[where] += grads[is_live]
+            self.solution[self.live_sources[where]] += self.increment[where]
+            self.residual[where] += grads[is_live]
+            self.increment[where] = self.residual[where] * self._gamma[0]
+            self.iteration[where] = 0
             self.remaining[where] = self.horizon
         new = ~is_live
+        count = int(new.sum())
         self.live_sources = torch.cat([self.live_sources, unique[new]])
-        self.live = torch.cat([self.live, grads[new]])
-        self.remaining = torch.cat(
-            [self.remaining, torch.full((int(new.sum()),), self.horizon, dtype=torch.long, device=self.live.device)]
-        )
+        self.residual = torch.cat([self.residual, grads[new]])
+        self.increment = torch.cat([self.increment, grads[new] * self._gamma[0]])
+        self.iteration = torch.cat([self.iteration, self.iteration.new_zeros(count)])
+        self.remaining = torch.cat([self.remaining, self.remaining.new_full((count,), self.horizon)])
 
     def step(self, operator: CurvatureOperator) -> None:
-        """Accumulates every live perturbation, retires the finished ones, moves the rest one step."""
-        if self.live.shape[0] == 0:
+        """Retires the sources whose horizon is spent, moves every other live source one step."""
+        if self.live_sources.numel() == 0:
             return
-        self.total.index_add_(0, self.live_sources, self.live)
-        keep = self.remaining > 0
-        self.live_sources, self.live, self.remaining = self.live_sources[keep], self.live[keep], self.remaining[keep]
-        if self.live.shape[0] == 0:
+        done = self.remaining <= 0
+        if bool(done.any()):
+            self.solution.index_add_(0, self.live_sources[done], self.increment[done])  # the free last increment
+            self._keep(~done)
+        if self.live_sources.numel() == 0:
             return
-        step = operator(self.live).add_(self.live, alpha=self.rule.damping)
-        self.live = self.live.sub_(step, alpha=self.rule.step_size)
-        self.products += self.live.shape[0]
+        d = self.increment
+        self.solution.index_add_(0, self.live_sources, d)
+        self.residual.sub_(operator(d).add_(d, alpha=self.rule.damping))
+        self.products += self.live_sources.numel()
+        self.iteration += 1
         self.remaining -= 1
-        finite = torch.isfinite(self.live).all(dim=1)
+        d.mul_(self._alpha[self.iteration].unsqueeze(1)).add_(self.residual * self._gamma[self.iteration].unsqueeze(1))
+        finite = torch.isfinite(self.residual).all(dim=1) & torch.isfinite(d).all(dim=1)
         if not bool(finite.all()):
             self.valid[self.live_sources[~finite]] = False
-            self.total[self.live_sources[~finite]] = 0.0
-            self.live_sources, self.live, self.remaining = (
-                self.live_sources[finite], self.live[finite], self.remaining[finite]
-            )
+            self.solution[self.live_sources[~finite]] = 0.0
+            self._keep(finite)
+
+    def _keep(self, rows: Tensor) -> None:
+        self.live_sources, self.residual, self.increment = self.live_sources[rows], self.residual[rows], self.increment[rows]
+        self.iteration, self.remaining = self.iteration[rows], self.remaining[rows]
 
     @property
     def num_live(self) -> int:
-        return int(self.live.shape[0])
+        return int(self.live_sources.numel())
 
     def finish(self, num_examples: int) -> Tensor:
-        """Responses ``Tensor[S, P]`` = ``eta/n * sum_k u_k``; records the steps still owed per source."""
+        """Responses ``Tensor[S, P]`` = ``(x_k + d_k) / n``; records the steps still owed per source."""
         self.shortfall.zero_()
         self.shortfall[self.live_sources] = self.remaining
-        self.live_sources, self.live, self.remaining = (
-            self.live_sources[:0], self.live[:0], self.remaining[:0]
-        )
-        responses = self.total * (self.rule.step_size / num_examples)
+        self.solution.index_add_(0, self.live_sources, self.increment)
+        self._keep(self.live_sources[:0])
+        responses = self.solution / num_examples
         responses[~self.valid] = 0.0
         return responses
 
     def state_dict(self) -> dict[str, Any]:
-        keys = ("total", "injected", "valid", "live_sources", "live", "remaining", "shortfall")
-        return {**{k: getattr(self, k).cpu() for k in keys}, "products": self.products, "rule": self.rule.to_json()}
+        return {
+            **{k: getattr(self, k).cpu() for k in self._STATE}, "products": self.products, "rule": self.rule.to_json()
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        device = self.total.device
-        for key in ("total", "injected", "valid", "live_sources", "live", "remaining", "shortfall"):
+        device = self.solution.device
+        for key in self._STATE:
             setattr(self, key, state[key].to(device))
         self.products = int(state["products"])
         self.rule = StepRule(**state["rule"])
@@ -279,7 +376,7 @@ def initial_perturbations(
 def simulate_responses(
     u0: Tensor, operators: Sequence[CurvatureOperator], rule: StepRule, num_examples: int, chunk_size: int
 ) -> Tensor:
-    """End-of-training responses ``Tensor[S, P]`` = ``(eta/n) sum_k u_k``, in chunks of sources."""
+    """End-of-training responses ``Tensor[S, P]`` = :func:`propagate` ``/ n``, in chunks of sources."""
     out = torch.empty_like(u0)
     for start in range(0, u0.shape[0], chunk_size):
         out[start : start + chunk_size] = propagate(u0[start : start + chunk_size], operators, rule) / num_examples

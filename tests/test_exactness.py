@@ -36,6 +36,24 @@ def test_end_mode_matches_exact_damped_ggn_influence(tmp_path, make_model):
     assert pearson(ours, step) >= 0.99
 
 
+@pytest.mark.parametrize("propagation", ["chebyshev", "heavy_ball"])
+@pytest.mark.parametrize("make_model", [logistic, small_mlp], ids=["logistic", "mlp"])
+def test_accelerated_rules_match_exact_influence_in_few_products(tmp_path, make_model, propagation):
+    """Full-batch curvature: the accelerated rules reach the explicit matrix in 40 products, where the
+    Neumann series needs hundreds (measured here at K=40: Pearson 0.99+ vs 0.93 on the MLP)."""
+    x, y = blobs(n=160, d=6, classes=3)
+    xq, yq = blobs(n=24, d=6, classes=3, seed=1)
+    model = make_model(6, 3)
+    cb = AttributionCallback(tmp_path / "r", mode="end", horizon=40, curvature_batch_size=512, propagation=propagation)
+    fit(model, x, y, [cb], epochs=15)
+    rule = ResponseStore.load(cb.dirpath).checkpoint_info("final")["step_rule"]
+    assert rule["propagation"] == propagation
+    exact = exact_influence(model, x, y, xq, yq, rule["damping"])
+    ours = model.attribute((xq, yq), responses=cb.dirpath)
+    assert pearson(ours, exact) >= 0.99
+    assert abs(float((ours * exact).sum() / (exact * exact).sum()) - 1) <= 0.05
+
+
 def test_scores_predict_leave_one_out_retraining(tmp_path):
     """Sign and scale against ground truth: remove a training example, retrain to convergence, and
     compare the measured change of each query loss with the score (the predicted rise)."""
