@@ -27,6 +27,7 @@ from lightning_attr.curvature import batch_size_of, curvature_operator
 from lightning_attr.functional import functional_view, to_float32, uses_output_loss
 from lightning_attr.mixin import AttributionMixin
 from lightning_attr.parameters import ParameterSpace
+from lightning_attr.progress import CountingOperator, SimulationProgress
 from lightning_attr.simulation import (
     PROPAGATIONS,
     Damping,
@@ -52,7 +53,11 @@ class AttributionCallback(Callback):
     score with forward passes only.
 
     Args:
-        dirpath: where the :class:`ResponseStore` goes. Default: ``<trainer.log_dir>/responses``.
+        dirpath: where the :class:`ResponseStore` goes. Default: ``responses`` in Hydra's run directory when
+            the fit runs inside a Hydra app, else in ``trainer.log_dir`` (``default_root_dir`` without a
+            logger); if that already holds a store (a second run in the same folder), the next free
+            ``responses_v1``, ``responses_v2``, ... as Lightning's loggers version their directories:
+            nothing is overwritten.
         horizon: ``K``, damped curvature steps each source's perturbation is propagated for.
         damping: ``"auto"`` (``damping_scale * trace(G)/P``, the GGN's mean eigenvalue, from 32
             Hutchinson probes) or a float ``lambda``.
@@ -131,6 +136,7 @@ class AttributionCallback(Callback):
         if any(not isinstance(e, int) or e < 1 for e in epochs):
             raise MisconfigurationException(f"checkpoint_epochs must be positive ints, got {checkpoint_epochs!r}.")
         self.dirpath = os.fspath(dirpath) if dirpath is not None else None
+        self._default_dirpath = dirpath is None  # resolved in setup, restored on resume
         self.horizon, self.damping, self.curvature, self.mode = horizon, damping, curvature, mode
         self.sources, self.checkpoint_epochs = sources, epochs
         self.curvature_batch_size, self.step_size, self.damping_scale = curvature_batch_size, step_size, damping_scale
@@ -192,8 +198,7 @@ class AttributionCallback(Callback):
                 "mode='end', which simulates on rank zero after the fit."
             )
         if self.dirpath is None:
-            base = trainer.log_dir or trainer.default_root_dir
-            self.dirpath = os.path.join(base, "responses")
+            self.dirpath = _default_dirpath(trainer, self.overwrite) if trainer.is_global_zero else None
         self.dirpath = trainer.strategy.broadcast(self.dirpath)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -271,12 +276,13 @@ class AttributionCallback(Callback):
             for window in (w for w in self._windows if w.active(epoch)):
                 if window.simulation is None:
                     window.simulation = self._new_online(window.name, operator, theta)
+                    window.progress = self._new_progress(trainer, window.name, window.simulation.products)
                 if epoch == window.injection_epoch:
                     for data, index in batches:
                         window.simulation.inject(model, theta, data, index)
                 before = window.simulation.products
                 window.simulation.step(operator)
-                self._products += window.simulation.products - before
+                self._count(window, window.simulation.products - before)
                 if epoch > window.injection_epoch and window.simulation.num_live == 0:
                     window.complete = True
                     if window.name != "final":  # the final window is written at the end of fit, final weights
@@ -300,6 +306,17 @@ class AttributionCallback(Callback):
             )
         return kept
 
+    def _new_progress(self, trainer: L.Trainer, name: str, done: int = 0) -> SimulationProgress:
+        """A progress bar for one simulation: ``S x horizon`` products expected (``done`` already, on resume)."""
+        progress = SimulationProgress(trainer, f"attribution ({name})", self._source_map.num_sources * self.horizon)
+        progress.advance(done)
+        return progress
+
+    def _count(self, window: _Window, products: int) -> None:
+        self._products += products
+        if window.progress is not None:
+            window.progress.advance(products)
+
     def _new_online(self, name: str, operator: Any, theta: Tensor) -> OnlineSimulation:
         if self._rule is None:  # one step rule for every window, from the first live batch
             self._rule = estimate_step_rule(
@@ -318,9 +335,9 @@ class AttributionCallback(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         live = [w.simulation for w in self._windows if w.simulation is not None and not w.done]
-        if live:
-            pl_module.log("attribution/curvature_products", float(self._products), prog_bar=True, on_step=True)
-            pl_module.log("attribution/seconds", self._seconds, prog_bar=True, on_step=True)
+        if live:  # the progress bar shows these (SimulationProgress); loggers get them here
+            pl_module.log("attribution/curvature_products", float(self._products), on_step=True)
+            pl_module.log("attribution/seconds", self._seconds, on_step=True)
             pl_module.log("attribution/live", float(sum(s.num_live for s in live)), on_step=True)
 
     # ------------------------------------------------------------------ checkpoints
@@ -374,7 +391,7 @@ class AttributionCallback(Callback):
             for batch in self._replay_batches(trainer, model, theta, batch_size, steps):
                 before = simulation.products
                 simulation.step(curvature_operator(self.curvature, model, theta, [batch], self.chunk_size))
-                self._products += simulation.products - before
+                self._count(window, simulation.products - before)
         window.replayed_steps = steps
         self._seconds += time.perf_counter() - start
 
@@ -407,12 +424,14 @@ class AttributionCallback(Callback):
         stats = {"valid": simulation.valid.cpu(), "shortfall": shortfall, "missing_examples": missing_per_source}
         _warn_invalid(stats["valid"])
         self._write(trainer, pl_module, window.name, responses, simulation.rule, stats, window.replayed_steps)
-        window.done, window.simulation = True, None
+        if window.progress is not None:
+            window.progress.close()
+        window.done, window.simulation, window.progress = True, None, None
 
     def _simulate_at_current_weights(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         if trainer.is_global_zero:
             start = time.perf_counter()
-            responses, rule, finite, products = self._end_mode_responses(trainer, pl_module)
+            responses, rule, finite, products = self._end_mode_responses(trainer, pl_module, name)
             self._products += products
             self._seconds += time.perf_counter() - start
             stats = {
@@ -424,7 +443,7 @@ class AttributionCallback(Callback):
             self._write(trainer, pl_module, name, responses, rule, stats)
         trainer.strategy.barrier()
 
-    def _end_mode_responses(self, trainer: L.Trainer, pl_module: L.LightningModule):
+    def _end_mode_responses(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str):
         loader = trainer.train_dataloader
         dataset, collate = loader.dataset, loader.collate_fn
         generator = torch.Generator().manual_seed(self.seed)
@@ -441,7 +460,10 @@ class AttributionCallback(Callback):
                 operators[0], theta.numel(), self.damping, self.step_size, self.damping_scale, generator, theta.device,
                 self.propagation,
             )
+            progress = self._new_progress(trainer, name)
+            operators = [CountingOperator(op, progress) for op in operators]
             responses = simulate_responses(u0, operators, rule, source_map.num_examples, self.chunk_size)
+            progress.close()
         return responses, rule, finite, source_map.num_sources * self.horizon
 
     def _write(
@@ -474,7 +496,8 @@ class AttributionCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict
-        self.dirpath = self.dirpath or state_dict.get("dirpath")
+        if self._default_dirpath:  # a resumed fit continues the store it started, wherever the default put it
+            self.dirpath = state_dict.get("dirpath") or self.dirpath
         self._products, self._seconds = state_dict["products"], state_dict["seconds"]
 
 
@@ -487,6 +510,7 @@ class _Window:
     simulation: OnlineSimulation | None = None
     complete: bool = False  # every source propagated for the full horizon
     replayed_steps: int = 0  # steps run on replayed batches after the fit
+    progress: SimulationProgress | None = None
     done: bool = False  # written to the store
 
     def active(self, epoch: int) -> bool:
@@ -504,6 +528,24 @@ def _indexed_dataset_length(trainer: L.Trainer) -> int:
             "the example index, pass num_examples=len(train_set) to say so."
         )
     return len(dataset)
+
+
+def _default_dirpath(trainer: L.Trainer, overwrite: bool) -> str:
+    """``responses`` in Hydra's run directory (inside a Hydra app) or the trainer's log directory; if that
+    already holds a store and ``overwrite`` is off, the first free ``responses_v1``, ``responses_v2``, ..."""
+    from hydra.core.hydra_config import HydraConfig
+
+    base = None
+    if HydraConfig.initialized():  # None under the compose API
+        base = HydraConfig.get().runtime.get("output_dir")
+    base = base or trainer.log_dir or trainer.default_root_dir
+    path, version = os.path.join(base, "responses"), 0
+    while has_store(path) and not overwrite:
+        version += 1
+        path = os.path.join(base, f"responses_v{version}")
+    if version:
+        rank_zero_info(f"lightning_attr: {os.path.join(base, 'responses')} holds an earlier store; writing to {path}")
+    return path
 
 
 def _to_simulation(data: Any, device: torch.device) -> Any:

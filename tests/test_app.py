@@ -123,3 +123,78 @@ def test_attribute_ensembles_the_runs_of_a_multirun_folder_or_a_list(sweep, tmp_
     cfg.run_dir = []
     with pytest.raises(ValueError, match="empty list"):
         attribute_run(cfg)
+
+
+def test_train_log_run_json_and_hydra_files(sweep):
+    run = sweep / "0"
+    log = (run / "train.log").read_text()
+    assert "GPU available" in log  # Lightning's own messages
+    assert "attribution (final): done" in log  # the simulation's progress
+    summary = json.loads((run / "run.json").read_text())
+    manifest = json.loads((run / "responses" / "manifest.json").read_text())
+    final = next(c for c in manifest["checkpoints"] if c["name"] == "final")
+    assert summary["simulation"]["attribution"]["final"]["curvature_products"] == final["curvature_products"] > 0
+    assert not any(k.startswith("attribution/") for k in summary["metrics"])  # no stale running counters
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").callbacks.attribution.horizon == 5
+    assert "callbacks.attribution.horizon=5" in (run / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_a_refused_run_names_the_override_and_changes_nothing(sweep):
+    run = sweep / "1"
+    before = {p: p.read_bytes() for p in (run / ".hydra").iterdir()} | {run / "run.json": (run / "run.json").read_bytes()}
+    proc = _run([_script("lightning-attr-train"), *SMALL, f"hydra.run.dir={run}", "seed=3"], cwd=sweep, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    assert "already holds a response store" in proc.stdout + proc.stderr
+    assert "callbacks.attribution.overwrite=true" in proc.stdout + proc.stderr  # the command-line form
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_bad_callback_argument_names_its_override(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from lightning_attr.app.logs import UsageError
+    from lightning_attr.app.train import instantiate_callbacks
+
+    with initialize_config_module(config_module="lightning_attr.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["callbacks.attribution.horizon=0"])
+    with pytest.raises(UsageError, match="callbacks.attribution: horizon must be a positive int"):
+        instantiate_callbacks(cfg, None, tmp_path)
+
+
+def _main_in_process(module, args, monkeypatch):
+    from hydra.core.global_hydra import GlobalHydra
+
+    monkeypatch.setattr(sys, "argv", [module.__name__, *args])
+    GlobalHydra.instance().clear()
+    try:
+        module.main()
+    except SystemExit as exit_:  # Hydra's --help ends with exit status 0
+        if exit_.code:
+            raise
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def test_attribute_without_run_dir_says_so(tmp_path, monkeypatch, capsys):
+    from lightning_attr.app import attribute
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        _main_in_process(attribute, [], monkeypatch)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "run_dir= is missing" in err and "lightning-attr-attribute run_dir=" in err
+    assert not any(tmp_path.iterdir())  # no log directory made for a command that did not run
+
+
+def test_help_describes_the_options(tmp_path, monkeypatch, capsys):
+    from lightning_attr.app import attribute, train
+
+    monkeypatch.chdir(tmp_path)
+    _main_in_process(attribute, ["--help"], monkeypatch)
+    text = capsys.readouterr().out
+    for option in ("run_dir=", "queries=", "draw=", "n_drawn=", "top_k=", "rank_by=", "readout=", "out_dir="):
+        assert option in text
+    assert "data:" not in text and "Configuration groups" not in text  # training groups do not apply
+    _main_in_process(train, ["--help"], monkeypatch)
+    text = capsys.readouterr().out
+    assert "callbacks.attribution.horizon" in text and "experiment: " in text and "demo" in text

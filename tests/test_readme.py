@@ -19,3 +19,9 @@ def test_quickstart_runs_as_written(tmp_path, capsys):
         os.chdir(cwd)
     out = capsys.readouterr().out
     assert "torch.Size([8, 1400])" in out and "most self-influential" in out
+
+
+def test_examples_quickstart_is_the_readme_quickstart():
+    root = Path(__file__).parents[1]
+    block = re.search(r"## Quickstart\n\n```python\n(.*?)```", (root / "README.md").read_text(), re.S).group(1)
+    assert (root / "examples" / "quickstart.py").read_text().endswith("\n\n" + block)

@@ -14,6 +14,7 @@ table ``attributions.csv`` / ``attributions.json`` into ``out_dir`` (default: ``
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_attr.app.io import write_json
+from lightning_attr.app.logs import UsageError, exit_on_usage_error, route_logging_to_job_log
 
 
 @dataclass
@@ -51,10 +53,14 @@ class AttributionResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+class NotARunError(UsageError, FileNotFoundError):
+    """``run_dir`` lacks what ``lightning-attr-train`` writes."""
+
+
 def _load_run(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
     missing = [name for name in ("config.yaml", "model.pt", "run.json") if not (run_dir / name).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise NotARunError(
             f"{run_dir} is not a finished lightning-attr-train run (missing {', '.join(missing)}); "
             f"train first: lightning-attr-train hydra.run.dir={run_dir}"
         )
@@ -102,11 +108,13 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
 
     rank_by = cfg.get("rank_by", "score")
     if rank_by not in ("score", "relative"):
-        raise ValueError(f"rank_by must be 'score' or 'relative', got {rank_by!r}.")
+        raise UsageError(f"rank_by must be 'score' or 'relative', got {rank_by!r}.")
     if rank_by == "relative" and not cfg.self_influence:
-        raise ValueError("rank_by=relative divides by each source's self-influence: set self_influence=true.")
+        raise UsageError("rank_by=relative divides by each source's self-influence: set self_influence=true.")
+    if cfg.get("draw", "first") not in ("first", "misclassified"):
+        raise UsageError(f"draw must be 'first' or 'misclassified', got {cfg.draw!r}.")
     if cfg.top_k < 1 or cfg.batch_size < 1:
-        raise ValueError(f"top_k and batch_size must be >= 1, got top_k={cfg.top_k}, batch_size={cfg.batch_size}.")
+        raise UsageError(f"top_k and batch_size must be >= 1, got top_k={cfg.top_k}, batch_size={cfg.batch_size}.")
     run_dirs = run_directories(cfg.run_dir)
     run_dir = run_dirs[0]  # its model and data are used; every run's store joins the ensemble
     out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else Path(run_dir if OmegaConf.is_list(cfg.run_dir) else cfg.run_dir)
@@ -121,7 +129,7 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
     model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
     model.eval()
     if not run["responses"]:
-        raise ValueError(f"{run_dir} was trained without an attribution callback (run.json lists no responses).")
+        raise UsageError(f"{run_dir} was trained without an attribution callback (run.json lists no responses).")
     responses = Path(cfg.get("responses") or next(iter(run["responses"].values())))
     if not responses.is_absolute() and not cfg.get("responses"):
         responses = run_dir / responses  # run.json records it relative to the run directory
@@ -265,8 +273,25 @@ def poison_metrics(result: AttributionResult, poisoned: Tensor, affected: Tensor
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_attr.conf", config_name="attribute")
-def main(cfg: DictConfig) -> None:
-    attribute_run(cfg)
+def _hydra_main(cfg: DictConfig) -> None:
+    route_logging_to_job_log()
+    with exit_on_usage_error():
+        attribute_run(cfg)
+
+
+def main() -> None:
+    """The console script: ``run_dir=`` is checked before Hydra starts (it names the job's log directory)."""
+    args = sys.argv[1:]
+    flags = any(a.startswith("-") for a in args)  # --help, --cfg, --config-dir: Hydra's business
+    if not flags and not any(a.lstrip("+~").split("=", 1)[0] == "run_dir" for a in args):
+        print(
+            "error: run_dir= is missing: the directory a training run wrote, e.g.\n"
+            "  lightning-attr-attribute run_dir=runs/demo\n"
+            "(lightning-attr-attribute --help lists every option)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -209,6 +209,14 @@ def figure_sources_bar(path: Path, result, sources: _Sources) -> Path:
     return _save(fig, path)
 
 
+def queries_to_draw(result, draw: str, n_drawn: int) -> list[int]:
+    """Positions of the queries that get a figure: the first ``n_drawn`` (``draw="first"``) or the first
+    ``n_drawn`` whose prediction is wrong (``draw="misclassified"``)."""
+    if draw == "first":
+        return list(range(min(n_drawn, len(result.scores))))
+    return (result.pred != result.y_query).nonzero().squeeze(1)[:n_drawn].tolist()
+
+
 # ---------------------------------------------------------------------- tables
 def topk_rows(result, sources: _Sources) -> list[dict[str, Any]]:
     """The raw top-k table: one row per (query, proponent/opponent, rank)."""
@@ -301,8 +309,12 @@ def write_report(out_dir: Path, result, datamodule, train_cfg, run: dict[str, An
                     "(as in RelatIF, Barshan et al. 2020): raw scores favour the few examples the model memorized "
                     "(often mislabelled ones) for every query; dividing by their self-influence shows what explains "
                     "<i>this</i> query. The numbers drawn are the raw scores; <code>rank_by=score</code> ranks by them.</p>")
-    n_drawn = min(int(cfg.n_drawn), len(result.scores))
-    for q in range(n_drawn):
+    drawn = queries_to_draw(result, cfg.get("draw", "first"), int(cfg.n_drawn))
+    if cfg.get("draw", "first") == "misclassified":
+        wrong = int((result.pred != result.y_query).sum())
+        body.append(f"<p class='note'>Drawn: {len(drawn)} of the {wrong} misclassified queries "
+                    "(<code>draw=misclassified</code>).</p>")
+    for q in drawn:
         path = figure_query(fig_dir / f"query_{q:03d}.png", q, result, sources, display_shape)
         figures.append(path)
         body.append(_img(f"figures/{path.name}", f"query {q}"))

@@ -5,8 +5,10 @@
     lightning-attr-train -m callbacks.attribution.horizon=50,100
 
 The run directory receives ``config.yaml`` (the resolved config), ``model.pt`` (the trained
-weights), ``responses/`` (the response store) and ``run.json`` (timings, metrics, paths), which is
-all ``lightning-attr-attribute run_dir=...`` needs.
+weights), ``responses/`` (the response store), ``run.json`` (timings, metrics, paths, the store's
+simulation costs), ``train.log`` (everything logged, Lightning's messages included) and ``.hydra/``
+(written only once the run is accepted: a refused run leaves an earlier run's files as they were),
+which is all ``lightning-attr-attribute run_dir=...`` needs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_attr.app.io import atomic_write, write_json, write_text
+from lightning_attr.app.logs import UsageError, exit_on_usage_error, route_logging_to_job_log
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -73,8 +76,13 @@ def instantiate_callbacks(cfg: DictConfig, sources: Any, output_dir: Path) -> tu
             if node.get("dirpath") is None:
                 suffix = "" if not attribution_names else f"_{name}"
                 kwargs["dirpath"] = str(output_dir / f"responses{suffix}")
+            _refuse_existing_store(name, node.get("dirpath") or kwargs["dirpath"], bool(node.get("overwrite")))
         # kwargs go to the constructor, not through OmegaConf (a per-example list of ids can be long)
-        callback = hydra.utils.instantiate(node, _partial_=True)(**kwargs) if detected else hydra.utils.instantiate(node)
+        try:
+            callback = hydra.utils.instantiate(node, _partial_=True)(**kwargs) if detected else hydra.utils.instantiate(node)
+        except Exception as err:  # name the override that fixes it (InstantiationException keeps the cause)
+            cause = err.__cause__ or err
+            raise UsageError(f"callbacks.{name}: {cause}") from err
         if _attr_instance(callback):
             if not detected:
                 raise ValueError(
@@ -84,6 +92,31 @@ def instantiate_callbacks(cfg: DictConfig, sources: Any, output_dir: Path) -> tu
             attribution_names.append(name)
         callbacks.append(callback)
     return callbacks, attribution_names
+
+
+def _refuse_existing_store(name: str, dirpath: str, overwrite: bool) -> None:
+    """Before anything is written: a store left by an earlier run in ``dirpath`` is replaced only when asked."""
+    from lightning_attr.store import has_store
+
+    if has_store(dirpath) and not overwrite:
+        raise UsageError(
+            f"{dirpath} already holds a response store from an earlier run. Pass callbacks.{name}.overwrite=true "
+            "to replace it, or choose another run directory (hydra.run.dir=...). Nothing was changed."
+        )
+
+
+def _write_hydra_files(cfg: DictConfig, output_dir: Path) -> None:
+    """What Hydra writes into ``<run>/.hydra`` before a job starts (the app sets ``hydra.output_subdir: null``
+    and writes them here, once the run is accepted). Nothing when Hydra is not running (compose API)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    folder = output_dir / ".hydra"
+    write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    write_text(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+    write_text(folder / "overrides.yaml", OmegaConf.to_yaml(hydra_cfg.overrides.task))
 
 
 def instantiate_loggers(cfg: DictConfig, output_dir: Path) -> list:
@@ -116,6 +149,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     timings["setup_s"] = time.perf_counter() - start
 
     callbacks, attribution_names = instantiate_callbacks(cfg, sources, output_dir)
+    _write_hydra_files(cfg, output_dir)
     loggers = instantiate_loggers(cfg, output_dir)
     trainer_kwargs: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
     if cfg.trainer.get("default_root_dir") is None:
@@ -133,7 +167,11 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         timings["training_without_callback_s"] = timings["fit_s"] - timings["attribution_callback_s"]
 
     start = time.perf_counter()
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics = {
+        k: float(v) for k, v in trainer.callback_metrics.items()
+        # the callback's running counters stop at the last batch; the store's own totals are below
+        if torch.is_tensor(v) and v.numel() == 1 and not k.startswith("attribution/")
+    }  # fmt: skip
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["output_dir"] = str(output_dir)
     if trainer.is_global_zero:
@@ -147,6 +185,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         "config": str(output_dir / "config.yaml"),
         # relative to the run directory when inside it, so a moved or copied run still works
         "responses": {name: _relative_to(cb.dirpath, output_dir) for name, cb in zip(attribution_names, attribution)},
+        "simulation": {name: _simulation_costs(cb.dirpath) for name, cb in zip(attribution_names, attribution)},
         "n_train": datamodule.n_train,
         "n_sources": datamodule.n_train if sources is None else len(set(sources)),
         "global_step": int(trainer.global_step),
@@ -158,6 +197,17 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         write_json(output_dir / "run.json", summary)
         print_train_summary(summary)
     return summary
+
+
+def _simulation_costs(dirpath: str) -> dict[str, dict[str, Any]]:
+    """Per response checkpoint, the costs its manifest records (the one source of these numbers)."""
+    from lightning_attr.store import ResponseStore, has_store
+
+    if not has_store(dirpath):
+        return {}
+    keys = ("curvature_products", "simulation_seconds", "n_valid", "n_shortfall", "n_missing_examples", "epoch")
+    manifest = ResponseStore.load(dirpath).manifest
+    return {c["name"]: {k: c[k] for k in keys if k in c} for c in manifest["checkpoints"]}
 
 
 def _relative_to(path: str, root: Path) -> str:
@@ -173,7 +223,9 @@ def _attr_instance(cb: Any) -> bool:
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_attr.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    summary = run_train(cfg)
+    route_logging_to_job_log()
+    with exit_on_usage_error():
+        summary = run_train(cfg)
     return summary["metrics"].get("val/acc")
 
 

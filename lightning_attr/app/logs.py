@@ -1,0 +1,40 @@
+"""Console and job-log plumbing of the Hydra apps: where messages go, and how a refused run ends.
+
+Hydra configures the root logger for each job: the console and ``<run dir>/<job name>.log``
+(``train.log``, ``attribute.log``). Lightning attaches its own console handler and stops propagation
+when it is imported before logging is configured, which left those files empty; warnings went to
+stderr only. :func:`route_logging_to_job_log` sends both to the root logger.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger("lightning_attr")
+
+
+class UsageError(ValueError):
+    """The command line asks for something that cannot run; the message names the fix (an override)."""
+
+
+def route_logging_to_job_log() -> None:
+    """Lightning's and this package's messages, and warnings, go to the root logger's handlers."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_attr"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)  # the console handler Lightning adds when root has none
+        logger.propagate = True
+    logging.getLogger("lightning_attr").setLevel(logging.INFO)
+    logging.captureWarnings(True)
+
+
+@contextmanager
+def exit_on_usage_error() -> Iterator[None]:
+    """A :class:`UsageError` ends the command with its message and exit status 2, without a traceback."""
+    try:
+        yield
+    except UsageError as err:
+        log.error("error: %s", err)
+        raise SystemExit(2) from None
