@@ -72,7 +72,9 @@ class AttributionCallback(Callback):
         checkpoint_epochs: extra response checkpoints along the trajectory (1-based epoch numbers), for
             ensembles (``attribute(checkpoints="all")``). Online: one more simulation window per entry,
             injecting during that epoch, written ``horizon`` steps later with the weights of that moment.
-            End: an end-mode simulation at the weights after that epoch.
+            End: an end-mode simulation at the weights after that epoch. ``"auto"``: a few epochs spread
+            over the second half of the fit (see :func:`spread_checkpoint_epochs`). An entry the fit cannot
+            honour (too late for a window to finish before the end) is dropped with a warning.
         curvature_batch_size: batch size of the replayed batches (``mode="end"`` and checkpoints).
         step_size: ``"auto"`` (``1 / (2 lambda_max + lambda)``, ``lambda_max`` by 20 power iterations) or a float.
             The accelerated rules take ``[lambda, 1/step_size]`` as the spectrum of ``G + lambda I``.
@@ -99,7 +101,7 @@ class AttributionCallback(Callback):
         curvature: str = "ggn",
         mode: str = "online",
         sources: SourceSpec = None,
-        checkpoint_epochs: Sequence[int] | None = None,
+        checkpoint_epochs: Sequence[int] | str | None = None,
         curvature_batch_size: int = 256,
         step_size: Damping = "auto",
         propagation: str = "neumann",
@@ -132,9 +134,11 @@ class AttributionCallback(Callback):
         for name, value in (("curvature_batch_size", curvature_batch_size), ("chunk_size", chunk_size)):
             if not isinstance(value, int) or value < 1:
                 raise MisconfigurationException(f"{name} must be a positive int, got {value!r}.")
-        epochs = sorted(set(checkpoint_epochs or ()))
-        if any(not isinstance(e, int) or e < 1 for e in epochs):
-            raise MisconfigurationException(f"checkpoint_epochs must be positive ints, got {checkpoint_epochs!r}.")
+        epochs = checkpoint_epochs if checkpoint_epochs == "auto" else sorted(set(checkpoint_epochs or ()))
+        if epochs != "auto" and (isinstance(checkpoint_epochs, str) or any(not isinstance(e, int) or e < 1 for e in epochs)):
+            raise MisconfigurationException(
+                f"checkpoint_epochs must be 'auto' or a list of positive ints, got {checkpoint_epochs!r}."
+            )
         self.dirpath = os.fspath(dirpath) if dirpath is not None else None
         self._default_dirpath = dirpath is None  # resolved in setup, restored on resume
         self.horizon, self.damping, self.curvature, self.mode = horizon, damping, curvature, mode
@@ -150,6 +154,7 @@ class AttributionCallback(Callback):
         self._source_map: SourceMap | None = None
         self._space: ParameterSpace | None = None
         self._windows: list[_Window] = []
+        self._end_epochs: list[int] = []
         self._rule: StepRule | None = None
         self._pending: list[tuple[Any, Tensor]] = []
         self._last_step = -1
@@ -208,6 +213,8 @@ class AttributionCallback(Callback):
         self._space = ParameterSpace.of(pl_module)
         if self.mode == "online":
             self._windows = self._plan_windows(trainer)
+        else:
+            self._end_epochs = self._plan_end_checkpoints(trainer)
         if trainer.is_global_zero:
             # here, not in setup: a resumed fit has restored this callback's state by now
             resuming = self._restored is not None and has_store(self.dirpath)
@@ -225,16 +232,42 @@ class AttributionCallback(Callback):
         trainer.strategy.barrier()
 
     def _plan_windows(self, trainer: L.Trainer) -> list[_Window]:
-        """The final window, plus one per ``checkpoint_epochs`` entry (injecting during that epoch)."""
-        final = self._plan_injection_epoch(trainer)
-        extra = [_Window(f"epoch={e}", e - 1) for e in self.checkpoint_epochs if e - 1 < final]
+        """The final window, plus one per checkpoint epoch (injecting during that epoch). Warns about a
+        requested epoch that cannot be honoured and about a final window at near-initial weights."""
+        final, per_epoch = self._plan_injection_epoch(trainer)
+        when = (
+            f"with {per_epoch} optimizer steps per epoch, {int(trainer.estimated_stepping_batches)} in the fit and "
+            f"horizon={self.horizon}"
+        )
+        if final <= 1:
+            needed = 3 + math.ceil(self.horizon / per_epoch)
+            rank_zero_warn(
+                f"The final simulation window injects the sources during epoch {final + 1}, at near-initial weights "
+                f"({when}, a window needs one epoch + horizon steps before the end of the fit): its responses "
+                f"describe an early model, not the trained one. Train for at least {needed} epochs, lower horizon, "
+                "or use mode='end' (simulates at the final weights)."
+            )
+        if self.checkpoint_epochs == "auto":
+            epochs = [e + 1 for e in spread_checkpoint_epochs(final)]
+        else:
+            epochs = [e for e in self.checkpoint_epochs if e - 1 < final]
+            dropped = [e for e in self.checkpoint_epochs if e - 1 >= final]
+            if dropped:
+                latest = f"the latest possible is {final}" if final >= 1 else "no epoch is early enough"
+                rank_zero_warn(
+                    f"checkpoint_epochs {dropped} cannot be honoured and were dropped: a window injecting during "
+                    f"epoch e ends one epoch + horizon steps later and must open before the final window (epoch "
+                    f"{final + 1}); {when}, {latest}. Use earlier epochs, train longer, lower horizon, or "
+                    "mode='end' (checkpoints at the weights after any epoch)."
+                )
         restored = (self._restored or {}).get("windows", {})
-        windows = [*extra, _Window("final", final)]
+        windows = [*(_Window(f"epoch={e}", e - 1) for e in epochs), _Window("final", final)]
         for window in windows:
             window.done = restored.get(window.name) == "done"
         return windows
 
-    def _plan_injection_epoch(self, trainer: L.Trainer) -> int:
+    def _plan_injection_epoch(self, trainer: L.Trainer) -> tuple[int, int]:
+        """``(epoch the final window injects during (0-based), optimizer steps per epoch)``."""
         total = trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise MisconfigurationException(
@@ -244,7 +277,28 @@ class AttributionCallback(Callback):
         # once and fully propagated on live batches. A fit too short for that (or stopped early) finishes
         # the remaining steps on replayed batches at the end (see _finish_on_replay).
         per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-        return max(0, (int(total) - self.horizon) // per_epoch - 1)
+        return max(0, (int(total) - self.horizon) // per_epoch - 1), per_epoch
+
+    def _plan_end_checkpoints(self, trainer: L.Trainer) -> list[int]:
+        """End mode: the epochs (1-based) after which a checkpoint is simulated; warns about those the fit never
+        reaches before its end (the final checkpoint is simulated after the last epoch anyway)."""
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        total = trainer.estimated_stepping_batches
+        last = math.ceil(total / per_epoch) if math.isfinite(total) else None  # epochs in the fit
+        if self.checkpoint_epochs == "auto":
+            if last is None:
+                raise MisconfigurationException(
+                    "checkpoint_epochs='auto' spreads checkpoints over the fit and must know when it ends: set "
+                    "max_epochs or max_steps, or list the epochs."
+                )
+            return [e + 1 for e in spread_checkpoint_epochs(last - 1)]
+        dropped = [e for e in self.checkpoint_epochs if last is not None and e >= last]
+        if dropped:
+            rank_zero_warn(
+                f"checkpoint_epochs {dropped} cannot be honoured and were dropped: the fit has {last} epochs and "
+                "the final checkpoint is simulated after the last one. Use epochs below it or train longer."
+            )
+        return [e for e in self.checkpoint_epochs if e not in dropped]
 
     # ------------------------------------------------------------------ online simulation
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -343,7 +397,7 @@ class AttributionCallback(Callback):
     # ------------------------------------------------------------------ checkpoints
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        if self.mode == "end" and epoch in self.checkpoint_epochs and epoch != trainer.max_epochs:
+        if self.mode == "end" and epoch in self._end_epochs and epoch != trainer.max_epochs:
             self._simulate_at_current_weights(trainer, pl_module, f"epoch={epoch}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -515,6 +569,18 @@ class _Window:
 
     def active(self, epoch: int) -> bool:
         return not (self.done or self.complete) and epoch >= self.injection_epoch
+
+
+_AUTO_CHECKPOINTS = 3  # checkpoint_epochs="auto": windows besides the final one
+_AUTO_SPAN = 0.5  # ... spread evenly over this last fraction of the epochs before the final one
+
+
+def spread_checkpoint_epochs(last: int, count: int = _AUTO_CHECKPOINTS, span: float = _AUTO_SPAN) -> list[int]:
+    """``count`` epochs (0-based, distinct, sorted) spread evenly over ``[(1 - span) * last, last)``: where
+    ``checkpoint_epochs="auto"`` puts the extra checkpoints when the final one is at epoch ``last``.
+    E.g. ``last=24``: ``[12, 16, 20]``. Fewer when the fit is too short to tell them apart."""
+    points = {round(last * (1 - span * k / count)) for k in range(1, count + 1)}
+    return sorted(e for e in points if 0 <= e < last)
 
 
 def _indexed_dataset_length(trainer: L.Trainer) -> int:
