@@ -16,6 +16,7 @@ live weights, else the first store's last), so scores keep the units of the meas
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -43,7 +44,7 @@ class _Member:
     entry: dict  # the checkpoint's manifest entry when it was read (a change means: read again)
     theta: Tensor | None  # [P] float32, the parameters the responses were simulated at (None: not stored)
     responses: Tensor  # [S, P] float32
-    valid: Tensor  # [S] bool
+    valid: Tensor  # [S] bool: the source has a complete response (ResponseStore.scorable); else NaN
 
 
 class _OpenStore:
@@ -127,7 +128,7 @@ class Attributor:
                 simulated at. Several stores: check every member's parameter snapshot against the digest its
                 manifest recorded (the module's weights are then used only for a member simulated at them).
 
-        Sources invalid in any member score NaN.
+        Sources invalid or incomplete (never injected, propagated short) in any member score NaN, with a warning.
         """
         check_readout(readout)
         stores = self.stores()
@@ -140,6 +141,7 @@ class Attributor:
             for i, store in enumerate(stores):
                 for name in names[i]:
                     member = self._member(i, store, name, theta.device, strict, ensemble)
+                    _warn_incomplete(store, name)
                     at = self._read_at(store, name, member, theta, live_digest, strict)
                     live.append(at is theta)
                     scores = score_sources(model, at, member.responses, batch, readout, chunk_size=chunk_size)
@@ -163,8 +165,10 @@ class Attributor:
             name = _checkpoint_names(store, "last")[0]
             member = self._member(0, store, name, theta.device, strict, ensemble=False)
             at = self._read_at(store, name, member, theta, live_digest, strict)
+            _warn_incomplete(store, name)
             sources = store.example_to_source()[index.cpu()].to(theta.device)
-            return paired_readout(model, at, member.responses[sources], _query_batch(data, theta.device), readout)
+            scores = paired_readout(model, at, member.responses[sources], _query_batch(data, theta.device), readout)
+            return scores.masked_fill(~member.valid[sources], float("nan"))
 
     # ------------------------------------------------------------------ internals
     def _check(self, stores: list[ResponseStore], space: ParameterSpace, theta: Tensor, strict: bool) -> str | None:
@@ -206,7 +210,7 @@ class Attributor:
                 entry=entry,
                 theta=store.theta(name).to(device) if has_snapshot else None,
                 responses=store.responses(name, device),
-                valid=store.source_stats(name)["valid"].to(device),
+                valid=store.scorable(name).to(device),
             )
             self._members[key] = member
             self._verified.discard((i, name))
@@ -226,6 +230,14 @@ class Attributor:
                 )
             self._verified.add((i, name))
         return member
+
+
+def _warn_incomplete(store: ResponseStore, name: str) -> None:
+    """Warns (at every query) when finite sources of a checkpoint score NaN because their simulation did not
+    finish: a partial checkpoint written after a crash, or examples that were never injected."""
+    reason = store.incomplete_reason(name)
+    if reason is not None:
+        warnings.warn(reason, UserWarning, stacklevel=4)
 
 
 def ensemble_mean(per_member: list[Tensor], reference: int = -1) -> Tensor:

@@ -39,7 +39,7 @@ from lightning_attr.simulation import (
     simulate_responses,
 )
 from lightning_attr.sources import IndexedDataset, SourceMap, SourceSpec, split_batch
-from lightning_attr.store import ResponseStore, has_store
+from lightning_attr.store import ResponseStore, complete_sources, has_store
 
 _MODES = ("online", "end")
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
@@ -414,12 +414,19 @@ class AttributionCallback(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._store is not None and any(w.simulation is not None and not w.done for w in self._windows):
-            rank_zero_warn(f"The fit stopped ({type(exception).__name__}); writing the responses simulated so far.")
-            self._write_open_windows(trainer, pl_module, finish=False)
+            stopped_by = f"{type(exception).__name__} at global step {trainer.global_step}"
+            rank_zero_warn(
+                f"The fit stopped ({stopped_by}); writing the responses simulated so far as a partial checkpoint "
+                "(sources not yet fully propagated score NaN)."
+            )
+            self._write_open_windows(trainer, pl_module, stopped_by=stopped_by)
 
-    def _write_open_windows(self, trainer: L.Trainer, pl_module: L.LightningModule, finish: bool = True) -> None:
-        """At the end of fit: writes every window not yet written, the final one last. ``finish``: first
-        complete the live perturbations on replayed batches (not after an exception: shortfall recorded)."""
+    def _write_open_windows(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, stopped_by: str | None = None
+    ) -> None:
+        """At the end of fit: writes every window not yet written, the final one last, after completing the
+        live perturbations on replayed batches. After an exception (``stopped_by``: what stopped the fit) the
+        windows are written as they are, marked partial, with the shortfall recorded."""
         self._pending.clear()
         if self._windows and self._windows[-1].simulation is None and not self._windows[-1].done:
             rank_zero_warn(
@@ -428,9 +435,9 @@ class AttributionCallback(Callback):
             )
         for window in self._windows:
             if window.simulation is not None and not window.done:
-                if finish:
+                if stopped_by is None:
                     self._finish_on_replay(trainer, pl_module, window)
-                self._write_window(trainer, pl_module, window)
+                self._write_window(trainer, pl_module, window, stopped_by)
 
     def _finish_on_replay(self, trainer: L.Trainer, pl_module: L.LightningModule, window: _Window) -> None:
         """Propagates what is still live when the fit ends for its remaining steps, at the final weights,
@@ -463,7 +470,9 @@ class AttributionCallback(Callback):
             raise RuntimeError("Every replayed training example has a non-finite loss; cannot simulate responses.")
         return batches
 
-    def _write_window(self, trainer: L.Trainer, pl_module: L.LightningModule, window: _Window) -> None:
+    def _write_window(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, window: _Window, stopped_by: str | None = None
+    ) -> None:
         source_map, simulation = self._source_map, window.simulation
         missing = ~simulation.injected.cpu()
         responses = simulation.finish(source_map.num_examples)
@@ -473,11 +482,13 @@ class AttributionCallback(Callback):
             rank_zero_warn(
                 f"Window {window.name!r}: {int(missing.sum())} training examples were never injected and "
                 f"{int((shortfall > 0).sum())} sources were propagated for fewer than {self.horizon} steps; both are "
-                "recorded per source in the store."
+                "recorded per source in the store, and those sources score NaN."
             )
         stats = {"valid": simulation.valid.cpu(), "shortfall": shortfall, "missing_examples": missing_per_source}
         _warn_invalid(stats["valid"])
-        self._write(trainer, pl_module, window.name, responses, simulation.rule, stats, window.replayed_steps)
+        self._write(
+            trainer, pl_module, window.name, responses, simulation.rule, stats, window.replayed_steps, stopped_by
+        )
         if window.progress is not None:
             window.progress.close()
         window.done, window.simulation, window.progress = True, None, None
@@ -521,10 +532,14 @@ class AttributionCallback(Callback):
         return responses, rule, finite, source_map.num_sources * self.horizon
 
     def _write(
-        self, trainer, pl_module, name, responses: Tensor, rule: StepRule, stats: dict[str, Tensor], replayed: int = 0
+        self, trainer, pl_module, name, responses: Tensor, rule: StepRule, stats: dict[str, Tensor], replayed: int = 0,
+        stopped_by: str | None = None,
     ) -> None:
+        """Writes a response checkpoint. Sources without a complete response are stored as NaN rows (so no
+        reader can take them for a zero response); ``stopped_by`` marks a partial checkpoint."""
         if not trainer.is_global_zero or self._store is None:
             return
+        responses[~complete_sources(stats).to(responses.device)] = float("nan")
         with torch.no_grad():
             theta = self._space.current(pl_module)
         info = {
@@ -533,6 +548,7 @@ class AttributionCallback(Callback):
             "curvature_products": self._products, "simulation_seconds": round(self._seconds, 3),
             "n_valid": int(stats["valid"].sum()), "n_shortfall": int((stats["shortfall"] > 0).sum()),
             "n_missing_examples": int(stats["missing_examples"].sum()), "replayed_steps": replayed,
+            "complete": stopped_by is None, "stopped_by": stopped_by,
         }  # fmt: skip
         self._store.add_checkpoint(
             name, theta, responses, info=info, source_stats=stats, dtype=self.store_dtype

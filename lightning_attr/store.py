@@ -65,6 +65,16 @@ def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[
     return path.stat().st_size
 
 
+def complete_sources(stats: dict[str, Tensor]) -> Tensor:
+    """``BoolTensor[S]``: sources whose response can be scored: finite gradients (``valid``), every member
+    injected (``missing_examples == 0``) and propagated for the full horizon (``shortfall == 0``)."""
+    complete = stats["valid"].bool().clone()
+    for key in ("shortfall", "missing_examples"):
+        if key in stats:
+            complete &= stats[key] == 0
+    return complete
+
+
 def has_store(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
@@ -328,6 +338,35 @@ class ResponseStore:
         if key not in self._cache:
             self._cache[key] = self._read(self.path / self.checkpoint_info(name)["sources_file"])
         return self._cache[key]
+
+    def scorable(self, name: str) -> Tensor:
+        """``BoolTensor[S]``: sources of checkpoint ``name`` with a complete response (:func:`complete_sources`);
+        the others score NaN."""
+        return complete_sources(self.source_stats(name))
+
+    def incomplete_reason(self, name: str) -> str | None:
+        """Why some finite sources of checkpoint ``name`` cannot be scored, or ``None`` if all can: the fit
+        stopped inside the simulation window (a partial checkpoint), or examples were never injected."""
+        info, stats = self.checkpoint_info(name), self.source_stats(name)
+        valid = stats["valid"].bool()
+        missing = valid & (stats.get("missing_examples", torch.zeros(1)) > 0)
+        short = valid & (stats.get("shortfall", torch.zeros(1)) > 0)
+        unusable = int((missing | short).sum())
+        partial = info.get("complete") is False
+        if not (partial or unusable):
+            return None
+        head = (
+            f"checkpoint {name!r} in {self.path} is partial: the fit stopped ({info.get('stopped_by')}) before its "
+            "simulation finished"
+            if partial
+            else f"checkpoint {name!r} in {self.path} lacks part of its sources"
+        )
+        return (
+            f"{head}. {int(missing.sum())} sources hold training examples that were never injected and "
+            f"{int(short.sum())} were propagated for fewer than horizon steps: those {unusable} of {self.n_sources} "
+            "sources score NaN. Re-run the fit (or resume it from a checkpoint taken before the simulation "
+            "window opened) to score them."
+        )
 
     def responses(self, name: str, device: torch.device | str = "cpu") -> Tensor:
         """``Tensor[S, P]`` float32 responses of checkpoint ``name`` (cached per device)."""
