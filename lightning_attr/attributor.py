@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from lightning_attr.batch_format import check_batch
 from lightning_attr.functional import functional_view, to_float32
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.readout import check_readout, paired_readout, score_sources
@@ -132,6 +133,7 @@ class Attributor:
         """
         check_readout(readout)
         stores = self.stores()
+        check_batch(batch, stores[0].batch_format())
         with functional_view(self.module, _cached_space(self.module)) as (model, theta):
             live_digest = self._check(stores, model.space, theta, strict)
             batch = _query_batch(batch, theta.device)
@@ -157,7 +159,7 @@ class Attributor:
         (first) store. ``batch`` is a training batch *with* its trailing example index."""
         check_readout(readout)
         store = self.stores()[0]
-        data, index = split_batch(batch)
+        data, index = _split_training_batch(batch, store)
         with functional_view(self.module, _cached_space(self.module)) as (model, theta):
             live_digest = self._check([store], model.space, theta, strict)
             if int(index.max()) >= store.n_examples or int(index.min()) < 0:
@@ -275,6 +277,20 @@ def _store_specs(responses: Responses) -> list[Store]:
     return [s if isinstance(s, ResponseStore) else check_store_path(s) for s in specs]
 
 
+def _split_training_batch(batch: Any, store: ResponseStore) -> tuple[Any, Tensor]:
+    """``(data, index)`` of a batch passed to ``self_influence``, checked against the training format."""
+    hint = "self_influence takes training batches with the example index last, (*data, index), as IndexedDataset yields them."
+    try:
+        data, index = split_batch(batch)
+    except ValueError as err:
+        raise ValueError(f"{hint} {err}") from None
+    check_batch(
+        data, store.batch_format(), what="The batch passed to self_influence, without its last element (the index)",
+        hint=hint,
+    )  # fmt: skip
+    return data, index
+
+
 def _weights_digest(module: Any, space: ParameterSpace, theta: Tensor) -> str:
     """``space.digest(theta)``, hashed again only when a parameter changed (in-place updates bump
     ``_version``): a query should not pay for hashing P floats."""
@@ -288,7 +304,7 @@ def _weights_digest(module: Any, space: ParameterSpace, theta: Tensor) -> str:
 
 def _cached_space(module: Any) -> ParameterSpace:
     cache = module.__dict__.setdefault("_attribution_space", {})
-    shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
+    shapes = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in module.named_parameters())
     if shapes not in cache:
         cache.clear()
         cache[shapes] = ParameterSpace.of(module)

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_attr import batch_format
 from lightning_attr.curvature import batch_size_of, curvature_operator
 from lightning_attr.functional import functional_view, to_float32, uses_output_loss
 from lightning_attr.mixin import AttributionMixin
@@ -42,6 +43,10 @@ from lightning_attr.sources import IndexedDataset, SourceMap, SourceSpec, split_
 from lightning_attr.store import ResponseStore, complete_sources, has_store
 
 _MODES = ("online", "end")
+_DIVERGED = (
+    "The training loss diverged: every example's loss was non-finite at global step {step} (a learning rate "
+    "too high, or NaN/inf in the data). Fix the training first: attribution explains a trained model."
+)
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
 
 
@@ -163,6 +168,8 @@ class AttributionCallback(Callback):
         self._fit_start = 0.0
         self._restored: dict[str, Any] | None = None
         self._warned_non_finite = False
+        self._batch_format: dict | None = None  # the training batches' format, checked against queries
+        self._diverged_at: int | None = None  # first step at which every example's loss was non-finite
 
     @property
     def state_key(self) -> str:
@@ -303,6 +310,7 @@ class AttributionCallback(Callback):
     # ------------------------------------------------------------------ online simulation
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         data, index = split_batch(batch)  # checks every batch, so a bad loader fails at once
+        self._batch_format = batch_format.merge(self._batch_format, batch_format.describe(data))
         n = self._source_map.num_examples
         outside = (index < 0) | (index >= n)
         if bool(outside.any()):
@@ -325,6 +333,7 @@ class AttributionCallback(Callback):
             self._pending.clear()
             curvature_batches = self._finite(model, theta, [d for d, _ in batches])
             if not curvature_batches:  # every example non-finite: nothing to learn the curvature from
+                self._diverged_at = trainer.global_step if self._diverged_at is None else self._diverged_at
                 return
             operator = curvature_operator(self.curvature, model, theta, curvature_batches, self.chunk_size)
             for window in (w for w in self._windows if w.active(epoch)):
@@ -429,10 +438,13 @@ class AttributionCallback(Callback):
         windows are written as they are, marked partial, with the shortfall recorded."""
         self._pending.clear()
         if self._windows and self._windows[-1].simulation is None and not self._windows[-1].done:
-            rank_zero_warn(
-                "The fit ended before the final simulation window opened: its responses were not simulated. "
-                f"Train longer (at least one epoch + horizon={self.horizon} steps) or use mode='end'."
-            )
+            if self._diverged_at is not None:
+                rank_zero_warn(f"{_DIVERGED.format(step=self._diverged_at)} No responses were simulated.")
+            else:
+                rank_zero_warn(
+                    "The fit ended before the final simulation window opened: its responses were not simulated. "
+                    f"Train longer (at least one epoch + horizon={self.horizon} steps) or use mode='end'."
+                )
         for window in self._windows:
             if window.simulation is not None and not window.done:
                 if stopped_by is None:
@@ -467,7 +479,10 @@ class AttributionCallback(Callback):
         batches = [_to_simulation(split_batch(b)[0], theta.device) for b in itertools.islice(_cycle(shuffled), count)]
         batches = self._finite(model, theta, batches)
         if not batches:
-            raise RuntimeError("Every replayed training example has a non-finite loss; cannot simulate responses.")
+            raise RuntimeError(
+                f"{_DIVERGED.format(step=trainer.global_step)} Every replayed training example has a non-finite "
+                "loss at the final weights, so no responses can be simulated."
+            )
         return batches
 
     def _write_window(
@@ -548,7 +563,7 @@ class AttributionCallback(Callback):
             "curvature_products": self._products, "simulation_seconds": round(self._seconds, 3),
             "n_valid": int(stats["valid"].sum()), "n_shortfall": int((stats["shortfall"] > 0).sum()),
             "n_missing_examples": int(stats["missing_examples"].sum()), "replayed_steps": replayed,
-            "complete": stopped_by is None, "stopped_by": stopped_by,
+            "complete": stopped_by is None, "stopped_by": stopped_by, "batch_format": self._batch_format,
         }  # fmt: skip
         self._store.add_checkpoint(
             name, theta, responses, info=info, source_stats=stats, dtype=self.store_dtype

@@ -102,11 +102,13 @@ def resolve_step_rule(
     lam = damping_scale * spectrum.mean_eigenvalue if damping == "auto" else float(damping)
     if not math.isfinite(lam) or lam < 0:
         raise ValueError(f"damping resolved to {lam}; it must be finite and >= 0.")
-    eta = 1.0 / (STEP_SAFETY * spectrum.lambda_max + lam) if step_size == "auto" else float(step_size)
+    scale = STEP_SAFETY * spectrum.lambda_max + lam
+    eta = (1.0 / scale if scale > 0 else math.inf) if step_size == "auto" else float(step_size)
     if not math.isfinite(eta) or eta <= 0:
         raise ValueError(
             f"step size resolved to {eta} (lambda_max={spectrum.lambda_max}, damping={lam}); "
-            "the curvature estimate is degenerate: pass damping>0 or an explicit step_size."
+            "the curvature estimate is degenerate (zero curvature: the outputs saturated, as after a diverged "
+            "fit, or the loss does not depend on the parameters): pass damping>0 or an explicit step_size."
         )
     if propagation != "neumann" and not 0 < lam < 1.0 / eta:
         raise ValueError(

@@ -102,6 +102,35 @@ def manifest_stamp(path: str | os.PathLike) -> int | None:
         return None
 
 
+def _model_mismatch(path: Path, stored: ParameterSpace, model: ParameterSpace) -> str:
+    """What differs between the parameter space a store was simulated for and the model's."""
+    theirs = {n: (s, d) for n, s, d in zip(stored.names, stored.shapes, stored.dtypes)}
+    ours = {n: (s, d) for n, s, d in zip(model.names, model.shapes, model.dtypes)}
+    if theirs.keys() == ours.keys() and all(theirs[n][0] == ours[n][0] for n in ours):
+        changed = sorted({(theirs[n][1], ours[n][1]) for n in ours if theirs[n][1] != ours[n][1]})
+        was, now = ", ".join(sorted({a for a, _ in changed})), ", ".join(sorted({b for _, b in changed}))
+        return (
+            f"The model's parameters are {now} but the responses in {path} were simulated for {was} parameters: "
+            f"the model's dtype changed after training (e.g. .double() or .half()). Cast it back (model.to("
+            f"torch.{sorted({a for a, _ in changed})[0]})) before attributing; the readout runs in float32 anyway."
+        )
+    missing = [n for n in theirs if n not in ours][:4]
+    extra = [n for n in ours if n not in theirs][:4]
+    reshaped = [(n, list(theirs[n][0]), list(ours[n][0])) for n in ours if n in theirs and theirs[n][0] != ours[n][0]][:4]
+    found = "; ".join(
+        part for part in (
+            f"parameters the store has and the model lacks: {missing}" if missing else "",
+            f"parameters the model has and the store lacks: {extra}" if extra else "",
+            f"shapes (name, store, model): {reshaped}" if reshaped else "",
+            "the same parameters in another order" if not (missing or extra or reshaped) else "",
+        ) if part
+    )  # fmt: skip
+    return (
+        f"The responses in {path} were simulated for a different model (parameter fingerprint mismatch: {found}). "
+        "Attribute with the model that was trained with the callback, or re-run the simulation for this one."
+    )
+
+
 class ResponseStore:
     """A directory of response checkpoints for one model and one set of ``S`` sources.
 
@@ -291,6 +320,14 @@ class ResponseStore:
                 return c
         raise StoreError(f"{self.path} has no checkpoint {name!r}; it has {self.checkpoints}.")
 
+    def batch_format(self) -> dict | None:
+        """The format of the training batches (without the index) as the callback recorded it
+        (:mod:`lightning_attr.batch_format`), or ``None`` for a store that has none."""
+        for ckpt in reversed(self.manifest["checkpoints"]):
+            if ckpt.get("batch_format") is not None:
+                return ckpt["batch_format"]
+        return None
+
     def example_to_source(self) -> Tensor:
         """``LongTensor[n]``: the source of every training example."""
         if self.manifest["per_example"]:
@@ -301,14 +338,7 @@ class ResponseStore:
     def check_model(self, space: ParameterSpace, weights_digest: str | None = None) -> None:
         """Raises :class:`StoreError` unless the responses belong to this architecture (and weights)."""
         if space.fingerprint() != self.manifest["fingerprint"]:
-            ours = dict(zip(space.names, space.shapes))
-            theirs = dict(zip(self.space.names, self.space.shapes))
-            diff = sorted(set(ours.items()) ^ set(theirs.items()))[:4]
-            raise StoreError(
-                f"The responses in {self.path} were simulated for a different model (parameter fingerprint "
-                f"mismatch; first differences (name, shape): {diff}). Attribute with the model that was trained "
-                "with the callback, or re-run the simulation for this one."
-            )
+            raise StoreError(_model_mismatch(self.path, self.space, space))
         if weights_digest is not None and self.checkpoints:
             expected = self.checkpoint_info(self.checkpoints[-1])["weights_digest"]
             if weights_digest != expected:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -10,7 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_attr import AttributionCallback, ResponseStore
+from lightning_attr import AttributionCallback, ResponseStore, StoreError
 from lightning_attr.models import Classifier
 
 
@@ -141,3 +143,69 @@ def test_crash_writes_what_is_live_and_records_the_shortfall(tmp_path):
     assert info["n_shortfall"] > 0 and info["replayed_steps"] == 0
     stats = ResponseStore.load(cb.dirpath).source_stats("final")
     assert int(stats["shortfall"].max()) <= 50
+
+
+# ---------------------------------------------------------------------------------------------- queries
+@pytest.fixture(scope="module")
+def trained_store(tmp_path_factory):
+    x, y = blobs(n=64)
+    model = small_mlp(6, 3)
+    cb = AttributionCallback(tmp_path_factory.mktemp("q") / "r", mode="end", horizon=5, curvature_batch_size=32)
+    fit(model, x, y, [cb], epochs=2, batch_size=16)
+    return model, cb.dirpath, x, y
+
+
+@pytest.mark.parametrize(
+    ("make_query", "message"),
+    [
+        (lambda x, y: (x[:4],), r"should be a tuple of 2, got \(Tensor\[B, 6\] float\)"),  # label missing
+        (lambda x, y: x[:4], r"should be a tuple of 2, got Tensor\[B, 6\] float"),  # a bare tensor
+        (lambda x, y: (x[0], y[:1]), r"batch\[0\] has 1 dimensions, training batches had 2 .*unsqueeze"),
+        (lambda x, y: (x[:4, :5], y[:4]), r"batch\[0\] has size 5 in dimension 1, training batches had 6"),
+        (lambda x, y: (x[:4], y[:4].float()), r"batch\[1\] holds float values, training batches held int"),
+        (lambda x, y: (x[:4], y[:3]), r"disagree on the batch size \(\[3, 4\]\)"),
+    ],
+    ids=["no-label", "bare-tensor", "no-batch-dim", "feature-size", "label-dtype", "batch-sizes"],
+)
+def test_query_batch_is_checked_at_the_door(trained_store, make_query, message):
+    model, path, x, y = trained_store
+    with pytest.raises(ValueError, match=message) as err:
+        model.attribute(make_query(x, y), responses=path)
+    assert "trained on batches (Tensor[B, 6] float, Tensor[B] int)" in str(err.value) or "batch size" in str(err.value)
+    assert model.attribute([x[:4], y[:4]], responses=path).shape == (4, 64)  # a list is a tuple
+
+
+def test_self_influence_without_the_index_is_refused(trained_store):
+    model, path, x, y = trained_store
+    with pytest.raises(ValueError, match=r"self_influence takes training batches with the example index last"):
+        model.self_influence((x[:4], y[:4]), responses=path)  # y would otherwise pass for the index
+    assert model.self_influence((x[:4], y[:4], torch.arange(4)), responses=path).shape == (4,)
+
+
+def test_model_cast_to_another_dtype_is_named(trained_store):
+    import copy
+
+    model, path, x, y = trained_store
+    with pytest.raises(StoreError, match=r"parameters are float64 but .* simulated for float32 .*dtype changed"):
+        copy.deepcopy(model).double().attribute((x[:4].double(), y[:4]), responses=path)
+    with pytest.raises(StoreError, match=r"parameters the model has and the store lacks: \['net.4.weight'"):
+        Classifier(nn.Sequential(nn.Flatten(), nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3), nn.Linear(3, 3))).attribute(
+            (x[:4], y[:4]), responses=path
+        )
+
+
+@pytest.mark.parametrize("epochs", [4, 8])
+def test_diverged_training_says_so(tmp_path, epochs):
+    """lr=1e6: the outputs saturate (zero curvature) or the loss turns NaN; neither is 'train longer'."""
+    x, y = blobs(n=64)
+    model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), lr=1e6)
+    cb = AttributionCallback(tmp_path / "r", mode="online", horizon=5)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            fit(model, x, y, [cb], epochs=epochs, batch_size=16)
+        except ValueError as err:  # saturated outputs: the step rule has no curvature to work with
+            assert "degenerate" in str(err) and "diverged" in str(err)
+        else:
+            assert any("The training loss diverged" in str(w.message) for w in seen)
+    assert not any("Train longer" in str(w.message) for w in seen)
