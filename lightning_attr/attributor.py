@@ -159,16 +159,14 @@ class Attributor:
         (first) store. ``batch`` is a training batch *with* its trailing example index."""
         check_readout(readout)
         store = self.stores()[0]
-        data, index = _split_training_batch(batch, store)
+        data, sources = _training_batch_sources(batch, store)
         with functional_view(self.module, _cached_space(self.module)) as (model, theta):
             live_digest = self._check([store], model.space, theta, strict)
-            if int(index.max()) >= store.n_examples or int(index.min()) < 0:
-                raise IndexError(f"example index out of range [0, {store.n_examples}) of the store's training set.")
             name = _checkpoint_names(store, "last")[0]
             member = self._member(0, store, name, theta.device, strict, ensemble=False)
             at = self._read_at(store, name, member, theta, live_digest, strict)
             _warn_incomplete(store, name)
-            sources = store.example_to_source()[index.cpu()].to(theta.device)
+            sources = sources.to(theta.device)
             scores = paired_readout(model, at, member.responses[sources], _query_batch(data, theta.device), readout)
             return scores.masked_fill(~member.valid[sources], float("nan"))
 
@@ -277,18 +275,28 @@ def _store_specs(responses: Responses) -> list[Store]:
     return [s if isinstance(s, ResponseStore) else check_store_path(s) for s in specs]
 
 
-def _split_training_batch(batch: Any, store: ResponseStore) -> tuple[Any, Tensor]:
-    """``(data, index)`` of a batch passed to ``self_influence``, checked against the training format."""
-    hint = "self_influence takes training batches with the example index last, (*data, index), as IndexedDataset yields them."
+def _training_batch_sources(batch: Any, store: ResponseStore) -> tuple[Any, Tensor]:
+    """``(data, sources: LongTensor[B])`` of a training batch passed to ``self_influence``: the data checked
+    against the training format, and the source of each example."""
+    index_key = store.manifest["settings"].get("index_key", "index")
+    hint = (
+        "self_influence takes training batches with their example index, as IndexedDataset yields them: "
+        f"(*data, index), or a dict with the key {index_key!r}."
+    )
     try:
-        data, index = split_batch(batch)
+        data, index = split_batch(batch, index_key)
     except ValueError as err:
         raise ValueError(f"{hint} {err}") from None
-    check_batch(
-        data, store.batch_format(), what="The batch passed to self_influence, without its last element (the index)",
-        hint=hint,
-    )  # fmt: skip
-    return data, index
+    check_batch(data, store.batch_format(), what="The batch passed to self_influence, without its index", hint=hint)
+    if int(index.max()) >= store.n_examples or int(index.min()) < 0:
+        raise IndexError(f"example index out of range [0, {store.n_examples}) of the store's training set.")
+    sources = store.example_to_source()[index.cpu()]
+    if bool((sources < 0).any()):
+        raise IndexError(
+            f"example {int(index.cpu()[sources < 0][0])} was not in the training set (the fit trained on a subset "
+            "of the dataset): it has no source and no self-influence."
+        )
+    return data, sources
 
 
 def _weights_digest(module: Any, space: ParameterSpace, theta: Tensor) -> str:

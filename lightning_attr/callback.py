@@ -39,7 +39,7 @@ from lightning_attr.simulation import (
     initial_perturbations,
     simulate_responses,
 )
-from lightning_attr.sources import IndexedDataset, SourceMap, SourceSpec, split_batch
+from lightning_attr.sources import SourceMap, SourceSpec, indexed_base, split_batch
 from lightning_attr.store import ResponseStore, complete_sources, has_store
 
 _MODES = ("online", "end")
@@ -90,6 +90,8 @@ class AttributionCallback(Callback):
         chunk_size: perturbations per vmapped curvature product (bounds memory).
         store_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage of responses.
         num_examples: size ``n`` of the training set if ``len(train_dataloader.dataset)`` is not it.
+        index_key: the key of the example index in dict batches (``IndexedDataset`` over dict items puts it
+            there); tuple batches carry it last. ``attribution_outputs`` receives the batch without it.
         seed: seed of the callback's private generator (probes, replay order). The global RNG is never drawn.
         overwrite: replace a store already in ``dirpath`` (otherwise that is an error).
 
@@ -114,6 +116,7 @@ class AttributionCallback(Callback):
         chunk_size: int = 2048,
         store_dtype: str = "float32",
         num_examples: int | None = None,
+        index_key: str = "index",
         seed: int = 0,
         overwrite: bool = False,
     ) -> None:
@@ -150,7 +153,10 @@ class AttributionCallback(Callback):
         self.sources, self.checkpoint_epochs = sources, epochs
         self.curvature_batch_size, self.step_size, self.damping_scale = curvature_batch_size, step_size, damping_scale
         self.propagation = propagation
+        if not isinstance(index_key, str) or not index_key:
+            raise MisconfigurationException(f"index_key must be a non-empty str, got {index_key!r}.")
         self.chunk_size, self.store_dtype, self.num_examples = chunk_size, store_dtype, num_examples
+        self.index_key = index_key
         self.seed, self.overwrite = seed, overwrite
         self._reset()
 
@@ -180,7 +186,7 @@ class AttributionCallback(Callback):
             "mode": self.mode, "horizon": self.horizon, "damping": self.damping, "curvature": self.curvature,
             "curvature_batch_size": self.curvature_batch_size, "step_size": self.step_size,
             "propagation": self.propagation, "damping_scale": self.damping_scale, "checkpoint_epochs": self.checkpoint_epochs,
-            "store_dtype": self.store_dtype, "seed": self.seed,
+            "store_dtype": self.store_dtype, "seed": self.seed, "index_key": self.index_key,
         }  # fmt: skip
 
     # ------------------------------------------------------------------ setup
@@ -215,8 +221,8 @@ class AttributionCallback(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
-        n = self.num_examples or _indexed_dataset_length(trainer)
-        self._source_map = SourceMap.build(self.sources, n)
+        n, members = (self.num_examples, None) if self.num_examples else _training_examples(trainer)
+        self._source_map = SourceMap.build(self.sources, n, members)
         self._space = ParameterSpace.of(pl_module)
         if self.mode == "online":
             self._windows = self._plan_windows(trainer)
@@ -309,7 +315,7 @@ class AttributionCallback(Callback):
 
     # ------------------------------------------------------------------ online simulation
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        data, index = split_batch(batch)  # checks every batch, so a bad loader fails at once
+        data, index = split_batch(batch, self.index_key)  # checks every batch, so a bad loader fails at once
         self._batch_format = batch_format.merge(self._batch_format, batch_format.describe(data))
         n = self._source_map.num_examples
         outside = (index < 0) | (index >= n)
@@ -317,6 +323,12 @@ class AttributionCallback(Callback):
             raise IndexError(
                 f"Training batch holds example index {int(index[outside][0])} outside [0, {n}). Indices must "
                 "address the training set; set num_examples= if it is not len(train_dataloader.dataset)."
+            )
+        stranger = ~self._source_map.in_training_set[index.cpu()]
+        if bool(stranger.any()):
+            raise IndexError(
+                f"Training batch holds example index {int(index.cpu()[stranger][0])}, which is not in the training "
+                "subset the callback found at the start of the fit (train_dataloader.dataset)."
             )
         if any(w.active(trainer.current_epoch) for w in self._windows):
             self._pending.append((data, index))
@@ -476,7 +488,10 @@ class AttributionCallback(Callback):
             loader.dataset, batch_size, shuffle=True, generator=generator, collate_fn=loader.collate_fn,
             drop_last=len(loader.dataset) >= batch_size,
         )  # fmt: skip
-        batches = [_to_simulation(split_batch(b)[0], theta.device) for b in itertools.islice(_cycle(shuffled), count)]
+        batches = [
+            _to_simulation(split_batch(b, self.index_key)[0], theta.device)
+            for b in itertools.islice(_cycle(shuffled), count)
+        ]
         batches = self._finite(model, theta, batches)
         if not batches:
             raise RuntimeError(
@@ -489,8 +504,8 @@ class AttributionCallback(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, window: _Window, stopped_by: str | None = None
     ) -> None:
         source_map, simulation = self._source_map, window.simulation
-        missing = ~simulation.injected.cpu()
-        responses = simulation.finish(source_map.num_examples)
+        missing = ~simulation.injected.cpu() & source_map.in_training_set
+        responses = simulation.finish(source_map.training_set_size)
         shortfall = simulation.shortfall.cpu()
         missing_per_source = torch.bincount(source_map.example_to_source[missing], minlength=source_map.num_sources)
         if int(missing.sum()) or int((shortfall > 0).sum()):
@@ -530,7 +545,8 @@ class AttributionCallback(Callback):
         source_map = self._source_map
         with functional_view(pl_module, self._space) as (model, theta):
             sequential = DataLoader(dataset, batch_size=self.curvature_batch_size, collate_fn=collate)
-            batches = ((_to_simulation(data, theta.device), index) for data, index in map(split_batch, sequential))
+            split = (split_batch(b, self.index_key) for b in sequential)
+            batches = ((_to_simulation(data, theta.device), index) for data, index in split)
             u0, finite = initial_perturbations(
                 model, theta, batches, source_map.example_to_source, source_map.num_sources
             )
@@ -542,7 +558,7 @@ class AttributionCallback(Callback):
             )
             progress = self._new_progress(trainer, name)
             operators = [CountingOperator(op, progress) for op in operators]
-            responses = simulate_responses(u0, operators, rule, source_map.num_examples, self.chunk_size)
+            responses = simulate_responses(u0, operators, rule, source_map.training_set_size, self.chunk_size)
             progress.close()
         return responses, rule, finite, source_map.num_sources * self.horizon
 
@@ -614,17 +630,21 @@ def spread_checkpoint_epochs(last: int, count: int = _AUTO_CHECKPOINTS, span: fl
     return sorted(e for e in points if 0 <= e < last)
 
 
-def _indexed_dataset_length(trainer: L.Trainer) -> int:
-    """``len`` of the training set, which must be an :class:`IndexedDataset` (class labels would otherwise
-    pass for example indices)."""
+def _training_examples(trainer: L.Trainer) -> tuple[int, Tensor | None]:
+    """``(n, members)``: the range ``n`` of the example indices and, for a ``Subset`` of an
+    :class:`IndexedDataset` (``random_split``), the ``LongTensor[m]`` indices it holds (``None``: all ``n``).
+    The dataset must be one of those: class labels would otherwise pass for example indices."""
     dataset = getattr(trainer.train_dataloader, "dataset", None)
-    if not isinstance(dataset, IndexedDataset):
+    found = indexed_base(dataset)
+    if found is None:
         raise MisconfigurationException(
-            f"The training dataset is a {type(dataset).__name__}, not an IndexedDataset: wrap it as "
-            "IndexedDataset(dataset) so batches end with example indices. If your batches already end with "
+            f"The training dataset is a {type(dataset).__name__}, not an IndexedDataset (or a Subset of one): wrap "
+            "it as IndexedDataset(dataset) so batches carry example indices. If your batches already carry "
             "the example index, pass num_examples=len(train_set) to say so."
         )
-    return len(dataset)
+    base, members = found
+    whole = members.numel() == len(base) and bool((members == torch.arange(len(base))).all())
+    return len(base), None if whole else members
 
 
 def _default_dirpath(trainer: L.Trainer, overwrite: bool) -> str:

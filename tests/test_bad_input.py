@@ -177,7 +177,7 @@ def test_query_batch_is_checked_at_the_door(trained_store, make_query, message):
 
 def test_self_influence_without_the_index_is_refused(trained_store):
     model, path, x, y = trained_store
-    with pytest.raises(ValueError, match=r"self_influence takes training batches with the example index last"):
+    with pytest.raises(ValueError, match=r"should be a tuple of 2.*self_influence takes training batches with their"):
         model.self_influence((x[:4], y[:4]), responses=path)  # y would otherwise pass for the index
     assert model.self_influence((x[:4], y[:4], torch.arange(4)), responses=path).shape == (4,)
 
