@@ -329,7 +329,8 @@ class ResponseStore:
         return None
 
     def example_to_source(self) -> Tensor:
-        """``LongTensor[n]``: the source of every training example."""
+        """``LongTensor[n]``: the source of every example index; ``-1`` for an example outside the training set
+        (the fit trained on a ``Subset`` of the indexed dataset)."""
         if self.manifest["per_example"]:
             return torch.arange(self.n_examples)
         return self._read(self.path / "example_to_source.safetensors")["example_to_source"]
