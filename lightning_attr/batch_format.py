@@ -7,8 +7,8 @@ query batch with it before any forward pass and name both formats when they diff
 
 A format is JSON: ``{"tensor": kind, "shape": [None, d1, ...]}`` for a tensor (``kind`` is ``"float"``,
 ``"int"`` or ``"bool"``; the leading ``None`` is the batch dimension, a later ``None`` a size that varied
-between training batches), ``{"sequence": [...]}`` for a tuple or list, ``{"mapping": {key: ...}}`` for
-a dict, and ``{"other": type name}`` for anything else.
+between training batches), ``{"sequence": [...]}`` for a tuple or list that holds tensors or containers, ``{"mapping": {key: ...}}``
+for a dict, and ``{"other": type name}`` for anything else (not checked: e.g. a collated list of strings).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def describe(batch: Any) -> Format:
         return {"tensor": kind, "shape": [None, *batch.shape[1:]] if batch.dim() else []}
     if isinstance(batch, Mapping):
         return {"mapping": {str(k): describe(v) for k, v in batch.items()}}
-    if isinstance(batch, (tuple, list)):
+    if isinstance(batch, (tuple, list)) and any(isinstance(v, (Tensor, Mapping, tuple, list)) for v in batch):
         return {"sequence": [describe(v) for v in batch]}
-    return {"other": type(batch).__name__}
+    return {"other": type(batch).__name__}  # not checked: strings, numbers, lists of them (e.g. collated ids)
 
 
 def merge(seen: Format | None, new: Format) -> Format:

@@ -86,7 +86,9 @@ def test_attribute_writes_the_report(sweep):
     table = json.loads((run / "attributions.json").read_text())
     assert table["top_k"] == 3 and len(table["rows"]) == len(rows)
     summary = json.loads((run / "attribution.json").read_text())
-    assert summary["n_queries"] == 40 and 0.0 <= summary["mislabel_auc"] <= 1.0
+    assert summary["n_queries"] == 40 and summary["n_flipped"] == 10  # 5% of 200 training labels
+    # self-influence finds flipped labels better than chance even after 2 epochs (measured 0.69; chance 0.5)
+    assert summary["mislabel_auc"] >= 0.6
 
 
 def test_attribute_on_a_directory_that_is_not_a_run_fails_clearly(tmp_path):

@@ -209,3 +209,18 @@ def test_diverged_training_says_so(tmp_path, epochs):
         else:
             assert any("The training loss diverged" in str(w.message) for w in seen)
     assert not any("Train longer" in str(w.message) for w in seen)
+
+
+def test_batch_format_keeps_what_varies_unchecked():
+    """Padded lengths vary between training batches, and collated string ids are not tensors: neither is
+    held against a query; the feature size that never varied is."""
+    from lightning_attr.batch_format import check_batch, describe, merge, render
+
+    def batch(b, t, f=4):
+        return (torch.zeros(b, t, f), torch.zeros(b, dtype=torch.long), [f"id{i}" for i in range(b)])
+
+    seen = merge(describe(batch(16, 5)), describe(batch(7, 9)))
+    assert render(seen) == "(Tensor[B, *, 4] float, Tensor[B] int, list)"
+    check_batch(batch(3, 2), seen)
+    with pytest.raises(ValueError, match="batch\\[0\\] has size 5 in dimension 2, training batches had 4"):
+        check_batch(batch(3, 2, f=5), seen)

@@ -73,4 +73,17 @@ def test_peer_scores_follow_the_package_convention(tiny, index):
     assert (rank < 5).float().mean() >= 0.5, f"{peer.name}: self ranks {rank.tolist()}"
     single = peer.score(x[:1], y[:1])
     assert single.shape == (1, len(x))
-    assert peer.storage_bytes() >= 0
+    floor, kept = _expected_storage_floor(peer, n_train=len(x)), peer.storage_bytes()
+    assert kept >= floor if floor else kept == 0, f"{peer.name}: keeps {kept} bytes, expected {floor or 'none'}"
+
+
+def _expected_storage_floor(peer, n_train: int) -> int:
+    """Bytes a peer must keep between setup and queries: float32 projected features [n_train, proj_dim] per model
+    (TRAK), the EK-FAC factors of the MLP's two Linear layers (covariances (in+1)^2 and out^2), or nothing
+    (methods that recompute everything per query)."""
+    name = type(peer).__name__
+    if name in ("DattriTRAK", "TraKerTRAK"):
+        return peer.config["n_models"] * n_train * peer.config["proj_dim"] * 4
+    if name == "KronfluenceEKFAC":
+        return 4 * sum((i + 1) ** 2 + o**2 for i, o in ((8, 16), (16, 3)))
+    return 0
