@@ -166,7 +166,6 @@ class AttributionCallback(Callback):
         self._space: ParameterSpace | None = None
         self._windows: list[_Window] = []
         self._end_epochs: list[int] = []
-        self._rule: StepRule | None = None
         self._pending: list[tuple[Any, Tensor]] = []
         self._last_step = -1
         self._products = 0
@@ -393,19 +392,22 @@ class AttributionCallback(Callback):
             window.progress.advance(products)
 
     def _new_online(self, name: str, operator: Any, theta: Tensor) -> OnlineSimulation:
-        if self._rule is None:  # one step rule for every window, from the first live batch
-            self._rule = estimate_step_rule(
+        """A window's simulation, with the step rule of the weights it opens at (the curvature of a mid-training
+        window is not the final one's); a resumed window keeps the rule it was running with."""
+        state = (self._restored or {}).get("windows", {}).get(name)
+        if isinstance(state, dict):
+            rule = StepRule(**state["rule"])
+        else:
+            rule = estimate_step_rule(
                 operator, theta.numel(), self.damping, self.step_size, self.damping_scale,
                 torch.Generator().manual_seed(self.seed), theta.device, self.propagation,
             )  # fmt: skip
         online = OnlineSimulation(
             self._source_map.example_to_source, self._source_map.num_sources, theta.numel(), self.horizon,
-            self._rule, theta.device,
+            rule, theta.device,
         )  # fmt: skip
-        state = (self._restored or {}).get("windows", {}).get(name)
         if isinstance(state, dict):
             online.load_state_dict(state)
-            self._rule = online.rule
         return online
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

@@ -48,6 +48,8 @@ def test_auto_checkpoints_online_and_end(tmp_path):
     store = ResponseStore.load(online.dirpath)
     assert store.checkpoints == ["epoch=5", "epoch=6", "epoch=8", "final"]  # 0-based 4, 5(.3), 7(.5) of 8
     assert all(store.checkpoint_info(c)["n_shortfall"] == 0 for c in store.checkpoints)
+    # each window's step rule comes from the curvature at the weights it opened at
+    assert len({store.checkpoint_info(c)["step_rule"]["lambda_max"] for c in store.checkpoints}) == 4
     model = small_mlp(6, 3)
     end = AttributionCallback(tmp_path / "end", mode="end", horizon=4, curvature_batch_size=32, checkpoint_epochs="auto")
     fit(model, x, y, [end], epochs=7)
