@@ -41,9 +41,7 @@ class DigitNet(AttributionMixin, L.LightningModule):
         return loss
 
     def predict_step(self, batch, batch_idx):
-        top = self.attribute(batch, responses=self.responses, top_k=3)  # forward passes only
-        return {"pred": self(batch[0]).argmax(-1), "proponents": top.proponent_indices,
-                "proponent_scores": top.proponent_scores, "opponents": top.opponent_indices}
+        return self.attribute(batch, responses=self.responses, top_k=3)  # a TopKAttribution; forward passes only
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
@@ -61,9 +59,10 @@ def main() -> None:
 
     net.responses = callback.dirpath
     queries = DataLoader(TensorDataset(digits.x_test, digits.y_test), batch_size=100)
-    batches = trainer.predict(net, queries)
-    proponents = torch.cat([b["proponents"] for b in batches])  # [Q, 3] training-example positions
-    pred = torch.cat([b["pred"] for b in batches])
+    batches = trainer.predict(net, queries)  # one TopKAttribution per batch
+    proponents = torch.cat([top.proponent_indices for top in batches])  # [Q, 3] training-example positions
+    with torch.no_grad():
+        pred = net(digits.x_test).argmax(-1)
 
     same_class = (digits.y_train[proponents[:, 0]] == digits.y_test).float().mean().item()
     accuracy = (pred == digits.y_test).float().mean().item()

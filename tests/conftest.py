@@ -87,3 +87,14 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def data():
     return blobs()
+
+
+def require_peer(module: str):
+    """Import a peer library (dattri, trak, kronfluence): skipped where it is not installed (`make test`),
+    a failure under LIGHTNING_ATTR_REQUIRE_PEERS=1 (`make test-peers`, which CI runs: no silent skips)."""
+    import importlib
+    import os
+
+    if os.environ.get("LIGHTNING_ATTR_REQUIRE_PEERS") == "1":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)

@@ -85,6 +85,11 @@ def test_attribute_writes_the_report(sweep):
     assert all((float(r["score"]) > 0) == (float(r["relative_score"]) > 0) for r in rows if float(r["score"]) != 0)
     table = json.loads((run / "attributions.json").read_text())
     assert table["top_k"] == 3 and len(table["rows"]) == len(rows)
+    # the scale: each score as a share of its query's loss
+    assert all(float(r["score_fraction_of_query_loss"]) == pytest.approx(float(r["score"]) / float(r["query_loss"]),
+                                                                         rel=1e-4, abs=1e-12) for r in rows)
+    assert "<h2>Per class</h2>" in page and "table class='sortable'" in page and "addEventListener('click'" in page
+    assert page.count("<tr><td>") >= 40  # one sortable row per query
     summary = json.loads((run / "attribution.json").read_text())
     assert summary["n_queries"] == 40 and summary["n_flipped"] == 10  # 5% of 200 training labels
     # self-influence finds flipped labels better than chance even after 2 epochs (measured 0.69; chance 0.5)
@@ -200,3 +205,30 @@ def test_help_describes_the_options(tmp_path, monkeypatch, capsys):
     _main_in_process(train, ["--help"], monkeypatch)
     text = capsys.readouterr().out
     assert "callbacks.attribution.horizon" in text and "experiment: " in text and "demo" in text
+
+
+def test_draw_misclassified_and_the_top_sources_legend(sweep, tmp_path, monkeypatch):
+    from lightning_attr.app import report
+    from lightning_attr.app.attribute import attribute_run
+
+    legends = {}
+    save = report._save
+
+    def keep_legend(fig, path):
+        legend = fig.axes[0].get_legend() if fig.axes else None
+        legends[path.name] = [t.get_text() for t in legend.get_texts()] if legend else []
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep_legend)
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "lightning_attr" / "conf" / "attribute.yaml")
+    cfg.run_dir, cfg.out_dir, cfg.max_queries, cfg.draw, cfg.n_drawn = str(sweep / "0"), str(tmp_path), 60, "misclassified", 3
+    attribute_run(cfg)
+    rows = list(csv.DictReader(open(tmp_path / "attributions.csv")))
+    wrong = sorted({int(r["query"]) for r in rows if r["query_label"] != r["prediction"]})
+    assert wrong, "the 2-epoch model should misclassify some of 60 queries"
+    drawn = sorted(p.name for p in (tmp_path / "figures").glob("query_*.png"))
+    assert drawn == [f"query_{q:03d}.png" for q in wrong[:3]]
+    assert legends["top_sources.png"] == ["mean |score|", "mean score > 0 (proponent)", "mean score < 0 (opponent)"]
+    cfg.draw = "wrong"
+    with pytest.raises(ValueError, match="draw must be 'first' or 'misclassified'"):
+        attribute_run(cfg)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import require_peer
 
 from lightning_attr.evaluation import (
     LeaveOneOutCorrelation,
@@ -102,7 +103,7 @@ def test_spearman_matches_scipy():
 
 
 def test_equal_to_dattri_lds_and_loo_corr():
-    dattri_metrics = pytest.importorskip("dattri.metric")
+    dattri_metrics = require_peer("dattri.metric")
     gen = torch.Generator().manual_seed(2)
     n, q, m = 40, 6, 25
     scores = torch.randn(q, n, generator=gen, dtype=torch.float64)

@@ -1,9 +1,10 @@
-"""Peer adapters: shapes, the package's sign convention, source sums. Skipped where a peer is not installed."""
+"""Peer adapters: shapes, the package's sign convention, source sums. Skipped where a peer is not installed (`make test`); `make test-peers` (CI) installs them and requires them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import require_peer
 
 from lightning_attr.evaluation import TrainingRecipe, train_many
 from lightning_attr.evaluation.peers import sum_over_sources
@@ -59,7 +60,7 @@ def _peers():
 def test_peer_scores_follow_the_package_convention(tiny, index):
     """A mislabelled training example used as the query is its own strongest proponent: positive self-score."""
     package, make_peer = _peers()[index]
-    pytest.importorskip(package)
+    require_peer(package)
     x, y, models = tiny
     peer = make_peer()
     peer.setup(models[: peer.n_models], x, y)

@@ -46,11 +46,18 @@ class AttributionResult:
     y_true: Tensor | None = None  # [Q] true classes of triggered queries (their labels are the poison target)
     relative: Tensor | None = None  # [Q, S] score / sqrt(self-influence of the source)
     rank_by: str = "score"  # what the per-query top-k lists are ranked by: "score" or "relative"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    measurement: Tensor | None = None  # [Q] each query's measurement (its loss by default): the scores' scale
 
     @property
     def ranking(self) -> Tensor:
         return self.relative if self.rank_by == "relative" else self.scores
-    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fraction(self) -> Tensor:
+        """``[Q, S]`` scores as a fraction of the query's measurement: 0.1 = removing the source would raise
+        the query's loss by 10% of its value."""
+        return self.scores / self.measurement.clamp_min(1e-12).unsqueeze(1)
 
 
 class NotARunError(UsageError, FileNotFoundError):
@@ -147,13 +154,15 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("max_queries"):
         dataset = torch.utils.data.Subset(dataset, range(min(int(cfg.max_queries), len(dataset))))
     loader = DataLoader(dataset, batch_size=int(cfg.batch_size))
-    ys, preds, scores = [], [], []
+    ys, preds, scores, measured = [], [], [], []
     start = time.perf_counter()
     with _progress() as progress:
         task = progress.add_task("attributing queries", total=len(dataset))
         for x, y in loader:
             with torch.no_grad():
-                preds.append(model(x).argmax(-1))
+                outputs = model.attribution_outputs((x, y))
+                preds.append(outputs.argmax(-1))
+                measured.append(model.attribution_measurement(outputs, (x, y)))  # the scores' unit and scale
             ensemble = store if len(members) == 1 else members
             scores.append(model.attribute((x, y), responses=ensemble, readout=readout, checkpoints=checkpoints))
             ys.append(y)
@@ -179,6 +188,7 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
         x_query=datamodule.display_queries(queries)[: len(dataset)],
         y_query=torch.cat(ys),
         pred=torch.cat(preds),
+        measurement=torch.cat(measured),
         scores=torch.cat(scores),
         source_ids=list(store.source_ids),
         example_to_source=store.example_to_source(),

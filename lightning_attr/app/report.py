@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
@@ -84,6 +85,19 @@ def _top(values: Tensor, k: int) -> tuple[list[int], list[int]]:
     return pro, opp
 
 
+def _percent(value: float) -> str:
+    return f"{100 * value:+.2g}%" if abs(value) < 0.1 else f"{100 * value:+.0f}%"
+
+
+def score_label(result, q: int, j: int) -> str:
+    """How a source's score for query ``q`` is written in figures: the raw score, its share of the query's
+    loss, and (when self-influence was computed) the relative score the lists are ranked by."""
+    text = f"{float(result.scores[q, j]):+.2g} ({_percent(float(result.fraction[q, j]))} of loss)"
+    if result.relative is not None:
+        text += f"\nrelative {float(result.relative[q, j]):+.2g}"
+    return text
+
+
 def figure_query(path: Path, q: int, result, sources: _Sources, display_shape) -> Path:
     k = result.top_k
     scores, ranking = result.scores[q], result.ranking[q]
@@ -94,11 +108,12 @@ def figure_query(path: Path, q: int, result, sources: _Sources, display_shape) -
     if result.y_true is not None:
         title += f" (triggered; true class {int(result.y_true[q])})"
     if sources.per_example:
-        fig, axes = plt.subplots(2, k + 1, figsize=(1.7 * (k + 1), 4.3), squeeze=False)
-        fig.subplots_adjust(hspace=0.55)
+        fig, axes = plt.subplots(2, k + 1, figsize=(1.9 * (k + 1), 4.9), squeeze=False)
+        fig.subplots_adjust(hspace=0.6)
         ok = PRO if pred == y else OPP
         draw_example(axes[0, 0], result.x_query[q], display_shape, ok)
-        axes[0, 0].set_title(f"query {q}\nlabel {y} / pred {pred}", fontsize=8, color=ok)
+        axes[0, 0].set_title(f"query {q}\nlabel {y} / pred {pred}\nloss {float(result.measurement[q]):.3g}",
+                             fontsize=8, color=ok)
         if result.y_true is not None:
             fig.suptitle(title, fontsize=9)
         axes[1, 0].axis("off")
@@ -111,8 +126,8 @@ def figure_query(path: Path, q: int, result, sources: _Sources, display_shape) -
                 flipped = bool(sources.flipped[e])
                 draw_example(axes[row, c], sources.x[e], display_shape, FLIP if flipped else color)
                 note = " (flipped)" if flipped else ""
-                axes[row, c].set_title(f"#{e} label {int(sources.label[e])}{note}\n{float(scores[j]):+.3g}",
-                                       fontsize=7, color=FLIP if flipped else color)
+                axes[row, c].set_title(f"#{e} label {int(sources.label[e])}{note}\n{score_label(result, q, j)}",
+                                       fontsize=6.5, color=FLIP if flipped else color)
     else:
         show = sorted(set(pro) | set(opp), key=lambda j: -float(finite[j])) if len(scores) > 24 else list(range(len(scores)))
         fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, max(2.6, 0.26 * len(show) + 1)),
@@ -125,7 +140,12 @@ def figure_query(path: Path, q: int, result, sources: _Sources, display_shape) -
         ax1.set_yticks(range(len(show)), [sources.name(j) for j in show], fontsize=7)
         ax1.invert_yaxis()
         ax1.axvline(0, color=NEUTRAL, lw=0.8)
-        ax1.set_xlabel("score: predicted rise of the query loss if the source were removed", fontsize=8)
+        for row, j in enumerate(show):  # each bar's share of the query's loss
+            ax1.annotate(_percent(float(result.fraction[q, j])), (vals[row], row), fontsize=6, va="center",
+                         xytext=(3 if vals[row] >= 0 else -3, 0), textcoords="offset points",
+                         ha="left" if vals[row] >= 0 else "right")
+        ax1.set_xlabel(f"score: predicted rise of the query loss ({float(result.measurement[q]):.3g}) if the source "
+                       "were removed; % = share of that loss", fontsize=8)
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
@@ -136,8 +156,8 @@ def figure_top_sources(path: Path, result, sources: _Sources, n: int = 20) -> tu
     top = strength.argsort(descending=True)[: min(n, len(strength))].tolist()
     fig, ax = plt.subplots(figsize=(8, 0.28 * len(top) + 1.2))
     vals = [float(mean[j]) for j in top]
-    ax.barh(range(len(top)), [float(strength[j]) for j in top], color="#cccccc", label="mean |score|")
-    ax.barh(range(len(top)), vals, height=0.45, color=[PRO if v > 0 else OPP for v in vals], label="mean score")
+    ax.barh(range(len(top)), [float(strength[j]) for j in top], color="#cccccc")
+    ax.barh(range(len(top)), vals, height=0.45, color=[PRO if v > 0 else OPP for v in vals])
     labels = []
     for j in top:
         d = sources.describe(j)
@@ -145,7 +165,9 @@ def figure_top_sources(path: Path, result, sources: _Sources, n: int = 20) -> tu
     ax.set_yticks(range(len(top)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.axvline(0, color=NEUTRAL, lw=0.8)
-    ax.legend(fontsize=7, loc="lower right")
+    handles = [Patch(color="#cccccc", label="mean |score|"), Patch(color=PRO, label="mean score > 0 (proponent)"),
+               Patch(color=OPP, label="mean score < 0 (opponent)")]
+    ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.05), ncol=3, frameon=False)
     ax.set_title(f"most influential sources over {len(result.scores)} queries (raw scores)", fontsize=9)
     return _save(fig, path), top
 
@@ -229,11 +251,87 @@ def topk_rows(result, sources: _Sources) -> list[dict[str, Any]]:
         for kind, order in (("proponent", pro), ("opponent", opp)):
             for rank, j in enumerate(order, start=1):
                 row = {"query": q, "query_label": int(result.y_query[q]), "prediction": int(result.pred[q]),
-                       "kind": kind, "rank": rank, "ranked_by": result.rank_by, "score": float(scores[j])}
+                       "query_loss": float(result.measurement[q]), "kind": kind, "rank": rank,
+                       "ranked_by": result.rank_by, "score": float(scores[j]),
+                       "score_fraction_of_query_loss": float(result.fraction[q, j])}
                 if relative is not None:
                     row["relative_score"] = float(relative[j])
                 rows.append(row | sources.describe(j))
     return rows
+
+
+def query_rows(result, sources: _Sources) -> list[dict[str, Any]]:
+    """One row per query: its label, prediction and loss, and its strongest proponent and opponent (by
+    the ranking in use) with raw score, share of the query's loss and relative score."""
+    rows = []
+    for q in range(len(result.scores)):
+        pro, opp = _top(result.ranking[q], 1)
+        row: dict[str, Any] = {"query": q, "label": int(result.y_query[q]), "prediction": int(result.pred[q]),
+                               "loss": float(result.measurement[q])}
+        for kind, j in (("proponent", pro[0]), ("opponent", opp[0])):
+            row[f"top {kind}"] = sources.name(j) + (
+                f" (label {int(sources.label[sources.example_of[j]])})" if sources.per_example else "")
+            row[f"{kind} score"] = float(result.scores[q, j])
+            row[f"{kind} % of loss"] = 100 * float(result.fraction[q, j])
+            if result.relative is not None:
+                row[f"{kind} relative"] = float(result.relative[q, j])
+        rows.append(row)
+    return rows
+
+
+def class_rows(result, sources: _Sources) -> list[dict[str, Any]]:
+    """Per query label: count, accuracy, mean loss, and what explains the class (top-k by the ranking in
+    use): the share of proponents with the query's label and of opponents with a flipped label (one
+    source per example), or the most frequent top proponent (grouped sources)."""
+    k, rows = result.top_k, []
+    for c in result.y_query.unique().tolist():
+        members = (result.y_query == c).nonzero().squeeze(1)
+        row: dict[str, Any] = {"label": c, "queries": len(members),
+                               "accuracy": float((result.pred[members] == c).float().mean()),
+                               "mean loss": float(result.measurement[members].mean())}
+        picks = [_top(result.ranking[q], k) for q in members.tolist()]
+        top1 = torch.tensor([pro[0] for pro, _ in picks])
+        row["top proponent % of loss (median)"] = 100 * float(result.fraction[members, top1].median())
+        if sources.per_example:
+            pro = torch.tensor([p for p, _ in picks]).flatten()
+            opp = torch.tensor([o for _, o in picks]).flatten()
+            row[f"top-{k} proponents with this label"] = float((sources.label[sources.example_of[pro]] == c).float().mean())
+            row[f"top-{k} opponents flipped"] = float(sources.flipped[sources.example_of[opp]].float().mean())
+        else:
+            common = int(top1.mode().values)
+            row["most frequent top proponent"] = f"{sources.name(common)} ({int((top1 == common).sum())} queries)"
+        rows.append(row)
+    return rows
+
+
+_SORT_JS = """<script>
+document.querySelectorAll('table.sortable th').forEach((th, i) => th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0], up = th.dataset.up !== '1';
+  const key = r => r.cells[i].dataset.v ?? r.cells[i].textContent;
+  const rows = [...body.rows].sort((a, b) => {
+    const x = parseFloat(key(a)), y = parseFloat(key(b));
+    return (isNaN(x) || isNaN(y) ? key(a).localeCompare(key(b)) : x - y) * (up ? 1 : -1);
+  });
+  th.dataset.up = up ? '1' : '0';
+  rows.forEach(r => body.appendChild(r));
+}));
+</script>"""
+
+
+def _sortable_table(rows: list[dict[str, Any]]) -> str:
+    """An HTML table whose columns sort on click (numbers by value); floats shown with 3 significant digits."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"<td data-v='{v!r}'>{v:.3g}</td>"
+        return f"<td>{html.escape(str(v))}</td>"
+
+    head = "".join(f"<th title='click to sort'>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(cell(r[c]) for c in cols) + "</tr>" for r in rows)
+    return f"<table class='sortable'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -250,7 +348,7 @@ _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left}
 img{max-width:100%;border:1px solid #eee}.pro{color:#1b7837}.opp{color:#b2182b}.kv td:first-child{font-weight:600}
-.note{color:#555;font-size:.9em}"""
+.note{color:#555;font-size:.9em}th{cursor:pointer;background:#f4f4f4}.scroll{max-height:32em;overflow:auto}"""
 
 
 def _kv_table(items: list[tuple[str, Any]]) -> str:
@@ -308,7 +406,8 @@ def write_report(out_dir: Path, result, datamodule, train_cfg, run: dict[str, An
         body.append("<p class='note'>Ranked by the <b>relative score</b>, score / sqrt(self-influence of the source) "
                     "(as in RelatIF, Barshan et al. 2020): raw scores favour the few examples the model memorized "
                     "(often mislabelled ones) for every query; dividing by their self-influence shows what explains "
-                    "<i>this</i> query. The numbers drawn are the raw scores; <code>rank_by=score</code> ranks by them.</p>")
+                    "<i>this</i> query. Each source shows its raw score, that score as a share of the query's loss, and "
+                    "the relative score the list is ranked by; <code>rank_by=score</code> ranks by raw scores.</p>")
     drawn = queries_to_draw(result, cfg.get("draw", "first"), int(cfg.n_drawn))
     if cfg.get("draw", "first") == "misclassified":
         wrong = int((result.pred != result.y_query).sum())
@@ -318,6 +417,13 @@ def write_report(out_dir: Path, result, datamodule, train_cfg, run: dict[str, An
         path = figure_query(fig_dir / f"query_{q:03d}.png", q, result, sources, display_shape)
         figures.append(path)
         body.append(_img(f"figures/{path.name}", f"query {q}"))
+
+    body.append("<h2>Per class</h2>")
+    body.append("<p class='note'>Queries grouped by their label. <i>% of loss</i>: a score as a share of the "
+                "query's own loss (+10% = removing the source would raise this query's loss by a tenth).</p>")
+    body.append(_sortable_table(class_rows(result, sources)))
+    body.append("<h2>Every query (click a column to sort)</h2>")
+    body.append(f"<div class='scroll'>{_sortable_table(query_rows(result, sources))}</div>")
 
     # -- dataset level
     body.append("<h2>Most influential sources overall</h2>")
@@ -367,6 +473,6 @@ def write_report(out_dir: Path, result, datamodule, train_cfg, run: dict[str, An
     config_yaml = html.escape(json.dumps(run.get("timings", {}), indent=1))
     body.append(f"<details><summary>training timings</summary><pre>{config_yaml}</pre></details>")
 
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>lightning_attr report</title><style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n"
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>lightning_attr report</title><style>{_CSS}</style></head><body>{''.join(body)}{_SORT_JS}</body></html>\n"
     report = write_text(out_dir / "report.html", page)
     return {"report": report, "csv": csv_path, "json": json_path, "figures": figures}
