@@ -2,8 +2,9 @@
 
 Each training example belongs to one contributor (``sources=`` gives each example's source id, here
 strings). One contributor, "vendor-07", sent shuffled labels. With grouped sources the simulation
-propagates one response per contributor (20 instead of 1,400: about 70x cheaper), and a score says how
-much a query's loss would rise if that contributor's data were removed.
+propagates one response per contributor (20 instead of 1,400; measured: 2,416 curvature-vector products
+instead of 140,000), and a score says how much a query's loss would rise if that contributor's data
+were removed.
 
 Checks (asserted): "vendor-07" has the most negative mean score over the test queries (removing it
 would lower the test loss the most), and a clean contributor has a positive one.

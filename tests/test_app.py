@@ -73,6 +73,7 @@ def test_attribute_writes_the_report(sweep):
         assert (run / "figures" / figure).stat().st_size > 1000
         assert f"figures/{figure}" in page
     assert "Mislabel detection AUC" in page
+    assert "mislabel detection AUC" in (run / "attribute_logs" / "attribute.log").read_text()  # the summary, logged
     with open(run / "attributions.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 40 * 2 * 3  # queries x {proponent, opponent} x top_k
@@ -137,6 +138,7 @@ def test_train_log_run_json_and_hydra_files(sweep):
     log = (run / "train.log").read_text()
     assert "GPU available" in log  # Lightning's own messages
     assert "attribution (final): done" in log  # the simulation's progress
+    assert "examples / sources: 200 / 200" in log  # the summary table, row by row
     summary = json.loads((run / "run.json").read_text())
     manifest = json.loads((run / "responses" / "manifest.json").read_text())
     final = next(c for c in manifest["checkpoints"] if c["name"] == "final")

@@ -28,6 +28,18 @@ def route_logging_to_job_log() -> None:
         logger.propagate = True
     logging.getLogger("lightning_attr").setLevel(logging.INFO)
     logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler and not any(isinstance(f, _NotOnConsole) for f in handler.filters):
+            handler.addFilter(_NotOnConsole())  # the console shows these as a table
+
+
+class _NotOnConsole(logging.Filter):
+    """Keeps the summary rows (already printed as a table) out of the console; the log file gets them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from lightning_attr.app.summary import SUMMARY_LOGGER
+
+        return not record.name.startswith(SUMMARY_LOGGER)
 
 
 @contextmanager

@@ -108,8 +108,8 @@ def figure_query(path: Path, q: int, result, sources: _Sources, display_shape) -
     if result.y_true is not None:
         title += f" (triggered; true class {int(result.y_true[q])})"
     if sources.per_example:
-        fig, axes = plt.subplots(2, k + 1, figsize=(1.9 * (k + 1), 4.9), squeeze=False)
-        fig.subplots_adjust(hspace=0.6)
+        fig, axes = plt.subplots(2, k + 1, figsize=(1.9 * (k + 1), 4.5), squeeze=False)
+        fig.subplots_adjust(hspace=0.5)
         ok = PRO if pred == y else OPP
         draw_example(axes[0, 0], result.x_query[q], display_shape, ok)
         axes[0, 0].set_title(f"query {q}\nlabel {y} / pred {pred}\nloss {float(result.measurement[q]):.3g}",

@@ -1,7 +1,8 @@
-"""The clean console summaries printed at the end of each phase."""
+"""The clean console summaries printed at the end of each phase (also written, row by row, to the job log)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,17 @@ def _console() -> Console:
     # paths must stay whole in logs and pipes (rich would wrap them at 80 columns)
     console = Console()
     return console if console.is_terminal else Console(width=200)
+
+
+SUMMARY_LOGGER = "lightning_attr.summary"  # the job log file only: the console shows the table (app.logs)
+
+
+def _show(table: Table, console: Console) -> None:
+    console.print(table)
+    log = logging.getLogger(SUMMARY_LOGGER)
+    key_column, value_column = table.columns
+    for key, value in zip(key_column.cells, value_column.cells):
+        log.info("%s: %s", str(key).strip(), value)
 
 
 def _fmt_s(seconds: float | None) -> str:
@@ -36,7 +48,7 @@ def print_train_summary(summary: dict[str, Any], console: Console | None = None)
         share = t["attribution_callback_s"] / max(t["fit_s"], 1e-9)
         table.add_row("  of which attribution callback", f"{_fmt_s(t['attribution_callback_s'])} ({share:.0%} of fit)")
     table.add_row("save", _fmt_s(t.get("save_s")))
-    console.print(table)
+    _show(table, console)
     console.print(f"next: [bold]lightning-attr-attribute run_dir={summary['run_dir']}[/bold]")
 
 
@@ -65,4 +77,4 @@ def print_attribute_summary(summary: dict[str, Any], console: Console | None = N
         table.add_row("training fit (earlier)", _fmt_s(tt.get("fit_s")))
         if "attribution_callback_s" in tt:
             table.add_row("  of which attribution callback", _fmt_s(tt["attribution_callback_s"]))
-    console.print(table)
+    _show(table, console)
