@@ -386,9 +386,15 @@ class SettingBench:
         self.full_harness = ex
         t = time.perf_counter()
         print(f"[{s.name}] ground truth (cache {self.cache_root})", flush=True)
+        seeds = {"example": 1 if self.args.quick else s.loo_seeds, "source": 1 if self.args.quick else s.group_seeds}
+        removed = {"example": self.loo_examples, "source": list(range(s.n_groups))}
+        harness = {"example": ex, "source": gr}
+        if self.args.peer_scores_only:  # tuning needs the example regime's subsets only
+            self.gt = {"example": {"subsets": ex.subsets(self.n_subsets, s.alpha)}}
+            return
         self.gt = {
-            "example": {"subsets": ex.subsets(self.n_subsets, s.alpha), "leave_out": ex.leave_out(self.loo_examples, 1 if self.args.quick else s.loo_seeds)},
-            "source": {"subsets": gr.subsets(self.n_subsets, s.alpha), "leave_out": gr.leave_out(list(range(s.n_groups)), 1 if self.args.quick else s.group_seeds)},
+            regime: {"subsets": harness[regime].subsets(self.n_subsets, s.alpha), "leave_out": harness[regime].leave_out(removed[regime], seeds[regime])}
+            for regime in self.args.truth_regimes
         }
         retrain_s = sum(g.train_seconds for r in self.gt.values() for g in r.values())
         print(f"[{s.name}] ground truth ready in {time.perf_counter() - t:.1f}s (retrain seconds when computed: {retrain_s:.1f})", flush=True)
@@ -399,31 +405,55 @@ class SettingBench:
 
     # -- the attributed model (plain fits, timed), TracIn's snapshots, TRAK's extra members
     def model(self) -> nn.Module:
+        """The attributed model: the plain fit (cached with its timings and TracIn's snapshots; ``--plain-fits 0`` reuses it)."""
         if self._model is None:
             s = self.setting
             self.snap_epochs = [round(s.recipe.epochs * k / 5) for k in range(1, 6)]
-            snaps = EpochSnapshots(self.snap_epochs)
-            times = []
-            for _ in range(self.args.plain_fits):
-                snaps.states.clear()
-                model, seconds = fit(s, self.data, [snaps])
-                times.append(seconds)
+            key = _key({**self.signature, "torch": torch.__version__, "snapshots": self.snap_epochs, "format": 1})
+            hit = self.cache.load("plain-fit", key)
+            if hit is None or self.args.plain_fits > 0:
+                snaps = EpochSnapshots(self.snap_epochs)
+                times = []
+                for _ in range(max(1, self.args.plain_fits)):
+                    snaps.states.clear()
+                    model, seconds = fit(s, self.data, [snaps])
+                    times.append(seconds)
+                tensors = {f"final.{k}": v.detach() for k, v in model.net.state_dict().items()}
+                tensors.update({f"epoch{e}.{k}": v for e, st in snaps.states.items() for k, v in st.items()})
+                meta = {"seconds": times, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                if hit is not None and any(not torch.equal(hit[0][k], v) for k, v in tensors.items()):
+                    raise RuntimeError(f"[{s.name}] the plain fit is no longer deterministic against the cached one; clear {self.cache_root}.")
+                self.cache.save("plain-fit", key, tensors, meta)
+            else:
+                tensors, meta = hit
+            times = meta["seconds"]
             self.plain_fit_s = statistics.median(times)
             self.plain_fit_all_s = [round(t, 3) for t in times]
-            self._model = model.net.eval()
-            self.snapshots = snaps.states
+            self._model = self._load_state(tensors, "final.")
+            self.snapshots = {e: {k[len(f"epoch{e}.") :]: v for k, v in tensors.items() if k.startswith(f"epoch{e}.")} for e in self.snap_epochs}
             self.weights = tensor_digest(*[p.detach() for p in self._model.parameters()])
             with torch.no_grad():
                 acc = (self._model(self.data.x_test).argmax(1) == self.data.y_test).float().mean().item()
             self.test_accuracy = round(acc, 4)
-            print(f"[{s.name}] plain fit {self.plain_fit_s:.2f}s (median of {len(times)}), test accuracy {acc:.3f}", flush=True)
+            print(f"[{s.name}] plain fit {self.plain_fit_s:.2f}s (median of {len(times)}{', cached' if hit is not None and self.args.plain_fits == 0 else ''}), "
+                  f"test accuracy {acc:.3f}", flush=True)  # fmt: skip
         return self._model
+
+    def _load_state(self, tensors: dict[str, Tensor], prefix: str) -> nn.Module:
+        m = self.make(0)
+        m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+        return m.eval()
 
     def members(self) -> list[nn.Module]:
         if self._members is None:
-            t = time.perf_counter()
-            extra = self.full_harness.full(list(range(1, 10)))
-            self.ens_train_s = time.perf_counter() - t
+            key = _key({**self.signature, "torch": torch.__version__, "seeds": list(range(1, 10)), "format": 1})
+            hit = self.cache.load("trak-members", key)
+            if hit is None:
+                t = time.perf_counter()
+                extra = self.full_harness.full(list(range(1, 10)))
+                self.cache.save("trak-members", key, extra, {"seconds": time.perf_counter() - t})
+                hit = extra, {"seconds": time.perf_counter() - t}
+            extra, self.ens_train_s = hit[0], hit[1]["seconds"]
             self._members = [self.model()]
             for i in range(9):
                 m = self.make(0)
@@ -434,12 +464,7 @@ class SettingBench:
 
     def tracin_models(self) -> list[nn.Module]:
         self.model()
-        out = []
-        for e in self.snap_epochs:
-            m = self.make(0)
-            m.load_state_dict(self.snapshots[e])
-            out.append(m.eval())
-        return out
+        return [self._load_state(self.snapshots[e], "") for e in self.snap_epochs]
 
     # -- records
     def record(self, regime: str, r: Result, pearson: float | None = None) -> dict:
@@ -498,9 +523,9 @@ class SettingBench:
             if not wanted(label) or label in args.skip:
                 continue
             n_q = min(args.slow_queries, len(self.rep_idx)) if slow else len(self.rep_idx)
-            variants = [] if default is NO_DEFAULTS_ROW else [("defaults", default, None)]
-            if grid is not None and not args.no_tuning:
-                variants.append(("tuned", None, grid))
+            variants = [] if grid is None or args.no_tuning else [("tuned", None, grid)]  # tuned first: the anchors
+            if default is not NO_DEFAULTS_ROW:
+                variants.append(("defaults", default, None))
             for tag, value, grid_ in variants:
                 key = _key({**self.signature, "weights": self.weights, "peer": label, "tag": tag, "value": value, "grid": grid_,
                             "n_queries": n_q, "format": 1})  # fmt: skip
@@ -518,6 +543,8 @@ class SettingBench:
                         traceback.print_exc()
                         continue
                     self.cache.save(f"peer-{label}-{tag}", key, *hit)
+                if args.peer_scores_only:
+                    continue
                 tensors, meta = hit
                 r = Result(meta["method"], meta["config"], tensors["scores"], meta["setup_s"], meta["query_ms_single"],
                            meta["query_ms_batched"], meta["storage_bytes"], meta["peak_rss_mb"],
@@ -742,6 +769,8 @@ def figure(records: list[dict], path: Path) -> None:
 
 
 def write_outputs(out: Path, records: list[dict]) -> None:
+    if not records:  # e.g. --stages truth exact: nothing to report yet
+        return
     atomic_write_json(out, records, sort_keys=False)
     limits = {name: s.setup_limit for name, s in SETTINGS.items()}
     md = out.with_suffix(".md")
@@ -758,6 +787,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stages", nargs="+", default=["truth", "peers", "ours"], choices=["truth", "exact", "peers", "ours"],
                    help="exact: the explicit GGN at the attributed model; peers: compute the peers missing from the cache "
                         "(cached peers are always reported)")  # fmt: skip
+    p.add_argument("--truth-regimes", nargs="+", default=["example", "source"], choices=["example", "source"],
+                   help="compute only these regimes' ground truth (to split the retraining over processes)")
+    p.add_argument("--peer-scores-only", action="store_true",
+                   help="with --stages peers: compute and cache peers' scores without reporting (needs only the example subsets)")
     p.add_argument("--ours", nargs="*", default=["default", "end", "ensemble"], choices=["default", "end", "ensemble"])
     p.add_argument("--merge", nargs="*", default=None, help="only merge these result JSONs (records of later files win) into --out")
     p.add_argument("--cache-dir", default="benchmarks/results/cache")
@@ -796,7 +829,8 @@ def main(argv: list[str] | None = None) -> None:
         records = [r for r in json.loads(out.read_text()) if r["setting"] not in args.settings]
     for name in args.settings:
         bench = SettingBench(SETTINGS[name], args)
-        bench.truth()
+        if set(args.stages) & {"truth", "peers", "ours"}:
+            bench.truth()
         if "exact" in args.stages and not args.no_exact:
             bench.explicit_ggn()
         if "peers" in args.stages or "ours" in args.stages:
