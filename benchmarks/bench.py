@@ -290,11 +290,13 @@ def time_queries(score_fn, xq: Tensor, yq: Tensor, single_repeats: int, batched_
 NO_DEFAULTS_ROW = object()
 
 
-def run_peer(peer: Peer, models, data, xq, yq, args, slow: bool) -> Result:
+def run_peer(peer: Peer, models, data, xq, yq, args, slow: bool, setup_s: float | None = None) -> Result:
+    """Set the peer up (unless ``setup_s`` says it already was, e.g. while tuning) and time its queries."""
     with PeakRSS() as rss:
-        start = time.perf_counter()
-        peer.setup(models[: peer.n_models], data.x_train, data.y_train)
-        setup_s = time.perf_counter() - start
+        if setup_s is None:
+            start = time.perf_counter()
+            peer.setup(models[: peer.n_models], data.x_train, data.y_train)
+            setup_s = time.perf_counter() - start
         reps_single = 3 if slow else args.single_repeats
         reps_batched = 1 if slow else args.batched_repeats
         single, batched, scores = time_queries(peer.score, xq, yq, reps_single, reps_batched)
@@ -319,25 +321,31 @@ PEER_SPECS = [  # (label, make(setting, value), default value or NO_DEFAULTS_ROW
 PEER_PRIORITY = ["TRAK-10 dattri", "IF-CG", "TRAK-1 dattri", "EK-FAC", "grad-dot", "TracIn", "TRAK-1 traker", "TRAK-10 traker", "IF-LiSSA"]
 
 
-def tune(make_peer, grid, models, data, x_val, y_val, lds_val_fn) -> tuple[object, dict]:
-    """Pick the grid value with the best LDS on the validation queries."""
-    results = {}
+def tune(make_peer, grid, models, data, x_val, y_val, lds_val_fn) -> tuple[object, dict, Peer, float]:
+    """Pick the grid value with the best LDS on the validation queries; returns the chosen peer, set up, and its setup seconds."""
+    results, best_peer = {}, (None, None, float("-inf"))
     for value in grid:
         peer = make_peer(value)
         try:
+            start = time.perf_counter()
             peer.setup(models[: peer.n_models], data.x_train, data.y_train)
+            setup_s = time.perf_counter() - start
             results[value] = lds_val_fn(peer.score(x_val, y_val).float())
+            if results[value] > best_peer[2]:
+                best_peer = (peer, setup_s, results[value])
         except Exception as err:  # a grid point that fails (e.g. singular kernel) is recorded, not fatal
             results[value] = float("nan")
             print(f"    tuning {peer.name} at {value}: {type(err).__name__}: {err}", flush=True)
         print(f"    tuning {peer.name}: {value} -> val LDS {results[value]:.4f}", flush=True)
+        del peer
     finite = {k: v for k, v in results.items() if math.isfinite(v)}
     if not finite:
         raise RuntimeError(f"every grid value failed for {make_peer(grid[0]).name}: {results}")
     best = max(finite, key=finite.get)
     edge = best in (grid[0], grid[-1]) and best is not None
-    return best, {"grid": {str(k): round(v, 4) for k, v in results.items()}, "chosen": best, "chosen_at_grid_edge": edge,
-                  "tuned_on": "validation queries"}
+    info = {"grid": {str(k): round(v, 4) for k, v in results.items()}, "chosen": best, "chosen_at_grid_edge": edge,
+            "tuned_on": "validation queries"}  # fmt: skip
+    return best, info, best_peer[0], best_peer[1]
 
 
 # ------------------------------------------------------------------------------------------- bench
@@ -559,9 +567,11 @@ class SettingBench:
         if grid is not None:
             print(f"[{s.name}] tuning {label} on {len(self.val_idx)} validation queries", flush=True)
             lds_val = lambda sc: nanmean(self.lds("example", sc, self.val_idx))  # noqa: E731
-            value, tuning = tune(lambda v: make(s, v), grid, models, self.data, self.x_val, self.y_val, lds_val)
+            value, tuning, peer, setup_s = tune(lambda v: make(s, v), grid, models, self.data, self.x_val, self.y_val, lds_val)
+        else:
+            peer, setup_s = make(s, value), None
         print(f"[{s.name}] {label} ({tag}: {value}) on {n_q} queries", flush=True)
-        res = run_peer(make(s, value), models, self.data, self.x_rep[:n_q], self.y_rep[:n_q], self.args, slow)
+        res = run_peer(peer, models, self.data, self.x_rep[:n_q], self.y_rep[:n_q], self.args, slow, setup_s)
         config = {**res.config, "variant": tag, **(tuning or {})}
         if label.startswith("TRAK-10"):
             config["extra_models_trained"] = 9
