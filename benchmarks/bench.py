@@ -681,10 +681,12 @@ def run_ours(bench: SettingBench, regime: str, mode: str, checkpoint_epochs) -> 
         with PeakRSS() as rss:
             model, fit_s = fit(s, bench.data, [cb])
             model.eval()
-            checkpoints = "all" if checkpoint_epochs else "last"
+            # the default row reads out what attribute() reads by default; the ensemble row asks for every checkpoint
+            checkpoints = "all" if checkpoint_epochs else None
+            kwargs = {} if checkpoints is None else {"checkpoints": checkpoints}
 
             def score(x, y):
-                return model.attribute((x, y), responses=cb.dirpath, checkpoints=checkpoints)
+                return model.attribute((x, y), responses=cb.dirpath, **kwargs)
 
             single, batched, scores = time_queries(score, bench.x_rep, bench.y_rep, args.single_repeats, args.batched_repeats)
             paired = bench.paired_q1(score) if args.paired_rounds > 0 else None
@@ -704,7 +706,8 @@ def run_ours(bench: SettingBench, regime: str, mode: str, checkpoint_epochs) -> 
     damping = rule.get("damping") if isinstance(rule, dict) else None
     config = {
         "mode": mode, "horizon": cb.horizon, "damping": cb.damping, "curvature": cb.curvature,
-        "readout": "linear", "checkpoints": checkpoints, "checkpoint_epochs": checkpoint_epochs,
+        "readout": "linear", "checkpoints": checkpoints or "attribute()'s default", "store_checkpoints": store.checkpoints,
+        "checkpoint_epochs": checkpoint_epochs,
         "fit_s_with_callback": round(fit_s, 3), "training_s_in_that_fit": round(train_s, 3),
         "plain_fit_s_separate_runs": round(bench.plain_fit_s, 3),
         "step_rule": rule, "curvature_products": info.get("curvature_products"), "n_shortfall": info.get("n_shortfall"),
