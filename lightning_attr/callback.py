@@ -77,9 +77,11 @@ class AttributionCallback(Callback):
         checkpoint_epochs: extra response checkpoints along the trajectory (1-based epoch numbers), for
             ensembles (``attribute(checkpoints="all")``). Online: one more simulation window per entry,
             injecting during that epoch, written ``horizon`` steps later with the weights of that moment.
-            End: an end-mode simulation at the weights after that epoch. ``"auto"``: a few epochs spread
-            over the second half of the fit (see :func:`spread_checkpoint_epochs`). An entry the fit cannot
-            honour (too late for a window to finish before the end) is dropped with a warning.
+            End: an end-mode simulation at the weights after that epoch. ``"auto"``: as many as fit in a
+            budget of 100 propagation steps per source for all windows (:func:`auto_checkpoint_count`: 3 at
+            ``horizon <= 25``, none at 100), spread over the second half of the fit
+            (:func:`spread_checkpoint_epochs`). An entry the fit cannot honour (too late for a window to
+            finish before the end) is dropped with a warning.
         curvature_batch_size: batch size of the replayed batches (``mode="end"`` and checkpoints).
         step_size: ``"auto"`` (``1 / (2 lambda_max + lambda)``, ``lambda_max`` by 20 power iterations) or a float.
             The accelerated rules take ``[lambda, 1/step_size]`` as the spectrum of ``G + lambda I``.
@@ -260,7 +262,7 @@ class AttributionCallback(Callback):
                 "or use mode='end' (simulates at the final weights)."
             )
         if self.checkpoint_epochs == "auto":
-            epochs = [e + 1 for e in spread_checkpoint_epochs(final)]
+            epochs = [e + 1 for e in spread_checkpoint_epochs(final, auto_checkpoint_count(self.horizon))]
         else:
             epochs = [e for e in self.checkpoint_epochs if e - 1 < final]
             dropped = [e for e in self.checkpoint_epochs if e - 1 >= final]
@@ -303,7 +305,7 @@ class AttributionCallback(Callback):
                     "checkpoint_epochs='auto' spreads checkpoints over the fit and must know when it ends: set "
                     "max_epochs or max_steps, or list the epochs."
                 )
-            return [e + 1 for e in spread_checkpoint_epochs(last - 1)]
+            return [e + 1 for e in spread_checkpoint_epochs(last - 1, auto_checkpoint_count(self.horizon))]
         dropped = [e for e in self.checkpoint_epochs if last is not None and e >= last]
         if dropped:
             rank_zero_warn(
@@ -620,11 +622,19 @@ class _Window:
         return not (self.done or self.complete) and epoch >= self.injection_epoch
 
 
-_AUTO_CHECKPOINTS = 3  # checkpoint_epochs="auto": windows besides the final one
+_AUTO_BUDGET = 100  # checkpoint_epochs="auto": propagation steps per source for all windows together ...
+_AUTO_MAX_CHECKPOINTS = 3  # ... with at most this many windows besides the final one ...
 _AUTO_SPAN = 0.5  # ... spread evenly over this last fraction of the epochs before the final one
 
 
-def spread_checkpoint_epochs(last: int, count: int = _AUTO_CHECKPOINTS, span: float = _AUTO_SPAN) -> list[int]:
+def auto_checkpoint_count(horizon: int) -> int:
+    """Checkpoints besides the final one under ``checkpoint_epochs="auto"``: as many as keep the simulation
+    within ``_AUTO_BUDGET = 100`` steps per source in all (one window at the former default horizon 100),
+    at most 3: 3 at ``horizon <= 25``, 1 at 50, none at 100."""
+    return max(0, min(_AUTO_MAX_CHECKPOINTS, _AUTO_BUDGET // horizon - 1))
+
+
+def spread_checkpoint_epochs(last: int, count: int = _AUTO_MAX_CHECKPOINTS, span: float = _AUTO_SPAN) -> list[int]:
     """``count`` epochs (0-based, distinct, sorted) spread evenly over ``[(1 - span) * last, last)``: where
     ``checkpoint_epochs="auto"`` puts the extra checkpoints when the final one is at epoch ``last``.
     E.g. ``last=24``: ``[12, 16, 20]``. Fewer when the fit is too short to tell them apart."""

@@ -8,14 +8,17 @@ import torch
 from conftest import blobs, fit, small_mlp
 
 from lightning_attr import AttributionCallback, ResponseStore
-from lightning_attr.callback import spread_checkpoint_epochs
+from lightning_attr.callback import auto_checkpoint_count, spread_checkpoint_epochs
 
 
-def test_auto_epochs_spread_over_the_second_half():
+def test_auto_epochs_spread_over_the_second_half_within_the_budget():
     assert spread_checkpoint_epochs(24) == [12, 16, 20]
     assert spread_checkpoint_epochs(6) == [3, 4, 5]
     assert spread_checkpoint_epochs(2) == [1]  # too short to tell three apart
     assert spread_checkpoint_epochs(0) == []
+    assert spread_checkpoint_epochs(24, 1) == [12]
+    # all windows together propagate each source for at most 100 steps (one window at horizon 100)
+    assert [auto_checkpoint_count(k) for k in (4, 20, 25, 30, 50, 99, 100, 200)] == [3, 3, 3, 2, 1, 0, 0, 0]
 
 
 def test_a_checkpoint_that_cannot_be_honoured_is_said(tmp_path):
@@ -43,6 +46,9 @@ def test_a_long_enough_fit_warns_about_nothing(tmp_path):
 
 def test_auto_checkpoints_online_and_end(tmp_path):
     x, y = blobs(n=64, d=6, classes=3)
+    alone = AttributionCallback(tmp_path / "alone", horizon=100, checkpoint_epochs="auto")
+    fit(small_mlp(6, 3), x, y, [alone], epochs=30, batch_size=16)
+    assert ResponseStore.load(alone.dirpath).checkpoints == ["final"]  # horizon 100: the budget holds one window
     online = AttributionCallback(tmp_path / "online", horizon=4, checkpoint_epochs="auto")
     fit(small_mlp(6, 3), x, y, [online], epochs=10, batch_size=16)  # 4 steps per epoch: final injects in epoch 9
     store = ResponseStore.load(online.dirpath)
