@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import jvp, vmap
+from torch.utils._pytree import tree_map
 from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel, has_recurrent_layer
 from lightning_attr.simulation import select_examples
@@ -82,26 +83,49 @@ def paired_readout(
     batch: Any,
     kind: str = "linear",
     *,
-    chunk_size: int = 32,
+    block_size: int | None = None,
     epsilon: float = 1.0,
 ) -> Tensor:
     """Score of query ``i`` against response ``i`` only: ``Tensor[B]`` from ``responses: Tensor[B, P]``.
 
-    Used for self-influence (each training example against its own source). Computed as the diagonal of
-    :func:`score_sources` on blocks of ``chunk_size`` examples: only the parameters are vmapped, never
-    the examples, which recurrent and attention kernels cannot take one at a time. Costs ``chunk_size``
-    forward(-mode) passes per example.
+    Used for self-influence (each training example against its own source). By default every example is
+    vmapped on its own: one forward(-mode) pass per example. Modules that cannot run one vmapped example at
+    a time (recurrent layers write into hidden states without the vmapped dimension) are read out as the
+    diagonal of :func:`score_sources` on blocks of ``block_size`` examples (32 if not given): only the
+    parameters are vmapped, at ``block_size`` passes per example. A ``block_size`` forces that path.
     """
     check_readout(kind)
     n = batch_size_of(batch)
     if responses.shape[0] != n:
         raise ValueError(f"paired_readout needs one response per example: {responses.shape[0]} responses, {n} examples.")
-    diagonals = []
-    for start in range(0, n, chunk_size):
-        rows = torch.arange(start, min(start + chunk_size, n))
+    if block_size is None and not has_recurrent_layer(model.module):
+        try:
+            return _paired_per_example(model, theta, responses, batch, kind, epsilon)
+        except RuntimeError:  # a kernel without a batching rule for one vmapped example: the block path below
+            pass
+    return _paired_blocks(model, theta, responses, batch, kind, epsilon, block_size or 32)
+
+
+def _paired_per_example(
+    model: FunctionalModel, theta: Tensor, responses: Tensor, batch: Any, kind: str, epsilon: float
+) -> Tensor:
+    def one(example: Any, r: Tensor) -> Tensor:
+        single = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)
+        return _per_source(model, theta, single, kind, epsilon)(r)[0]
+
+    in_dims = (tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch), 0)
+    return vmap(one, in_dims=in_dims)(batch, responses)
+
+
+def _paired_blocks(
+    model: FunctionalModel, theta: Tensor, responses: Tensor, batch: Any, kind: str, epsilon: float, block_size: int
+) -> Tensor:
+    n, diagonals = responses.shape[0], []
+    for start in range(0, n, block_size):
+        rows = torch.arange(start, min(start + block_size, n))
         block = score_sources(
-            model, theta, responses[start : start + chunk_size], select_examples(batch, rows), kind,
-            chunk_size=chunk_size, epsilon=epsilon,
+            model, theta, responses[start : start + block_size], select_examples(batch, rows), kind,
+            chunk_size=block_size, epsilon=epsilon,
         )  # fmt: skip
         diagonals.append(block.diagonal())
     return torch.cat(diagonals)

@@ -98,15 +98,18 @@ def test_stock_sequence_layers_end_to_end(tmp_path, kind):
     assert torch.backends.mha.get_fastpath_enabled() == fastpath and torch.backends.mkldnn.enabled == mkldnn
 
 
-def test_self_influence_blocks_match_one_block(tmp_path):
-    """paired_readout's block size changes the cost, not the result."""
+@pytest.mark.parametrize("kind", ["gru", "conv"])
+def test_self_influence_paths_agree(tmp_path, kind):
+    """paired_readout per vmapped example (conv) or in blocks (recurrent): the block size changes the cost,
+    not the result."""
     from lightning_attr.functional import functional_view
     from lightning_attr.readout import paired_readout
 
     cb = AttributionCallback(tmp_path / "r", mode="end", horizon=3, curvature_batch_size=16)
-    model, x, y = _fit("gru", [cb], tmp_path)
+    model, x, y = _fit(kind, [cb], tmp_path)
     responses = ResponseStore.load(cb.dirpath).responses("final")[:10]
     with functional_view(model) as (view, theta):
-        whole = paired_readout(view, theta, responses, (x[:10], y[:10]), chunk_size=10)
-        blocks = paired_readout(view, theta, responses, (x[:10], y[:10]), chunk_size=3)
-    torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-8)
+        default = paired_readout(view, theta, responses, (x[:10], y[:10]))
+        for block_size in (10, 3):
+            blocks = paired_readout(view, theta, responses, (x[:10], y[:10]), block_size=block_size)
+            torch.testing.assert_close(blocks, default, rtol=1e-5, atol=1e-8)
