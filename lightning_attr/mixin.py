@@ -95,7 +95,8 @@ class AttributionMixin:
         Works inside ``predict_step`` (leaves ``inference_mode`` for the readout).
 
         Args:
-            batch: queries as ``attribution_outputs`` expects them (no source index), ``B`` of them.
+            batch: queries as ``attribution_outputs`` expects them (no source index), ``B`` of them; checked
+                against the format of the training batches the store recorded (a clear ``ValueError``).
             responses: the callback's ``dirpath`` or an open :class:`ResponseStore`; or a list of them
                 (runs of the same architecture and training set, e.g. a multirun over seeds), ensembled.
             top_k: if set, return the ``k`` strongest proponents and opponents instead of all scores.
@@ -111,8 +112,9 @@ class AttributionMixin:
 
         Returns:
             ``Tensor[B, S]`` (float32): predicted rise of each query's measurement (default: its loss)
-            if the source were removed from training. Positive = proponent. Sources whose simulation
-            failed (non-finite gradients) score NaN. Or a :class:`TopKAttribution` if ``top_k``.
+            if the source were removed from training. Positive = proponent. Sources without a complete
+            response (non-finite gradients, never injected, propagated short) score NaN, with a warning
+            for the last two. Or a :class:`TopKAttribution` if ``top_k``.
         """
         attributor = cached_attributor(self, responses)
         scores = attributor.scores(batch, readout=readout, checkpoints=checkpoints, chunk_size=chunk_size, strict=strict)
@@ -124,6 +126,7 @@ class AttributionMixin:
         """Score of each training example against its own source, ``Tensor[B]``.
 
         High self-influence flags examples the model could not have fit without memorizing them
-        (mislabelled or atypical). ``batch`` is a training batch *with* its trailing example index.
+        (mislabelled or atypical). ``batch`` is a training batch *with* its example index, as the training
+        dataloader yields it: ``(*data, index)``, or a dict with the callback's ``index_key``.
         """
         return cached_attributor(self, responses).self_influence(batch, readout=readout, strict=strict)
