@@ -70,7 +70,8 @@ def exact_influence(model: nn.Module, x_train, y_train, x_query, y_query, dampin
         return nn.functional.cross_entropy(logits(vec, x), y, reduction="none")
 
     n = x_train.shape[0]
-    jac = jacrev(logits)(theta, x_train)  # [n, C, P]
+    # [n, C, P], in blocks of examples: jacrev over all n at once peaks at several GB on digits
+    jac = torch.cat([jacrev(logits)(theta, x_train[i : i + 200]) for i in range(0, n, 200)])
     p = torch.softmax(logits(theta, x_train), dim=1)
     h_out = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)  # [n, C, C]
     ggn = torch.einsum("ncp,ncd,ndq->pq", jac, h_out, jac) / n
