@@ -114,7 +114,7 @@ class Attributor:
         batch: Any,
         *,
         readout: str = "linear",
-        checkpoints: Checkpoints = "last",
+        checkpoints: Checkpoints = "all",
         chunk_size: int = 256,
         strict: bool = True,
     ) -> Tensor:
@@ -123,7 +123,8 @@ class Attributor:
         Args:
             batch: queries as ``attribution_outputs`` expects them (no source index).
             readout: ``"linear"``, ``"central"`` or ``"step"`` (see :mod:`readout`).
-            checkpoints: per store, ``"last"``, ``"all"``, a checkpoint name or a list of names.
+            checkpoints: per store, ``"all"`` (every response checkpoint: an ensemble where the store holds
+                several), ``"last"``, a checkpoint name or a list of names.
             chunk_size: sources per vmapped forward pass.
             strict: one store: refuse a module whose weights are not the ones its last checkpoint was
                 simulated at. Several stores: check every member's parameter snapshot against the digest its

@@ -86,7 +86,7 @@ class AttributionMixin:
         *,
         top_k: int | None = None,
         readout: str = "linear",
-        checkpoints: Checkpoints = "last",
+        checkpoints: Checkpoints = "all",
         chunk_size: int = 256,
         strict: bool = True,
     ) -> Tensor | TopKAttribution:
@@ -101,8 +101,9 @@ class AttributionMixin:
                 (runs of the same architecture and training set, e.g. a multirun over seeds), ensembled.
             top_k: if set, return the ``k`` strongest proponents and opponents instead of all scores.
             readout: ``"linear"`` (jvp), ``"central"`` (two forward passes) or ``"step"``.
-            checkpoints: per store, ``"last"`` (the end of fit), ``"all"`` (every response checkpoint),
-                a name or a list of names. Several members (checkpoints, stores) are an ensemble: each is
+            checkpoints: per store, ``"all"`` (every response checkpoint; the default: a store written with
+                ``checkpoint_epochs`` is read as the trajectory ensemble), ``"last"`` (the end of fit), a
+                name or a list of names. Several members (checkpoints, stores) are an ensemble: each is
                 read out at its own parameters, normalized per query by its std over sources, averaged,
                 and put back on the scale of the member read at the module's weights (see
                 :class:`~lightning_attr.attributor.Attributor`). Each member is read from disk once.

@@ -59,14 +59,14 @@ def test_ensemble_of_runs_is_the_paired_normalized_mean(runs):
     xq, yq = runs[1]
     s0, s1 = ResponseStore.load(path0), ResponseStore.load(path1)
     expected = _by_hand(model0, [(s0, "final", (xq, yq)), (s1, "final", (xq, yq))])
-    got = model0.attribute((xq, yq), responses=[path0, path1])
+    got = model0.attribute((xq, yq), responses=[path0, path1], checkpoints="last")
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
     # the module gives the architecture; its weights only serve the member simulated at them: read from run 1's
     # module (whose weights are not run 0's), the ensemble is on run 1's scale and otherwise the same ranking
-    other = model1.attribute((xq, yq), responses=[path0, path1])
+    other = model1.attribute((xq, yq), responses=[path0, path1], checkpoints="last")
     torch.testing.assert_close(other / other.std(dim=1, keepdim=True), got / got.std(dim=1, keepdim=True), rtol=1e-4, atol=1e-6)
     # two runs x two checkpoints
-    four = model0.attribute((xq, yq), responses=[path0, path1], checkpoints="all")
+    four = model0.attribute((xq, yq), responses=[path0, path1])  # the default: every checkpoint of every store
     members = [(s, n, (xq, yq)) for s in (s0, s1) for n in ("epoch=2", "final")]
     expected4 = _by_hand(model0, [members[1], members[0], members[2], members[3]])
     torch.testing.assert_close(four, expected4, rtol=1e-4, atol=1e-7)
@@ -96,14 +96,14 @@ def test_a_rewritten_store_is_read_again(runs, tmp_path):
     xq, yq = runs[1]
     target = tmp_path / "copy"
     shutil.copytree(path, target)
-    before = model.attribute((xq, yq), responses=target)
+    before = model.attribute((xq, yq), responses=target, checkpoints="last")
     store = ResponseStore.load(target)
     # replace the final checkpoint's responses with their double: the manifest changes, the scores follow
     store.add_checkpoint(
         "final", store.theta("final"), 2 * store.responses("final"),
         info={}, source_stats=store.source_stats("final"),
     )  # fmt: skip
-    torch.testing.assert_close(model.attribute((xq, yq), responses=target), 2 * before)
+    torch.testing.assert_close(model.attribute((xq, yq), responses=target, checkpoints="last"), 2 * before)
 
 
 def test_an_empty_list_is_refused(runs):
@@ -145,7 +145,8 @@ def test_a_checkpoint_without_its_parameter_snapshot_is_refused(runs, tmp_path):
     with pytest.raises(StoreError, match="no parameter snapshot.*an ensemble needs.*Re-run its simulation"):
         model.attribute((xq, yq), responses=[path0, target])
     # alone, at the weights it was simulated at, the store needs no snapshot
-    torch.testing.assert_close(model1.attribute((xq, yq), responses=target), model1.attribute((xq, yq), responses=path1))
+    alone = model1.attribute((xq, yq), responses=target, checkpoints="last")
+    torch.testing.assert_close(alone, model1.attribute((xq, yq), responses=path1, checkpoints="last"))
 
 
 def test_a_replaced_snapshot_is_refused_when_strict(runs, tmp_path):
