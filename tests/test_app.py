@@ -234,3 +234,40 @@ def test_draw_misclassified_and_the_top_sources_legend(sweep, tmp_path, monkeypa
     cfg.draw = "wrong"
     with pytest.raises(ValueError, match="draw must be 'first' or 'misclassified'"):
         attribute_run(cfg)
+
+
+def test_the_callbacks_hints_come_in_command_line_form(tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from lightning_attr.app.logs import UsageError, cli_hints
+    from lightning_attr.app.train import run_train
+
+    assert cli_hints("pass overwrite=True or use mode='end' (horizon=100)") == (
+        "pass callbacks.attribution.overwrite=true or use callbacks.attribution.mode=end "
+        "(callbacks.attribution.horizon=100)")
+    # a fit the callback refuses (online mode cannot know when an endless fit ends)
+    with initialize_config_module(config_module="lightning_attr.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*SMALL, "trainer.max_epochs=-1", f"output_dir={tmp_path}"])
+    with pytest.raises(UsageError, match="or use callbacks.attribution.mode=end"):
+        run_train(cfg)
+
+
+def test_warnings_reach_the_job_log_with_command_line_hints():
+    import logging
+
+    from lightning_attr.app import logs
+
+    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).propagate, logging.getLogger(name).filters[:])
+             for name in ("lightning.pytorch", "lightning.fabric", "lightning_attr", "py.warnings")}
+    try:
+        logs.route_logging_to_job_log()
+        assert logging.getLogger("lightning.pytorch").propagate  # Lightning's messages reach the job log
+        # what logging.captureWarnings logs for a warning, through the filter the app installs
+        record = logging.LogRecord("py.warnings", logging.WARNING, __file__, 1, "%s", ("Train longer or use mode='end'.",), None)
+        assert all(f.filter(record) for f in logging.getLogger("py.warnings").filters)
+        assert record.getMessage() == "Train longer or use callbacks.attribution.mode=end."
+    finally:
+        logging.captureWarnings(False)
+        for name, (handlers, propagate, filters) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:], logger.propagate, logger.filters[:] = handlers, propagate, filters

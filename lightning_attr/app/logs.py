@@ -8,7 +8,9 @@ stderr only. :func:`route_logging_to_job_log` sends both to the root logger.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,6 +19,26 @@ log = logging.getLogger("lightning_attr")
 
 class UsageError(ValueError):
     """The command line asks for something that cannot run; the message names the fix (an override)."""
+
+
+def cli_hints(text: str, prefix: str = "callbacks.attribution") -> str:
+    """The callback's messages name its arguments in Python (``overwrite=True``, ``mode='end'``); on the
+    command line they are overrides: ``callbacks.attribution.overwrite=true``, ``callbacks.attribution.mode=end``."""
+    from lightning_attr import AttributionCallback
+
+    names = "|".join(inspect.signature(AttributionCallback).parameters)
+
+    def override(match: re.Match) -> str:
+        value = match.group(2).strip("'\"")
+        return f"{prefix}.{match.group(1)}={ {'True': 'true', 'False': 'false', 'None': 'null'}.get(value, value)}"
+
+    return re.sub(rf"(?<![\w.])({names})=('[^']*'|\"[^\"]*\"|True|False|None|[\d.]+)", override, text)
+
+
+class _CliHintsInWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = cli_hints(record.getMessage()), ()
+        return True
 
 
 def route_logging_to_job_log() -> None:
@@ -28,6 +50,9 @@ def route_logging_to_job_log() -> None:
         logger.propagate = True
     logging.getLogger("lightning_attr").setLevel(logging.INFO)
     logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    if not any(isinstance(f, _CliHintsInWarnings) for f in warnings_logger.filters):
+        warnings_logger.addFilter(_CliHintsInWarnings())
     for handler in logging.getLogger().handlers:
         if type(handler) is logging.StreamHandler and not any(isinstance(f, _NotOnConsole) for f in handler.filters):
             handler.addFilter(_NotOnConsole())  # the console shows these as a table

@@ -19,10 +19,11 @@ from typing import Any
 
 import hydra
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_attr.app.io import atomic_write, write_json, write_text
-from lightning_attr.app.logs import UsageError, exit_on_usage_error, route_logging_to_job_log
+from lightning_attr.app.logs import UsageError, cli_hints, exit_on_usage_error, route_logging_to_job_log
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -160,7 +161,10 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     timers = [HookTimer(cb) for cb in attribution] if trainer.world_size == 1 else []
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    try:
+        trainer.fit(model, datamodule=datamodule)
+    except MisconfigurationException as err:  # a setting that cannot work: say which override fixes it
+        raise UsageError(cli_hints(str(err), f"callbacks.{attribution_names[0]}") if attribution_names else str(err)) from err
     timings["fit_s"] = time.perf_counter() - start
     if timers:
         timings["attribution_callback_s"] = sum(t.total for t in timers)
