@@ -40,9 +40,11 @@ from lightning_attr.simulation import (
     simulate_responses,
 )
 from lightning_attr.sources import SourceMap, SourceSpec, indexed_base, split_batch
+from lightning_attr.spectral import eigen_responses
 from lightning_attr.store import ResponseStore, complete_sources, has_store
 
 _MODES = ("online", "end")
+_CODECS = ("dense", "eigen")
 _DIVERGED = (
     "The training loss diverged: every example's loss was non-finite at global step {step} (a learning rate "
     "too high, or NaN/inf in the data). Fix the training first: attribution explains a trained model."
@@ -96,6 +98,13 @@ class AttributionCallback(Callback):
             there); tuple batches carry it last. ``attribution_outputs`` receives the batch without it.
         seed: seed of the callback's private generator (probes, replay order). The global RNG is never drawn.
         overwrite: replace a store already in ``dirpath`` (otherwise that is an error).
+        codec: ``"dense"``: one ``P``-float response per source (simulated as above). ``"eigen"``: at the end of
+            the fit (and after each ``checkpoint_epochs`` entry), the top-``rank`` eigenspace of the full-data GGN
+            (randomized range finder over the training set in batches of ``curvature_batch_size``) and ``rank``
+            coordinates per source of the damped response in it (:mod:`spectral`); ``mode`` / ``horizon`` /
+            ``step_size`` do not apply. Its readout costs ``rank`` forward-mode tangents per query batch,
+            whatever the number of sources, and offers only ``readout="linear"``.
+        rank: ``k``, eigenpairs kept by ``codec="eigen"`` (capped at ``P``).
 
     Training batches must end with the example index (wrap the dataset in :class:`IndexedDataset`).
     Training is left bit-for-bit unchanged: the simulation runs on detached copies in eval mode under
@@ -121,6 +130,8 @@ class AttributionCallback(Callback):
         index_key: str = "index",
         seed: int = 0,
         overwrite: bool = False,
+        codec: str = "dense",
+        rank: int = 256,
     ) -> None:
         if not isinstance(horizon, int) or horizon < 1:
             raise MisconfigurationException(f"horizon must be a positive int, got {horizon!r}.")
@@ -139,6 +150,14 @@ class AttributionCallback(Callback):
             raise MisconfigurationException(f"curvature must be 'ggn' or 'hessian', got {curvature!r}.")
         if mode not in _MODES:
             raise MisconfigurationException(f"mode must be one of {_MODES}, got {mode!r}.")
+        if codec not in _CODECS:
+            raise MisconfigurationException(f"codec must be one of {_CODECS}, got {codec!r}.")
+        if codec == "eigen" and curvature != "ggn":
+            raise MisconfigurationException(
+                "codec='eigen' keeps the top eigenspace of the GGN (positive semi-definite); it needs curvature='ggn'."
+            )
+        if not isinstance(rank, int) or rank < 1:
+            raise MisconfigurationException(f"rank must be a positive int, got {rank!r}.")
         if store_dtype not in ("float32", "float16", "bfloat16"):
             raise MisconfigurationException(f"store_dtype must be float32, float16 or bfloat16, got {store_dtype!r}.")
         for name, value in (("curvature_batch_size", curvature_batch_size), ("chunk_size", chunk_size)):
@@ -160,6 +179,7 @@ class AttributionCallback(Callback):
         self.chunk_size, self.store_dtype, self.num_examples = chunk_size, store_dtype, num_examples
         self.index_key = index_key
         self.seed, self.overwrite = seed, overwrite
+        self.codec, self.rank = codec, rank
         self._reset()
 
     def _reset(self) -> None:
@@ -188,6 +208,7 @@ class AttributionCallback(Callback):
             "curvature_batch_size": self.curvature_batch_size, "step_size": self.step_size,
             "propagation": self.propagation, "damping_scale": self.damping_scale, "checkpoint_epochs": self.checkpoint_epochs,
             "store_dtype": self.store_dtype, "seed": self.seed, "index_key": self.index_key,
+            "codec": self.codec, "rank": self.rank,
         }  # fmt: skip
 
     # ------------------------------------------------------------------ setup
@@ -211,7 +232,7 @@ class AttributionCallback(Callback):
                 f"AttributionCallback does not support the {strategy} strategy (sharded parameters); use a "
                 "single device or DDP."
             )
-        if trainer.world_size > 1 and self.mode == "online":
+        if trainer.world_size > 1 and self._online:
             raise MisconfigurationException(
                 f"mode='online' runs on a single process; with {trainer.world_size} processes ({strategy}) use "
                 "mode='end', which simulates on rank zero after the fit."
@@ -225,7 +246,7 @@ class AttributionCallback(Callback):
         n, members = (self.num_examples, None) if self.num_examples else _training_examples(trainer)
         self._source_map = SourceMap.build(self.sources, n, members)
         self._space = ParameterSpace.of(pl_module)
-        if self.mode == "online":
+        if self._online:
             self._windows = self._plan_windows(trainer)
         else:
             self._end_epochs = self._plan_end_checkpoints(trainer)
@@ -244,6 +265,11 @@ class AttributionCallback(Callback):
                     self.dirpath, self._space, self._source_map, self._settings(), overwrite=True
                 )
         trainer.strategy.barrier()
+
+    @property
+    def _online(self) -> bool:
+        """Whether responses are simulated on the live batches (``mode="online"`` with dense responses)."""
+        return self.mode == "online" and self.codec == "dense"
 
     def _plan_windows(self, trainer: L.Trainer) -> list[_Window]:
         """The final window, plus one per checkpoint epoch (injecting during that epoch). Warns about a
@@ -422,11 +448,11 @@ class AttributionCallback(Callback):
     # ------------------------------------------------------------------ checkpoints
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        if self.mode == "end" and epoch in self._end_epochs and epoch != trainer.max_epochs:
+        if not self._online and epoch in self._end_epochs and epoch != trainer.max_epochs:
             self._simulate_at_current_weights(trainer, pl_module, f"epoch={epoch}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.mode == "end":
+        if not self._online:
             self._simulate_at_current_weights(trainer, pl_module, "final")
         else:
             self._write_open_windows(trainer, pl_module)
@@ -530,7 +556,8 @@ class AttributionCallback(Callback):
     def _simulate_at_current_weights(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         if trainer.is_global_zero:
             start = time.perf_counter()
-            responses, rule, finite, products = self._end_mode_responses(trainer, pl_module, name)
+            simulate = self._eigen_responses if self.codec == "eigen" else self._end_mode_responses
+            responses, rule, finite, products = simulate(trainer, pl_module, name)
             self._products += products
             self._seconds += time.perf_counter() - start
             stats = {
@@ -566,20 +593,41 @@ class AttributionCallback(Callback):
             progress.close()
         return responses, rule, finite, source_map.num_sources * self.horizon
 
+    def _eigen_responses(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str):
+        """Codec ``"eigen"`` at the current weights: the top-``rank`` eigenspace of the GGN over the whole training
+        set, then each source's damped coordinates in it (one pass of per-source gradients)."""
+        loader = trainer.train_dataloader
+        sequential = DataLoader(loader.dataset, batch_size=self.curvature_batch_size, collate_fn=loader.collate_fn)
+        source_map = self._source_map
+        with functional_view(pl_module, self._space) as (model, theta):
+            batches = [(_to_simulation(data, theta.device), index) for data, index in map(split_batch, sequential)]
+            curvature = self._finite(model, theta, [data for data, _ in batches])
+            if not curvature:
+                raise RuntimeError("Every training example has a non-finite loss; cannot compute the curvature.")
+            block, finite, info = eigen_responses(
+                model, theta, batches, curvature, source_map.example_to_source, source_map.num_sources,
+                rank=self.rank, damping=self.damping, damping_scale=self.damping_scale, chunk_size=self.chunk_size,
+                generator=torch.Generator().manual_seed(self.seed),
+            )  # fmt: skip
+        return block, info, finite, info["curvature_products"]
+
     def _write(
-        self, trainer, pl_module, name, responses: Tensor, rule: StepRule, stats: dict[str, Tensor], replayed: int = 0,
+        self, trainer, pl_module, name, responses: Any, rule: StepRule | dict, stats: dict[str, Tensor], replayed: int = 0,
         stopped_by: str | None = None,
     ) -> None:
         """Writes a response checkpoint. Sources without a complete response are stored as NaN rows (so no
-        reader can take them for a zero response); ``stopped_by`` marks a partial checkpoint."""
+        reader can take them for a zero response); ``stopped_by`` marks a partial checkpoint. ``responses``:
+        ``Tensor[S, P]`` or a codec block; ``rule``: the step rule, or (codec ``"eigen"``) the spectral settings."""
         if not trainer.is_global_zero or self._store is None:
             return
-        responses[~complete_sources(stats).to(responses.device)] = float("nan")
+        rows = responses if isinstance(responses, Tensor) else responses.coordinates  # eigen: [S, k]
+        rows[~complete_sources(stats).to(rows.device)] = float("nan")
         with torch.no_grad():
             theta = self._space.current(pl_module)
         info = {
             "epoch": trainer.current_epoch, "global_step": trainer.global_step, "mode": self.mode,
-            "horizon": self.horizon, "step_rule": rule.to_json(), "curvature": self.curvature,
+            "horizon": self.horizon, "curvature": self.curvature,
+            **({"step_rule": rule.to_json()} if isinstance(rule, StepRule) else {"spectral": rule}),
             "curvature_products": self._products, "simulation_seconds": round(self._seconds, 3),
             "n_valid": int(stats["valid"].sum()), "n_shortfall": int((stats["shortfall"] > 0).sum()),
             "n_missing_examples": int(stats["missing_examples"].sum()), "replayed_steps": replayed,

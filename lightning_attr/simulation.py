@@ -347,17 +347,20 @@ def initial_perturbations(
     batches: Iterable[tuple[Any, Tensor]],
     example_to_source: Tensor,
     num_sources: int,
+    basis: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``u_0`` of every source at ``theta``: ``Tensor[S, P]`` of summed member gradients.
 
     Args:
         batches: ``(data, example index LongTensor[B])`` covering the training set once.
+        basis: ``Tensor[k, P]``: return the gradients' coordinates ``basis @ g_b``, ``Tensor[S, k]``, instead
+            (``[S, P]`` is then never held).
 
     Returns:
         ``(u0, finite)``: the gradients and a ``BoolTensor[S]``, False where a gradient was non-finite
         (those rows are zero).
     """
-    u0 = torch.zeros(num_sources, theta.numel(), device=theta.device)
+    u0 = torch.zeros(num_sources, theta.numel() if basis is None else basis.shape[0], device=theta.device)
     finite = torch.ones(num_sources, dtype=torch.bool, device=theta.device)
     e2s = example_to_source.to(theta.device)
     for data, index in batches:
@@ -370,7 +373,8 @@ def initial_perturbations(
         grads = source_gradients(model, theta, data, rows, unique.numel())
         ok = torch.isfinite(grads).all(dim=1)
         finite[unique[~ok]] = False
-        u0.index_add_(0, unique[ok], grads[ok])
+        grads = grads[ok] if basis is None else grads[ok] @ basis.T
+        u0.index_add_(0, unique[ok], grads)
     u0[~finite] = 0.0
     return u0, finite
 

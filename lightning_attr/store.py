@@ -5,7 +5,12 @@ Layout of a store directory::
     manifest.json                       format, sources, parameter space, fingerprint, checkpoints
     <checkpoint>/params.safetensors     theta_e, the parameters the responses were simulated at
     <checkpoint>/sources.safetensors    per-source bookkeeping (valid, shortfall, examples)
-    <checkpoint>/responses-00000.safetensors   {param name: Tensor[S_shard, *shape]}
+    <checkpoint>/responses-00000.safetensors   codec "dense": {param name: Tensor[S_shard, *shape]}
+    <checkpoint>/basis.safetensors             codec "eigen": {param name: Tensor[k, *shape]}, the basis V
+    <checkpoint>/coordinates-00000.safetensors codec "eigen": {"coordinates": Tensor[S_shard, k]}
+
+Format version 2 names each checkpoint's codec (``"dense"`` or ``"eigen"``, see :mod:`codecs`);
+version 1 stores (dense only, no codec field) are read as dense.
 
 Every file is written to a temporary name and renamed; the manifest is written last, so a crash
 leaves the previous manifest (and everything it points to) intact. Loading never unpickles.
@@ -27,11 +32,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from lightning_attr.codecs import AnyBlock, DenseResponses, EigenResponses
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.sources import SourceMap
 
 FORMAT = "lightning_attr.responses"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: dense responses only, no "codec" field
 MANIFEST = "manifest.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -186,7 +193,7 @@ class ResponseStore:
         self,
         name: str,
         theta: Tensor,
-        responses: Tensor,
+        responses: Tensor | AnyBlock,
         *,
         info: dict[str, Any],
         source_stats: dict[str, Tensor],
@@ -198,30 +205,28 @@ class ResponseStore:
         Args:
             name: checkpoint name (``[A-Za-z0-9_.=-]+``), e.g. ``"final"`` or ``"epoch=10"``.
             theta: ``Tensor[P]`` parameters the responses were simulated at (float32).
-            responses: ``Tensor[S, P]``, predicted parameter change per source (float32).
+            responses: ``Tensor[S, P]``, predicted parameter change per source (float32), or a response block
+                (:class:`DenseResponses`, :class:`EigenResponses`); its codec is recorded in the manifest.
             info: JSON-able settings and costs of the simulation (step rule, horizon, seconds, ...).
             source_stats: per-source ``Tensor[S]`` bookkeeping (``valid``, ``shortfall``, ...).
-            dtype: storage dtype of responses: ``float32``, ``float16`` or ``bfloat16``.
+            dtype: storage dtype of responses (codec ``"eigen"``: of the basis and coordinates): ``float32``,
+                ``float16`` or ``bfloat16``.
         """
         if not re.fullmatch(r"[A-Za-z0-9_.=-]+", name):
             raise ValueError(f"checkpoint name {name!r} must match [A-Za-z0-9_.=-]+.")
         if dtype not in _DTYPES:
             raise ValueError(f"store dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
         space = self.space
-        if responses.shape != (self.n_sources, space.size):
-            raise ValueError(f"responses must be [S={self.n_sources}, P={space.size}], got {list(responses.shape)}.")
+        block = DenseResponses(responses) if isinstance(responses, Tensor) else responses
         folder = self.path / name
         folder.mkdir(parents=True, exist_ok=True)
+        if isinstance(block, EigenResponses):
+            codec_entry, shards = self._write_eigen(name, block, dtype, shard_size)
+        else:
+            codec_entry, shards = self._write_dense(name, block, dtype, shard_size)
         params = space.unflatten(theta.float().cpu())
         _atomic_save_tensors(folder / "params.safetensors", params)
         _atomic_save_tensors(folder / "sources.safetensors", source_stats)
-        shards = []
-        for i, start in enumerate(range(0, self.n_sources, shard_size)):
-            stop = min(start + shard_size, self.n_sources)
-            block = space.unflatten(responses[start:stop].to("cpu", _DTYPES[dtype]))
-            file = f"{name}/responses-{i:05d}.safetensors"
-            size = _atomic_save_tensors(self.path / file, block)
-            shards.append({"file": file, "start": start, "stop": stop, "bytes": size})
         entry = {
             "name": name,
             "params_file": f"{name}/params.safetensors",
@@ -230,10 +235,45 @@ class ResponseStore:
             "dtype": dtype,
             "shards": shards,
             **info,
+            **codec_entry,
         }
         self.manifest["checkpoints"] = [c for c in self.manifest["checkpoints"] if c["name"] != name] + [entry]
         self._write_manifest()
         self._cache.clear()
+
+    def _write_dense(self, name: str, block: DenseResponses, dtype: str, shard_size: int) -> tuple[dict, list]:
+        space = self.space
+        if block.responses.shape != (self.n_sources, space.size):
+            raise ValueError(f"responses must be [S={self.n_sources}, P={space.size}], got {list(block.responses.shape)}.")
+        shards = []
+        for i, start in enumerate(range(0, self.n_sources, shard_size)):
+            stop = min(start + shard_size, self.n_sources)
+            tensors = space.unflatten(block.responses[start:stop].to("cpu", _DTYPES[dtype]))
+            shards.append(self._write_shard(f"{name}/responses-{i:05d}.safetensors", tensors, start, stop))
+        return {"codec": "dense"}, shards
+
+    def _write_eigen(self, name: str, block: EigenResponses, dtype: str, shard_size: int) -> tuple[dict, list]:
+        space, k = self.space, block.rank
+        if block.basis.shape != (k, space.size) or block.coordinates.shape != (self.n_sources, k):
+            raise ValueError(
+                f"an eigen block needs basis [k, P={space.size}] and coordinates [S={self.n_sources}, k]; got "
+                f"{list(block.basis.shape)} and {list(block.coordinates.shape)}."
+            )
+        basis_file = f"{name}/basis.safetensors"
+        basis_bytes = _atomic_save_tensors(self.path / basis_file, space.unflatten(block.basis.to("cpu", _DTYPES[dtype])))
+        shards = []
+        for i, start in enumerate(range(0, self.n_sources, shard_size)):
+            stop = min(start + shard_size, self.n_sources)
+            tensors = {"coordinates": block.coordinates[start:stop].to("cpu", _DTYPES[dtype])}
+            shards.append(self._write_shard(f"{name}/coordinates-{i:05d}.safetensors", tensors, start, stop))
+        entry = {
+            "codec": "eigen", "rank": k, "basis_file": basis_file, "basis_bytes": basis_bytes,
+            "eigenvalues": [float(v) for v in block.eigenvalues.cpu()], "damping": float(block.damping),
+        }  # fmt: skip
+        return entry, shards
+
+    def _write_shard(self, file: str, tensors: dict[str, Tensor], start: int, stop: int) -> dict:
+        return {"file": file, "start": start, "stop": stop, "bytes": _atomic_save_tensors(self.path / file, tensors)}
 
     # ------------------------------------------------------------------ load / validate
     @classmethod
@@ -262,10 +302,10 @@ class ResponseStore:
         if manifest.get("format") != FORMAT:
             raise StoreError(f"{manifest_path} is not a lightning_attr response store (format={manifest.get('format')!r}).")
         version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise StoreError(
-                f"{path} has store format version {version}; this lightning_attr reads version {FORMAT_VERSION}. "
-                "Re-run the simulation with this version (or install the version that wrote it)."
+                f"{path} has store format version {version}; this lightning_attr reads versions "
+                f"{list(READABLE_VERSIONS)}. Re-run the simulation with this version (or install the version that wrote it)."
             )
         store = cls(path, manifest)
         for ckpt in manifest["checkpoints"]:
@@ -283,6 +323,14 @@ class ResponseStore:
                     f"Response shard {file} has {size} bytes, the manifest says {shard['bytes']}: the file is "
                     "truncated or was replaced. Re-run the simulation."
                 )
+        basis = ckpt.get("basis_file")
+        if basis is not None and (
+            not (self.path / basis).is_file() or (self.path / basis).stat().st_size != ckpt["basis_bytes"]
+        ):
+            raise StoreError(
+                f"{self.path / basis} is missing or not the size the manifest says (checkpoint {ckpt['name']!r}); "
+                "the store is damaged. Re-run the simulation."
+            )
         for key in ("params_file", "sources_file"):
             if key == "params_file" and key not in ckpt:
                 continue  # no parameter snapshot: readable at the module's weights only (the reader says so)
@@ -399,8 +447,32 @@ class ResponseStore:
             "window opened) to score them."
         )
 
+    def codec(self, name: str) -> str:
+        """The codec of checkpoint ``name``: ``"dense"`` or ``"eigen"`` (format 1 stores: always dense)."""
+        return self.checkpoint_info(name).get("codec", "dense")
+
+    def block(self, name: str, device: torch.device | str = "cpu") -> AnyBlock:
+        """The responses of checkpoint ``name`` as a block of its codec, float32 on ``device`` (cached)."""
+        if self.codec(name) == "dense":
+            return DenseResponses(self.responses(name, device))
+        key = ("eigen", name, str(device))
+        if key not in self._cache:
+            info = self.checkpoint_info(name)
+            basis = self._read(self.path / info["basis_file"])
+            space = self.space
+            for pname, shape in zip(space.names, space.shapes):
+                got = tuple(basis[pname].shape) if pname in basis else None
+                if got != (info["rank"], *shape):
+                    raise StoreError(f"{info['basis_file']}: tensor {pname!r} is {got}, expected {(info['rank'], *shape)}.")
+            coordinates = torch.cat([block for _, block in self._iter_shards(name, "eigen")])
+            self._cache[key] = EigenResponses(
+                space.flatten(basis, batch_dims=1).to(device), torch.tensor(info["eigenvalues"], device=device),
+                float(info["damping"]), coordinates.to(device),
+            )  # fmt: skip
+        return self._cache[key]
+
     def responses(self, name: str, device: torch.device | str = "cpu") -> Tensor:
-        """``Tensor[S, P]`` float32 responses of checkpoint ``name`` (cached per device)."""
+        """``Tensor[S, P]`` float32 responses of a ``"dense"`` checkpoint ``name`` (cached per device)."""
         key = (name, str(device))
         if key not in self._cache:
             blocks = [block for _, block in self.iter_responses(name)]
@@ -408,7 +480,26 @@ class ResponseStore:
         return self._cache[key]
 
     def iter_responses(self, name: str) -> Iterator[tuple[int, Tensor]]:
-        """Yields ``(start, Tensor[S_shard, P])`` float32 per shard, in source order."""
+        """Yields ``(start, Tensor[S_shard, P])`` float32 per shard of a ``"dense"`` checkpoint, in source order."""
+        return self._iter_shards(name, "dense")
+
+    def _iter_shards(self, name: str, codec: str) -> Iterator[tuple[int, Tensor]]:
+        """``(start, Tensor[S_shard, P])`` (dense) or ``(start, Tensor[S_shard, k])`` (eigen coordinates), float32."""
+        if self.codec(name) != codec:
+            raise StoreError(
+                f"Checkpoint {name!r} of {self.path} holds codec {self.codec(name)!r} responses, not {codec!r}: read "
+                "it with ResponseStore.block(name), which every codec answers."
+            )
+        if codec == "eigen":
+            rank = self.checkpoint_info(name)["rank"]
+            for shard in self.checkpoint_info(name)["shards"]:
+                coordinates = self._read(self.path / shard["file"]).get("coordinates")
+                expected = (shard["stop"] - shard["start"], rank)
+                if coordinates is None or tuple(coordinates.shape) != expected:
+                    got = None if coordinates is None else tuple(coordinates.shape)
+                    raise StoreError(f"{shard['file']}: coordinates are {got}, expected {expected}.")
+                yield shard["start"], coordinates.float()
+            return
         space = self.space
         for shard in self.checkpoint_info(name)["shards"]:
             tensors = self._read(self.path / shard["file"])

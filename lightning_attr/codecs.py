@@ -1,0 +1,71 @@
+"""Response blocks: how the responses of ``S`` sources are held, and how each kind is read out.
+
+A **codec** names the representation of one response checkpoint:
+
+- ``"dense"``: ``responses: Tensor[S, P]``, one predicted parameter change per source. Read out with
+  ``S`` forward(-mode) passes per query batch (``linear`` / ``central`` / ``step``, :mod:`readout`).
+- ``"eigen"``: the responses restricted to the top-k eigenspace of the curvature (:mod:`spectral`):
+  a shared orthonormal basis ``V: Tensor[k, P]`` and ``k`` coordinates per source,
+  ``c_b = diag(1/(sigma + lam)) V^T grad l_b / n``, so that ``r_b = V^T c_b``. Read out with ``k``
+  forward-mode tangents per query batch and one ``[B, k] x [k, S]`` product: the cost does not grow
+  with ``S``. Only the ``linear`` readout exists for it (``central`` / ``step`` need ``r_b`` itself).
+
+Every block answers ``scores`` (``Tensor[B, S]``) and ``paired`` (each query against one source).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, Union
+
+import torch
+from torch import Tensor
+
+from lightning_attr.functional import FunctionalModel
+from lightning_attr.readout import check_readout, paired_readout, score_sources
+from lightning_attr.spectral import EigenResponses
+
+CODECS = ("dense", "eigen")
+
+
+class ResponseBlock(Protocol):
+    """The responses of ``num_sources`` sources in one codec."""
+
+    codec: ClassVar[str]
+
+    @property
+    def num_sources(self) -> int: ...
+
+    def to(self, device: torch.device | str) -> ResponseBlock: ...
+
+    def scores(self, model: FunctionalModel, theta: Tensor, batch: Any, readout: str, chunk_size: int) -> Tensor:
+        """``Tensor[B, S]``: predicted rise of each query's measurement if the source were removed."""
+
+    def paired(self, model: FunctionalModel, theta: Tensor, batch: Any, sources: Tensor, readout: str) -> Tensor:
+        """``Tensor[B]``: query ``i`` against source ``sources[i]`` only (self-influence)."""
+
+
+@dataclass(frozen=True)
+class DenseResponses:
+    """Codec ``"dense"``: ``responses: Tensor[S, P]`` float32, the predicted parameter change per source."""
+
+    responses: Tensor
+    codec: ClassVar[str] = "dense"
+
+    @property
+    def num_sources(self) -> int:
+        return int(self.responses.shape[0])
+
+    def to(self, device: torch.device | str) -> DenseResponses:
+        return DenseResponses(self.responses.to(device))
+
+    def scores(self, model: FunctionalModel, theta: Tensor, batch: Any, readout: str, chunk_size: int) -> Tensor:
+        return score_sources(model, theta, self.responses, batch, readout, chunk_size=chunk_size)
+
+    def paired(self, model: FunctionalModel, theta: Tensor, batch: Any, sources: Tensor, readout: str) -> Tensor:
+        return paired_readout(model, theta, self.responses[sources], batch, readout)
+
+
+AnyBlock = Union[DenseResponses, EigenResponses]
+
+__all__ = ["CODECS", "AnyBlock", "DenseResponses", "EigenResponses", "ResponseBlock"]

@@ -1,0 +1,226 @@
+"""The top-k eigenspace of the curvature, and responses coded in it (codec ``"eigen"``).
+
+With ``G = V diag(sigma) V^T`` restricted to its top-k eigenpairs, the damped response of a source
+is kept as ``k`` numbers (METHOD.md, "Storage"):
+
+    c_b = diag(1 / (sigma + lam)) V^T grad l_b / n        ->   r_b ~ V^T c_b   (V: Tensor[k, P], rows)
+
+and a query needs only ``k`` forward-mode tangents along the rows of ``V`` (``grad f_q . v_j``), then
+one ``[Q, k] x [k, S]`` product: its cost does not grow with ``S``. At ``k = P`` this is the exact
+damped target. The complement of the top-k space is dropped (its directions score 0), which is what
+the damped inverse nearly does anyway: it amplifies low-curvature directions by at most ``1/lam``,
+but the gradients have little mass there.
+
+The eigenspace comes from a randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.4 and
+5.3): a Gaussian block of ``2k`` vectors, a few power iterations with re-orthonormalization, and
+Rayleigh-Ritz on the block. Curvature products are over the whole training set (or a large
+subsample), not minibatches: minibatch subspace iteration converged poorly (METHOD.md).
+
+Pure ``torch`` / ``torch.func``: no Lightning here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vmap
+
+from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator, estimate_spectrum
+from lightning_attr.functional import FunctionalModel
+from lightning_attr.readout import check_readout
+from lightning_attr.simulation import Damping, initial_perturbations
+
+
+@dataclass(frozen=True)
+class Eigenspace:
+    """Top eigenpairs of a PSD curvature ``G`` (units of ``sigma``: loss per squared parameter unit).
+
+    Attributes:
+        eigenvalues: ``Tensor[k]`` float32, descending, clamped at 0.
+        vectors: ``Tensor[k, P]`` float32, orthonormal rows (``vectors[j]`` goes with ``eigenvalues[j]``).
+        products: curvature-vector products spent finding them.
+    """
+
+    eigenvalues: Tensor
+    vectors: Tensor
+    products: int
+
+    @property
+    def rank(self) -> int:
+        return int(self.eigenvalues.numel())
+
+
+def top_eigenspace(
+    operator: CurvatureOperator,
+    dim: int,
+    rank: int,
+    *,
+    block: int | None = None,
+    power_iterations: int = 3,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Eigenspace:
+    """The ``rank`` largest eigenpairs of the PSD operator ``G`` (``operator: Tensor[C, P] -> G V: Tensor[C, P]``).
+
+    Randomized range finder: ``Y = G^(q+1) Omega`` for a Gaussian ``Omega`` of ``block`` columns
+    (default ``min(2 rank, P)``), orthonormalized after every product, then Rayleigh-Ritz:
+    the eigenpairs of ``Q^T G Q`` (``block x block``, in float64). Costs ``block * (q + 2)`` products.
+    With ``block = P`` it is exact (up to float32 rounding of the products).
+
+    Draws only from ``generator`` (never from the global RNG).
+    """
+    if not 1 <= rank <= dim:
+        raise ValueError(f"rank must be in [1, P={dim}], got {rank}.")
+    width = min(dim, block if block is not None else 2 * rank)
+    if width < rank:
+        raise ValueError(f"block ({width}) must be at least rank ({rank}).")
+    if power_iterations < 0:
+        raise ValueError(f"power_iterations must be >= 0, got {power_iterations}.")
+    omega = torch.randn(width, dim, generator=generator).to(device)
+    basis = _orthonormal_rows(operator(omega))
+    for _ in range(power_iterations):
+        basis = _orthonormal_rows(operator(basis))
+    projected = operator(basis)  # G Q, rows
+    small = (projected.double() @ basis.double().T)  # Q^T G Q, [width, width]
+    small = (small + small.T) / 2
+    values, vectors = torch.linalg.eigh(small)
+    top = values.argsort(descending=True)[:rank]
+    ritz = (vectors[:, top].T @ basis.double()).float()  # [rank, P], orthonormal: Q times an orthogonal matrix
+    return Eigenspace(values[top].clamp_min(0).float(), ritz.contiguous(), width * (power_iterations + 2))
+
+
+def _orthonormal_rows(rows: Tensor) -> Tensor:
+    """An orthonormal basis (rows) of the row space of ``rows: Tensor[C, P]``, ``C <= P``, same order."""
+    q, r = torch.linalg.qr(rows.T.double())
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1
+    return (q * signs).T.float().contiguous()
+
+
+def damped_coordinates(projected: Tensor, space: Eigenspace, damping: float, num_examples: int) -> Tensor:
+    """``c_b = diag(1/(sigma + lam)) V^T g_b / n`` from ``projected = V g_b: Tensor[S, k]`` -> ``Tensor[S, k]``."""
+    return projected / ((space.eigenvalues.to(projected.device) + damping) * num_examples)
+
+
+def query_tangents(model: FunctionalModel, theta: Tensor, basis: Tensor, batch: Any, chunk_size: int = 256) -> Tensor:
+    """``grad f_q(theta) . v_j`` for every query ``q`` and basis row ``v_j``: ``Tensor[B, k]``.
+
+    Forward-mode only: one ``torch.func.jvp`` per basis row, ``chunk_size`` rows per vmapped call.
+    """
+    measurement = lambda th: model.measurement(th, batch)  # noqa: E731
+    tangent = vmap(lambda v: jvp(measurement, (theta,), (v,))[1])
+    parts = [tangent(basis[start : start + chunk_size]) for start in range(0, basis.shape[0], chunk_size)]
+    return torch.cat(parts).T
+
+
+def eigen_responses(
+    model: FunctionalModel,
+    theta: Tensor,
+    gradient_batches: Iterable[tuple[Any, Tensor]],
+    curvature_batches: Sequence[Any],
+    example_to_source: Tensor,
+    num_sources: int,
+    *,
+    rank: int,
+    damping: Damping = "auto",
+    damping_scale: float = 1.0,
+    block: int | None = None,
+    power_iterations: int = 3,
+    chunk_size: int = 2048,
+    generator: torch.Generator | None = None,
+) -> tuple[EigenResponses, Tensor, dict]:
+    """Responses of every source in codec ``"eigen"``, at ``theta``, with the GGN of ``curvature_batches``.
+
+    Args:
+        gradient_batches: ``(data, example index LongTensor[B])`` covering the training set once.
+        curvature_batches: batches (no index) whose pooled GGN is ``G``: the whole training set, or a
+            large subsample (each batch weighs by its size).
+        rank: ``k``, eigenpairs kept (at most ``P``).
+        damping: ``"auto"`` = ``damping_scale * trace(G)/P`` (32 Hutchinson probes of ``G``), or a float.
+        block, power_iterations: of :func:`top_eigenspace`.
+
+    Returns:
+        ``(block, finite: BoolTensor[S], info)``; ``info`` is JSON-able (damping, products, rank, ...).
+        ``S x P`` is never held: each batch's source gradients are projected on the basis at once.
+    """
+    dim = theta.numel()
+    operator = curvature_operator("ggn", model, theta, curvature_batches, chunk_size)
+    probes = 32
+    mean_eigenvalue = float("nan")
+    if damping == "auto":
+        mean_eigenvalue = estimate_spectrum(operator, dim, probes=probes, power_iterations=0, generator=generator, device=theta.device).mean_eigenvalue
+        lam = damping_scale * mean_eigenvalue
+    else:
+        probes, lam = 0, float(damping)
+    if not lam >= 0:
+        raise ValueError(f"damping resolved to {lam}; it must be finite and >= 0.")
+    space = top_eigenspace(
+        operator, dim, min(rank, dim), block=block, power_iterations=power_iterations, generator=generator, device=theta.device
+    )
+    projected, finite = initial_perturbations(
+        model, theta, gradient_batches, example_to_source, num_sources, basis=space.vectors
+    )
+    coordinates = damped_coordinates(projected, space, lam, int(example_to_source.numel()))
+    coordinates[~finite] = 0.0
+    info = {
+        "codec": "eigen", "rank": space.rank, "block": min(dim, block or 2 * space.rank),
+        "power_iterations": power_iterations, "damping": lam, "mean_eigenvalue": mean_eigenvalue,
+        "lambda_max": float(space.eigenvalues[0]), "curvature_products": space.products + probes,
+        "curvature_examples": sum(batch_size_of(b) for b in curvature_batches),
+    }  # fmt: skip
+    return EigenResponses(space.vectors, space.eigenvalues, lam, coordinates), finite, info
+
+
+@dataclass(frozen=True)
+class EigenResponses:
+    """Codec ``"eigen"``: responses ``r_b = basis^T coordinates[b]`` in the curvature's top-k eigenspace.
+
+    Attributes:
+        basis: ``Tensor[k, P]`` float32, orthonormal rows: the top-k eigenvectors of the curvature.
+        eigenvalues: ``Tensor[k]`` float32 ``sigma``, descending (loss per squared parameter unit).
+        damping: ``lam`` the coordinates were damped with.
+        coordinates: ``Tensor[S, k]`` float32, ``diag(1/(sigma + lam)) basis grad l_b / n``.
+    """
+
+    basis: Tensor
+    eigenvalues: Tensor
+    damping: float
+    coordinates: Tensor
+    codec: ClassVar[str] = "eigen"
+
+    @property
+    def num_sources(self) -> int:
+        return int(self.coordinates.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[0])
+
+    def to(self, device: torch.device | str) -> EigenResponses:
+        return EigenResponses(self.basis.to(device), self.eigenvalues.to(device), self.damping, self.coordinates.to(device))
+
+    def to_dense(self) -> Tensor:
+        """The same responses as ``Tensor[S, P]`` (``S x P`` floats: for tests and small stores)."""
+        return self.coordinates @ self.basis
+
+    def _check(self, readout: str) -> None:
+        check_readout(readout)
+        if readout != "linear":
+            raise ValueError(
+                f"readout={readout!r} is not available for responses stored with codec 'eigen' (they are kept as "
+                f"{self.rank} coordinates per source, read out by forward-mode tangents, which is the 'linear' "
+                "readout). Use readout='linear', or simulate with codec='dense' for the 'central' / 'step' readouts."
+            )
+
+    def scores(self, model: FunctionalModel, theta: Tensor, batch: Any, readout: str, chunk_size: int) -> Tensor:
+        self._check(readout)
+        return query_tangents(model, theta, self.basis, batch, chunk_size) @ self.coordinates.T
+
+    def paired(self, model: FunctionalModel, theta: Tensor, batch: Any, sources: Tensor, readout: str) -> Tensor:
+        self._check(readout)
+        tangents = query_tangents(model, theta, self.basis, batch)
+        return (tangents * self.coordinates[sources]).sum(dim=1)

@@ -1,0 +1,124 @@
+"""Codec "eigen": the top-k GGN eigenspace against a dense eigendecomposition, responses against the exact
+damped target at full rank, the store format (v2 writes, v1 still reads) and the readout's limits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import blobs, exact_influence, fit, logistic, pearson, small_mlp
+from safetensors.torch import load_file
+
+from lightning_attr import AttributionCallback, ResponseStore
+from lightning_attr.codecs import EigenResponses
+from lightning_attr.curvature import curvature_operator
+from lightning_attr.functional import functional_view
+from lightning_attr.spectral import top_eigenspace
+from lightning_attr.store import StoreError
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def mlp_and_data():
+    x, y = blobs(n=160, d=6, classes=3)
+    model = small_mlp(6, 3)
+    fit(model, x, y, epochs=8)
+    return model, x, y
+
+
+def test_top_eigenspace_matches_dense_eigendecomposition(mlp_and_data):
+    model, x, y = mlp_and_data
+    with functional_view(model) as (fmodel, theta):
+        dim = theta.numel()
+        operator = curvature_operator("ggn", fmodel, theta, [(x, y)])
+        dense = operator(torch.eye(dim)).double()
+        values, vectors = torch.linalg.eigh((dense + dense.T) / 2)
+        values, vectors = values.flip(0), vectors.flip(1)
+        for rank in (5, 12):
+            found = top_eigenspace(operator, dim, rank, generator=torch.Generator().manual_seed(1))
+            assert found.products == 2 * rank * 5
+            assert torch.allclose(found.eigenvalues.double(), values[:rank], rtol=1e-4, atol=1e-6 * values[0])
+            # principal angles between the found and the true top-k subspaces: cosines all ~1
+            cosines = torch.linalg.svdvals(vectors[:, :rank].T @ found.vectors.double().T)
+            assert float(cosines.min()) > 0.9999, cosines.min()
+            assert torch.allclose(found.vectors @ found.vectors.T, torch.eye(rank), atol=1e-5)
+        with pytest.raises(ValueError, match="rank must be in"):
+            top_eigenspace(operator, dim, dim + 1)
+
+
+def test_eigen_codec_at_full_rank_equals_the_exact_damped_target(tmp_path):
+    x, y = blobs(n=160, d=6, classes=3)
+    xq, yq = blobs(n=24, d=6, classes=3, seed=1)
+    model = small_mlp(6, 3)
+    # rank above P (163) is capped at P: the eigenspace is the whole space and nothing is dropped
+    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=1000, curvature_batch_size=64)
+    fit(model, x, y, [cb], epochs=8)
+    store = ResponseStore.load(cb.dirpath)
+    entry = store.checkpoint_info("final")
+    assert store.manifest["format_version"] == 2 and entry["codec"] == "eigen" and entry["rank"] == 163
+    exact = exact_influence(model, x, y, xq, yq, entry["damping"])
+    ours = model.attribute((xq, yq), responses=cb.dirpath)
+    assert ours.shape == exact.shape == (24, 160)
+    assert torch.allclose(ours, exact, rtol=1e-3, atol=1e-4 * float(exact.abs().max()))
+    # self-influence reads each example against its own source, the diagonal of the train-vs-train target
+    train = (x[:20], y[:20], torch.arange(20))
+    diagonal = exact_influence(model, x, y, x[:20], y[:20], entry["damping"]).diagonal()
+    assert torch.allclose(model.self_influence(train, responses=cb.dirpath), diagonal, rtol=1e-3, atol=1e-4 * float(diagonal.abs().max()))
+    with pytest.raises(ValueError, match="not available for responses stored with codec 'eigen'"):
+        model.attribute((xq, yq), responses=cb.dirpath, readout="central")
+    with pytest.raises(StoreError, match="codec 'eigen'"):
+        store.responses("final")
+
+
+def test_truncated_eigen_codec_keeps_most_of_the_target(tmp_path):
+    """k = 24 of P = 163: the top of the spectrum carries most of the damped target (METHOD.md: k=256 of 4,810
+    gave Pearson 0.98 on digits); the basis and coordinates are stored in k floats per source."""
+    x, y = blobs(n=160, d=6, classes=3)
+    xq, yq = blobs(n=24, d=6, classes=3, seed=1)
+    model = small_mlp(6, 3)
+    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=24, store_dtype="bfloat16", checkpoint_epochs=[4])
+    fit(model, x, y, [cb], epochs=8)
+    store = ResponseStore.load(cb.dirpath)
+    assert store.checkpoints == ["epoch=4", "final"]
+    block = store.block("final")
+    assert isinstance(block, EigenResponses) and block.coordinates.shape == (160, 24) and block.basis.shape == (24, 163)
+    exact = exact_influence(model, x, y, xq, yq, block.damping)
+    assert pearson(model.attribute((xq, yq), responses=cb.dirpath), exact) > 0.9
+    ensemble = model.attribute((xq, yq), responses=cb.dirpath, checkpoints="all")
+    assert ensemble.shape == (24, 160) and bool(torch.isfinite(ensemble).all())
+
+
+def test_damaged_basis_is_refused(tmp_path):
+    x, y = blobs(n=40, d=4, classes=3)
+    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=4)
+    fit(logistic(4, 3), x, y, [cb], epochs=2)
+    basis = Path(cb.dirpath) / json.loads((Path(cb.dirpath) / "manifest.json").read_text())["checkpoints"][0]["basis_file"]
+    basis.write_bytes(basis.read_bytes()[:-8])
+    with pytest.raises(StoreError, match="basis.safetensors is missing or not the size"):
+        ResponseStore.load(cb.dirpath)
+
+
+def test_a_format_1_store_is_still_read():
+    """tests/data/store_v1 was written by lightning_attr at main dd440bd (format 1, no codec field), with the
+    scores that version gave (``store_v1_expected.safetensors``)."""
+    store = ResponseStore.load(DATA / "store_v1")
+    assert store.manifest["format_version"] == 1 and store.codec("final") == "dense"
+    expected = load_file(str(DATA / "store_v1_expected.safetensors"))
+    model = logistic(4, 3)
+    model.load_state_dict({name: t for name, t in store.space.unflatten(store.theta("final")).items()})
+    scores = model.attribute((expected["x_query"], expected["y_query"]), responses=store)
+    assert torch.allclose(scores, expected["scores"], rtol=1e-5, atol=1e-8)
+
+
+def test_bad_codec_options_are_refused():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match="codec must be one of"):
+        AttributionCallback(codec="lowrank")
+    with pytest.raises(MisconfigurationException, match="needs curvature='ggn'"):
+        AttributionCallback(codec="eigen", curvature="hessian")
+    with pytest.raises(MisconfigurationException, match="rank must be a positive int"):
+        AttributionCallback(codec="eigen", rank=0)
