@@ -101,8 +101,9 @@ class AttributionCallback(Callback):
         codec: ``"dense"``: one ``P``-float response per source (simulated as above). ``"eigen"``: at the end of
             the fit (and after each ``checkpoint_epochs`` entry), the top-``rank`` eigenspace of the full-data GGN
             (randomized range finder over the training set in batches of ``curvature_batch_size``) and ``rank``
-            coordinates per source of the damped response in it (:mod:`spectral`); ``mode`` / ``horizon`` /
-            ``step_size`` do not apply. Its readout costs ``rank`` forward-mode tangents per query batch,
+            coordinates per source of the response in it (:mod:`spectral`): the dense simulation's ``horizon``-step
+            Neumann series applied exactly per eigen-direction (``horizon=10**6``: the damped inverse); ``mode``
+            and ``step_size`` do not apply. Its readout costs ``rank`` forward-mode tangents per query batch,
             whatever the number of sources, and offers only ``readout="linear"``.
         rank: ``k``, eigenpairs kept by ``codec="eigen"`` (capped at ``P``).
 
@@ -606,7 +607,8 @@ class AttributionCallback(Callback):
                 raise RuntimeError("Every training example has a non-finite loss; cannot compute the curvature.")
             block, finite, info = eigen_responses(
                 model, theta, batches, curvature, source_map.example_to_source, source_map.num_sources,
-                rank=self.rank, damping=self.damping, damping_scale=self.damping_scale, chunk_size=self.chunk_size,
+                rank=self.rank, damping=self.damping, damping_scale=self.damping_scale, horizon=self.horizon,
+                chunk_size=self.chunk_size,
                 generator=torch.Generator().manual_seed(self.seed),
             )  # fmt: skip
         return block, info, finite, info["curvature_products"]

@@ -6,7 +6,8 @@ A **codec** names the representation of one response checkpoint:
   ``S`` forward(-mode) passes per query batch (``linear`` / ``central`` / ``step``, :mod:`readout`).
 - ``"eigen"``: the responses restricted to the top-k eigenspace of the curvature (:mod:`spectral`):
   a shared orthonormal basis ``V: Tensor[k, P]`` and ``k`` coordinates per source,
-  ``c_b = diag(1/(sigma + lam)) V^T grad l_b / n``, so that ``r_b = V^T c_b``. Read out with ``k``
+  ``c_b = diag(p(sigma)) V^T grad l_b / n`` (``p``: the damped inverse or the dense simulation's
+  ``K``-step series, applied exactly per eigen-direction), so that ``r_b = V^T c_b``. Read out with ``k``
   forward-mode tangents per query batch and one ``[B, k] x [k, S]`` product: the cost does not grow
   with ``S``. Only the ``linear`` readout exists for it (``central`` / ``step`` need ``r_b`` itself).
 

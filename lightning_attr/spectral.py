@@ -1,15 +1,18 @@
 """The top-k eigenspace of the curvature, and responses coded in it (codec ``"eigen"``).
 
-With ``G = V diag(sigma) V^T`` restricted to its top-k eigenpairs, the damped response of a source
-is kept as ``k`` numbers (METHOD.md, "Storage"):
+With ``G = V diag(sigma) V^T`` restricted to its top-k eigenpairs, the response of a source is kept
+as ``k`` numbers (METHOD.md, "Storage"):
 
-    c_b = diag(1 / (sigma + lam)) V^T grad l_b / n        ->   r_b ~ V^T c_b   (V: Tensor[k, P], rows)
+    c_b = diag(p(sigma)) V^T grad l_b / n        ->   r_b ~ V^T c_b   (V: Tensor[k, P], rows)
 
 and a query needs only ``k`` forward-mode tangents along the rows of ``V`` (``grad f_q . v_j``), then
-one ``[Q, k] x [k, S]`` product: its cost does not grow with ``S``. At ``k = P`` this is the exact
-damped target. The complement of the top-k space is dropped (its directions score 0), which is what
-the damped inverse nearly does anyway: it amplifies low-curvature directions by at most ``1/lam``,
-but the gradients have little mass there.
+one ``[Q, k] x [k, S]`` product: its cost does not grow with ``S``. The complement of the top-k space
+is dropped (its directions score 0).
+
+``p`` is the spectral filter (:func:`spectral_filter`): ``1/(sigma + lam)``, the damped inverse (at
+``k = P`` the exact damped target), or the truncated Neumann series of ``K`` steps that the dense
+simulation runs, applied exactly per eigen-direction (what dense end-mode responses converge to with
+full-batch curvature, restricted to the top-k space).
 
 The eigenspace comes from a randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.4 and
 5.3): a Gaussian block of ``2k`` vectors, a few power iterations with re-orthonormalization, and
@@ -32,7 +35,7 @@ from torch.func import jvp, vmap
 from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator, estimate_spectrum
 from lightning_attr.functional import FunctionalModel
 from lightning_attr.readout import check_readout
-from lightning_attr.simulation import Damping, initial_perturbations
+from lightning_attr.simulation import STEP_SAFETY, Damping, initial_perturbations
 
 
 @dataclass(frozen=True)
@@ -101,9 +104,20 @@ def _orthonormal_rows(rows: Tensor) -> Tensor:
     return (q * signs).T.float().contiguous()
 
 
-def damped_coordinates(projected: Tensor, space: Eigenspace, damping: float, num_examples: int) -> Tensor:
-    """``c_b = diag(1/(sigma + lam)) V^T g_b / n`` from ``projected = V g_b: Tensor[S, k]`` -> ``Tensor[S, k]``."""
-    return projected / ((space.eigenvalues.to(projected.device) + damping) * num_examples)
+def spectral_filter(eigenvalues: Tensor, damping: float, horizon: int | None = None) -> Tensor:
+    """``p(sigma): Tensor[k]``, what the response does along each eigen-direction (units: 1 / curvature).
+
+    ``horizon=None``: ``1 / (sigma + lam)``, the damped inverse. ``horizon=K``: the plain Neumann series of the
+    dense simulation, ``eta * sum_{j=0..K} (1 - eta (sigma + lam))^j = (1 - (1 - eta z)^(K+1)) / z`` with
+    ``z = sigma + lam`` and its step ``eta = 1 / (STEP_SAFETY * sigma_max + lam)``: directions with
+    ``eta K z << 1`` are damped to ``eta (K + 1)`` instead of inverted (a short horizon acts as extra damping).
+    """
+    z = eigenvalues.double() + damping
+    if horizon is None:
+        return (1 / z).float()
+    eta = 1.0 / (STEP_SAFETY * float(eigenvalues.max()) + damping)
+    series = (1 - (1 - eta * z) ** (horizon + 1)) / z.clamp_min(1e-300)
+    return torch.where(z > 0, series, torch.full_like(z, eta * (horizon + 1))).float()
 
 
 def query_tangents(model: FunctionalModel, theta: Tensor, basis: Tensor, batch: Any, chunk_size: int = 256) -> Tensor:
@@ -128,6 +142,7 @@ def eigen_responses(
     rank: int,
     damping: Damping = "auto",
     damping_scale: float = 1.0,
+    horizon: int | None = None,
     block: int | None = None,
     power_iterations: int = 3,
     chunk_size: int = 2048,
@@ -141,6 +156,8 @@ def eigen_responses(
             large subsample (each batch weighs by its size).
         rank: ``k``, eigenpairs kept (at most ``P``).
         damping: ``"auto"`` = ``damping_scale * trace(G)/P`` (32 Hutchinson probes of ``G``), or a float.
+        horizon: the spectral filter (:func:`spectral_filter`): ``None`` = the damped inverse, ``K`` = the
+            dense simulation's ``K``-step series.
         block, power_iterations: of :func:`top_eigenspace`.
 
     Returns:
@@ -164,11 +181,11 @@ def eigen_responses(
     projected, finite = initial_perturbations(
         model, theta, gradient_batches, example_to_source, num_sources, basis=space.vectors
     )
-    coordinates = damped_coordinates(projected, space, lam, int(example_to_source.numel()))
+    coordinates = projected * (spectral_filter(space.eigenvalues, lam, horizon) / example_to_source.numel())
     coordinates[~finite] = 0.0
     info = {
         "codec": "eigen", "rank": space.rank, "block": min(dim, block or 2 * space.rank),
-        "power_iterations": power_iterations, "damping": lam, "mean_eigenvalue": mean_eigenvalue,
+        "power_iterations": power_iterations, "damping": lam, "mean_eigenvalue": mean_eigenvalue, "horizon": horizon,
         "lambda_max": float(space.eigenvalues[0]), "curvature_products": space.products + probes,
         "curvature_examples": sum(batch_size_of(b) for b in curvature_batches),
     }  # fmt: skip
@@ -183,7 +200,7 @@ class EigenResponses:
         basis: ``Tensor[k, P]`` float32, orthonormal rows: the top-k eigenvectors of the curvature.
         eigenvalues: ``Tensor[k]`` float32 ``sigma``, descending (loss per squared parameter unit).
         damping: ``lam`` the coordinates were damped with.
-        coordinates: ``Tensor[S, k]`` float32, ``diag(1/(sigma + lam)) basis grad l_b / n``.
+        coordinates: ``Tensor[S, k]`` float32, ``diag(p(sigma)) basis grad l_b / n`` (:func:`spectral_filter`).
     """
 
     basis: Tensor
