@@ -2,7 +2,7 @@
 
 One :class:`Attributor` serves one module (the architecture, and the weights of the member that was
 simulated at them) and one or several :class:`ResponseStore` (the runs of, e.g., a multirun over
-seeds). Every response checkpoint it reads is a **member**: its responses ``Tensor[S, P]``, its
+seeds). Every response checkpoint it reads is a **member**: its responses (a block of its codec, :mod:`codecs`), its
 parameter snapshot ``theta_e: Tensor[P]`` and its per-source validity are read from disk once and
 kept in memory; a later query reads nothing from disk unless a store's manifest changed. A query
 against ``E`` members costs the sum of their readouts (``E * S`` forward(-mode) passes).
@@ -28,7 +28,8 @@ from torch.utils._pytree import tree_map
 from lightning_attr.batch_format import check_batch
 from lightning_attr.functional import functional_view, to_float32
 from lightning_attr.parameters import ParameterSpace
-from lightning_attr.readout import check_readout, paired_readout, score_sources
+from lightning_attr.codecs import AnyBlock
+from lightning_attr.readout import check_readout
 from lightning_attr.sources import split_batch
 from lightning_attr.store import ResponseStore, StoreError, check_store_path, manifest_stamp
 
@@ -44,7 +45,7 @@ class _Member:
 
     entry: dict  # the checkpoint's manifest entry when it was read (a change means: read again)
     theta: Tensor | None  # [P] float32, the parameters the responses were simulated at (None: not stored)
-    responses: Tensor  # [S, P] float32
+    responses: AnyBlock  # dense [S, P] or eigen (basis [k, P], coordinates [S, k]), float32
     valid: Tensor  # [S] bool: the source has a complete response (ResponseStore.scorable); else NaN
 
 
@@ -147,7 +148,7 @@ class Attributor:
                     _warn_incomplete(store, name)
                     at = self._read_at(store, name, member, theta, live_digest, strict)
                     live.append(at is theta)
-                    scores = score_sources(model, at, member.responses, batch, readout, chunk_size=chunk_size)
+                    scores = member.responses.scores(model, at, batch, readout, chunk_size)
                     per_member.append(scores.masked_fill(~member.valid, float("nan")))
                 if i == 0:
                     first_store_last = len(per_member) - 1
@@ -168,7 +169,7 @@ class Attributor:
             at = self._read_at(store, name, member, theta, live_digest, strict)
             _warn_incomplete(store, name)
             sources = sources.to(theta.device)
-            scores = paired_readout(model, at, member.responses[sources], _query_batch(data, theta.device), readout)
+            scores = member.responses.paired(model, at, _query_batch(data, theta.device), sources, readout)
             return scores.masked_fill(~member.valid[sources], float("nan"))
 
     # ------------------------------------------------------------------ internals
@@ -210,7 +211,7 @@ class Attributor:
             member = _Member(
                 entry=entry,
                 theta=store.theta(name).to(device) if has_snapshot else None,
-                responses=store.responses(name, device),
+                responses=store.block(name, device),
                 valid=store.scorable(name).to(device),
             )
             self._members[key] = member
