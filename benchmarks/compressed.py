@@ -1,12 +1,12 @@
 """Compressed responses (``codec="eigen"``) against dense responses and TRAK-1, per example (issue 8's targets).
 
-    OMP_NUM_THREADS=1 python benchmarks/compressed.py --settings digits mnist1d --ranks 64 128 256 512 \\
-        --out benchmarks/results/compressed.json
+    OMP_NUM_THREADS=1 python benchmarks/compressed.py --settings digits-mlp mnist1d-mlp --ranks 64 128 256 512 \\
+        --cache-dir /work/cache/bench --out benchmarks/results/compressed.json
 
 Per setting (the bench's digits MLP and MNIST-1D MLP, same fit recipe, example order and query split as
 ``bench.py``) and per rank ``k``: LDS against ``bench.py``'s ground truth (100 half-data retrains,
 ``RetrainingHarness``, cached), Pearson to the exact damped-GGN target at the same model and damping
-(explicit ``G``, only where ``P <= --exact-max-params``), setup seconds (the callback's clock) against a
+(``ExactInfluence``: explicit ``G``, only where ``P <= --exact-max-params``), setup seconds (the callback's clock) against a
 plain fit of the same model, per-query cost (Q=1 and batched) interleaved round by round with dattri's
 and traker's TRAK-1 in the same process, and storage bytes. Our dense responses (the callback's
 defaults) are scored once per setting for the LDS comparison; their scores are cached.
@@ -26,8 +26,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.func import functional_call, jacrev, vmap
-from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -35,6 +33,7 @@ from bench import SETTINGS, ci95, dir_bytes, fit, make_net, nanmean, timed  # no
 
 from lightning_attr import AttributionCallback, ResponseStore  # noqa: E402
 from lightning_attr.evaluation import RetrainingHarness, linear_datamodeling_scores  # noqa: E402
+from lightning_attr.evaluation.exact import ExactInfluence  # noqa: E402
 from lightning_attr.evaluation.peers import DattriTRAK, TraKerTRAK  # noqa: E402
 from lightning_attr.evaluation.retrain import atomic_write_json  # noqa: E402
 
@@ -43,44 +42,15 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
 
 
-def exact_target(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor, damping: float) -> torch.Tensor:
-    """``(1/n) grad f_q^T (G + lam I)^{-1} grad l_b``, ``Tensor[Q, n]``: explicit cross-entropy GGN (jacrev, chunks of
-    examples, float32 accumulation) and a float64 Cholesky solve. Independent of the package's operators."""
-    net = net.eval()
-    params = {k: v.detach() for k, v in net.named_parameters()}
-    names = list(params)
-
-    def flat(d):
-        return torch.cat([d[k].reshape(*d[k].shape[: d[k].dim() - params[k].dim()], -1) for k in names], dim=-1)
-
-    def logits(p, xb):
-        return functional_call(net, p, (xb,))
-
-    def loss(p, xi, yi):
-        return F.cross_entropy(logits(p, xi.unsqueeze(0)), yi.unsqueeze(0))
-
-    dim = sum(v.numel() for v in params.values())
-    ggn = torch.zeros(dim, dim)
-    per_example = vmap(jacrev(lambda p, xi: logits(p, xi.unsqueeze(0))[0]), in_dims=(None, 0))
-    for start in range(0, len(x), 100):
-        xb = x[start : start + 100]
-        jac = flat(per_example(params, xb))  # [B, C, P]
-        prob = torch.softmax(logits(params, xb), dim=1)
-        h_out = torch.diag_embed(prob) - prob.unsqueeze(2) * prob.unsqueeze(1)
-        ggn += jac.flatten(0, 1).T @ torch.einsum("bcd,bdp->bcp", h_out, jac).flatten(0, 1)
-    ggn /= len(x)
-    grads = vmap(lambda xi, yi: flat(torch.func.grad(loss)(params, xi, yi)))
-    g_train, g_query = grads(x, y), grads(xq, yq)
-    chol = torch.linalg.cholesky(ggn.double() + damping * torch.eye(dim, dtype=torch.float64))
-    solved = torch.cholesky_solve(g_train.T.double(), chol)
-    return (g_query.double() @ solved / len(x)).float()
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="benchmarks/results/compressed.json")
-    p.add_argument("--settings", nargs="+", default=["digits", "mnist1d"], choices=sorted(SETTINGS))
+    p.add_argument("--settings", nargs="+", default=["digits-mlp", "mnist1d-mlp"], choices=sorted(SETTINGS))
     p.add_argument("--ranks", nargs="+", type=int, default=[64, 128, 256, 512])
+    p.add_argument(
+        "--horizons", nargs="+", type=int, default=[100],
+        help="spectral filter per run: the dense series' K (100 = the callback default); 1000000 = the damped inverse",
+    )
     p.add_argument("--store-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--cache-dir", default="benchmarks/results/cache")
     p.add_argument("--exact-max-params", type=int, default=8000, help="explicit G only up to this P")
@@ -107,9 +77,10 @@ def run_setting(setting, args) -> list[dict]:
     data = setting.load()
     n = len(data.x_train)
     perm = torch.randperm(len(data.x_test), generator=torch.Generator().manual_seed(1))  # bench.py's split
-    rep_idx = perm[setting.n_val_queries :].sort().values
+    n_rep = setting.n_report_queries or len(data.x_test) - setting.n_val_queries
+    rep_idx = perm[setting.n_val_queries : setting.n_val_queries + n_rep].sort().values
     xq, yq = data.x_test[rep_idx], data.y_test[rep_idx]
-    key = f"{setting.name}-mlp-{'-'.join(map(str, setting.hidden))}"
+    key = f"{setting.name}-{setting.arch}"
     cache = Path(args.cache_dir) / setting.name
     harness = RetrainingHarness(
         lambda s: make_net(setting, data, s), key, data.x_train, data.y_train, data.x_test, data.y_test, None, setting.recipe, cache
@@ -136,9 +107,9 @@ def run_setting(setting, args) -> list[dict]:
 
     # ours, codec "eigen", per rank; the damping is the same rule for all (trace(G)/P over the training set)
     exact = None
-    for rank in args.ranks:
-        dirpath = workdir / f"eigen-{rank}"
-        cb = AttributionCallback(dirpath=str(dirpath), codec="eigen", rank=rank, store_dtype=args.store_dtype)
+    for rank, horizon in [(r, h) for h in args.horizons for r in args.ranks]:
+        dirpath = workdir / f"eigen-{rank}-{horizon}"
+        cb = AttributionCallback(dirpath=str(dirpath), codec="eigen", rank=rank, horizon=horizon, store_dtype=args.store_dtype)
         model, fit_s = fit(setting, data, [cb])
         model.eval()
         info = ResponseStore.load(dirpath).checkpoint_info("final")
@@ -146,13 +117,15 @@ def run_setting(setting, args) -> list[dict]:
         scores = score(xq, yq)
         if exact is None and dim <= args.exact_max_params:
             t = time.perf_counter()
-            exact = exact_target(model.net, data.x_train, data.y_train, xq, yq, info["damping"])
+            exact = ExactInfluence(model.net, data.x_train, data.y_train).scores(xq, yq, info["damping"])
             print(f"[{setting.name}] exact target in {time.perf_counter() - t:.1f}s", flush=True)
             value, ci = lds(exact)
             records.append({**base, "method": "exact damped GGN (same model, same damping)", "lds": value, "lds_ci95": ci})
+            print(f"  exact target: LDS {value}", flush=True)
         value, ci = lds(scores)
         rec = {
-            **base, "method": f"ours, codec eigen, k={rank}", "lds": value, "lds_ci95": ci,
+            **base, "method": f"ours, codec eigen, k={rank}, " + ("damped inverse" if horizon >= 10**5 else f"K={horizon} series"),
+            "lds": value, "lds_ci95": ci,
             "pearson_exact": None if exact is None else round(pearson(scores, exact), 4),
             "setup_s": info["simulation_seconds"], "setup_to_plain_fit": round(info["simulation_seconds"] / plain_s, 2),
             "storage_bytes": dir_bytes(dirpath), "store_dtype": args.store_dtype, "spectral": info["spectral"],
