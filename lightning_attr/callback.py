@@ -601,14 +601,15 @@ class AttributionCallback(Callback):
         sequential = DataLoader(loader.dataset, batch_size=self.curvature_batch_size, collate_fn=loader.collate_fn)
         source_map = self._source_map
         with functional_view(pl_module, self._space) as (model, theta):
-            batches = [(_to_simulation(data, theta.device), index) for data, index in map(split_batch, sequential)]
+            split = (split_batch(b, self.index_key) for b in sequential)
+            batches = [(_to_simulation(data, theta.device), index) for data, index in split]
             curvature = self._finite(model, theta, [data for data, _ in batches])
             if not curvature:
                 raise RuntimeError("Every training example has a non-finite loss; cannot compute the curvature.")
             block, finite, info = eigen_responses(
                 model, theta, batches, curvature, source_map.example_to_source, source_map.num_sources,
-                rank=self.rank, damping=self.damping, damping_scale=self.damping_scale, horizon=self.horizon,
-                chunk_size=self.chunk_size,
+                source_map.training_set_size, rank=self.rank, damping=self.damping, damping_scale=self.damping_scale,
+                horizon=self.horizon, chunk_size=self.chunk_size,
                 generator=torch.Generator().manual_seed(self.seed),
             )  # fmt: skip
         return block, info, finite, info["curvature_products"]

@@ -138,6 +138,7 @@ def eigen_responses(
     curvature_batches: Sequence[Any],
     example_to_source: Tensor,
     num_sources: int,
+    num_examples: int,
     *,
     rank: int,
     damping: Damping = "auto",
@@ -154,6 +155,7 @@ def eigen_responses(
         gradient_batches: ``(data, example index LongTensor[B])`` covering the training set once.
         curvature_batches: batches (no index) whose pooled GGN is ``G``: the whole training set, or a
             large subsample (each batch weighs by its size).
+        num_examples: ``n`` of the ``1/n`` (the training set's size).
         rank: ``k``, eigenpairs kept (at most ``P``).
         damping: ``"auto"`` = ``damping_scale * trace(G)/P`` (32 Hutchinson probes of ``G``), or a float.
         horizon: the spectral filter (:func:`spectral_filter`): ``None`` = the damped inverse, ``K`` = the
@@ -181,7 +183,7 @@ def eigen_responses(
     projected, finite = initial_perturbations(
         model, theta, gradient_batches, example_to_source, num_sources, basis=space.vectors
     )
-    coordinates = projected * (spectral_filter(space.eigenvalues, lam, horizon) / example_to_source.numel())
+    coordinates = projected * (spectral_filter(space.eigenvalues, lam, horizon) / num_examples)
     coordinates[~finite] = 0.0
     info = {
         "codec": "eigen", "rank": space.rank, "block": min(dim, block or 2 * space.rank),
