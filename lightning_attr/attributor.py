@@ -85,11 +85,6 @@ class Attributor:
         self._members: dict[tuple[int, str, str], _Member] = {}
         self._verified: set[tuple[int, str]] = set()
 
-    @property
-    def multi_run(self) -> bool:
-        """Whether this attributor ensembles several stores (runs)."""
-        return len(self._stores) > 1
-
     def stores(self) -> list[ResponseStore]:
         """The stores, each re-opened if its manifest changed; checked to hold the same sources."""
         stores = [s.refresh() for s in self._stores]
