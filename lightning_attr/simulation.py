@@ -13,12 +13,16 @@ and after ``K`` products the estimate is ``x_K + d_K`` (the last increment needs
   ``u_{k+1} = u_k - eta (G_k + lam) u_k`` (``r_k = u_k``).
 - ``"chebyshev"``: Chebyshev semi-iteration on ``[lam, 1/eta]`` (Golub & Varga): the residual polynomial
   of degree ``k`` with the smallest maximum on that interval, at every ``k``.
-- ``"heavy_ball"``: Polyak's momentum with the optimal constant ``gamma, alpha`` for that interval.
+- ``"heavy_ball"``: Polyak's momentum, ``gamma = eta``, ``alpha = momentum`` (a constant ``beta``): on
+  curvature below ``(1 - beta)/eta`` it moves like Neumann with step ``eta / (1 - beta)``, and stays stable
+  up to ``2 (1 + beta) / eta``.
 
 ``G_k`` is the curvature of the ``k``-th minibatch; ``1/eta = 2 lambda_max + lam`` leaves a factor-2
-margin for minibatches that curve more than the one measured. Accelerated rules need ``O(sqrt(kappa))``
-products where Neumann needs ``O(kappa)``, ``kappa = (1/eta) / lam``. Pure ``torch`` / ``torch.func``:
-no Lightning in this module.
+margin for minibatches that curve more than the one measured. With exact curvature, Chebyshev needs
+``O(sqrt(kappa))`` products where Neumann needs ``O(kappa)``, ``kappa = (1/eta) / lam``; with minibatch
+curvature its large steps amplify the sampling noise (``docs/propagation.md``), and moderate momentum on
+curvature batches of a few hundred examples is what measured best. Pure ``torch`` / ``torch.func``: no
+Lightning in this module.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from lightning_attr.functional import FunctionalModel
 Damping = Union[str, float]
 STEP_SAFETY = 2.0  # eta = 1 / (STEP_SAFETY * lambda_max + lam), see resolve_step_rule
 PROPAGATIONS = ("neumann", "chebyshev", "heavy_ball")
+DEFAULT_MOMENTUM = 0.8  # heavy-ball beta; measured in docs/propagation.md
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class StepRule:
         step_size: ``eta``; ``1/eta`` is the upper end of that spectrum.
         lambda_max, mean_eigenvalue: the spectrum estimate (NaN when nothing was estimated).
         propagation: one of :data:`PROPAGATIONS`.
+        momentum: ``beta`` of ``"heavy_ball"`` (unused by the other rules).
     """
 
     damping: float
@@ -57,6 +63,7 @@ class StepRule:
     lambda_max: float
     mean_eigenvalue: float
     propagation: str = "neumann"
+    momentum: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -68,9 +75,7 @@ class StepRule:
         gamma = torch.full((length,), self.step_size, dtype=torch.float64)
         lower, upper = self.damping, 1.0 / self.step_size
         if self.propagation == "heavy_ball":
-            root_a, root_b = math.sqrt(lower), math.sqrt(upper)
-            gamma.fill_(4.0 / (root_a + root_b) ** 2)
-            alpha.fill_(((root_b - root_a) / (root_b + root_a)) ** 2)
+            alpha.fill_(self.momentum)
             alpha[0] = 0.0
         elif self.propagation == "chebyshev":
             center, half_width = (upper + lower) / 2, (upper - lower) / 2
@@ -90,15 +95,19 @@ def resolve_step_rule(
     step_size: Damping = "auto",
     damping_scale: float = 1.0,
     propagation: str = "neumann",
+    momentum: float = DEFAULT_MOMENTUM,
 ) -> StepRule:
     """``damping="auto"``: ``lam = damping_scale * trace(G)/P`` (the mean eigenvalue, METHOD.md).
     ``step_size="auto"``: ``eta = 1 / (2 lambda_max + lam)``, half the largest step that keeps the series
     monotone on the estimation batch: other minibatches' curvature exceeds the one measured (and power
     iteration under-estimates). Measured on digits (online, K=100, batch 64): eta = 1/(lambda_max + lam)
-    gave LDS 0.40, the half step 0.66, steps between 0.3x and 0.8x of it 0.65-0.67. The accelerated
-    rules take ``[lam, 1/eta]`` as the spectrum of ``G + lam I`` and need ``lam > 0``."""
+    gave LDS 0.40, the half step 0.66, steps between 0.3x and 0.8x of it 0.65-0.67. Chebyshev takes
+    ``[lam, 1/eta]`` as the spectrum of ``G + lam I`` and needs ``lam > 0``; heavy-ball's ``momentum`` is in
+    ``[0, 1)``."""
     if propagation not in PROPAGATIONS:
         raise ValueError(f"propagation must be one of {PROPAGATIONS}, got {propagation!r}.")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
     lam = damping_scale * spectrum.mean_eigenvalue if damping == "auto" else float(damping)
     if not math.isfinite(lam) or lam < 0:
         raise ValueError(f"damping resolved to {lam}; it must be finite and >= 0.")
@@ -110,12 +119,12 @@ def resolve_step_rule(
             "the curvature estimate is degenerate (zero curvature: the outputs saturated, as after a diverged "
             "fit, or the loss does not depend on the parameters): pass damping>0 or an explicit step_size."
         )
-    if propagation != "neumann" and not 0 < lam < 1.0 / eta:
+    if propagation == "chebyshev" and not 0 < lam < 1.0 / eta:
         raise ValueError(
             f"propagation={propagation!r} needs 0 < damping < 1/step_size (the spectrum interval of G + damping), "
             f"got damping={lam}, 1/step_size={1.0 / eta}; pass a positive damping or propagation='neumann'."
         )
-    return StepRule(lam, eta, spectrum.lambda_max, spectrum.mean_eigenvalue, propagation)
+    return StepRule(lam, eta, spectrum.lambda_max, spectrum.mean_eigenvalue, propagation, momentum if propagation == "heavy_ball" else 0.0)
 
 
 def estimate_step_rule(
@@ -127,13 +136,14 @@ def estimate_step_rule(
     generator: torch.Generator,
     device: torch.device,
     propagation: str = "neumann",
+    momentum: float = DEFAULT_MOMENTUM,
 ) -> StepRule:
     """Spectrum estimate (only when something is ``"auto"``) followed by :func:`resolve_step_rule`."""
     if damping == "auto" or step_size == "auto":
         spectrum = estimate_spectrum(operator, dim, generator=generator, device=device)
     else:
         spectrum = Spectrum(float("nan"), float("nan"))
-    return resolve_step_rule(spectrum, damping, step_size, damping_scale, propagation)
+    return resolve_step_rule(spectrum, damping, step_size, damping_scale, propagation, momentum)
 
 
 def source_gradients(
@@ -202,20 +212,29 @@ def propagate(
 class OnlineSimulation:
     """Live propagation alongside training: sources are injected when their examples are in the batch.
 
-    Every step: new examples' gradients are added to their source's live residual (the source then
-    lives ``horizon`` more steps and its propagation rule restarts from its current solution), then
-    every live source takes one step of the rule (module docstring) on the current batch's curvature,
-    each at its own iteration index. State is kept on ``device`` in float32.
+    :meth:`inject` adds new examples' gradients to their source's live residual (the source then lives
+    ``horizon`` more steps and its propagation rule restarts from its current solution); :meth:`step`
+    moves every live source one step of the rule (module docstring) on one curvature operator, each at
+    its own iteration index. A source's first increment is formed at its first step, so the rule may be
+    set (``self.rule = ...``) after injections and before the first step. State is kept on ``device``
+    in float32.
 
     Args:
         num_sources: ``S``. example_to_source: ``LongTensor[n]``. dim: ``P``.
         horizon: ``K`` propagation steps after a source's last injection.
+        rule: the step rule, or None until it is known (then set it before the first step).
     """
 
     _STATE = ("solution", "injected", "valid", "live_sources", "residual", "increment", "iteration", "remaining", "shortfall")
 
     def __init__(
-        self, example_to_source: Tensor, num_sources: int, dim: int, horizon: int, rule: StepRule, device: torch.device
+        self,
+        example_to_source: Tensor,
+        num_sources: int,
+        dim: int,
+        horizon: int,
+        rule: StepRule | None,
+        device: torch.device,
     ) -> None:
         self.example_to_source = example_to_source.to(device)
         self.num_sources, self.dim, self.horizon = num_sources, dim, horizon
@@ -224,7 +243,7 @@ class OnlineSimulation:
         self.valid = torch.ones(num_sources, dtype=torch.bool, device=device)
         self.live_sources = torch.zeros(0, dtype=torch.long, device=device)
         self.residual = torch.zeros(0, dim, device=device)  # r per live source
-        self.increment = torch.zeros(0, dim, device=device)  # d per live source
+        self.increment = torch.zeros(0, dim, device=device)  # d per live source (formed at its first step)
         self.iteration = torch.zeros(0, dtype=torch.long, device=device)  # k per live source (0 = just (re)started)
         self.remaining = torch.zeros(0, dtype=torch.long, device=device)
         self.shortfall = torch.zeros(num_sources, dtype=torch.long, device=device)
@@ -232,15 +251,15 @@ class OnlineSimulation:
         self.rule = rule
 
     @property
-    def rule(self) -> StepRule:
+    def rule(self) -> StepRule | None:
         return self._rule
 
     @rule.setter
-    def rule(self, rule: StepRule) -> None:
+    def rule(self, rule: StepRule | None) -> None:
         self._rule = rule
-        # an iteration index never exceeds the horizon: re-injection restarts it
-        alpha, gamma = rule.coefficients(self.horizon + 1)
-        self._alpha, self._gamma = (c.to(device=self.solution.device, dtype=torch.float32) for c in (alpha, gamma))
+        if rule is not None:  # an iteration index never exceeds the horizon: re-injection restarts it
+            alpha, gamma = rule.coefficients(self.horizon + 1)
+            self._alpha, self._gamma = (c.to(device=self.solution.device, dtype=torch.float32) for c in (alpha, gamma))
 
     def inject(self, model: FunctionalModel, theta: Tensor, batch: Any, index: Tensor) -> None:
         """Adds ``grad l_i(theta)`` of every not-yet-injected example ``i`` in the batch to its source."""
@@ -274,16 +293,16 @@ class OnlineSimulation:
             # a live source (a group whose members arrive in several batches): the right-hand side grows by
             # the new gradients, so does the residual; the rule restarts from the current solution
             where = (self.live_sources.unsqueeze(0) == unique[is_live].unsqueeze(1)).float().argmax(dim=1)
-            self.solution[self.live_sources[where]] += self.increment[where]
+            self.solution[self.live_sources[where]] += self.increment[where]  # zero if it has not stepped yet
             self.residual[where] += grads[is_live]
-            self.increment[where] = self.residual[where] * self._gamma[0]
+            self.increment[where] = 0.0
             self.iteration[where] = 0
             self.remaining[where] = self.horizon
         new = ~is_live
         count = int(new.sum())
         self.live_sources = torch.cat([self.live_sources, unique[new]])
         self.residual = torch.cat([self.residual, grads[new]])
-        self.increment = torch.cat([self.increment, grads[new] * self._gamma[0]])
+        self.increment = torch.cat([self.increment, torch.zeros_like(grads[new])])
         self.iteration = torch.cat([self.iteration, self.iteration.new_zeros(count)])
         self.remaining = torch.cat([self.remaining, self.remaining.new_full((count,), self.horizon)])
 
@@ -297,6 +316,9 @@ class OnlineSimulation:
             self._keep(~done)
         if self.live_sources.numel() == 0:
             return
+        if self.rule is None:
+            raise RuntimeError("OnlineSimulation.step needs a step rule: set simulation.rule first.")
+        self._start_fresh_rows()
         d = self.increment
         self.solution.index_add_(0, self.live_sources, d)
         self.residual.sub_(operator(d).add_(d, alpha=self.rule.damping))
@@ -310,6 +332,12 @@ class OnlineSimulation:
             self.solution[self.live_sources[~finite]] = 0.0
             self._keep(finite)
 
+    def _start_fresh_rows(self) -> None:
+        """``d_0 = gamma_0 r_0`` for the rows injected (or re-injected) since the last step."""
+        fresh = self.iteration == 0
+        if bool(fresh.any()):
+            self.increment[fresh] = self.residual[fresh] * self._gamma[0]
+
     def _keep(self, rows: Tensor) -> None:
         self.live_sources, self.residual, self.increment = self.live_sources[rows], self.residual[rows], self.increment[rows]
         self.iteration, self.remaining = self.iteration[rows], self.remaining[rows]
@@ -322,23 +350,24 @@ class OnlineSimulation:
         """Responses ``Tensor[S, P]`` = ``(x_k + d_k) / n``; records the steps still owed per source."""
         self.shortfall.zero_()
         self.shortfall[self.live_sources] = self.remaining
-        self.solution.index_add_(0, self.live_sources, self.increment)
+        if self.rule is not None:
+            self._start_fresh_rows()
+            self.solution.index_add_(0, self.live_sources, self.increment)
         self._keep(self.live_sources[:0])
         responses = self.solution / num_examples
         responses[~self.valid] = 0.0
         return responses
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            **{k: getattr(self, k).cpu() for k in self._STATE}, "products": self.products, "rule": self.rule.to_json()
-        }
+        rule = None if self.rule is None else self.rule.to_json()
+        return {**{k: getattr(self, k).cpu() for k in self._STATE}, "products": self.products, "rule": rule}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.solution.device
         for key in self._STATE:
             setattr(self, key, state[key].to(device))
         self.products = int(state["products"])
-        self.rule = StepRule(**state["rule"])
+        self.rule = None if state["rule"] is None else StepRule(**state["rule"])
 
 
 def initial_perturbations(
