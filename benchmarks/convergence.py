@@ -157,11 +157,10 @@ class Study:
         return out
 
     # -- online: one fit per (rule, horizon)
-    def online(self, rule_name: str, horizon: int, damping_scale: float = 1.0, lds: bool = False) -> dict:
+    def online(self, spec: dict, lds: bool = False) -> dict:
+        """One online fit with ``AttributionCallback(mode="online", **spec)``."""
         with tempfile.TemporaryDirectory() as tmp:
-            cb = AttributionCallback(
-                dirpath=tmp + "/r", mode="online", horizon=horizon, propagation=rule_name, damping_scale=damping_scale
-            )
+            cb = AttributionCallback(dirpath=tmp + "/r", mode="online", **spec)
             module, fit_s = fit(self.setting, self.data, [cb])
             store = ResponseStore.load(cb.dirpath)
             info = store.checkpoint_info("final")
@@ -170,15 +169,30 @@ class Study:
         scores = self.scores(responses)
         target = self.target(info["step_rule"]["damping"])
         rec = {
-            "rule": rule_name, "K": horizon, "damping_scale": damping_scale, "pearson": round(pearson(scores, target), 4),
+            **spec, "pearson": round(pearson(scores, target), 4),
             "setup_ratio": round(sim_s / (fit_s - sim_s), 2), "simulation_s": round(sim_s, 2), "fit_s": round(fit_s, 2),
             "step_rule": info["step_rule"], "n_valid": info["n_valid"],
         }  # fmt: skip
         if lds:
             rec["lds"] = round(self.lds(scores), 4)
             rec["lds_exact"] = round(self.lds(target), 4)
-        print(f"[{self.setting.name}] online {rule_name} K={horizon} scale={damping_scale}: " + json.dumps({k: v for k, v in rec.items() if k != "step_rule"}), flush=True)
+        print(f"[{self.setting.name}] online: " + json.dumps({k: v for k, v in rec.items() if k != "step_rule"}), flush=True)
         return rec
+
+
+def parse_spec(spec: str) -> dict:
+    """``'propagation=heavy_ball,horizon=20'`` -> callback kwargs (ints and floats parsed)."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, value = item.split("=", 1)
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                pass
+        out[key] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,11 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--curve-sources", type=int, default=300)
     p.add_argument("--curvature-batch-size", type=int, default=256)
     p.add_argument("--end-ks", type=int, nargs="+", default=[5, 10, 20, 30, 50, 100, 200])
-    p.add_argument("--online-ks", type=int, nargs="*", default=[20, 50, 100])
-    p.add_argument("--online-rules", nargs="+", default=list(PROPAGATIONS), choices=PROPAGATIONS)
-    p.add_argument("--lds-k", type=int, default=None, help="online K at which LDS is measured for every rule (default: none)")
-    p.add_argument("--damping-rule", default=None, choices=PROPAGATIONS, help="rule of the damping sweep (default: no sweep)")
-    p.add_argument("--damping-k", type=int, default=50)
+    p.add_argument("--online", nargs="*", default=[], metavar="SPEC",
+                   help="online fits, each 'propagation=heavy_ball,horizon=20,curvature_batch_size=256' (callback kwargs)")
+    p.add_argument("--lds", action="store_true", help="also LDS (retraining ground truth) for every online fit")
+    p.add_argument("--damping", default=None, metavar="SPEC", help="damping sweep of this online spec (default: none)")
     p.add_argument("--damping-scales", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0])
     p.add_argument("--skip-end", action="store_true")
     p.add_argument("--threads", type=int, default=1)
@@ -211,13 +224,13 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_end:
             rec["end"] = study.end_curves(args.end_ks)
         online = rec.setdefault("online", {})
-        for rule_name, k in itertools.product(args.online_rules, args.online_ks):
-            online[f"{rule_name}/K={k}"] = study.online(rule_name, k, lds=(k == args.lds_k))
+        for spec in args.online:
+            online[spec] = study.online(parse_spec(spec), lds=args.lds)
             atomic_write_json(out_path, results)
-        if args.damping_rule:
+        if args.damping:
             sweep = rec.setdefault("damping", {})
             for scale in args.damping_scales:
-                sweep[f"{args.damping_rule}/K={args.damping_k}/scale={scale}"] = study.online(args.damping_rule, args.damping_k, scale, lds=True)
+                sweep[f"{args.damping},damping_scale={scale}"] = study.online({**parse_spec(args.damping), "damping_scale": scale}, lds=True)
                 atomic_write_json(out_path, results)
         atomic_write_json(out_path, results)
 

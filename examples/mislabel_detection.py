@@ -30,7 +30,7 @@ def main() -> None:
 
     train = IndexedDataset(TensorDataset(digits.x_train, labels))
     net = Classifier(mlp(64, [64], 10), lr=0.05, momentum=0.9, weight_decay=1e-3)
-    callback = AttributionCallback(horizon=100)
+    callback = AttributionCallback()
     trainer = L.Trainer(max_epochs=15, callbacks=[callback], logger=False, enable_checkpointing=False,
                         enable_model_summary=False)
     trainer.fit(net, DataLoader(train, batch_size=64, shuffle=True))

@@ -30,6 +30,7 @@ from lightning_attr.mixin import AttributionMixin
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.progress import CountingOperator, SimulationProgress
 from lightning_attr.simulation import (
+    DEFAULT_MOMENTUM,
     PROPAGATIONS,
     Damping,
     OnlineSimulation,
@@ -70,7 +71,8 @@ class AttributionCallback(Callback):
             Hutchinson probes) or a float ``lambda``.
         curvature: ``"ggn"`` (needs ``attribution_outputs``) or ``"hessian"``.
         mode: ``"online"``: propagate on the live batches and parameters of the last epoch(s) of the fit
-            (sources are injected during the epoch that ends ``horizon`` steps before the end of the fit; what
+            (sources are injected during the epoch that ends ``horizon`` propagation steps before the end of the
+            fit, see ``curvature_batch_size``; what
             is still live when a fit ends early is finished on replayed batches at the final weights);
             ``"end"``: after the fit, at the final parameters, on ``horizon`` batches of
             ``curvature_batch_size`` replayed from the training set with a private generator.
@@ -84,12 +86,22 @@ class AttributionCallback(Callback):
             ``horizon <= 25``, none at 100), spread over the second half of the fit
             (:func:`spread_checkpoint_epochs`). An entry the fit cannot honour (too late for a window to
             finish before the end) is dropped with a warning.
-        curvature_batch_size: batch size of the replayed batches (``mode="end"`` and checkpoints).
+        curvature_batch_size: examples per curvature batch. ``mode="end"``: the replayed batches. Online:
+            consecutive live batches are pooled until they hold this many examples (at most the training set),
+            and each pool is one propagation step at the weights of the step that completes it, so a window
+            takes ``horizon * ceil(curvature_batch_size / batch_size)`` optimizer steps. Larger pools mean less
+            sampling noise in the curvature, which the accelerated rules amplify (``docs/propagation.md``).
         step_size: ``"auto"`` (``1 / (2 lambda_max + lambda)``, ``lambda_max`` by 20 power iterations) or a float.
             The accelerated rules take ``[lambda, 1/step_size]`` as the spectrum of ``G + lambda I``.
-        propagation: the rule that moves each perturbation (:mod:`lightning_attr.simulation`): ``"neumann"``
-            (damped gradient steps, ``O(kappa)`` products to converge), ``"chebyshev"`` (Chebyshev
-            semi-iteration) or ``"heavy_ball"`` (Polyak momentum); the last two need ``O(sqrt(kappa))``.
+        propagation: the rule that moves each perturbation (:mod:`lightning_attr.simulation`). ``"auto"``:
+            ``"chebyshev"`` in end mode with ``curvature_batch_size >= n`` (exact curvature at fixed weights),
+            else ``"heavy_ball"``; the rule used is recorded in each checkpoint's ``step_rule``. Or one of
+            ``"heavy_ball"``  (steps ``step_size`` with momentum ``momentum``; measured best on minibatch
+            curvature), ``"neumann"`` (plain damped steps, ``O(kappa)`` products to converge) or
+            ``"chebyshev"`` (Chebyshev semi-iteration, ``O(sqrt(kappa))`` with exact curvature, e.g. end mode
+            with ``curvature_batch_size >= n``; it amplifies minibatch noise).
+        momentum: heavy-ball's ``beta`` in ``[0, 1)``: curvature below ``(1 - beta)/step_size`` is resolved as
+            if the step were ``step_size / (1 - beta)``.
         damping_scale: multiplies the automatic damping.
         chunk_size: perturbations per vmapped curvature product (bounds memory).
         store_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage of responses.
@@ -115,7 +127,7 @@ class AttributionCallback(Callback):
     def __init__(
         self,
         dirpath: str | os.PathLike | None = None,
-        horizon: int = 100,
+        horizon: int = 20,
         damping: Damping = "auto",
         curvature: str = "ggn",
         mode: str = "online",
@@ -123,7 +135,8 @@ class AttributionCallback(Callback):
         checkpoint_epochs: Sequence[int] | str | None = None,
         curvature_batch_size: int = 256,
         step_size: Damping = "auto",
-        propagation: str = "neumann",
+        propagation: str = "auto",
+        momentum: float = DEFAULT_MOMENTUM,
         damping_scale: float = 1.0,
         chunk_size: int = 2048,
         store_dtype: str = "float32",
@@ -140,13 +153,15 @@ class AttributionCallback(Callback):
             raise MisconfigurationException(f"damping must be 'auto' or a float >= 0, got {damping!r}.")
         if not (step_size == "auto" or (isinstance(step_size, (int, float)) and step_size > 0)):
             raise MisconfigurationException(f"step_size must be 'auto' or a float > 0, got {step_size!r}.")
-        if propagation not in PROPAGATIONS:
-            raise MisconfigurationException(f"propagation must be one of {PROPAGATIONS}, got {propagation!r}.")
-        if propagation != "neumann" and damping != "auto" and damping <= 0:
+        if propagation != "auto" and propagation not in PROPAGATIONS:
+            raise MisconfigurationException(f"propagation must be 'auto' or one of {PROPAGATIONS}, got {propagation!r}.")
+        if propagation in ("chebyshev", "auto") and damping != "auto" and damping <= 0:
             raise MisconfigurationException(
                 f"propagation={propagation!r} needs damping > 0 (the lower end of the spectrum it accelerates "
                 f"over), got {damping!r}; pass damping='auto', a positive float, or propagation='neumann'."
             )
+        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+            raise MisconfigurationException(f"momentum must be a float in [0, 1), got {momentum!r}.")
         if curvature not in ("ggn", "hessian"):
             raise MisconfigurationException(f"curvature must be 'ggn' or 'hessian', got {curvature!r}.")
         if mode not in _MODES:
@@ -174,7 +189,7 @@ class AttributionCallback(Callback):
         self.horizon, self.damping, self.curvature, self.mode = horizon, damping, curvature, mode
         self.sources, self.checkpoint_epochs = sources, epochs
         self.curvature_batch_size, self.step_size, self.damping_scale = curvature_batch_size, step_size, damping_scale
-        self.propagation = propagation
+        self.propagation, self.momentum = propagation, float(momentum)
         if not isinstance(index_key, str) or not index_key:
             raise MisconfigurationException(f"index_key must be a non-empty str, got {index_key!r}.")
         self.chunk_size, self.store_dtype, self.num_examples = chunk_size, store_dtype, num_examples
@@ -189,6 +204,7 @@ class AttributionCallback(Callback):
         self._space: ParameterSpace | None = None
         self._windows: list[_Window] = []
         self._end_epochs: list[int] = []
+        self._pool: list[Any] = []  # live curvature batches not yet propagated on (online)
         self._pending: list[tuple[Any, Tensor]] = []
         self._last_step = -1
         self._products = 0
@@ -207,9 +223,9 @@ class AttributionCallback(Callback):
         return {
             "mode": self.mode, "horizon": self.horizon, "damping": self.damping, "curvature": self.curvature,
             "curvature_batch_size": self.curvature_batch_size, "step_size": self.step_size,
-            "propagation": self.propagation, "damping_scale": self.damping_scale, "checkpoint_epochs": self.checkpoint_epochs,
-            "store_dtype": self.store_dtype, "seed": self.seed, "index_key": self.index_key,
-            "codec": self.codec, "rank": self.rank,
+            "propagation": self.propagation, "momentum": self.momentum, "damping_scale": self.damping_scale,
+            "checkpoint_epochs": self.checkpoint_epochs, "store_dtype": self.store_dtype, "seed": self.seed,
+            "index_key": self.index_key, "codec": self.codec, "rank": self.rank,
         }  # fmt: skip
 
     # ------------------------------------------------------------------ setup
@@ -281,7 +297,7 @@ class AttributionCallback(Callback):
             f"horizon={self.horizon}"
         )
         if final <= 1:
-            needed = 3 + math.ceil(self.horizon / per_epoch)
+            needed = 3 + math.ceil(self._window_steps(trainer) / per_epoch)
             rank_zero_warn(
                 f"The final simulation window injects the sources during epoch {final + 1}, at near-initial weights "
                 f"({when}, a window needs one epoch + horizon steps before the end of the fit): its responses "
@@ -318,7 +334,32 @@ class AttributionCallback(Callback):
         # once and fully propagated on live batches. A fit too short for that (or stopped early) finishes
         # the remaining steps on replayed batches at the end (see _finish_on_replay).
         per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-        return max(0, (int(total) - self.horizon) // per_epoch - 1), per_epoch
+        return max(0, (int(total) - self._window_steps(trainer)) // per_epoch - 1), per_epoch
+
+    def _window_steps(self, trainer: L.Trainer) -> int:
+        """Optimizer steps that ``horizon`` online propagation steps take: each propagates on a pool of live
+        batches holding at least ``curvature_batch_size`` examples."""
+        return self.horizon * self._steps_per_pool(trainer)
+
+    def _steps_per_pool(self, trainer: L.Trainer) -> int:
+        """Optimizer steps whose live batches make one online curvature batch of ``curvature_batch_size``."""
+        batch_size = getattr(trainer.train_dataloader, "batch_size", None)
+        if not batch_size:
+            return 1
+        return max(1, math.ceil(self._pool_size() / (batch_size * trainer.accumulate_grad_batches)))
+
+    def _propagation(self) -> str:
+        """The rule ``propagation="auto"`` resolves to: Chebyshev at fixed weights where every curvature batch is the
+        whole training set (end mode, ``curvature_batch_size >= n``: no sampling noise to amplify), heavy-ball
+        otherwise (minibatch curvature, or weights that move online; docs/propagation.md)."""
+        if self.propagation != "auto":
+            return self.propagation
+        exact = self.mode == "end" and self.curvature_batch_size >= self._source_map.num_examples
+        return "chebyshev" if exact else "heavy_ball"
+
+    def _pool_size(self) -> int:
+        """Examples an online curvature batch holds at least: ``curvature_batch_size``, at most the training set."""
+        return min(self.curvature_batch_size, self._source_map.num_examples)
 
     def _plan_end_checkpoints(self, trainer: L.Trainer) -> list[int]:
         """End mode: the epochs (1-based) after which a checkpoint is simulated; warns about those the fit never
@@ -375,14 +416,24 @@ class AttributionCallback(Callback):
             if not curvature_batches:  # every example non-finite: nothing to learn the curvature from
                 self._diverged_at = trainer.global_step if self._diverged_at is None else self._diverged_at
                 return
-            operator = curvature_operator(self.curvature, model, theta, curvature_batches, self.chunk_size)
-            for window in (w for w in self._windows if w.active(epoch)):
+            active = [w for w in self._windows if w.active(epoch)]
+            for window in active:
                 if window.simulation is None:
-                    window.simulation = self._new_online(window.name, operator, theta)
+                    window.simulation = self._new_online(window.name, theta)
                     window.progress = self._new_progress(trainer, window.name, window.simulation.products)
                 if epoch == window.injection_epoch:
                     for data, index in batches:
                         window.simulation.inject(model, theta, data, index)
+            # live batches are pooled into curvature batches of >= curvature_batch_size examples: one
+            # propagation step per pool, at the weights of the step that completes it (less sampling noise)
+            self._pool.extend(curvature_batches)
+            if sum(batch_size_of(b) for b in self._pool) < self._pool_size():
+                active = []
+            else:
+                operator = curvature_operator(self.curvature, model, theta, self._pool, self.chunk_size)
+                self._pool = []
+            for window in active:
+                self._ensure_rule(window.simulation, operator, theta)
                 before = window.simulation.products
                 window.simulation.step(operator)
                 self._count(window, window.simulation.products - before)
@@ -420,21 +471,22 @@ class AttributionCallback(Callback):
         if window.progress is not None:
             window.progress.advance(products)
 
-    def _new_online(self, name: str, operator: Any, theta: Tensor) -> OnlineSimulation:
-        """A window's simulation, with the step rule of the weights it opens at (the curvature of a mid-training
-        window is not the final one's); a resumed window keeps the rule it was running with."""
-        state = (self._restored or {}).get("windows", {}).get(name)
-        if isinstance(state, dict):
-            rule = StepRule(**state["rule"])
-        else:
-            rule = estimate_step_rule(
+    def _ensure_rule(self, simulation: OnlineSimulation, operator: Any, theta: Tensor) -> None:
+        """A window's step rule, from its first curvature pool (the weights it opens at: the curvature of a
+        mid-training window is not the final one's); a resumed window keeps the rule it was running with."""
+        if simulation.rule is None:
+            simulation.rule = estimate_step_rule(
                 operator, theta.numel(), self.damping, self.step_size, self.damping_scale,
-                torch.Generator().manual_seed(self.seed), theta.device, self.propagation,
+                torch.Generator().manual_seed(self.seed), theta.device, self._propagation(), self.momentum,
             )  # fmt: skip
+
+    def _new_online(self, name: str, theta: Tensor) -> OnlineSimulation:
+        """A window's simulation; its step rule is set at its first propagation step (:meth:`_ensure_rule`)."""
         online = OnlineSimulation(
             self._source_map.example_to_source, self._source_map.num_sources, theta.numel(), self.horizon,
-            rule, theta.device,
+            None, theta.device,
         )  # fmt: skip
+        state = (self._restored or {}).get("windows", {}).get(name)
         if isinstance(state, dict):
             online.load_state_dict(state)
         return online
@@ -498,15 +550,16 @@ class AttributionCallback(Callback):
         """Propagates what is still live when the fit ends for its remaining steps, at the final weights,
         on batches replayed from the training set (at most ``horizon`` of them)."""
         simulation = window.simulation
-        steps = int(simulation.remaining.max()) + 1 if simulation.num_live else 0
+        steps = int(simulation.remaining.max()) if simulation.num_live else 0  # finish() adds the last increments
         if steps == 0:
             return
         start = time.perf_counter()
         with functional_view(pl_module, self._space) as (model, theta):
-            batch_size = getattr(trainer.train_dataloader, "batch_size", None) or self.curvature_batch_size
-            for batch in self._replay_batches(trainer, model, theta, batch_size, steps):
+            for batch in self._replay_batches(trainer, model, theta, self.curvature_batch_size, steps):
+                operator = curvature_operator(self.curvature, model, theta, [batch], self.chunk_size)
+                self._ensure_rule(simulation, operator, theta)
                 before = simulation.products
-                simulation.step(curvature_operator(self.curvature, model, theta, [batch], self.chunk_size))
+                simulation.step(operator)
                 self._count(window, simulation.products - before)
         window.replayed_steps = steps
         self._seconds += time.perf_counter() - start
@@ -586,7 +639,7 @@ class AttributionCallback(Callback):
             operators = [curvature_operator(self.curvature, model, theta, [b], self.chunk_size) for b in replay]
             rule = estimate_step_rule(
                 operators[0], theta.numel(), self.damping, self.step_size, self.damping_scale, generator, theta.device,
-                self.propagation,
+                self._propagation(), self.momentum,
             )
             progress = self._new_progress(trainer, name)
             operators = [CountingOperator(op, progress) for op in operators]

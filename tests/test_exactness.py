@@ -7,7 +7,7 @@ import torch
 from conftest import blobs, exact_influence, fit, logistic, pearson, small_mlp
 from torch import nn
 
-from lightning_attr.models import Classifier
+from lightning_attr.models import CNN, Classifier
 
 from lightning_attr import AttributionCallback, ResponseStore
 
@@ -17,8 +17,8 @@ def test_end_mode_matches_exact_damped_ggn_influence(tmp_path, make_model):
     x, y = blobs(n=160, d=6, classes=3)
     xq, yq = blobs(n=24, d=6, classes=3, seed=1)
     model = make_model(6, 3)
-    # Full-batch curvature (batch >= n) and a long horizon: the Neumann series has converged.
-    cb = AttributionCallback(tmp_path / "r", mode="end", horizon=800, curvature_batch_size=512)
+    # Full-batch curvature (batch >= n) and a long horizon: the plain Neumann series has converged.
+    cb = AttributionCallback(tmp_path / "r", mode="end", horizon=800, curvature_batch_size=512, propagation="neumann")
     fit(model, x, y, [cb], epochs=15)
     damping = ResponseStore.load(cb.dirpath).checkpoint_info("final")["step_rule"]["damping"]
     assert damping > 0
@@ -36,22 +36,25 @@ def test_end_mode_matches_exact_damped_ggn_influence(tmp_path, make_model):
     assert pearson(ours, step) >= 0.99
 
 
-@pytest.mark.parametrize("propagation", ["chebyshev", "heavy_ball"])
-@pytest.mark.parametrize("make_model", [logistic, small_mlp], ids=["logistic", "mlp"])
-def test_accelerated_rules_match_exact_influence_in_few_products(tmp_path, make_model, propagation):
-    """Full-batch curvature: the accelerated rules reach the explicit matrix in 40 products, where the
-    Neumann series needs hundreds (measured here at K=40: Pearson 0.99+ vs 0.93 on the MLP)."""
-    x, y = blobs(n=160, d=6, classes=3)
-    xq, yq = blobs(n=24, d=6, classes=3, seed=1)
-    model = make_model(6, 3)
-    cb = AttributionCallback(tmp_path / "r", mode="end", horizon=40, curvature_batch_size=512, propagation=propagation)
+def small_cnn(d: int, classes: int) -> Classifier:
+    return Classifier(CNN([d], classes, (4, 8)), lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+@pytest.mark.parametrize("make_model, d", [(logistic, 6), (small_mlp, 6), (small_cnn, 16)], ids=["logistic", "mlp", "cnn"])
+def test_default_horizon_matches_exact_influence(tmp_path, make_model, d):
+    """Issue 7's exactness target: at the DEFAULT horizon (20 products), end mode with exact curvature
+    (curvature_batch_size >= n, so propagation='auto' is Chebyshev) is within Pearson 0.95 of the explicit
+    matrix. Measured: logistic 0.997+, MLP 0.997, CNN see docs/propagation.md."""
+    x, y = blobs(n=160, d=d, classes=3)
+    xq, yq = blobs(n=24, d=d, classes=3, seed=1)
+    model = make_model(d, 3)
+    cb = AttributionCallback(tmp_path / "r", mode="end", curvature_batch_size=512)
     fit(model, x, y, [cb], epochs=15)
-    rule = ResponseStore.load(cb.dirpath).checkpoint_info("final")["step_rule"]
-    assert rule["propagation"] == propagation
-    exact = exact_influence(model, x, y, xq, yq, rule["damping"])
+    info = ResponseStore.load(cb.dirpath).checkpoint_info("final")
+    assert info["horizon"] == 20 and info["step_rule"]["propagation"] == "chebyshev"
+    exact = exact_influence(model, x, y, xq, yq, info["step_rule"]["damping"])
     ours = model.attribute((xq, yq), responses=cb.dirpath)
-    assert pearson(ours, exact) >= 0.99
-    assert abs(float((ours * exact).sum() / (exact * exact).sum()) - 1) <= 0.05
+    assert pearson(ours, exact) >= 0.95
 
 
 def test_scores_predict_leave_one_out_retraining(tmp_path):

@@ -40,18 +40,20 @@ def test_online_steps_equal_end_of_training_propagation(propagation):
 
 
 def test_accelerated_rules_reach_the_damped_inverse_in_sqrt_kappa_products():
-    """kappa = (2 lambda_max + lam) / lam = 2001 here: Chebyshev and heavy-ball are within 1% of
-    (A + lam I)^{-1} g after 150 products, where the Neumann series has not resolved the small eigenvalues."""
+    """kappa = (2 lambda_max + lam) / lam = 2001 here: Chebyshev and heavy-ball (momentum 1 - 2/sqrt(kappa)) are
+    within 1% / 5% of (A + lam I)^{-1} g after 150 products, where the Neumann series has not resolved the small
+    eigenvalues."""
     a, spectrum = _quadratic()
     g = torch.randn(4, a.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     lam = 1e-3
     target = torch.linalg.solve(a + lam * torch.eye(a.shape[0], dtype=a.dtype), g.T).T
     errors = {}
     for propagation in PROPAGATIONS:
-        rule = resolve_step_rule(spectrum, damping=lam, propagation=propagation)
+        rule = resolve_step_rule(spectrum, damping=lam, propagation=propagation, momentum=0.955)
         estimate = propagate(g, [lambda v: v @ a] * 150, rule)
         errors[propagation] = float((estimate - target).norm() / target.norm())
-    assert errors["chebyshev"] < 0.01 and errors["heavy_ball"] < 0.01, errors
+    # heavy-ball keeps Neumann's step (robust to minibatch curvature), so it is slower than Polyak's optimum
+    assert errors["chebyshev"] < 0.01 and errors["heavy_ball"] < 0.05, errors
     assert errors["neumann"] > 0.3, errors
 
 
@@ -66,7 +68,7 @@ def test_chebyshev_residual_never_grows_on_its_interval():
 
 
 def test_propagation_option_is_validated():
-    with pytest.raises(MisconfigurationException, match="propagation must be one of"):
+    with pytest.raises(MisconfigurationException, match="propagation must be 'auto' or one of"):
         AttributionCallback(propagation="cg")
     with pytest.raises(MisconfigurationException, match="needs damping > 0"):
         AttributionCallback(propagation="chebyshev", damping=0.0)

@@ -31,13 +31,14 @@ def test_resume_continues_the_online_simulation(tmp_path):
     loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=16, shuffle=True)
     store_dir = tmp_path / "responses"
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1)
-    # 4 steps per epoch, 24 in all, horizon 6: sources are injected in epoch index 3 and propagated to step 22
-    first = AttributionCallback(store_dir, mode="online", horizon=6)
+    # 4 steps per epoch, 24 in all, horizon 6 on curvature batches of 2 live batches (12 steps): sources are
+    # injected in epoch index 2 and propagated to step 23
+    first = AttributionCallback(store_dir, mode="online", horizon=6, curvature_batch_size=32)
     _trainer(tmp_path, [first, ckpt, _StopAfterEpoch(3)]).fit(small_mlp(6, 3), loader)
     stopped = ResponseStore.load(store_dir).checkpoint_info("final")
     assert stopped["replayed_steps"] > 0  # stopped early: the live perturbations were finished on replay
 
-    second = AttributionCallback(store_dir, mode="online", horizon=6)
+    second = AttributionCallback(store_dir, mode="online", horizon=6, curvature_batch_size=32)
     model = small_mlp(6, 3)
     _trainer(tmp_path, [second, ModelCheckpoint(dirpath=tmp_path / "ckpt2")]).fit(
         model, loader, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
