@@ -55,7 +55,7 @@ def test_groups_have_the_documented_options():
 
 def test_default_train_config_instantiates_end_to_end(tmp_path):
     cfg = _compose()
-    assert cfg.data.dataset == "mnist1d" and cfg.callbacks.attribution.horizon == 100
+    assert cfg.data.dataset == "mnist1d" and cfg.callbacks.attribution.horizon == 20
     dm = instantiate(cfg.data)
     assert isinstance(dm, ClassificationDataModule)
     model = instantiate(cfg.model)

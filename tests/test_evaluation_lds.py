@@ -1,7 +1,7 @@
 """Accuracy regression: our LDS on a small fixed digits setting stays above a measured floor.
 
 Setting: sklearn digits, MLP 64-64-10, 600 train, SGD(0.05, momentum 0.9, wd 1e-3), batch 64,
-20 epochs, callback with its DEFAULTS (online, horizon 100, auto damping). Ground truth: 40
+20 epochs, callback with its DEFAULTS (online, auto damping and propagation). Ground truth: 40
 half-data retrains from the vmapped harness (same recipe), measured on 120 test queries.
 The floor is the value measured when this test was written minus a margin for platform noise;
 a change that breaks accuracy (signs, damping, readout, injection timing) drops far below it.
@@ -18,10 +18,12 @@ from lightning_attr.data import load_digits
 from lightning_attr.evaluation import FixedOrderSampler, LinearDatamodelingScore, RetrainingHarness, TrainingRecipe
 from lightning_attr.models import Classifier, mlp
 
-# measured 0.684 with the step rule eta = 1/(2 lambda_max + lambda) (torch 2.13 CPU); margin 0.06 for
-# platform noise. The old rule 1/(lambda_max + lambda) measured 0.557 here and fails this floor; a sign
-# error gives about -0.5, and responses that carry no information about 0.
-LDS_FLOOR = 0.62
+# measured 0.642 with the issue-7 defaults (heavy-ball 0.8, horizon 20, online curvature pools of 256;
+# torch 2.13 CPU), 0.684 with the earlier Neumann K=100 per live batch (closer to the exact target in
+# Pearson: 0.927 vs 0.879 on tests/test_online.py, yet LDS is not monotone in exactness here); margin 0.04
+# for platform noise. The rule eta = 1/(lambda_max + lambda) measured 0.557; a sign error gives about -0.5,
+# and responses that carry no information about 0.
+LDS_FLOOR = 0.60
 
 RECIPE = TrainingRecipe(epochs=20, batch_size=64, lr=0.05, momentum=0.9, weight_decay=1e-3)
 

@@ -28,7 +28,7 @@ def test_online_digits_correlates_with_exact_influence(tmp_path):
     exact = exact_influence(model, d.x_train, d.y_train, *queries, final["step_rule"]["damping"])
     correlation = pearson(ours, exact)
     print(f"online vs exact damped-GGN influence on digits: Pearson {correlation:.3f}")
-    assert correlation >= 0.6
+    assert correlation >= 0.85  # measured 0.927 with the defaults (0.879 with Neumann K=100 per live batch)
     # per-query rankings agree too (median over queries of the per-query correlation)
     per_query = torch.tensor([pearson(o, e) for o, e in zip(ours, exact)])
     assert float(per_query.median()) >= 0.6

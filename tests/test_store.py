@@ -152,7 +152,7 @@ def test_online_checkpoint_windows(tmp_path):
     """Online mode with checkpoint_epochs: one simulation window per entry, each complete, final last."""
     x, y = blobs(n=64, d=6, classes=3)
     model = small_mlp(6, 3)
-    cb = AttributionCallback(tmp_path / "r", mode="online", horizon=5, checkpoint_epochs=[2, 4])
+    cb = AttributionCallback(tmp_path / "r", mode="online", horizon=5, checkpoint_epochs=[2, 4], curvature_batch_size=16)
     fit(model, x, y, [cb], epochs=8, batch_size=16)  # 4 steps per epoch
     store = ResponseStore.load(cb.dirpath)
     assert store.checkpoints == ["epoch=2", "epoch=4", "final"]
