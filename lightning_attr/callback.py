@@ -662,7 +662,9 @@ class AttributionCallback(Callback):
             block, finite, info = eigen_responses(
                 model, theta, batches, curvature, source_map.example_to_source, source_map.num_sources,
                 source_map.training_set_size, rank=self.rank, damping=self.damping, damping_scale=self.damping_scale,
-                horizon=self.horizon, chunk_size=self.chunk_size,
+                horizon=self.horizon, chunk_size=self.chunk_size, momentum=self.momentum,
+                # its eigenspace comes from products over the whole training set: exact curvature
+                propagation="chebyshev" if self.propagation == "auto" else self.propagation,
                 generator=torch.Generator().manual_seed(self.seed),
             )  # fmt: skip
         return block, info, finite, info["curvature_products"]

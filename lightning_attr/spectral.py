@@ -35,7 +35,7 @@ from torch.func import jvp, vmap
 from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator, estimate_spectrum
 from lightning_attr.functional import FunctionalModel
 from lightning_attr.readout import check_readout
-from lightning_attr.simulation import STEP_SAFETY, Damping, initial_perturbations
+from lightning_attr.simulation import DEFAULT_MOMENTUM, STEP_SAFETY, Damping, StepRule, initial_perturbations, propagate
 
 
 @dataclass(frozen=True)
@@ -104,20 +104,28 @@ def _orthonormal_rows(rows: Tensor) -> Tensor:
     return (q * signs).T.float().contiguous()
 
 
-def spectral_filter(eigenvalues: Tensor, damping: float, horizon: int | None = None) -> Tensor:
+def spectral_filter(
+    eigenvalues: Tensor,
+    damping: float,
+    horizon: int | None = None,
+    propagation: str = "neumann",
+    momentum: float = DEFAULT_MOMENTUM,
+) -> Tensor:
     """``p(sigma): Tensor[k]``, what the response does along each eigen-direction (units: 1 / curvature).
 
-    ``horizon=None``: ``1 / (sigma + lam)``, the damped inverse. ``horizon=K``: the plain Neumann series of the
-    dense simulation, ``eta * sum_{j=0..K} (1 - eta (sigma + lam))^j = (1 - (1 - eta z)^(K+1)) / z`` with
-    ``z = sigma + lam`` and its step ``eta = 1 / (STEP_SAFETY * sigma_max + lam)``: directions with
-    ``eta K z << 1`` are damped to ``eta (K + 1)`` instead of inverted (a short horizon acts as extra damping).
+    ``horizon=None``: ``1 / (sigma + lam)``, the damped inverse. ``horizon=K``: what ``K`` products of the dense
+    simulation's rule (``propagation``, :func:`lightning_attr.simulation.propagate`) make of each direction with
+    exact curvature, step ``eta = 1 / (STEP_SAFETY * sigma_max + lam)``. For ``"neumann"`` that is
+    ``(1 - (1 - eta z)^(K+1)) / z`` with ``z = sigma + lam``: directions with ``eta K z << 1`` are damped to
+    ``eta (K + 1)`` instead of inverted (a short horizon acts as extra damping).
     """
     z = eigenvalues.double() + damping
     if horizon is None:
         return (1 / z).float()
     eta = 1.0 / (STEP_SAFETY * float(eigenvalues.max()) + damping)
-    series = (1 - (1 - eta * z) ** (horizon + 1)) / z.clamp_min(1e-300)
-    return torch.where(z > 0, series, torch.full_like(z, eta * (horizon + 1))).float()
+    rule = StepRule(damping, eta, float(eigenvalues.max()), float("nan"), propagation, momentum if propagation == "heavy_ball" else 0.0)
+    sigma = eigenvalues.double().unsqueeze(0)
+    return propagate(torch.ones_like(sigma), [lambda v: v * sigma] * horizon, rule)[0].float()
 
 
 def query_tangents(model: FunctionalModel, theta: Tensor, basis: Tensor, batch: Any, chunk_size: int = 256) -> Tensor:
@@ -144,6 +152,8 @@ def eigen_responses(
     damping: Damping = "auto",
     damping_scale: float = 1.0,
     horizon: int | None = None,
+    propagation: str = "neumann",
+    momentum: float = DEFAULT_MOMENTUM,
     block: int | None = None,
     power_iterations: int = 3,
     chunk_size: int = 2048,
@@ -158,8 +168,8 @@ def eigen_responses(
         num_examples: ``n`` of the ``1/n`` (the training set's size).
         rank: ``k``, eigenpairs kept (at most ``P``).
         damping: ``"auto"`` = ``damping_scale * trace(G)/P`` (32 Hutchinson probes of ``G``), or a float.
-        horizon: the spectral filter (:func:`spectral_filter`): ``None`` = the damped inverse, ``K`` = the
-            dense simulation's ``K``-step series.
+        horizon, propagation, momentum: the spectral filter (:func:`spectral_filter`): ``horizon=None`` = the
+            damped inverse, ``K`` = what ``K`` steps of the dense simulation's rule make of each direction.
         block, power_iterations: of :func:`top_eigenspace`.
 
     Returns:
@@ -183,11 +193,11 @@ def eigen_responses(
     projected, finite = initial_perturbations(
         model, theta, gradient_batches, example_to_source, num_sources, basis=space.vectors
     )
-    coordinates = projected * (spectral_filter(space.eigenvalues, lam, horizon) / num_examples)
+    coordinates = projected * (spectral_filter(space.eigenvalues, lam, horizon, propagation, momentum) / num_examples)
     coordinates[~finite] = 0.0
     info = {
         "codec": "eigen", "rank": space.rank, "block": min(dim, block or 2 * space.rank),
-        "power_iterations": power_iterations, "damping": lam, "mean_eigenvalue": mean_eigenvalue, "horizon": horizon,
+        "power_iterations": power_iterations, "damping": lam, "mean_eigenvalue": mean_eigenvalue, "horizon": horizon, "propagation": propagation,
         "lambda_max": float(space.eigenvalues[0]), "curvature_products": space.products + probes,
         "curvature_examples": sum(batch_size_of(b) for b in curvature_batches),
     }  # fmt: skip

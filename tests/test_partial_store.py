@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attr import AttributionCallback, IndexedDataset, ResponseStore
 
-# 64 examples, batch 16: 4 steps an epoch, 24 in all; horizon 3 injects during epoch index 4 (steps 16-19)
+# 64 examples, batch 16 (one live batch per curvature step): 4 steps an epoch, 24 in all; horizon 3 injects during epoch index 4 (steps 16-19)
 N, BATCH, EPOCHS, HORIZON = 64, 16, 6, 3
 
 
@@ -47,7 +47,7 @@ def _unfinished(store: ResponseStore) -> torch.Tensor:
 
 def test_crash_mid_window_scores_nan_for_unpropagated_sources(tmp_path):
     x, y = blobs(n=N)
-    model, cb = small_mlp(6, 3), AttributionCallback(tmp_path / "r", mode="online", horizon=HORIZON)
+    model, cb = small_mlp(6, 3), AttributionCallback(tmp_path / "r", mode="online", horizon=HORIZON, curvature_batch_size=BATCH)
     with pytest.warns(UserWarning, match="never injected"), pytest.raises(RuntimeError, match="simulated crash"):
         _trainer(tmp_path, [cb, _CrashAt(19)]).fit(model, _loader(x, y))
     store = ResponseStore.load(cb.dirpath)
@@ -74,12 +74,12 @@ def test_resume_from_mid_epoch_checkpoint_scores_nan_for_skipped_examples(tmp_pa
     are never injected. Their sources score NaN with a warning; the others are complete and finite."""
     x, y = blobs(n=N)
     store_dir, ckpt_dir = tmp_path / "responses", tmp_path / "ckpt"
-    first = AttributionCallback(store_dir, mode="online", horizon=HORIZON)
+    first = AttributionCallback(store_dir, mode="online", horizon=HORIZON, curvature_batch_size=BATCH)
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=1, save_top_k=0)
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="simulated crash"):
         _trainer(tmp_path, [first, ckpt, _CrashAt(19)]).fit(small_mlp(6, 3), _loader(x, y))
 
-    model, second = small_mlp(6, 3), AttributionCallback(store_dir, mode="online", horizon=HORIZON)
+    model, second = small_mlp(6, 3), AttributionCallback(store_dir, mode="online", horizon=HORIZON, curvature_batch_size=BATCH)
     with pytest.warns(UserWarning, match="never injected"):
         _trainer(tmp_path, [second]).fit(model, _loader(x, y), ckpt_path=str(ckpt_dir / "last.ckpt"))
     store = ResponseStore.load(store_dir)
