@@ -292,12 +292,16 @@ class AttributionCallback(Callback):
         """The final window, plus one per checkpoint epoch (injecting during that epoch). Warns about a
         requested epoch that cannot be honoured and about a final window at near-initial weights."""
         final, per_epoch = self._plan_injection_epoch(trainer)
+        window_steps = self._window_steps(trainer)
         when = (
             f"with {per_epoch} optimizer steps per epoch, {int(trainer.estimated_stepping_batches)} in the fit and "
             f"horizon={self.horizon}"
+        ) + (
+            f" (= {window_steps} optimizer steps: one propagation step per curvature_batch_size="
+            f"{self.curvature_batch_size} live examples)" if window_steps != self.horizon else ""
         )
         if final <= 1:
-            needed = 3 + math.ceil(self._window_steps(trainer) / per_epoch)
+            needed = 3 + math.ceil(window_steps / per_epoch)
             rank_zero_warn(
                 f"The final simulation window injects the sources during epoch {final + 1}, at near-initial weights "
                 f"({when}, a window needs one epoch + horizon steps before the end of the fit): its responses "

@@ -33,6 +33,10 @@ def test_a_checkpoint_that_cannot_be_honoured_is_said(tmp_path):
     early = next(m for m in messages if "near-initial weights" in m)
     assert "injects the sources during epoch 1" in early and "at least 6 epochs" in early and "mode='end'" in early
     assert ResponseStore.load(cb.dirpath).checkpoints == ["final"]
+    # pooled curvature batches stretch a window over more optimizer steps: the warning says so
+    pooled = AttributionCallback(tmp_path / "pooled", horizon=10, checkpoint_epochs=[2], curvature_batch_size=20)
+    with pytest.warns(UserWarning, match=r"horizon=10 \(= 20 optimizer steps: one propagation step per curvature_batch_size=20"):
+        fit(small_mlp(6, 3), x, y, [pooled], epochs=4, batch_size=10)
 
 
 def test_a_long_enough_fit_warns_about_nothing(tmp_path):
