@@ -530,6 +530,7 @@ class SettingBench:
         for label, make, default, grid, slow in (specs[k] for k in PEER_PRIORITY):
             if not wanted(label) or label in args.skip:
                 continue
+            slow = slow or label in args.slow_peers
             n_q = min(args.slow_queries, len(self.rep_idx)) if slow else len(self.rep_idx)
             variants = [] if grid is None or args.no_tuning else [("tuned", None, grid)]  # tuned first: the anchors
             if default is not NO_DEFAULTS_ROW:
@@ -577,7 +578,8 @@ class SettingBench:
             config["extra_models_trained"] = 9
             config["extra_training_s"] = round(self.ens_train_s, 2)
         if slow:
-            config["queries"] = f"the first {n_q} reported queries only (seconds per query)"
+            config["queries"] = f"the first {n_q} reported queries only (a slow peer on this machine: --slow-peers / LiSSA)"
+        config["timing_repeats"] = {"single": 3 if slow else self.args.single_repeats, "batched": 1 if slow else self.args.batched_repeats}
         meta = {
             "method": f"{res.method} [{tag}]", "config": config, "setup_s": res.setup_s, "query_ms_single": res.query_ms_single,
             "query_ms_batched": res.query_ms_batched, "storage_bytes": res.storage_bytes, "peak_rss_mb": res.peak_rss_mb,
@@ -814,6 +816,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-tuning", action="store_true")
     p.add_argument("--no-exact", action="store_true", help="skip the exact damped-GGN target")
     p.add_argument("--slow-queries", type=int, default=30, help="reported queries scored by the slow peers (LiSSA)")
+    p.add_argument("--slow-peers", nargs="*", default=[], help="further peer labels run as slow ones (fewer queries), e.g. IF-CG")
     p.add_argument("--single-repeats", type=int, default=20)
     p.add_argument("--batched-repeats", type=int, default=3)
     p.add_argument("--paired-rounds", type=int, default=20, help="Q=1 timings of ours alternated with dattri's TRAK-1 (0 = off)")
