@@ -10,7 +10,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -337,7 +337,7 @@ class AttributionCallback(Callback):
         # The last epoch that ends at least `horizon` steps before the fit does: every source is injected
         # once and fully propagated on live batches. A fit too short for that (or stopped early) finishes
         # the remaining steps on replayed batches at the end (see _finish_on_replay).
-        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        per_epoch = _steps_per_epoch(trainer)
         return max(0, (int(total) - self._window_steps(trainer)) // per_epoch - 1), per_epoch
 
     def _window_steps(self, trainer: L.Trainer) -> int:
@@ -368,7 +368,7 @@ class AttributionCallback(Callback):
     def _plan_end_checkpoints(self, trainer: L.Trainer) -> list[int]:
         """End mode: the epochs (1-based) after which a checkpoint is simulated; warns about those the fit never
         reaches before its end (the final checkpoint is simulated after the last epoch anyway)."""
-        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        per_epoch = _steps_per_epoch(trainer)
         total = trainer.estimated_stepping_batches
         last = math.ceil(total / per_epoch) if math.isfinite(total) else None  # epochs in the fit
         if self.checkpoint_epochs == "auto":
@@ -628,14 +628,10 @@ class AttributionCallback(Callback):
         trainer.strategy.barrier()
 
     def _end_mode_responses(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str):
-        loader = trainer.train_dataloader
-        dataset, collate = loader.dataset, loader.collate_fn
         generator = torch.Generator().manual_seed(self.seed)
         source_map = self._source_map
         with functional_view(pl_module, self._space) as (model, theta):
-            sequential = DataLoader(dataset, batch_size=self.curvature_batch_size, collate_fn=collate)
-            split = (split_batch(b, self.index_key) for b in sequential)
-            batches = ((_to_simulation(data, theta.device), index) for data, index in split)
+            batches = self._training_set_in_order(trainer, theta.device)
             u0, finite = initial_perturbations(
                 model, theta, batches, source_map.example_to_source, source_map.num_sources
             )
@@ -654,12 +650,9 @@ class AttributionCallback(Callback):
     def _eigen_responses(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str):
         """Codec ``"eigen"`` at the current weights: the top-``rank`` eigenspace of the GGN over the whole training
         set, then each source's damped coordinates in it (one pass of per-source gradients)."""
-        loader = trainer.train_dataloader
-        sequential = DataLoader(loader.dataset, batch_size=self.curvature_batch_size, collate_fn=loader.collate_fn)
         source_map = self._source_map
         with functional_view(pl_module, self._space) as (model, theta):
-            split = (split_batch(b, self.index_key) for b in sequential)
-            batches = [(_to_simulation(data, theta.device), index) for data, index in split]
+            batches = list(self._training_set_in_order(trainer, theta.device))
             curvature = self._finite(model, theta, [data for data, _ in batches])
             if not curvature:
                 raise RuntimeError("Every training example has a non-finite loss; cannot compute the curvature.")
@@ -672,6 +665,15 @@ class AttributionCallback(Callback):
                 generator=torch.Generator().manual_seed(self.seed),
             )  # fmt: skip
         return block, info, finite, info["curvature_products"]
+
+    def _training_set_in_order(self, trainer: L.Trainer, device: torch.device) -> Iterator[tuple[Any, Tensor]]:
+        """The training set once, in order, in batches of ``curvature_batch_size``: ``(data, example index
+        LongTensor[B])`` with the data on the simulation's device in fp32 (:func:`_to_simulation`)."""
+        loader = trainer.train_dataloader
+        sequential = DataLoader(loader.dataset, batch_size=self.curvature_batch_size, collate_fn=loader.collate_fn)
+        for batch in sequential:
+            data, index = split_batch(batch, self.index_key)
+            yield _to_simulation(data, device), index
 
     def _write(
         self, trainer, pl_module, name, responses: Any, rule: StepRule | dict, stats: dict[str, Tensor], replayed: int = 0,
@@ -750,6 +752,11 @@ def spread_checkpoint_epochs(last: int, count: int = _AUTO_MAX_CHECKPOINTS, span
     E.g. ``last=24``: ``[12, 16, 20]``. Fewer when the fit is too short to tell them apart."""
     points = {round(last * (1 - span * k / count)) for k in range(1, count + 1)}
     return sorted(e for e in points if 0 <= e < last)
+
+
+def _steps_per_epoch(trainer: L.Trainer) -> int:
+    """Optimizer steps in one epoch (gradient accumulation counted)."""
+    return math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
 
 
 def _training_examples(trainer: L.Trainer) -> tuple[int, Tensor | None]:
