@@ -673,12 +673,15 @@ class SettingBench:
                 self.record(regime, r, pearson)
 
 
-def run_ours(bench: SettingBench, regime: str, mode: str, checkpoint_epochs) -> tuple[Result, float | None]:
+def run_ours(bench: SettingBench, regime: str, mode: str, checkpoint_epochs, options: dict | None = None) -> tuple[Result, float | None]:
+    """One fit with the callback (``options``: further callback arguments, e.g. ``damping_scale``) and its read-out."""
     s, args = bench.setting, bench.args
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{s.name}-"))
     dirpath = workdir / "responses"
     groups = bench.groups
-    cb = AttributionCallback(dirpath=str(dirpath), mode=mode, sources=groups if regime == "source" else None, checkpoint_epochs=checkpoint_epochs)
+    cb = AttributionCallback(
+        dirpath=str(dirpath), mode=mode, sources=groups if regime == "source" else None, checkpoint_epochs=checkpoint_epochs, **(options or {})
+    )
     try:
         with PeakRSS() as rss:
             model, fit_s = fit(s, bench.data, [cb])
