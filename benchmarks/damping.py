@@ -11,6 +11,8 @@ Per setting, on the bench's attributed model, reported queries and LDS ground tr
   Records its LDS, the damping ``lambda`` it resolved (``s x`` the Hutchinson mean eigenvalue of its
   first curvature batch), its Pearson to the exact target at that same ``lambda``, and the callback's
   simulation time over the training time of the same fit (``setup_ratio``).
+  ``pearson_to_exact_sweep``: its Pearson to the exact target at every ``lambda`` of the exact sweep
+  (where it peaks is the damping the finite horizon actually delivers).
 - ``exact``: the explicit damped-GGN influence at the same model (``ExactInfluence``) at
   ``lambda = s x lambda_1`` for every ``s`` of ``--exact-scales``, ``lambda_1`` being the damping our
   ``damping_scale=1`` fit resolved, so the two curves share their x axis. Only where the explicit
@@ -94,12 +96,37 @@ class DampingStudy:
         }  # fmt: skip
         if self.has_exact:
             rec["pearson_to_exact"] = round(_pearson(r.scores, self.exact(damping)), 4)
+            # which damping does the finite horizon deliver? Pearson to the exact target along its whole sweep
+            lam1 = damping / scale if scale == 1.0 else self.record.get("exact", {}).get("lambda_1")
+            if lam1 is not None:
+                rec["pearson_to_exact_sweep"] = {str(s): round(_pearson(r.scores, self.exact(s * lam1)), 4) for s in self.args.exact_scales}
         return rec
+
+    def from_bench(self, path: Path) -> dict | None:
+        """The scale-1 point from a ``bench.py`` result of the same setting (its ``ours (default)`` example row)."""
+        name = self.bench.setting.name
+        rows = [r for r in json.loads(path.read_text()) if (r["setting"], r["regime"], r["method"]) == (name, "example", "ours (default)")]
+        if not rows:
+            return None
+        r = rows[0]
+        if r["config"]["callback"].get("damping_scale") != 1.0 or r["n_queries"] != len(self.bench.rep_idx):
+            raise ValueError(f"{path}: its ours (default) row of {name} is not at damping_scale 1 on this setting's reported queries.")
+        rule = r["config"]["step_rule"]
+        return {
+            "damping_scale": 1.0, "damping": rule["damping"], "mean_eigenvalue_estimate": rule["mean_eigenvalue"],
+            "lambda_max_estimate": rule["lambda_max"], "step_size": rule["step_size"], "lds": r["lds"],
+            "setup_ratio": r["setup_ratio"], "simulation_s": r["setup_s"], "fit_s": r["config"]["fit_s_with_callback"],
+            "pearson_to_exact": r["pearson_to_exact"], "from": f"{path.name} (bench.py, the same fit)",
+        }  # fmt: skip
 
     def run(self) -> None:
         rec, args = self.record, self.args
         name = self.bench.setting.name
         ours = rec.setdefault("ours", {})
+        if args.from_bench and "1.0" not in ours:
+            imported = self.from_bench(Path(args.from_bench))
+            if imported is not None:
+                ours["1.0"] = imported
         for scale in [1.0] + [s for s in args.scales if s != 1.0]:  # scale 1 first: it fixes the exact sweep's lambda_1
             if str(scale) in ours:
                 continue
@@ -139,20 +166,22 @@ def markdown(results: dict) -> str:
         if exact:
             lines += [f"`lambda_1` (our scale-1 damping, Hutchinson on its first curvature batch) = {exact['lambda_1']:.4g}; "
                       f"full-data `trace(G)/P` = {exact['mean_eigenvalue_full']:.4g}.", ""]  # fmt: skip
-        lines += ["| damping_scale | λ | ours: LDS | ours: Pearson to exact at its λ | ours: setup / fit | exact target: LDS |",
-                  "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        lines += ["| damping_scale | λ | ours: LDS | ours: Pearson to exact at its λ | ours: closest exact target (scale: Pearson) "
+                  "| ours: setup / fit | exact target: LDS |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         scales = sorted({float(s) for s in ours} | {float(s) for s in exact.get("by_scale", {})})
         for s in scales:
             o, e = ours.get(str(s), {}), exact.get("by_scale", {}).get(str(s), {})
             lam = o.get("damping", e.get("damping"))
-            cells = [f"{s:g}", "–" if lam is None else f"{lam:.3g}", _cell(o.get("lds")), _cell(o.get("pearson_to_exact")),
+            sweep = o.get("pearson_to_exact_sweep")
+            closest = "–" if not sweep else "{}: {:.3f}".format(*max(sweep.items(), key=lambda kv: kv[1]))
+            cells = [f"{s:g}", "–" if lam is None else f"{lam:.3g}", _cell(o.get("lds")), _cell(o.get("pearson_to_exact")), closest,
                      _cell(o.get("setup_ratio"), 1), _cell(e.get("lds"))]  # fmt: skip
             best_o = max((v["lds"] for v in ours.values()), default=None)
             best_e = max((v["lds"] for v in exact.get("by_scale", {}).values()), default=None)
             if o and o.get("lds") == best_o:
                 cells[2] = f"**{cells[2]}**"
             if e and e.get("lds") == best_e:
-                cells[5] = f"**{cells[5]}**"
+                cells[6] = f"**{cells[6]}**"
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -196,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--settings", nargs="+", default=["digits-mlp", "digits01-mlp", "mnist1d-mlp", "mnist1d-cnn1d"], choices=sorted(HERE))
     p.add_argument("--scales", type=float, nargs="+", default=SCALES)
     p.add_argument("--exact-scales", type=float, nargs="+", default=EXACT_SCALES)
+    p.add_argument("--from-bench", default=None, metavar="JSON", help="take the scale-1 point from this bench.py result (same fit)")
     p.add_argument("--build-ggn", action="store_true", help="build the explicit GGN where it is not cached")
     p.add_argument("--cache-dir", default="benchmarks/results/cache")
     p.add_argument("--out", default="benchmarks/results/damping.json")
