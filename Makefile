@@ -49,6 +49,7 @@ examples: $(STAMP)
 		echo "== examples/$$name.py"; OMP_NUM_THREADS=1 $(abspath $(PY)) ../../examples/$$name.py; done
 	echo "== examples/hydra_project/train.py"
 	cd runs/examples && OMP_NUM_THREADS=1 $(abspath $(PY)) ../../examples/hydra_project/train.py hydra.run.dir=hydra_project
+	echo "== examples/stdlib_lm.py --fast" && cd runs/examples && OMP_NUM_THREADS=1 $(abspath $(PY)) ../../examples/stdlib_lm.py --fast
 
 bench: $(PEERS_STAMP)
 	$(PY) benchmarks/bench.py --out benchmarks/results/latest.json
