@@ -4,7 +4,9 @@ One :class:`Attributor` serves one module (the architecture, and the weights of 
 simulated at them) and one or several :class:`ResponseStore` (the runs of, e.g., a multirun over
 seeds). Every response checkpoint it reads is a **member**: its responses (a block of its codec, :mod:`codecs`), its
 parameter snapshot ``theta_e: Tensor[P]`` and its per-source validity are read from disk once and
-kept in memory; a later query reads nothing from disk unless a store's manifest changed. A query
+kept in memory; a later query reads nothing from disk unless a store's manifest changed, or unless the
+member's dense responses exceed ``memory_budget_mb``: then its shards are read one at a time at every query
+and ``S x P`` is never held. A query
 against ``E`` members costs the sum of their readouts (``E * S`` forward(-mode) passes).
 
 Several members are an **ensemble** (METHOD.md): each member is read out at its own parameters
@@ -37,6 +39,7 @@ Store = Union[str, os.PathLike, ResponseStore]
 Responses = Union[Store, Sequence[Store]]
 Checkpoints = Union[str, Sequence[str]]
 _KEPT_ATTRIBUTORS = 4  # per module: stores held in memory for the last few `responses` arguments
+DEFAULT_MEMORY_BUDGET_MB = 1024.0  # dense members above this many MB of responses are streamed from disk
 
 
 @dataclass
@@ -76,11 +79,13 @@ class Attributor:
             the ones the last checkpoint of a single store is read out at.
         responses: a store (the callback's ``dirpath`` or an open :class:`ResponseStore`) or a non-empty
             sequence of stores of the same architecture and sources (e.g. the runs of a multirun).
+        memory_budget_mb: a dense member whose ``S x P`` float32 responses exceed this is not held in memory:
+            it is read shard by shard at every query (:class:`~lightning_attr.codecs.StreamedResponses`).
     """
 
-    def __init__(self, module: nn.Module, responses: Responses) -> None:
+    def __init__(self, module: nn.Module, responses: Responses, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> None:
         specs = _store_specs(responses)
-        self.module = module
+        self.module, self.memory_budget_mb = module, memory_budget_mb
         self._stores = [_OpenStore(spec) for spec in specs]
         self._members: dict[tuple[int, str, str], _Member] = {}
         self._verified: set[tuple[int, str]] = set()
@@ -206,7 +211,7 @@ class Attributor:
             member = _Member(
                 entry=entry,
                 theta=store.theta(name).to(device) if has_snapshot else None,
-                responses=store.block(name, device),
+                responses=store.block(name, device, self.memory_budget_mb),
                 valid=store.scorable(name).to(device),
             )
             self._members[key] = member
@@ -246,15 +251,18 @@ def ensemble_mean(per_member: list[Tensor], reference: int = -1) -> Tensor:
     return unit(mean) * per_member[reference].nan_to_num(0.0).std(dim=1, keepdim=True)
 
 
-def cached_attributor(module: nn.Module, responses: Responses) -> Attributor:
+def cached_attributor(
+    module: nn.Module, responses: Responses, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
+) -> Attributor:
     """The module's :class:`Attributor` for ``responses`` (kept in ``module.__dict__``, the last few), so that
-    repeated queries against the same stores read nothing from disk."""
-    key = tuple(s if isinstance(s, ResponseStore) else os.path.abspath(os.fspath(s)) for s in _store_specs(responses))
+    repeated queries against the same stores read nothing from disk (unless a member is streamed)."""
+    specs = _store_specs(responses)
+    key = (*(s if isinstance(s, ResponseStore) else os.path.abspath(os.fspath(s)) for s in specs), memory_budget_mb)
     cache = module.__dict__.setdefault("_attributors", {})
     if key not in cache:
         while len(cache) >= _KEPT_ATTRIBUTORS:
             cache.pop(next(iter(cache)))
-        cache[key] = Attributor(module, responses)
+        cache[key] = Attributor(module, responses, memory_budget_mb)
     return cache[key]
 
 

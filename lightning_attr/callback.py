@@ -6,50 +6,32 @@ The callback is glue: the maths lives in :mod:`simulation` / :mod:`curvature`, t
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils._pytree import tree_map
 
 from lightning_attr import batch_format
-from lightning_attr.curvature import batch_size_of, curvature_operator
+from lightning_attr.engine import DIVERGED, SimulationEngine, SimulationSettings, SourcePartition, TrainingData, Window
 from lightning_attr.functional import functional_view, to_float32, uses_output_loss
 from lightning_attr.mixin import AttributionMixin
 from lightning_attr.parameters import ParameterSpace
-from lightning_attr.progress import CountingOperator, SimulationProgress
-from lightning_attr.simulation import (
-    DEFAULT_MOMENTUM,
-    PROPAGATIONS,
-    Damping,
-    OnlineSimulation,
-    StepRule,
-    estimate_step_rule,
-    finite_examples,
-    initial_perturbations,
-    simulate_responses,
-)
+from lightning_attr.progress import SimulationProgress
+from lightning_attr.simulation import DEFAULT_MOMENTUM, PROPAGATIONS, Damping
 from lightning_attr.sources import SourceMap, SourceSpec, indexed_base, split_batch
-from lightning_attr.spectral import eigen_responses
-from lightning_attr.store import ResponseStore, complete_sources, has_store
+from lightning_attr.store import ResponseStore, has_store
 
 _MODES = ("online", "end")
 _CODECS = ("dense", "eigen")
-_DIVERGED = (
-    "The training loss diverged: every example's loss was non-finite at global step {step} (a learning rate "
-    "too high, or NaN/inf in the data). Fix the training first: attribution explains a trained model."
-)
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
 
 
@@ -103,7 +85,10 @@ class AttributionCallback(Callback):
         momentum: heavy-ball's ``beta`` in ``[0, 1)``: curvature below ``(1 - beta)/step_size`` is resolved as
             if the step were ``step_size / (1 - beta)``.
         damping_scale: multiplies the automatic damping.
-        chunk_size: perturbations per vmapped curvature product (bounds memory).
+        chunk_size: perturbations per vmapped curvature product (bounds the product's activation memory).
+        memory_budget_mb: bounds the simulation's ``[C, P]`` blocks (README, "Memory"): end mode simulates
+            ``C = floor(memory_budget_mb * 2**20 / (28 P))`` sources at a time and writes each block's shard as soon
+            as it is done; online, retired sources go to shards of at most ``C`` rows. ``S x P`` is never held.
         store_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage of responses.
         num_examples: size ``n`` of the training set if ``len(train_dataloader.dataset)`` is not it.
         index_key: the key of the example index in dict batches (``IndexedDataset`` over dict items puts it
@@ -146,6 +131,7 @@ class AttributionCallback(Callback):
         overwrite: bool = False,
         codec: str = "dense",
         rank: int = 256,
+        memory_budget_mb: float = 1024.0,
     ) -> None:
         if not isinstance(horizon, int) or horizon < 1:
             raise MisconfigurationException(f"horizon must be a positive int, got {horizon!r}.")
@@ -174,6 +160,8 @@ class AttributionCallback(Callback):
             )
         if not isinstance(rank, int) or rank < 1:
             raise MisconfigurationException(f"rank must be a positive int, got {rank!r}.")
+        if not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0):
+            raise MisconfigurationException(f"memory_budget_mb must be a number > 0, got {memory_budget_mb!r}.")
         if store_dtype not in ("float32", "float16", "bfloat16"):
             raise MisconfigurationException(f"store_dtype must be float32, float16 or bfloat16, got {store_dtype!r}.")
         for name, value in (("curvature_batch_size", curvature_batch_size), ("chunk_size", chunk_size)):
@@ -195,25 +183,30 @@ class AttributionCallback(Callback):
         self.chunk_size, self.store_dtype, self.num_examples = chunk_size, store_dtype, num_examples
         self.index_key = index_key
         self.seed, self.overwrite = seed, overwrite
-        self.codec, self.rank = codec, rank
+        self.codec, self.rank, self.memory_budget_mb = codec, rank, float(memory_budget_mb)
         self._reset()
 
     def _reset(self) -> None:
         self._store: ResponseStore | None = None
         self._source_map: SourceMap | None = None
         self._space: ParameterSpace | None = None
-        self._windows: list[_Window] = []
+        self._engine: SimulationEngine | None = None
         self._end_epochs: list[int] = []
-        self._pool: list[Any] = []  # live curvature batches not yet propagated on (online)
-        self._pending: list[tuple[Any, Tensor]] = []
+        self._pending: list[tuple[Any, Tensor]] = []  # this step's live batches (online)
         self._last_step = -1
-        self._products = 0
-        self._seconds = 0.0
         self._fit_start = 0.0
         self._restored: dict[str, Any] | None = None
-        self._warned_non_finite = False
         self._batch_format: dict | None = None  # the training batches' format, checked against queries
-        self._diverged_at: int | None = None  # first step at which every example's loss was non-finite
+
+    @property
+    def _products(self) -> int:
+        """Curvature-vector products this process has run in the fit (all windows / checkpoints)."""
+        return 0 if self._engine is None else self._engine.products
+
+    @property
+    def _seconds(self) -> float:
+        """Seconds this process has spent simulating in the fit."""
+        return 0.0 if self._engine is None else self._engine.seconds
 
     @property
     def state_key(self) -> str:
@@ -226,7 +219,17 @@ class AttributionCallback(Callback):
             "propagation": self.propagation, "momentum": self.momentum, "damping_scale": self.damping_scale,
             "checkpoint_epochs": self.checkpoint_epochs, "store_dtype": self.store_dtype, "seed": self.seed,
             "index_key": self.index_key, "codec": self.codec, "rank": self.rank,
+            "memory_budget_mb": self.memory_budget_mb,
         }  # fmt: skip
+
+    def _simulation_settings(self) -> SimulationSettings:
+        return SimulationSettings(
+            horizon=self.horizon, damping=self.damping, curvature=self.curvature, mode=self.mode,
+            curvature_batch_size=self.curvature_batch_size, step_size=self.step_size, propagation=self.propagation,
+            momentum=self.momentum, damping_scale=self.damping_scale, chunk_size=self.chunk_size,
+            store_dtype=self.store_dtype, seed=self.seed, codec=self.codec, rank=self.rank,
+            memory_budget_mb=self.memory_budget_mb,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -249,11 +252,6 @@ class AttributionCallback(Callback):
                 f"AttributionCallback does not support the {strategy} strategy (sharded parameters); use a "
                 "single device or DDP."
             )
-        if trainer.world_size > 1 and self._online:
-            raise MisconfigurationException(
-                f"mode='online' runs on a single process; with {trainer.world_size} processes ({strategy}) use "
-                "mode='end', which simulates on rank zero after the fit."
-            )
         if self.dirpath is None:
             self.dirpath = _default_dirpath(trainer, self.overwrite) if trainer.is_global_zero else None
         self.dirpath = trainer.strategy.broadcast(self.dirpath)
@@ -263,8 +261,15 @@ class AttributionCallback(Callback):
         n, members = (self.num_examples, None) if self.num_examples else _training_examples(trainer)
         self._source_map = SourceMap.build(self.sources, n, members)
         self._space = ParameterSpace.of(pl_module)
+        self._engine = SimulationEngine(
+            self._simulation_settings(), self._source_map, self._space, self.dirpath,
+            SourcePartition(trainer.global_rank, trainer.world_size),
+            progress=lambda name, total: SimulationProgress(trainer, f"attribution ({name})", total), warn=rank_zero_warn,
+        )  # fmt: skip
+        if self._restored is not None:
+            self._engine.products, self._engine.seconds = self._restored["products"], self._restored["seconds"]
         if self._online:
-            self._windows = self._plan_windows(trainer)
+            self._engine.plan(self._plan_windows(trainer), self._restored)
         else:
             self._end_epochs = self._plan_end_checkpoints(trainer)
         if trainer.is_global_zero:
@@ -288,7 +293,7 @@ class AttributionCallback(Callback):
         """Whether responses are simulated on the live batches (``mode="online"`` with dense responses)."""
         return self.mode == "online" and self.codec == "dense"
 
-    def _plan_windows(self, trainer: L.Trainer) -> list[_Window]:
+    def _plan_windows(self, trainer: L.Trainer) -> list[tuple[str, int]]:
         """The final window, plus one per checkpoint epoch (injecting during that epoch). Warns about a
         requested epoch that cannot be honoured and about a final window at near-initial weights."""
         final, per_epoch = self._plan_injection_epoch(trainer)
@@ -321,11 +326,7 @@ class AttributionCallback(Callback):
                     f"{final + 1}); {when}, {latest}. Use earlier epochs, train longer, lower horizon, or "
                     "mode='end' (checkpoints at the weights after any epoch)."
                 )
-        restored = (self._restored or {}).get("windows", {})
-        windows = [*(_Window(f"epoch={e}", e - 1) for e in epochs), _Window("final", final)]
-        for window in windows:
-            window.done = restored.get(window.name) == "done"
-        return windows
+        return [*((f"epoch={e}", e - 1) for e in epochs), ("final", final)]
 
     def _plan_injection_epoch(self, trainer: L.Trainer) -> tuple[int, int]:
         """``(epoch the final window injects during (0-based), optimizer steps per epoch)``."""
@@ -336,7 +337,7 @@ class AttributionCallback(Callback):
             )
         # The last epoch that ends at least `horizon` steps before the fit does: every source is injected
         # once and fully propagated on live batches. A fit too short for that (or stopped early) finishes
-        # the remaining steps on replayed batches at the end (see _finish_on_replay).
+        # the remaining steps on replayed batches at the end (SimulationEngine.finish_on_replay).
         per_epoch = _steps_per_epoch(trainer)
         return max(0, (int(total) - self._window_steps(trainer)) // per_epoch - 1), per_epoch
 
@@ -346,20 +347,13 @@ class AttributionCallback(Callback):
         return self.horizon * self._steps_per_pool(trainer)
 
     def _steps_per_pool(self, trainer: L.Trainer) -> int:
-        """Optimizer steps whose live batches make one online curvature batch of ``curvature_batch_size``."""
+        """Optimizer steps whose live batches make one online curvature batch of ``curvature_batch_size`` (the
+        batches of every process are pooled)."""
         batch_size = getattr(trainer.train_dataloader, "batch_size", None)
         if not batch_size:
             return 1
-        return max(1, math.ceil(self._pool_size() / (batch_size * trainer.accumulate_grad_batches)))
-
-    def _propagation(self) -> str:
-        """The rule ``propagation="auto"`` resolves to: Chebyshev at fixed weights where every curvature batch is the
-        whole training set (end mode, ``curvature_batch_size >= n``: no sampling noise to amplify), heavy-ball
-        otherwise (minibatch curvature, or weights that move online; docs/propagation.md)."""
-        if self.propagation != "auto":
-            return self.propagation
-        exact = self.mode == "end" and self.curvature_batch_size >= self._source_map.num_examples
-        return "chebyshev" if exact else "heavy_ball"
+        per_step = batch_size * trainer.accumulate_grad_batches * trainer.world_size
+        return max(1, math.ceil(self._pool_size() / per_step))
 
     def _pool_size(self) -> int:
         """Examples an online curvature batch holds at least: ``curvature_batch_size``, at most the training set."""
@@ -403,103 +397,33 @@ class AttributionCallback(Callback):
                 f"Training batch holds example index {int(index.cpu()[stranger][0])}, which is not in the training "
                 "subset the callback found at the start of the fit (train_dataloader.dataset)."
             )
-        if any(w.active(trainer.current_epoch) for w in self._windows):
+        if self._engine.active(trainer.current_epoch):
             self._pending.append((data, index))
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         if not self._pending or trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step
-        start = time.perf_counter()
-        epoch = trainer.current_epoch
-        finished = []
+        pending, self._pending = self._pending, []
+        if trainer.world_size > 1:  # every process needs every live batch: the pooled curvature, the injections
+            pending = [_all_gathered(trainer, batch) for batch in pending]
         with functional_view(pl_module, self._space) as (model, theta):
-            batches = [(_to_simulation(d, theta.device), i) for d, i in self._pending]
-            self._pending.clear()
-            curvature_batches = self._finite(model, theta, [d for d, _ in batches])
-            if not curvature_batches:  # every example non-finite: nothing to learn the curvature from
-                self._diverged_at = trainer.global_step if self._diverged_at is None else self._diverged_at
-                return
-            active = [w for w in self._windows if w.active(epoch)]
-            for window in active:
-                if window.simulation is None:
-                    window.simulation = self._new_online(window.name, theta)
-                    window.progress = self._new_progress(trainer, window.name, window.simulation.products)
-                if epoch == window.injection_epoch:
-                    for data, index in batches:
-                        window.simulation.inject(model, theta, data, index)
-            # live batches are pooled into curvature batches of >= curvature_batch_size examples: one
-            # propagation step per pool, at the weights of the step that completes it (less sampling noise)
-            self._pool.extend(curvature_batches)
-            if sum(batch_size_of(b) for b in self._pool) < self._pool_size():
-                active = []
-            else:
-                operator = curvature_operator(self.curvature, model, theta, self._pool, self.chunk_size)
-                self._pool = []
-            for window in active:
-                self._ensure_rule(window.simulation, operator, theta)
-                before = window.simulation.products
-                window.simulation.step(operator)
-                self._count(window, window.simulation.products - before)
-                if epoch > window.injection_epoch and window.simulation.num_live == 0:
-                    window.complete = True
-                    if window.name != "final":  # the final window is written at the end of fit, final weights
-                        finished.append(window)
-        self._seconds += time.perf_counter() - start
-        for window in finished:  # a checkpoint window is complete: write it with the weights it ended at
-            self._write_window(trainer, pl_module, window)
-
-    def _finite(self, model: Any, theta: Tensor, batches: list[Any]) -> list[Any]:
-        """Curvature batches without non-finite examples (warns once per fit with the count)."""
-        kept, dropped = [], 0
-        for batch in batches:
-            batch, n = finite_examples(model, theta, batch)
-            dropped += n
-            if batch_size_of(batch) > 0:
-                kept.append(batch)
-        if dropped and not self._warned_non_finite:
-            self._warned_non_finite = True
-            rank_zero_warn(
-                f"{dropped} examples with a non-finite loss were left out of the curvature batches (warned once)."
+            batches = [(_to_simulation(d, theta.device), i) for d, i in pending]
+            finished = self._engine.on_optimizer_step(
+                model, theta, batches, trainer.current_epoch, trainer.global_step, self._pool_size()
             )
-        return kept
+        for window in finished:  # a checkpoint window is complete: write it with the weights it ended at
+            self._close_window(trainer, pl_module, window)
 
-    def _new_progress(self, trainer: L.Trainer, name: str, done: int = 0) -> SimulationProgress:
-        """A progress bar for one simulation: ``S x horizon`` products expected (``done`` already, on resume)."""
-        progress = SimulationProgress(trainer, f"attribution ({name})", self._source_map.num_sources * self.horizon)
-        progress.advance(done)
-        return progress
-
-    def _count(self, window: _Window, products: int) -> None:
-        self._products += products
-        if window.progress is not None:
-            window.progress.advance(products)
-
-    def _ensure_rule(self, simulation: OnlineSimulation, operator: Any, theta: Tensor) -> None:
-        """A window's step rule, from its first curvature pool (the weights it opens at: the curvature of a
-        mid-training window is not the final one's); a resumed window keeps the rule it was running with."""
-        if simulation.rule is None:
-            simulation.rule = estimate_step_rule(
-                operator, theta.numel(), self.damping, self.step_size, self.damping_scale,
-                torch.Generator().manual_seed(self.seed), theta.device, self._propagation(), self.momentum,
-            )  # fmt: skip
-
-    def _new_online(self, name: str, theta: Tensor) -> OnlineSimulation:
-        """A window's simulation; its step rule is set at its first propagation step (:meth:`_ensure_rule`)."""
-        online = OnlineSimulation(
-            self._source_map.example_to_source, self._source_map.num_sources, theta.numel(), self.horizon,
-            None, theta.device,
-        )  # fmt: skip
-        state = (self._restored or {}).get("windows", {}).get(name)
-        if isinstance(state, dict):
-            online.load_state_dict(state)
-        return online
+    def _training_data(self, trainer: L.Trainer, device: torch.device) -> TrainingData:
+        loader = trainer.train_dataloader
+        return TrainingData(loader.dataset, loader.collate_fn, self.index_key, device)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        live = [w.simulation for w in self._windows if w.simulation is not None and not w.done]
+        live = self._engine.live()
         if live:  # the progress bar shows these (SimulationProgress); loggers get them here
-            pl_module.log("attribution/curvature_products", float(self._products), on_step=True)
-            pl_module.log("attribution/seconds", self._seconds, on_step=True)
+            pl_module.log("attribution/curvature_products", float(self._engine.products), on_step=True)
+            pl_module.log("attribution/seconds", self._engine.seconds, on_step=True)
             pl_module.log("attribution/live", float(sum(s.num_live for s in live)), on_step=True)
 
     # ------------------------------------------------------------------ checkpoints
@@ -514,20 +438,29 @@ class AttributionCallback(Callback):
         else:
             self._write_open_windows(trainer, pl_module)
         fit_seconds = time.perf_counter() - self._fit_start
+        engine = self._engine
         rank_zero_info(
-            f"lightning_attr: {self._source_map.num_sources} sources, {self._products} curvature-vector products "
-            f"in {self._seconds:.1f}s ({100 * self._seconds / max(fit_seconds, 1e-9):.0f}% of the fit's "
+            f"lightning_attr: {self._source_map.num_sources} sources, {engine.products} curvature-vector products "
+            f"in {engine.seconds:.1f}s ({100 * engine.seconds / max(fit_seconds, 1e-9):.0f}% of the fit's "
             f"{fit_seconds:.1f}s) -> {self.dirpath}"
         )
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if self._store is not None and any(w.simulation is not None and not w.done for w in self._windows):
-            stopped_by = f"{type(exception).__name__} at global step {trainer.global_step}"
+        if self._engine is None or not self._engine.live():
+            return
+        stopped_by = f"{type(exception).__name__} at global step {trainer.global_step}"
+        if trainer.world_size > 1:
             rank_zero_warn(
-                f"The fit stopped ({stopped_by}); writing the responses simulated so far as a partial checkpoint "
-                "(sources not yet fully propagated score NaN)."
+                f"The fit stopped ({stopped_by}) on {trainer.world_size} processes: the open simulation windows are not "
+                "written (the processes cannot agree on a partial checkpoint after a failure); the store keeps the "
+                "checkpoints it listed before. Re-run the fit."
             )
-            self._write_open_windows(trainer, pl_module, stopped_by=stopped_by)
+            return
+        rank_zero_warn(
+            f"The fit stopped ({stopped_by}); writing the responses simulated so far as a partial checkpoint "
+            "(sources not yet fully propagated score NaN)."
+        )
+        self._write_open_windows(trainer, pl_module, stopped_by=stopped_by)
 
     def _write_open_windows(
         self, trainer: L.Trainer, pl_module: L.LightningModule, stopped_by: str | None = None
@@ -536,202 +469,62 @@ class AttributionCallback(Callback):
         live perturbations on replayed batches. After an exception (``stopped_by``: what stopped the fit) the
         windows are written as they are, marked partial, with the shortfall recorded."""
         self._pending.clear()
-        if self._windows and self._windows[-1].simulation is None and not self._windows[-1].done:
-            if self._diverged_at is not None:
-                rank_zero_warn(f"{_DIVERGED.format(step=self._diverged_at)} No responses were simulated.")
+        windows = self._engine.windows
+        if windows and windows[-1].simulation is None and not windows[-1].done:
+            if self._engine.diverged_at is not None:
+                rank_zero_warn(f"{DIVERGED.format(step=self._engine.diverged_at)} No responses were simulated.")
             else:
                 rank_zero_warn(
                     "The fit ended before the final simulation window opened: its responses were not simulated. "
                     f"Train longer (at least one epoch + horizon={self.horizon} steps) or use mode='end'."
                 )
-        for window in self._windows:
+        for window in windows:
             if window.simulation is not None and not window.done:
                 if stopped_by is None:
-                    self._finish_on_replay(trainer, pl_module, window)
-                self._write_window(trainer, pl_module, window, stopped_by)
+                    with functional_view(pl_module, self._space) as (model, theta):
+                        data = self._training_data(trainer, theta.device)
+                        self._engine.finish_on_replay(model, theta, data, window, trainer.global_step)
+                self._close_window(trainer, pl_module, window, stopped_by)
 
-    def _finish_on_replay(self, trainer: L.Trainer, pl_module: L.LightningModule, window: _Window) -> None:
-        """Propagates what is still live when the fit ends for its remaining steps, at the final weights,
-        on batches replayed from the training set (at most ``horizon`` of them)."""
-        simulation = window.simulation
-        steps = int(simulation.remaining.max()) if simulation.num_live else 0  # finish() adds the last increments
-        if steps == 0:
-            return
-        start = time.perf_counter()
-        with functional_view(pl_module, self._space) as (model, theta):
-            for batch in self._replay_batches(trainer, model, theta, self.curvature_batch_size, steps):
-                operator = curvature_operator(self.curvature, model, theta, [batch], self.chunk_size)
-                self._ensure_rule(simulation, operator, theta)
-                before = simulation.products
-                simulation.step(operator)
-                self._count(window, simulation.products - before)
-        window.replayed_steps = steps
-        self._seconds += time.perf_counter() - start
-
-    def _replay_batches(self, trainer: L.Trainer, model: Any, theta: Tensor, batch_size: int, count: int) -> list:
-        """``count`` shuffled training batches (private generator, finite examples only), on ``theta``'s device."""
-        loader = trainer.train_dataloader
-        generator = torch.Generator().manual_seed(self.seed + 1)
-        shuffled = DataLoader(
-            loader.dataset, batch_size, shuffle=True, generator=generator, collate_fn=loader.collate_fn,
-            drop_last=len(loader.dataset) >= batch_size,
-        )  # fmt: skip
-        batches = [
-            _to_simulation(split_batch(b, self.index_key)[0], theta.device)
-            for b in itertools.islice(_cycle(shuffled), count)
-        ]
-        batches = self._finite(model, theta, batches)
-        if not batches:
-            raise RuntimeError(
-                f"{_DIVERGED.format(step=trainer.global_step)} Every replayed training example has a non-finite "
-                "loss at the final weights, so no responses can be simulated."
-            )
-        return batches
-
-    def _write_window(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, window: _Window, stopped_by: str | None = None
+    def _close_window(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, window: Window, stopped_by: str | None = None
     ) -> None:
-        source_map, simulation = self._source_map, window.simulation
-        missing = ~simulation.injected.cpu() & source_map.in_training_set
-        responses = simulation.finish(source_map.training_set_size)
-        shortfall = simulation.shortfall.cpu()
-        missing_per_source = torch.bincount(source_map.example_to_source[missing], minlength=source_map.num_sources)
-        if int(missing.sum()) or int((shortfall > 0).sum()):
-            rank_zero_warn(
-                f"Window {window.name!r}: {int(missing.sum())} training examples were never injected and "
-                f"{int((shortfall > 0).sum())} sources were propagated for fewer than {self.horizon} steps; both are "
-                "recorded per source in the store, and those sources score NaN."
-            )
-        stats = {"valid": simulation.valid.cpu(), "shortfall": shortfall, "missing_examples": missing_per_source}
-        _warn_invalid(stats["valid"])
-        self._write(
-            trainer, pl_module, window.name, responses, simulation.rule, stats, window.replayed_steps, stopped_by
-        )
-        if window.progress is not None:
-            window.progress.close()
-        window.done, window.simulation, window.progress = True, None, None
+        self._engine.close_window(window)
+        self._commit(trainer, pl_module, window.name, stopped_by)
 
     def _simulate_at_current_weights(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
-        if trainer.is_global_zero:
-            start = time.perf_counter()
-            simulate = self._eigen_responses if self.codec == "eigen" else self._end_mode_responses
-            responses, rule, finite, products = simulate(trainer, pl_module, name)
-            self._products += products
-            self._seconds += time.perf_counter() - start
-            stats = {
-                "valid": finite.cpu(),
-                "shortfall": torch.zeros(self._source_map.num_sources, dtype=torch.long),
-                "missing_examples": torch.zeros(self._source_map.num_sources, dtype=torch.long),
-            }
-            _warn_invalid(stats["valid"])
-            self._write(trainer, pl_module, name, responses, rule, stats)
+        """End mode (and codec ``"eigen"``): every process simulates its sources at the current weights."""
+        with functional_view(pl_module, self._space) as (model, theta):
+            data = self._training_data(trainer, theta.device)
+            self._engine.simulate_checkpoint(model, theta, data, name, trainer.global_step)
+        self._commit(trainer, pl_module, name)
+
+    def _commit(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, stopped_by: str | None = None) -> None:
+        """After every process wrote its part of checkpoint ``name`` (a barrier), rank zero lists it in the
+        manifest; a second barrier lets no process read the store before."""
         trainer.strategy.barrier()
-
-    def _end_mode_responses(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str):
-        generator = torch.Generator().manual_seed(self.seed)
-        source_map = self._source_map
-        with functional_view(pl_module, self._space) as (model, theta):
-            batches = self._training_set_in_order(trainer, theta.device)
-            u0, finite = initial_perturbations(
-                model, theta, batches, source_map.example_to_source, source_map.num_sources
-            )
-            replay = self._replay_batches(trainer, model, theta, self.curvature_batch_size, self.horizon)
-            operators = [curvature_operator(self.curvature, model, theta, [b], self.chunk_size) for b in replay]
-            rule = estimate_step_rule(
-                operators[0], theta.numel(), self.damping, self.step_size, self.damping_scale, generator, theta.device,
-                self._propagation(), self.momentum,
-            )
-            progress = self._new_progress(trainer, name)
-            operators = [CountingOperator(op, progress) for op in operators]
-            responses = simulate_responses(u0, operators, rule, source_map.training_set_size, self.chunk_size)
-            progress.close()
-        return responses, rule, finite, source_map.num_sources * self.horizon
-
-    def _eigen_responses(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str):
-        """Codec ``"eigen"`` at the current weights: the top-``rank`` eigenspace of the GGN over the whole training
-        set, then each source's damped coordinates in it (one pass of per-source gradients)."""
-        source_map = self._source_map
-        with functional_view(pl_module, self._space) as (model, theta):
-            batches = list(self._training_set_in_order(trainer, theta.device))
-            curvature = self._finite(model, theta, [data for data, _ in batches])
-            if not curvature:
-                raise RuntimeError("Every training example has a non-finite loss; cannot compute the curvature.")
-            block, finite, info = eigen_responses(
-                model, theta, batches, curvature, source_map.example_to_source, source_map.num_sources,
-                source_map.training_set_size, rank=self.rank, damping=self.damping, damping_scale=self.damping_scale,
-                horizon=self.horizon, chunk_size=self.chunk_size, momentum=self.momentum,
-                # its eigenspace comes from products over the whole training set: exact curvature
-                propagation="chebyshev" if self.propagation == "auto" else self.propagation,
-                generator=torch.Generator().manual_seed(self.seed),
-            )  # fmt: skip
-        return block, info, finite, info["curvature_products"]
-
-    def _training_set_in_order(self, trainer: L.Trainer, device: torch.device) -> Iterator[tuple[Any, Tensor]]:
-        """The training set once, in order, in batches of ``curvature_batch_size``: ``(data, example index
-        LongTensor[B])`` with the data on the simulation's device in fp32 (:func:`_to_simulation`)."""
-        loader = trainer.train_dataloader
-        sequential = DataLoader(loader.dataset, batch_size=self.curvature_batch_size, collate_fn=loader.collate_fn)
-        for batch in sequential:
-            data, index = split_batch(batch, self.index_key)
-            yield _to_simulation(data, device), index
-
-    def _write(
-        self, trainer, pl_module, name, responses: Any, rule: StepRule | dict, stats: dict[str, Tensor], replayed: int = 0,
-        stopped_by: str | None = None,
-    ) -> None:
-        """Writes a response checkpoint. Sources without a complete response are stored as NaN rows (so no
-        reader can take them for a zero response); ``stopped_by`` marks a partial checkpoint. ``responses``:
-        ``Tensor[S, P]`` or a codec block; ``rule``: the step rule, or (codec ``"eigen"``) the spectral settings."""
-        if not trainer.is_global_zero or self._store is None:
-            return
-        rows = responses if isinstance(responses, Tensor) else responses.coordinates  # eigen: [S, k]
-        rows[~complete_sources(stats).to(rows.device)] = float("nan")
-        with torch.no_grad():
-            theta = self._space.current(pl_module)
-        info = {
-            "epoch": trainer.current_epoch, "global_step": trainer.global_step, "mode": self.mode,
-            "horizon": self.horizon, "curvature": self.curvature,
-            **({"step_rule": rule.to_json()} if isinstance(rule, StepRule) else {"spectral": rule}),
-            "curvature_products": self._products, "simulation_seconds": round(self._seconds, 3),
-            "n_valid": int(stats["valid"].sum()), "n_shortfall": int((stats["shortfall"] > 0).sum()),
-            "n_missing_examples": int(stats["missing_examples"].sum()), "replayed_steps": replayed,
-            "complete": stopped_by is None, "stopped_by": stopped_by, "batch_format": self._batch_format,
-        }  # fmt: skip
-        self._store.add_checkpoint(
-            name, theta, responses, info=info, source_stats=stats, dtype=self.store_dtype
-        )
+        if trainer.is_global_zero and self._store is not None:
+            with torch.no_grad():
+                theta = self._space.current(pl_module)
+            info = {
+                "epoch": trainer.current_epoch, "global_step": trainer.global_step, "mode": self.mode,
+                "horizon": self.horizon, "curvature": self.curvature, "complete": stopped_by is None,
+                "stopped_by": stopped_by, "batch_format": self._batch_format, "processes": trainer.world_size,
+            }  # fmt: skip
+            self._engine.commit(self._store, name, theta, info, parts=trainer.world_size)
+        trainer.strategy.barrier()
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "dirpath": self.dirpath, "products": self._products, "seconds": self._seconds,
-            "windows": {
-                w.name: "done" if w.done else w.simulation.state_dict() for w in self._windows
-                if w.done or w.simulation is not None
-            },
-        }  # fmt: skip
+        engine = self._engine
+        if engine is None:
+            return {"dirpath": self.dirpath, "products": 0, "seconds": 0.0, "windows": {}}
+        return {"dirpath": self.dirpath, "products": engine.products, "seconds": engine.seconds, **engine.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict
         if self._default_dirpath:  # a resumed fit continues the store it started, wherever the default put it
             self.dirpath = state_dict.get("dirpath") or self.dirpath
-        self._products, self._seconds = state_dict["products"], state_dict["seconds"]
-
-
-@dataclass
-class _Window:
-    """One online simulation: sources injected during ``injection_epoch`` (0-based), written as ``name``."""
-
-    name: str
-    injection_epoch: int
-    simulation: OnlineSimulation | None = None
-    complete: bool = False  # every source propagated for the full horizon
-    replayed_steps: int = 0  # steps run on replayed batches after the fit
-    progress: SimulationProgress | None = None
-    done: bool = False  # written to the store
-
-    def active(self, epoch: int) -> bool:
-        return not (self.done or self.complete) and epoch >= self.injection_epoch
 
 
 _AUTO_BUDGET = 100  # checkpoint_epochs="auto": propagation steps per source for all windows together ...
@@ -796,18 +589,11 @@ def _default_dirpath(trainer: L.Trainer, overwrite: bool) -> str:
 
 def _to_simulation(data: Any, device: torch.device) -> Any:
     """A batch on the simulation's device with floating tensors in fp32 (the simulation runs in fp32)."""
-    return to_float32(move_data_to_device(data, device))
+    return to_float32(tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, data))
 
 
-def _warn_invalid(valid: Tensor) -> None:
-    if not bool(valid.all()):
-        bad = (~valid).nonzero().squeeze(1)
-        rank_zero_warn(
-            f"{bad.numel()} sources had non-finite gradients or responses (first: {bad[:5].tolist()}); they are "
-            "stored as invalid and score NaN. Check those examples and the loss for NaN/inf."
-        )
-
-
-def _cycle(loader: DataLoader):
-    while True:
-        yield from loader
+def _all_gathered(trainer: L.Trainer, batch: tuple[Any, Tensor]) -> tuple[Any, Tensor]:
+    """``(data, index)`` of every process, concatenated along the batch in rank order (the processes' batches
+    have the same size under Lightning's ``DistributedSampler``)."""
+    gather = lambda t: trainer.strategy.all_gather(t).flatten(0, 1) if isinstance(t, Tensor) and t.dim() else t  # noqa: E731
+    return tree_map(gather, batch)

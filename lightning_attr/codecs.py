@@ -11,19 +11,25 @@ A **codec** names the representation of one response checkpoint:
   forward-mode tangents per query batch and one ``[B, k] x [k, S]`` product: the cost does not grow
   with ``S``. Only the ``linear`` readout exists for it (``central`` / ``step`` need ``r_b`` itself).
 
+A dense checkpoint too large for memory is read as :class:`StreamedResponses`: its shards one at a
+time at every query, so ``S x P`` is never held (the cost: reading the shards again per query).
+
 Every block answers ``scores`` (``Tensor[B, S]``) and ``paired`` (each query against one source).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Protocol, Union
 
 import torch
 from torch import Tensor
 
+from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel
-from lightning_attr.readout import check_readout, paired_readout, score_sources
+from lightning_attr.readout import paired_readout, score_sources
+from lightning_attr.simulation import select_examples
 from lightning_attr.spectral import EigenResponses
 
 CODECS = ("dense", "eigen")
@@ -67,6 +73,45 @@ class DenseResponses:
         return paired_readout(model, theta, self.responses[sources], batch, readout)
 
 
-AnyBlock = Union[DenseResponses, EigenResponses]
+@dataclass(frozen=True)
+class StreamedResponses:
+    """Codec ``"dense"`` read shard by shard at every query: at most one shard (``Tensor[S_shard, P]``) in memory.
 
-__all__ = ["CODECS", "AnyBlock", "DenseResponses", "EigenResponses", "ResponseBlock"]
+    Args:
+        shards: returns a fresh iterator of ``(sources: LongTensor[S_shard], responses: Tensor[S_shard, P])`` that
+            covers every source once (:meth:`ResponseStore.iter_responses`).
+        num_sources: ``S``. device: where each shard is read out.
+    """
+
+    shards: Callable[[], Iterable[tuple[Tensor, Tensor]]]
+    num_sources: int
+    device: torch.device
+    codec: ClassVar[str] = "dense"
+
+    def to(self, device: torch.device | str) -> StreamedResponses:
+        return StreamedResponses(self.shards, self.num_sources, torch.device(device))
+
+    def scores(self, model: FunctionalModel, theta: Tensor, batch: Any, readout: str, chunk_size: int) -> Tensor:
+        out = torch.full((batch_size_of(batch), self.num_sources), float("nan"), device=theta.device)
+        for sources, responses in self.shards():
+            out[:, sources.to(theta.device)] = score_sources(
+                model, theta, responses.to(self.device), batch, readout, chunk_size=chunk_size
+            )
+        return out
+
+    def paired(self, model: FunctionalModel, theta: Tensor, batch: Any, sources: Tensor, readout: str) -> Tensor:
+        out = torch.full((sources.numel(),), float("nan"), device=theta.device)
+        sources = sources.cpu()
+        for shard_sources, responses in self.shards():
+            row_of = torch.full((self.num_sources,), -1, dtype=torch.long)
+            row_of[shard_sources] = torch.arange(shard_sources.numel())
+            hit = (row_of[sources] >= 0).nonzero().squeeze(1)
+            if hit.numel():
+                rows = responses[row_of[sources[hit]]].to(self.device)
+                out[hit.to(theta.device)] = paired_readout(model, theta, rows, select_examples(batch, hit), readout)
+        return out
+
+
+AnyBlock = Union[DenseResponses, EigenResponses, StreamedResponses]
+
+__all__ = ["CODECS", "AnyBlock", "DenseResponses", "EigenResponses", "ResponseBlock", "StreamedResponses"]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_attr.attributor import Checkpoints, Responses, cached_attributor
+from lightning_attr.attributor import DEFAULT_MEMORY_BUDGET_MB, Checkpoints, Responses, cached_attributor
 
 
 @dataclass
@@ -89,6 +89,7 @@ class AttributionMixin:
         checkpoints: Checkpoints = "all",
         chunk_size: int = 256,
         strict: bool = True,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     ) -> Tensor | TopKAttribution:
         """Scores a query batch against every source, with forward passes only.
 
@@ -110,6 +111,8 @@ class AttributionMixin:
             chunk_size: sources per vmapped forward pass; bounds peak memory.
             strict: one store: refuse responses simulated for other weights than the module's current
                 ones. Several stores: check each member's parameter snapshot against its manifest.
+            memory_budget_mb: a checkpoint's dense responses larger than this are streamed from disk shard by
+                shard at every query (``S x P`` is never held) instead of being kept in memory.
 
         Returns:
             ``Tensor[B, S]`` (float32): predicted rise of each query's measurement (default: its loss)
@@ -117,7 +120,7 @@ class AttributionMixin:
             response (non-finite gradients, never injected, propagated short) score NaN, with a warning
             for the last two. Or a :class:`TopKAttribution` if ``top_k``.
         """
-        attributor = cached_attributor(self, responses)
+        attributor = cached_attributor(self, responses, memory_budget_mb)
         scores = attributor.scores(batch, readout=readout, checkpoints=checkpoints, chunk_size=chunk_size, strict=strict)
         return scores if top_k is None else select_top_k(scores, top_k, attributor.source_ids)
 

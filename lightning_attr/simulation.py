@@ -209,6 +209,9 @@ def propagate(
     return x.add_(d)
 
 
+Sink = Callable[[Tensor, Tensor], None]  # (sources LongTensor[C], responses Tensor[C, P]) -> None
+
+
 class OnlineSimulation:
     """Live propagation alongside training: sources are injected when their examples are in the batch.
 
@@ -219,13 +222,30 @@ class OnlineSimulation:
     set (``self.rule = ...``) after injections and before the first step. State is kept on ``device``
     in float32.
 
+    Only live sources are held (``solution``, ``residual``, ``increment``: ``Tensor[L, P]`` each, ``L`` the
+    live count): a source whose horizon is spent is **retired**: its response ``(x_K + d_K) / n`` goes to
+    ``sink`` at once, if no member of it can still be injected (a per-example source always; a group once
+    all its members were injected). A group whose horizon ran out while members are still to come is
+    **parked** (its solution kept, ``Tensor[1, P]``, until a member re-injects it or :meth:`finish`).
+    :meth:`finish` hands every other owned source to ``sink``: complete ones with their response,
+    incomplete ones (never injected, propagated short, parked with members never injected, non-finite)
+    as NaN rows.
+
     Args:
-        num_sources: ``S``. example_to_source: ``LongTensor[n]``. dim: ``P``.
+        example_to_source: ``LongTensor[n]`` (``-1``: no source). num_sources: ``S``. dim: ``P``.
         horizon: ``K`` propagation steps after a source's last injection.
         rule: the step rule, or None until it is known (then set it before the first step).
+        sink: receives ``(sources, responses)`` as sources are retired (required by :meth:`step` and
+            :meth:`finish`).
+        num_examples: ``n`` of the ``1/n`` (default: the examples that have a source).
+        owned: ``BoolTensor[S]``, the sources this process simulates (default: all). Examples of other
+            sources are marked injected but not propagated (another process does that).
     """
 
-    _STATE = ("solution", "injected", "valid", "live_sources", "residual", "increment", "iteration", "remaining", "shortfall")
+    _STATE = (
+        "solution", "injected", "valid", "live_sources", "residual", "increment", "iteration", "remaining", "shortfall",
+        "pending_members", "parked_sources", "parked", "emitted",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -235,17 +255,29 @@ class OnlineSimulation:
         horizon: int,
         rule: StepRule | None,
         device: torch.device,
+        *,
+        sink: Sink | None = None,
+        num_examples: int | None = None,
+        owned: Tensor | None = None,
     ) -> None:
         self.example_to_source = example_to_source.to(device)
         self.num_sources, self.dim, self.horizon = num_sources, dim, horizon
-        self.solution = torch.zeros(num_sources, dim, device=device)  # x per source, all but the last increment
+        inside = self.example_to_source >= 0
+        self.num_examples = int(inside.sum()) if num_examples is None else num_examples
+        self.owned = torch.ones(num_sources, dtype=torch.bool, device=device) if owned is None else owned.to(device)
+        self.sink = sink
         self.injected = torch.zeros(example_to_source.numel(), dtype=torch.bool, device=device)
+        self.pending_members = torch.bincount(self.example_to_source[inside], minlength=num_sources)
         self.valid = torch.ones(num_sources, dtype=torch.bool, device=device)
+        self.emitted = torch.zeros(num_sources, dtype=torch.bool, device=device)
         self.live_sources = torch.zeros(0, dtype=torch.long, device=device)
+        self.solution = torch.zeros(0, dim, device=device)  # x per live source, all but the last increment
         self.residual = torch.zeros(0, dim, device=device)  # r per live source
         self.increment = torch.zeros(0, dim, device=device)  # d per live source (formed at its first step)
         self.iteration = torch.zeros(0, dtype=torch.long, device=device)  # k per live source (0 = just (re)started)
         self.remaining = torch.zeros(0, dtype=torch.long, device=device)
+        self.parked_sources = torch.zeros(0, dtype=torch.long, device=device)
+        self.parked = torch.zeros(0, dim, device=device)  # x of groups whose horizon ran out before their last member
         self.shortfall = torch.zeros(num_sources, dtype=torch.long, device=device)
         self.products = 0
         self.rule = rule
@@ -261,8 +293,9 @@ class OnlineSimulation:
             alpha, gamma = rule.coefficients(self.horizon + 1)
             self._alpha, self._gamma = (c.to(device=self.solution.device, dtype=torch.float32) for c in (alpha, gamma))
 
-    def inject(self, model: FunctionalModel, theta: Tensor, batch: Any, index: Tensor) -> None:
-        """Adds ``grad l_i(theta)`` of every not-yet-injected example ``i`` in the batch to its source."""
+    def inject(self, model: FunctionalModel, theta: Tensor, batch: Any, index: Tensor) -> bool:
+        """Adds ``grad l_i(theta)`` of every not-yet-injected example ``i`` in the batch to its source (owned
+        sources only). Returns whether the batch held any example not injected before (of any source)."""
         index = index.to(self.injected.device)
         fresh = ~self.injected[index]
         # An index can repeat inside one batch (samplers with replacement): inject it once.
@@ -273,15 +306,22 @@ class OnlineSimulation:
                 first[pos] = True
                 seen.add(i)
         if not bool(first.any()):
-            return
+            return False
         positions = first.nonzero().squeeze(1)
         self.injected[index[positions]] = True
+        arriving = self.example_to_source[index[positions]]
+        arriving = arriving[arriving >= 0]
+        self.pending_members -= torch.bincount(arriving, minlength=self.num_sources)
+        source_of = self.example_to_source[index[positions]]
+        positions = positions[(source_of >= 0) & self.owned[source_of.clamp_min(0)]]
+        if positions.numel() == 0:
+            return True
         sub_batch = select_examples(batch, positions)
         finite_loss = finite_loss_mask(model, theta, sub_batch)
         self.valid[self.example_to_source[index[positions[~finite_loss]]]] = False
         positions, sub_batch = positions[finite_loss], select_examples(sub_batch, finite_loss.nonzero().squeeze(1))
         if positions.numel() == 0:
-            return
+            return True
         sources = self.example_to_source[index[positions]]
         unique, rows = torch.unique(sources, return_inverse=True)
         grads = source_gradients(model, theta, sub_batch, rows, unique.numel())
@@ -293,7 +333,7 @@ class OnlineSimulation:
             # a live source (a group whose members arrive in several batches): the right-hand side grows by
             # the new gradients, so does the residual; the rule restarts from the current solution
             where = (self.live_sources.unsqueeze(0) == unique[is_live].unsqueeze(1)).float().argmax(dim=1)
-            self.solution[self.live_sources[where]] += self.increment[where]  # zero if it has not stepped yet
+            self.solution[where] += self.increment[where]  # zero if it has not stepped yet
             self.residual[where] += grads[is_live]
             self.increment[where] = 0.0
             self.iteration[where] = 0
@@ -301,10 +341,24 @@ class OnlineSimulation:
         new = ~is_live
         count = int(new.sum())
         self.live_sources = torch.cat([self.live_sources, unique[new]])
+        self.solution = torch.cat([self.solution, self._unpark(unique[new])])
         self.residual = torch.cat([self.residual, grads[new]])
         self.increment = torch.cat([self.increment, torch.zeros_like(grads[new])])
         self.iteration = torch.cat([self.iteration, self.iteration.new_zeros(count)])
         self.remaining = torch.cat([self.remaining, self.remaining.new_full((count,), self.horizon)])
+        return True
+
+    def _unpark(self, sources: Tensor) -> Tensor:
+        """``Tensor[len(sources), P]``: the solution each source carries in (a parked group's, else zero);
+        the parked rows taken out."""
+        start = torch.zeros(sources.numel(), self.dim, device=self.solution.device)
+        if self.parked_sources.numel():
+            match = self.parked_sources.unsqueeze(0) == sources.unsqueeze(1)  # [new, parked]
+            has, where = match.any(dim=1), match.float().argmax(dim=1)
+            start[has] = self.parked[where[has]]
+            keep = ~match.any(dim=0)
+            self.parked_sources, self.parked = self.parked_sources[keep], self.parked[keep]
+        return start
 
     def step(self, operator: CurvatureOperator) -> None:
         """Retires the sources whose horizon is spent, moves every other live source one step."""
@@ -312,7 +366,7 @@ class OnlineSimulation:
             return
         done = self.remaining <= 0
         if bool(done.any()):
-            self.solution.index_add_(0, self.live_sources[done], self.increment[done])  # the free last increment
+            self._retire(self.live_sources[done], self.solution[done] + self.increment[done])  # the free last increment
             self._keep(~done)
         if self.live_sources.numel() == 0:
             return
@@ -320,7 +374,7 @@ class OnlineSimulation:
             raise RuntimeError("OnlineSimulation.step needs a step rule: set simulation.rule first.")
         self._start_fresh_rows()
         d = self.increment
-        self.solution.index_add_(0, self.live_sources, d)
+        self.solution += d
         self.residual.sub_(operator(d).add_(d, alpha=self.rule.damping))
         self.products += self.live_sources.numel()
         self.iteration += 1
@@ -329,8 +383,22 @@ class OnlineSimulation:
         finite = torch.isfinite(self.residual).all(dim=1) & torch.isfinite(d).all(dim=1)
         if not bool(finite.all()):
             self.valid[self.live_sources[~finite]] = False
-            self.solution[self.live_sources[~finite]] = 0.0
             self._keep(finite)
+
+    def _retire(self, sources: Tensor, solution: Tensor) -> None:
+        """Sources whose horizon is spent: to the sink if final, else parked (members still to come)."""
+        final = self.pending_members[sources] <= 0
+        if bool(final.any()):
+            self._emit(sources[final], solution[final] / self.num_examples)
+        if not bool(final.all()):
+            self.parked_sources = torch.cat([self.parked_sources, sources[~final]])
+            self.parked = torch.cat([self.parked, solution[~final]])
+
+    def _emit(self, sources: Tensor, responses: Tensor) -> None:
+        if self.sink is None:
+            raise RuntimeError("OnlineSimulation needs a sink to hand retired responses to (sink=...).")
+        self.emitted[sources] = True
+        self.sink(sources, responses)
 
     def _start_fresh_rows(self) -> None:
         """``d_0 = gamma_0 r_0`` for the rows injected (or re-injected) since the last step."""
@@ -339,24 +407,32 @@ class OnlineSimulation:
             self.increment[fresh] = self.residual[fresh] * self._gamma[0]
 
     def _keep(self, rows: Tensor) -> None:
-        self.live_sources, self.residual, self.increment = self.live_sources[rows], self.residual[rows], self.increment[rows]
+        self.live_sources, self.solution = self.live_sources[rows], self.solution[rows]
+        self.residual, self.increment = self.residual[rows], self.increment[rows]
         self.iteration, self.remaining = self.iteration[rows], self.remaining[rows]
 
     @property
     def num_live(self) -> int:
         return int(self.live_sources.numel())
 
-    def finish(self, num_examples: int) -> Tensor:
-        """Responses ``Tensor[S, P]`` = ``(x_k + d_k) / n``; records the steps still owed per source."""
+    def finish(self, block: int = 1024) -> None:
+        """Hands every owned source not retired yet to the sink: live sources with ``(x_k + d_k) / n`` if their
+        horizon is spent, everything else (propagated short, parked, never injected, non-finite) as NaN rows,
+        ``block`` rows at a time. Records the steps still owed per source in ``shortfall``."""
         self.shortfall.zero_()
         self.shortfall[self.live_sources] = self.remaining
         if self.rule is not None:
             self._start_fresh_rows()
-            self.solution.index_add_(0, self.live_sources, self.increment)
+            self.solution += self.increment
+        complete = (self.remaining <= 0) & self.valid[self.live_sources]
+        if bool(complete.any()):
+            self._emit(self.live_sources[complete], self.solution[complete] / self.num_examples)
         self._keep(self.live_sources[:0])
-        responses = self.solution / num_examples
-        responses[~self.valid] = 0.0
-        return responses
+        self.parked_sources, self.parked = self.parked_sources[:0], self.parked[:0]
+        rest = (self.owned & ~self.emitted).nonzero().squeeze(1)
+        for start in range(0, rest.numel(), block):
+            sources = rest[start : start + block]
+            self._emit(sources, torch.full((sources.numel(), self.dim), float("nan"), device=self.solution.device))
 
     def state_dict(self) -> dict[str, Any]:
         rule = None if self.rule is None else self.rule.to_json()
@@ -406,13 +482,3 @@ def initial_perturbations(
         u0.index_add_(0, unique[ok], grads)
     u0[~finite] = 0.0
     return u0, finite
-
-
-def simulate_responses(
-    u0: Tensor, operators: Sequence[CurvatureOperator], rule: StepRule, num_examples: int, chunk_size: int
-) -> Tensor:
-    """End-of-training responses ``Tensor[S, P]`` = :func:`propagate` ``/ n``, in chunks of sources."""
-    out = torch.empty_like(u0)
-    for start in range(0, u0.shape[0], chunk_size):
-        out[start : start + chunk_size] = propagate(u0[start : start + chunk_size], operators, rule) / num_examples
-    return out

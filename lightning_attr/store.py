@@ -5,12 +5,17 @@ Layout of a store directory::
     manifest.json                       format, sources, parameter space, fingerprint, checkpoints
     <checkpoint>/params.safetensors     theta_e, the parameters the responses were simulated at
     <checkpoint>/sources.safetensors    per-source bookkeeping (valid, shortfall, examples)
-    <checkpoint>/responses-00000.safetensors   codec "dense": {param name: Tensor[S_shard, *shape]}
+    <checkpoint>/responses-00000.safetensors   codec "dense": {param name: Tensor[S_shard, *shape],
+                                               "__source_index__": LongTensor[S_shard], the shard's sources}
     <checkpoint>/basis.safetensors             codec "eigen": {param name: Tensor[k, *shape]}, the basis V
     <checkpoint>/coordinates-00000.safetensors codec "eigen": {"coordinates": Tensor[S_shard, k]}
 
-Format version 2 names each checkpoint's codec (``"dense"`` or ``"eigen"``, see :mod:`codecs`);
-version 1 stores (dense only, no codec field) are read as dense.
+Format version 3: a dense shard holds any sources in any order (its ``__source_index__`` says which;
+the simulation writes shards as sources finish, and each process of a distributed fit writes its own,
+:class:`ShardWriter`). Version 2 named each checkpoint's codec (``"dense"`` or ``"eigen"``, see
+:mod:`codecs`) with contiguous shards ``[start, stop)``; version 1 stores (dense only, no codec field)
+are read as dense. A checkpoint is listed in the manifest only once every shard of every source is
+written (:meth:`ResponseStore.commit` checks that each source is covered exactly once).
 
 Every file is written to a temporary name and renamed; the manifest is written last, so a crash
 leaves the previous manifest (and everything it points to) intact. Loading never unpickles.
@@ -24,6 +29,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +38,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lightning_attr.codecs import AnyBlock, DenseResponses, EigenResponses
+from lightning_attr.codecs import AnyBlock, DenseResponses, EigenResponses, StreamedResponses
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.sources import SourceMap
 
 FORMAT = "lightning_attr.responses"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: dense responses only, no "codec" field
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: dense responses only, no "codec" field; 2: contiguous shards
+SOURCE_INDEX = "__source_index__"  # a dense shard's LongTensor[S_shard] of source ids (format 3)
+_STATS = ("valid", "shortfall", "missing_examples")
 MANIFEST = "manifest.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -138,6 +146,100 @@ def _model_mismatch(path: Path, stored: ParameterSpace, model: ParameterSpace) -
     )
 
 
+def check_checkpoint_name(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_.=-]+", name):
+        raise ValueError(f"checkpoint name {name!r} must match [A-Za-z0-9_.=-]+.")
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in _DTYPES:
+        raise ValueError(f"store dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+
+
+def check_coverage(covered: Tensor, what: str) -> None:
+    """Raises :class:`StoreError` unless ``covered: LongTensor[S]`` (shard rows read per source) is all ones."""
+    if not bool((covered == 1).all()):
+        missing, repeated = (covered == 0).nonzero().squeeze(1), (covered > 1).nonzero().squeeze(1)
+        raise StoreError(
+            f"The shards of {what} hold {missing.numel()} sources no time (first: {missing[:5].tolist()}) and "
+            f"{repeated.numel()} more than once (first: {repeated[:5].tolist()}): the store is damaged. Re-run the "
+            "simulation."
+        )
+
+
+class ShardWriter:
+    """Writes the dense responses of one checkpoint as they are simulated: rows of any sources, in any order.
+
+    Rows are buffered (in the storage dtype) until ``rows_per_shard`` of them are waiting, then written as
+    one shard ``<name>/responses-<prefix><count>.safetensors`` holding ``{param name: Tensor[C, *shape]}``
+    and the sources ``"__source_index__": LongTensor[C]``. Peak memory: ``rows_per_shard * P`` numbers of
+    the storage dtype, whatever the number of sources. The shards are listed in the manifest only when the
+    checkpoint is committed (:meth:`ResponseStore.commit` / :meth:`ResponseStore.add_checkpoint`).
+
+    Args:
+        path: the store directory. name: the checkpoint. space: the parameter space (``P``).
+        dtype: storage dtype name. prefix: distinguishes the shards of several processes (``"r1-"``).
+        rows_per_shard: sources per shard (at least 1).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, name: str, space: ParameterSpace, dtype: str = "float32", *,
+        prefix: str = "", rows_per_shard: int = 4096,
+    ) -> None:  # fmt: skip
+        check_checkpoint_name(name)
+        _check_dtype(dtype)
+        self.path, self.name, self.space, self.dtype, self.prefix = Path(path), name, space, dtype, prefix
+        self.rows_per_shard = max(1, int(rows_per_shard))
+        self.shards: list[dict] = []
+        self._sources: list[Tensor] = []
+        self._rows: list[Tensor] = []
+        self._waiting = 0
+        (self.path / name).mkdir(parents=True, exist_ok=True)
+
+    def add(self, sources: Tensor, rows: Tensor) -> None:
+        """Queues ``rows: Tensor[C, P]`` (float32, the responses of ``sources: LongTensor[C]``); writes every
+        full shard at once."""
+        if rows.shape != (sources.numel(), self.space.size):
+            raise ValueError(f"rows must be [C={sources.numel()}, P={self.space.size}], got {list(rows.shape)}.")
+        start = 0
+        while start < sources.numel():
+            take = min(self.rows_per_shard - self._waiting, sources.numel() - start)
+            self._sources.append(sources[start : start + take].cpu())
+            self._rows.append(rows[start : start + take].to("cpu", _DTYPES[self.dtype]))
+            self._waiting, start = self._waiting + take, start + take
+            if self._waiting >= self.rows_per_shard:
+                self.flush()
+
+    def flush(self) -> None:
+        """Writes the rows waiting (if any) as one shard."""
+        if not self._waiting:
+            return
+        sources, rows = torch.cat(self._sources), torch.cat(self._rows)
+        self._sources, self._rows, self._waiting = [], [], 0
+        file = f"{self.name}/responses-{self.prefix}{len(self.shards):05d}.safetensors"
+        tensors = {**self.space.unflatten(rows), SOURCE_INDEX: sources}
+        self.shards.append({"file": file, "rows": int(sources.numel()), "bytes": _atomic_save_tensors(self.path / file, tensors)})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shards written so far (for a resumed fit); rows still waiting are not in it (call :meth:`flush`)."""
+        return {"shards": [dict(s) for s in self.shards]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.shards = [dict(s) for s in state["shards"]]
+
+
+def write_part(
+    path: str | os.PathLike, name: str, rank: int, shards: list[dict], sources: Tensor, stats: dict[str, Tensor],
+    costs: dict[str, float],
+) -> None:
+    """One process's share of a dense checkpoint: the shards it wrote, and the bookkeeping
+    (``valid``, ``shortfall``, ``missing_examples``: ``Tensor[S_owned]``) of the ``sources: LongTensor[S_owned]``
+    it simulated. :meth:`ResponseStore.commit` merges the parts of every process."""
+    tensors = {"sources": sources.cpu(), **{k: stats[k].cpu().long() for k in _STATS}}
+    metadata = {"shards": json.dumps(shards), "costs": json.dumps(costs)}
+    _atomic_save_tensors(Path(path) / name / f"part-{rank:05d}.safetensors", tensors, metadata)
+
+
 class ResponseStore:
     """A directory of response checkpoints for one model and one set of ``S`` sources.
 
@@ -166,6 +268,8 @@ class ResponseStore:
             raise StoreError(
                 f"{path} already holds a response store; pass overwrite=True to replace it or choose another dirpath."
             )
+        if SOURCE_INDEX in space.names:
+            raise StoreError(f"A parameter named {SOURCE_INDEX!r} collides with the shards' source index; rename it.")
         path.mkdir(parents=True, exist_ok=True)
         manifest = {
             "format": FORMAT,
@@ -200,7 +304,7 @@ class ResponseStore:
         dtype: str = "float32",
         shard_size: int = 4096,
     ) -> None:
-        """Writes one response checkpoint and then the manifest that lists it.
+        """Writes one response checkpoint held in memory, and then the manifest that lists it.
 
         Args:
             name: checkpoint name (``[A-Za-z0-9_.=-]+``), e.g. ``"final"`` or ``"epoch=10"``.
@@ -212,21 +316,62 @@ class ResponseStore:
             dtype: storage dtype of responses (codec ``"eigen"``: of the basis and coordinates): ``float32``,
                 ``float16`` or ``bfloat16``.
         """
-        if not re.fullmatch(r"[A-Za-z0-9_.=-]+", name):
-            raise ValueError(f"checkpoint name {name!r} must match [A-Za-z0-9_.=-]+.")
-        if dtype not in _DTYPES:
-            raise ValueError(f"store dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
-        space = self.space
+        check_checkpoint_name(name)
+        _check_dtype(dtype)
         block = DenseResponses(responses) if isinstance(responses, Tensor) else responses
-        folder = self.path / name
-        folder.mkdir(parents=True, exist_ok=True)
+        (self.path / name).mkdir(parents=True, exist_ok=True)
         if isinstance(block, EigenResponses):
             codec_entry, shards = self._write_eigen(name, block, dtype, shard_size)
         else:
-            codec_entry, shards = self._write_dense(name, block, dtype, shard_size)
-        params = space.unflatten(theta.float().cpu())
-        _atomic_save_tensors(folder / "params.safetensors", params)
-        _atomic_save_tensors(folder / "sources.safetensors", source_stats)
+            if block.responses.shape != (self.n_sources, self.space.size):
+                raise ValueError(
+                    f"responses must be [S={self.n_sources}, P={self.space.size}], got {list(block.responses.shape)}."
+                )
+            writer = ShardWriter(self.path, name, self.space, dtype, rows_per_shard=shard_size)
+            writer.add(torch.arange(self.n_sources), block.responses)
+            writer.flush()
+            codec_entry, shards = {"codec": "dense"}, writer.shards
+        self._add_entry(name, theta, shards, codec_entry, info, source_stats, dtype)
+
+    def commit(self, name: str, theta: Tensor, *, info: dict[str, Any], parts: int, dtype: str = "float32") -> None:
+        """Lists a dense checkpoint whose shards ``parts`` processes wrote (:class:`ShardWriter`,
+        :func:`write_part`): merges their parts, checks that every source is covered exactly once, writes the
+        per-source bookkeeping and then the manifest. The costs in the parts (``curvature_products``,
+        ``simulation_seconds``, ``replayed_steps``) are summed (seconds and steps: the maximum) into ``info``.
+        A part missing (a process that crashed) is a :class:`StoreError` and the manifest is left as it was."""
+        check_checkpoint_name(name)
+        shards, stats, costs = [], {k: torch.zeros(self.n_sources, dtype=torch.long) for k in _STATS}, {}
+        covered = torch.zeros(self.n_sources, dtype=torch.long)
+        for rank in range(parts):
+            file = self.path / name / f"part-{rank:05d}.safetensors"
+            if not file.is_file():
+                raise StoreError(
+                    f"{file} is missing: process {rank} did not finish checkpoint {name!r} (it crashed or was "
+                    "stopped). The checkpoint is not listed; re-run the fit."
+                )
+            with safe_open(str(file), framework="pt") as fh:
+                meta = fh.metadata()
+                owned = fh.get_tensor("sources")
+                for key in _STATS:
+                    stats[key][owned] = fh.get_tensor(key).long()
+            covered[owned] += 1
+            shards += json.loads(meta["shards"])
+            for key, value in json.loads(meta["costs"]).items():
+                costs[key] = max(costs.get(key, value), value) if key != "curvature_products" else costs.get(key, 0) + value
+        check_coverage(covered, f"the parts of checkpoint {name!r} in {self.path}")
+        stats["valid"] = stats["valid"].bool()
+        self._add_entry(name, theta, shards, {"codec": "dense"}, {**info, **costs}, stats, dtype)
+        for rank in range(parts):
+            (self.path / name / f"part-{rank:05d}.safetensors").unlink(missing_ok=True)
+
+    def _add_entry(
+        self, name: str, theta: Tensor, shards: list, codec_entry: dict, info: dict, stats: dict[str, Tensor], dtype: str
+    ) -> None:
+        """Writes the parameter snapshot and the bookkeeping of a checkpoint whose shards are written, then
+        the manifest that lists it (last: a crash before leaves the previous manifest intact)."""
+        space, folder = self.space, self.path / name
+        _atomic_save_tensors(folder / "params.safetensors", space.unflatten(theta.float().cpu()))
+        _atomic_save_tensors(folder / "sources.safetensors", stats)
         entry = {
             "name": name,
             "params_file": f"{name}/params.safetensors",
@@ -235,22 +380,14 @@ class ResponseStore:
             "dtype": dtype,
             "shards": shards,
             **info,
+            "n_valid": int(stats["valid"].sum()),
+            "n_shortfall": int((stats["shortfall"] > 0).sum()) if "shortfall" in stats else 0,
+            "n_missing_examples": int(stats["missing_examples"].sum()) if "missing_examples" in stats else 0,
             **codec_entry,
         }
         self.manifest["checkpoints"] = [c for c in self.manifest["checkpoints"] if c["name"] != name] + [entry]
         self._write_manifest()
         self._cache.clear()
-
-    def _write_dense(self, name: str, block: DenseResponses, dtype: str, shard_size: int) -> tuple[dict, list]:
-        space = self.space
-        if block.responses.shape != (self.n_sources, space.size):
-            raise ValueError(f"responses must be [S={self.n_sources}, P={space.size}], got {list(block.responses.shape)}.")
-        shards = []
-        for i, start in enumerate(range(0, self.n_sources, shard_size)):
-            stop = min(start + shard_size, self.n_sources)
-            tensors = space.unflatten(block.responses[start:stop].to("cpu", _DTYPES[dtype]))
-            shards.append(self._write_shard(f"{name}/responses-{i:05d}.safetensors", tensors, start, stop))
-        return {"codec": "dense"}, shards
 
     def _write_eigen(self, name: str, block: EigenResponses, dtype: str, shard_size: int) -> tuple[dict, list]:
         space, k = self.space, block.rank
@@ -451,9 +588,14 @@ class ResponseStore:
         """The codec of checkpoint ``name``: ``"dense"`` or ``"eigen"`` (format 1 stores: always dense)."""
         return self.checkpoint_info(name).get("codec", "dense")
 
-    def block(self, name: str, device: torch.device | str = "cpu") -> AnyBlock:
-        """The responses of checkpoint ``name`` as a block of its codec, float32 on ``device`` (cached)."""
+    def block(self, name: str, device: torch.device | str = "cpu", memory_budget_mb: float | None = None) -> AnyBlock:
+        """The responses of checkpoint ``name`` as a block of its codec, float32 on ``device`` (cached).
+
+        ``memory_budget_mb``: a dense checkpoint whose ``S x P`` float32 responses exceed it is not loaded: the
+        block (:class:`StreamedResponses`) reads its shards one at a time at every query instead."""
         if self.codec(name) == "dense":
+            if memory_budget_mb is not None and self.n_sources * self.space.size * 4 > memory_budget_mb * 2**20:
+                return StreamedResponses(partial(self.iter_responses, name), self.n_sources, torch.device(device))
             return DenseResponses(self.responses(name, device))
         key = ("eigen", name, str(device))
         if key not in self._cache:
@@ -472,19 +614,25 @@ class ResponseStore:
         return self._cache[key]
 
     def responses(self, name: str, device: torch.device | str = "cpu") -> Tensor:
-        """``Tensor[S, P]`` float32 responses of a ``"dense"`` checkpoint ``name`` (cached per device)."""
+        """``Tensor[S, P]`` float32 responses of a ``"dense"`` checkpoint ``name`` (cached per device). This holds
+        ``S x P`` numbers: the readout streams the shards instead (:meth:`iter_responses`)."""
         key = (name, str(device))
         if key not in self._cache:
-            blocks = [block for _, block in self.iter_responses(name)]
-            self._cache[key] = torch.cat(blocks).to(device)
+            out = torch.full((self.n_sources, self.space.size), float("nan"))
+            for sources, rows in self.iter_responses(name):
+                out[sources] = rows
+            self._cache[key] = out.to(device)
         return self._cache[key]
 
-    def iter_responses(self, name: str) -> Iterator[tuple[int, Tensor]]:
-        """Yields ``(start, Tensor[S_shard, P])`` float32 per shard of a ``"dense"`` checkpoint, in source order."""
+    def iter_responses(self, name: str) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yields ``(sources: LongTensor[S_shard], Tensor[S_shard, P])`` float32 per shard of a ``"dense"``
+        checkpoint, one shard in memory at a time; every source comes exactly once, in no set order (checked:
+        a :class:`StoreError` after the last shard otherwise)."""
         return self._iter_shards(name, "dense")
 
-    def _iter_shards(self, name: str, codec: str) -> Iterator[tuple[int, Tensor]]:
-        """``(start, Tensor[S_shard, P])`` (dense) or ``(start, Tensor[S_shard, k])`` (eigen coordinates), float32."""
+    def _iter_shards(self, name: str, codec: str) -> Iterator[tuple[Any, Tensor]]:
+        """``(sources LongTensor[S_shard], Tensor[S_shard, P])`` (dense) or ``(start, Tensor[S_shard, k])``
+        (eigen coordinates, contiguous), float32."""
         if self.codec(name) != codec:
             raise StoreError(
                 f"Checkpoint {name!r} of {self.path} holds codec {self.codec(name)!r} responses, not {codec!r}: read "
@@ -500,12 +648,22 @@ class ResponseStore:
                     raise StoreError(f"{shard['file']}: coordinates are {got}, expected {expected}.")
                 yield shard["start"], coordinates.float()
             return
-        space = self.space
+        space, covered = self.space, torch.zeros(self.n_sources, dtype=torch.long)
         for shard in self.checkpoint_info(name)["shards"]:
             tensors = self._read(self.path / shard["file"])
-            expected = shard["stop"] - shard["start"]
+            if "rows" in shard:  # format 3: the shard names its sources
+                sources, expected = tensors.pop(SOURCE_INDEX, None), shard["rows"]
+                if sources is None or tuple(sources.shape) != (expected,):
+                    raise StoreError(f"{shard['file']}: {SOURCE_INDEX} is missing or not [{expected}]; the store is damaged.")
+            else:
+                sources, expected = torch.arange(shard["start"], shard["stop"]), shard["stop"] - shard["start"]
             for pname, shape in zip(space.names, space.shapes):
                 got = tuple(tensors[pname].shape) if pname in tensors else None
                 if got != (expected, *shape):
                     raise StoreError(f"{shard['file']}: tensor {pname!r} is {got}, expected {(expected, *shape)}.")
-            yield shard["start"], space.flatten(tensors, batch_dims=1)
+            sources = sources.long()
+            if sources.numel() and (int(sources.min()) < 0 or int(sources.max()) >= self.n_sources):
+                raise StoreError(f"{shard['file']}: source ids outside [0, {self.n_sources}); the store is damaged.")
+            covered.index_add_(0, sources, torch.ones_like(sources))
+            yield sources, space.flatten(tensors, batch_dims=1)
+        check_coverage(covered, f"checkpoint {name!r} of {self.path}")

@@ -29,14 +29,19 @@ def test_online_steps_equal_end_of_training_propagation(propagation):
     horizon = 25
     end = propagate(initial, [lambda v: v @ a] * horizon, rule)
 
-    online = OnlineSimulation(torch.arange(3), 3, a.shape[0], horizon, rule, torch.device("cpu"))
+    retired = {}
+    sink = lambda sources, rows: retired.update(zip(sources.tolist(), rows))  # noqa: E731
+    online = OnlineSimulation(torch.arange(3), 3, a.shape[0], horizon, rule, torch.device("cpu"), sink=sink, num_examples=1)
     online.live_sources, online.residual = torch.arange(3), initial.clone()
+    online.solution, online.pending_members = torch.zeros_like(initial), torch.zeros(3, dtype=torch.long)  # all injected
     online.increment = initial * online.rule.coefficients(1)[1][0].item()
     online.iteration, online.remaining = torch.zeros(3, dtype=torch.long), torch.full((3,), horizon)
     for _ in range(horizon + 1):  # the last step only retires the rows
         online.step(lambda v: v @ a)
     assert online.products == 3 * horizon
-    torch.testing.assert_close(online.finish(num_examples=1), end, rtol=1e-5, atol=1e-5)
+    assert sorted(retired) == [0, 1, 2] and online.num_live == 0  # retired to the sink as their horizon ran out
+    online.finish()
+    torch.testing.assert_close(torch.stack([retired[s] for s in range(3)]), end, rtol=1e-5, atol=1e-5)
 
 
 def test_accelerated_rules_reach_the_damped_inverse_in_sqrt_kappa_products():

@@ -59,7 +59,7 @@ def test_eigen_codec_at_full_rank_equals_the_exact_damped_target(tmp_path):
     fit(model, x, y, [cb], epochs=8)
     store = ResponseStore.load(cb.dirpath)
     entry = store.checkpoint_info("final")
-    assert store.manifest["format_version"] == 2 and entry["codec"] == "eigen" and entry["rank"] == 163
+    assert store.manifest["format_version"] == 3 and entry["codec"] == "eigen" and entry["rank"] == 163
     exact = exact_influence(model, x, y, xq, yq, entry["damping"])
     ours = model.attribute((xq, yq), responses=cb.dirpath)
     assert ours.shape == exact.shape == (24, 160)

@@ -1,0 +1,515 @@
+"""SimulationEngine: the response simulation of one process, without Lightning.
+
+The engine owns the work the callback only triggers (STYLE.md: the callback is glue):
+
+- **end mode**: at fixed weights, the owned sources are simulated in blocks of at most
+  :meth:`SimulationSettings.block_size` sources (set by ``memory_budget_mb``); each block's gradients,
+  propagation and shard are done before the next starts, so ``S x P`` is never held;
+- **online windows**: sources injected from the live batches of one epoch, propagated on pooled live
+  curvature batches, retired to shards as their horizon is spent (:class:`OnlineSimulation`);
+  what is still live when the fit ends is finished on replayed batches;
+- **codec ``"eigen"``**: the top-k eigenspace and ``k`` coordinates per source (:mod:`spectral`).
+
+Its swappable parts are passed in (as TRAK passes its gradient computer, projector and saver):
+
+- ``partition``: which sources this process simulates (:class:`SourcePartition`; one block of contiguous
+  source ids per process of a distributed fit);
+- ``curvature``: ``(model, theta, batches) -> CurvatureOperator`` (default: the GGN or Hessian of
+  :mod:`curvature`, chunked);
+- the **codec**, ``settings.codec``: ``"dense"`` responses go through a :class:`ShardWriter` as they finish,
+  ``"eigen"`` coordinates are written whole.
+
+Each process writes its own shards and a **part** (:func:`write_part`) per checkpoint; whoever coordinates
+the processes (the callback: a barrier, then rank zero) calls :meth:`SimulationEngine.commit`, which lists
+the checkpoint in the manifest last. Peak memory (README, "Memory"): end mode
+``28 P C`` bytes for a block of ``C`` sources plus the vmapped curvature product's activations (``chunk_size``
+vectors at a time); online ``~20 P L`` bytes for ``L`` live sources plus one shard buffer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map
+from torch.utils.data import DataLoader
+
+from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator
+from lightning_attr.functional import FunctionalModel, to_float32
+from lightning_attr.parameters import ParameterSpace
+from lightning_attr.simulation import (
+    DEFAULT_MOMENTUM,
+    Damping,
+    OnlineSimulation,
+    StepRule,
+    estimate_step_rule,
+    finite_examples,
+    initial_perturbations,
+    propagate,
+    select_examples,
+)
+from lightning_attr.sources import SourceMap, split_batch
+from lightning_attr.spectral import eigen_responses
+from lightning_attr.store import ResponseStore, ShardWriter, write_part
+
+CurvatureFactory = Callable[[FunctionalModel, Tensor, Sequence[Any]], CurvatureOperator]
+_BYTES_PER_SOURCE_AND_PARAMETER = 28  # end mode: 6 float32 [C, P] blocks in flight + the shard buffer (4 bytes each)
+DIVERGED = (
+    "The training loss diverged: every example's loss was non-finite at global step {step} (a learning rate "
+    "too high, or NaN/inf in the data). Fix the training first: attribution explains a trained model."
+)
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """What the simulation does (the callback's options of the same names; see :class:`AttributionCallback`).
+
+    ``memory_budget_mb`` bounds the simulation's own ``[C, P]`` blocks: end mode simulates
+    :meth:`block_size` sources at a time and every shard holds at most that many.
+    """
+
+    horizon: int = 20
+    damping: Damping = "auto"
+    curvature: str = "ggn"
+    mode: str = "online"
+    curvature_batch_size: int = 256
+    step_size: Damping = "auto"
+    propagation: str = "auto"
+    momentum: float = DEFAULT_MOMENTUM
+    damping_scale: float = 1.0
+    chunk_size: int = 2048
+    store_dtype: str = "float32"
+    seed: int = 0
+    codec: str = "dense"
+    rank: int = 256
+    memory_budget_mb: float = 1024.0
+
+    def block_size(self, dim: int) -> int:
+        """Sources simulated (and written per shard) at a time: ``floor(budget / (28 P))``, at least 1."""
+        return max(1, int(self.memory_budget_mb * 2**20) // (_BYTES_PER_SOURCE_AND_PARAMETER * dim))
+
+
+@dataclass(frozen=True)
+class SourcePartition:
+    """The sources one process simulates: contiguous block ``rank`` of ``world_size`` near-equal blocks."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def owned(self, num_sources: int) -> Tensor:
+        """``LongTensor[S_owned]``, ascending."""
+        return torch.arange(num_sources * self.rank // self.world_size, num_sources * (self.rank + 1) // self.world_size)
+
+    def mask(self, num_sources: int) -> Tensor:
+        """``BoolTensor[S]``: the owned sources."""
+        mask = torch.zeros(num_sources, dtype=torch.bool)
+        mask[self.owned(num_sources)] = True
+        return mask
+
+
+class TrainingData:
+    """The training set, read again by the simulation: in order, or shuffled with a private generator.
+
+    Args:
+        dataset, collate_fn: of the training loader (the sampler is not used: every process reads it all).
+        index_key: the example index's key in dict batches (tuple batches carry it last).
+        device: where batches go; floating tensors become float32 (the simulation runs in fp32).
+    """
+
+    def __init__(self, dataset: Any, collate_fn: Callable | None, index_key: str, device: torch.device) -> None:
+        self.dataset, self.collate_fn, self.index_key, self.device = dataset, collate_fn, index_key, device
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _on_device(self, data: Any) -> Any:
+        return to_float32(tree_map(lambda t: t.to(self.device) if isinstance(t, Tensor) else t, data))
+
+    def in_order(self, batch_size: int, examples: Tensor | None = None) -> Iterator[tuple[Any, Tensor]]:
+        """The training set once, in order: ``(data, example index LongTensor[B])``. ``examples``:
+        ``BoolTensor[n]``, keep only those example indices (empty batches are skipped)."""
+        for batch in DataLoader(self.dataset, batch_size=batch_size, collate_fn=self.collate_fn):
+            data, index = split_batch(batch, self.index_key)
+            if examples is not None:
+                keep = examples[index]
+                if not bool(keep.any()):
+                    continue
+                if not bool(keep.all()):
+                    rows = keep.nonzero().squeeze(1)
+                    data, index = select_examples(data, rows), index[rows]
+            yield self._on_device(data), index
+
+    def shuffled(self, batch_size: int, count: int, seed: int) -> list[Any]:
+        """``count`` batches (no index) of a shuffled pass (repeated as needed), from ``Generator(seed)``."""
+        generator = torch.Generator().manual_seed(seed)
+        loader = DataLoader(
+            self.dataset, batch_size, shuffle=True, generator=generator, collate_fn=self.collate_fn,
+            drop_last=len(self.dataset) >= batch_size,
+        )  # fmt: skip
+        batches = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), count)
+        return [self._on_device(split_batch(b, self.index_key)[0]) for b in batches]
+
+
+@dataclass
+class Window:
+    """One online simulation: sources injected during ``injection_epoch`` (0-based), written as ``name``."""
+
+    name: str
+    injection_epoch: int
+    simulation: OnlineSimulation | None = None
+    writer: ShardWriter | None = None
+    complete: bool = False  # every source propagated for the full horizon
+    replayed_steps: int = 0  # steps run on replayed batches after the fit
+    steps_since_injection: int = 0  # propagation steps since the last batch that injected an example
+    progress: Any = None
+    done: bool = False  # written to the store (this process's part)
+
+    def active(self, epoch: int) -> bool:
+        return not (self.done or self.complete) and epoch >= self.injection_epoch
+
+
+@dataclass
+class _Pending:
+    """A checkpoint this process has simulated, waiting for :meth:`SimulationEngine.commit`."""
+
+    rule: dict | None
+    key: str  # "step_rule" or "spectral"
+    eigen: Any = None  # codec "eigen": (block, stats) written whole by the committing process
+    stats: dict = field(default_factory=dict)
+
+
+class SimulationEngine:
+    """Simulates the responses of the sources a process owns and writes them to a :class:`ResponseStore`.
+
+    Args:
+        settings: what to simulate. source_map: examples -> sources. space: the parameter space (``P``).
+        store_path: the store directory (created beforehand by one process).
+        partition: the sources this process simulates.
+        curvature: the curvature operator factory (default: ``settings.curvature`` of :mod:`curvature`).
+        progress: ``(name, total products) -> object with advance(int) and close()``, or None.
+        warn: how warnings are given (``warnings.warn``; the callback passes rank zero's).
+    """
+
+    def __init__(
+        self,
+        settings: SimulationSettings,
+        source_map: SourceMap,
+        space: ParameterSpace,
+        store_path: str,
+        partition: SourcePartition = SourcePartition(),
+        *,
+        curvature: CurvatureFactory | None = None,
+        progress: Callable[[str, int], Any] | None = None,
+        warn: Callable[[str], None] = warnings.warn,
+    ) -> None:
+        self.settings, self.source_map, self.space, self.store_path = settings, source_map, space, store_path
+        self.dim = space.size
+        self.partition = partition
+        self.curvature = curvature or partial(curvature_operator, settings.curvature, chunk_size=settings.chunk_size)
+        self._progress, self._warn = progress, warn
+        self.owned = partition.owned(source_map.num_sources)
+        self.windows: list[Window] = []
+        self.products = 0
+        self.seconds = 0.0
+        self.diverged_at: int | None = None
+        self._pool: list[Any] = []
+        self._warned_non_finite = False
+        self._pending: dict[str, _Pending] = {}
+        self._restored: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ shared
+    def propagation(self) -> str:
+        """The rule ``propagation="auto"`` resolves to: Chebyshev at fixed weights where every curvature batch is the
+        whole training set (end mode, ``curvature_batch_size >= n``: no sampling noise to amplify), heavy-ball
+        otherwise (minibatch curvature, or weights that move online; docs/propagation.md)."""
+        s = self.settings
+        if s.propagation != "auto":
+            return s.propagation
+        exact = s.mode == "end" and s.curvature_batch_size >= self.source_map.num_examples
+        return "chebyshev" if exact else "heavy_ball"
+
+    def _step_rule(self, operator: CurvatureOperator, theta: Tensor) -> StepRule:
+        s = self.settings
+        return estimate_step_rule(
+            operator, theta.numel(), s.damping, s.step_size, s.damping_scale, torch.Generator().manual_seed(s.seed),
+            theta.device, self.propagation(), s.momentum,
+        )  # fmt: skip
+
+    def finite(self, model: FunctionalModel, theta: Tensor, batches: list[Any]) -> list[Any]:
+        """Curvature batches without non-finite examples (warns once with the count)."""
+        kept, dropped = [], 0
+        for batch in batches:
+            batch, n = finite_examples(model, theta, batch)
+            dropped += n
+            if batch_size_of(batch) > 0:
+                kept.append(batch)
+        if dropped and not self._warned_non_finite:
+            self._warned_non_finite = True
+            self._warn(f"{dropped} examples with a non-finite loss were left out of the curvature batches (warned once).")
+        return kept
+
+    def replay(self, model: FunctionalModel, theta: Tensor, data: TrainingData, count: int, step: int) -> list[Any]:
+        """``count`` shuffled training batches of ``curvature_batch_size`` (generator ``seed + 1``, finite examples
+        only); ``step``: the global step, for the error when nothing is finite."""
+        batches = self.finite(model, theta, data.shuffled(self.settings.curvature_batch_size, count, self.settings.seed + 1))
+        if not batches:
+            raise RuntimeError(
+                f"{DIVERGED.format(step=step)} Every replayed training example has a non-finite loss at the final "
+                "weights, so no responses can be simulated."
+            )
+        return batches
+
+    def _new_progress(self, name: str, done: int = 0) -> Any:
+        if self._progress is None:
+            return None
+        progress = self._progress(name, int(self.owned.numel()) * self.settings.horizon)
+        progress.advance(done)
+        return progress
+
+    def _count(self, progress: Any, products: int) -> None:
+        self.products += products
+        if progress is not None:
+            progress.advance(products)
+
+    def _writer(self, name: str) -> ShardWriter:
+        prefix = f"r{self.partition.rank}-" if self.partition.world_size > 1 else ""
+        rows = self.settings.block_size(self.dim)
+        return ShardWriter(self.store_path, name, self.space, self.settings.store_dtype, prefix=prefix, rows_per_shard=rows)
+
+    def _write_part(self, name: str, writer: ShardWriter, stats: dict[str, Tensor], replayed: int = 0) -> None:
+        """This process's share of checkpoint ``name``: its shards and the bookkeeping of its sources."""
+        writer.flush()
+        owned = self.owned
+        costs = {"curvature_products": self.products, "simulation_seconds": round(self.seconds, 3), "replayed_steps": replayed}
+        write_part(self.store_path, name, self.partition.rank, writer.shards, owned, {k: v[owned] for k, v in stats.items()}, costs)
+        _warn_invalid(self._warn, stats["valid"][owned])
+
+    # ------------------------------------------------------------------ end mode
+    def simulate_checkpoint(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str, step: int) -> None:
+        """Simulates the owned sources at ``theta`` (end mode or codec ``"eigen"``) and writes this process's
+        part of checkpoint ``name`` (codec ``"eigen"``: rank zero computes and keeps it for :meth:`commit`)."""
+        start = time.perf_counter()
+        if self.settings.codec == "eigen":
+            if self.partition.rank == 0:
+                self._simulate_eigen(model, theta, data, name)
+        else:
+            self._simulate_dense(model, theta, data, name, step)
+        self.seconds += time.perf_counter() - start
+
+    def _simulate_dense(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str, step: int) -> None:
+        s, source_map = self.settings, self.source_map
+        replay = self.replay(model, theta, data, s.horizon, step)
+        operators = [self.curvature(model, theta, [b]) for b in replay]
+        rule = self._step_rule(operators[0], theta)
+        progress = self._new_progress(name)
+        counted = [_Counting(op, self, progress) for op in operators]
+        writer, valid = self._writer(name), torch.ones(source_map.num_sources, dtype=torch.bool)
+        e2s = source_map.example_to_source
+        for block in self.owned.split(s.block_size(self.dim)):
+            local = torch.full((source_map.num_sources,), -1, dtype=torch.long)
+            local[block] = torch.arange(block.numel())
+            examples = (e2s >= 0) & (local[e2s.clamp_min(0)] >= 0)
+            batches = data.in_order(s.curvature_batch_size, None if bool(examples.all()) else examples)
+            u0, finite = initial_perturbations(model, theta, batches, local[e2s.clamp_min(0)].where(e2s >= 0, -1), block.numel())
+            responses = propagate(u0, counted, rule).div_(source_map.training_set_size)
+            del u0
+            responses[~finite] = float("nan")  # non-finite gradients: no reader may take them for zero
+            valid[block] = finite.cpu()
+            writer.add(block, responses)
+            del responses
+        if progress is not None:
+            progress.close()
+        zeros = torch.zeros(source_map.num_sources, dtype=torch.long)
+        self._write_part(name, writer, {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()})
+        self._pending[name] = _Pending(rule.to_json(), "step_rule")
+
+    def _simulate_eigen(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> None:
+        """Codec ``"eigen"``: the top-``rank`` eigenspace of the GGN over the whole training set, then each source's
+        damped coordinates in it (one pass of per-source gradients)."""
+        s, source_map = self.settings, self.source_map
+        batches = list(data.in_order(s.curvature_batch_size))
+        curvature = self.finite(model, theta, [d for d, _ in batches])
+        if not curvature:
+            raise RuntimeError("Every training example has a non-finite loss; cannot compute the curvature.")
+        block, finite, info = eigen_responses(
+            model, theta, batches, curvature, source_map.example_to_source, source_map.num_sources,
+            source_map.training_set_size, rank=s.rank, damping=s.damping, damping_scale=s.damping_scale,
+            horizon=s.horizon, chunk_size=s.chunk_size, momentum=s.momentum,
+            # its eigenspace comes from products over the whole training set: exact curvature
+            propagation="chebyshev" if s.propagation == "auto" else s.propagation,
+            generator=torch.Generator().manual_seed(s.seed),
+        )  # fmt: skip
+        self.products += info["curvature_products"]
+        zeros = torch.zeros(source_map.num_sources, dtype=torch.long)
+        stats = {"valid": finite.cpu(), "shortfall": zeros, "missing_examples": zeros.clone()}
+        _warn_invalid(self._warn, stats["valid"])
+        block.coordinates[~finite] = float("nan")
+        self._pending[name] = _Pending(info, "spectral", eigen=block, stats=stats)
+
+    def commit(self, store: ResponseStore, name: str, theta: Tensor, info: dict[str, Any], parts: int) -> None:
+        """Lists checkpoint ``name`` in the manifest once every process wrote its part (call it on one process
+        after the others are done). ``info``: the caller's context (epoch, step, mode, ...)."""
+        pending = self._pending.pop(name)
+        info = {**info, pending.key: pending.rule}
+        if pending.eigen is not None:
+            costs = {"curvature_products": self.products, "simulation_seconds": round(self.seconds, 3), "replayed_steps": 0}
+            store.add_checkpoint(
+                name, theta, pending.eigen, info={**info, **costs}, source_stats=pending.stats, dtype=self.settings.store_dtype
+            )
+        else:
+            store.commit(name, theta, info=info, parts=parts, dtype=self.settings.store_dtype)
+
+    # ------------------------------------------------------------------ online windows
+    def plan(self, windows: Sequence[tuple[str, int]], restored: dict[str, Any] | None = None) -> None:
+        """The online windows ``(name, injection epoch (0-based))``, the final one last; ``restored``: the
+        :meth:`state_dict` of a resumed fit."""
+        restored = (restored or {}).get("windows", {})
+        self.windows = [Window(name, epoch) for name, epoch in windows]
+        for window in self.windows:
+            window.done = restored.get(window.name) == "done"
+        self._restored = restored
+
+    def active(self, epoch: int) -> bool:
+        return any(w.active(epoch) for w in self.windows)
+
+    def on_optimizer_step(
+        self, model: FunctionalModel, theta: Tensor, batches: list[tuple[Any, Tensor]], epoch: int, step: int, pool_size: int
+    ) -> list[Window]:
+        """One optimizer step's live batches ``(data, example index)`` (every process's, in a distributed fit):
+        injects (during a window's injection epoch), pools them into curvature batches of at least
+        ``pool_size`` examples and propagates each active window one step per full pool. Returns the
+        checkpoint windows (not ``"final"``) that completed: write them with :meth:`close_window`."""
+        start = time.perf_counter()
+        finished: list[Window] = []
+        curvature_batches = self.finite(model, theta, [d for d, _ in batches])
+        if not curvature_batches:  # every example non-finite: nothing to learn the curvature from
+            self.diverged_at = step if self.diverged_at is None else self.diverged_at
+            return finished
+        active = [w for w in self.windows if w.active(epoch)]
+        for window in active:
+            if window.simulation is None:
+                self._open(window, theta)
+            if epoch == window.injection_epoch:
+                injected = [window.simulation.inject(model, theta, data, index) for data, index in batches]
+                if any(injected):
+                    window.steps_since_injection = 0
+        # live batches are pooled into curvature batches of >= pool_size examples: one propagation step per
+        # pool, at the weights of the step that completes it (less sampling noise)
+        self._pool.extend(curvature_batches)
+        if sum(batch_size_of(b) for b in self._pool) >= pool_size:
+            operator = self.curvature(model, theta, self._pool)
+            self._pool = []
+            for window in active:
+                self._step(window, operator, theta)
+                # every source of the window has spent its horizon (the same step on every process)
+                if epoch > window.injection_epoch and window.steps_since_injection > self.settings.horizon:
+                    window.complete = True
+                    if window.name != "final":  # the final window is written at the end of fit, final weights
+                        finished.append(window)
+        self.seconds += time.perf_counter() - start
+        return finished
+
+    def _open(self, window: Window, theta: Tensor) -> None:
+        """A window's simulation and shard writer (restored on resume); its step rule is set at its first step."""
+        source_map = self.source_map
+        window.writer = self._writer(window.name)
+        window.simulation = OnlineSimulation(
+            source_map.example_to_source, source_map.num_sources, theta.numel(), self.settings.horizon, None,
+            theta.device, sink=window.writer.add, num_examples=source_map.training_set_size,
+            owned=self.partition.mask(source_map.num_sources),
+        )  # fmt: skip
+        state = self._restored.get(window.name)
+        if isinstance(state, dict):
+            window.simulation.load_state_dict(state["simulation"])
+            window.writer.load_state_dict(state["writer"])
+            window.steps_since_injection = int(state["steps_since_injection"])
+        window.progress = self._new_progress(window.name, window.simulation.products)
+
+    def _step(self, window: Window, operator: CurvatureOperator, theta: Tensor) -> None:
+        simulation = window.simulation
+        if simulation.rule is None:  # from the window's first pool: a mid-training window's curvature is its own
+            simulation.rule = self._step_rule(operator, theta)
+        before = simulation.products
+        simulation.step(operator)
+        window.steps_since_injection += 1
+        self._count(window.progress, simulation.products - before)
+
+    def finish_on_replay(self, model: FunctionalModel, theta: Tensor, data: TrainingData, window: Window, step: int) -> None:
+        """Propagates what is still live when the fit ends for its remaining steps, at the final weights, on
+        batches replayed from the training set (at most ``horizon`` of them)."""
+        simulation = window.simulation
+        steps = int(simulation.remaining.max()) if simulation.num_live else 0  # finish() adds the last increments
+        if steps == 0:
+            return
+        start = time.perf_counter()
+        for batch in self.replay(model, theta, data, steps, step):
+            self._step(window, self.curvature(model, theta, [batch]), theta)
+        window.replayed_steps = steps
+        self.seconds += time.perf_counter() - start
+
+    def close_window(self, window: Window) -> None:
+        """Finishes a window (every owned source not yet retired goes to its shards, incomplete ones as NaN) and
+        writes this process's part; then :meth:`commit` it."""
+        simulation, source_map = window.simulation, self.source_map
+        owned = self.partition.mask(source_map.num_sources)
+        missing = ~simulation.injected.cpu() & source_map.in_training_set
+        simulation.finish()
+        shortfall = simulation.shortfall.cpu()
+        missing_per_source = torch.bincount(source_map.example_to_source[missing], minlength=source_map.num_sources)
+        n_missing, n_short = int(missing_per_source[owned].sum()), int((shortfall[owned] > 0).sum())
+        if n_missing or n_short:
+            self._warn(
+                f"Window {window.name!r}: {n_missing} training examples were never injected and {n_short} sources "
+                f"were propagated for fewer than {self.settings.horizon} steps; both are recorded per source in the "
+                "store, and those sources score NaN."
+            )
+        stats = {"valid": simulation.valid.cpu(), "shortfall": shortfall, "missing_examples": missing_per_source}
+        self._write_part(window.name, window.writer, stats, window.replayed_steps)
+        rule = simulation.rule
+        self._pending[window.name] = _Pending(None if rule is None else rule.to_json(), "step_rule" if rule else "spectral")
+        if window.progress is not None:
+            window.progress.close()
+        window.done, window.simulation, window.writer, window.progress = True, None, None, None
+
+    def live(self) -> list[OnlineSimulation]:
+        return [w.simulation for w in self.windows if w.simulation is not None and not w.done]
+
+    def state_dict(self) -> dict[str, Any]:
+        windows = {}
+        for w in self.windows:
+            if w.done:
+                windows[w.name] = "done"
+            elif w.simulation is not None:
+                w.writer.flush()  # rows waiting are written, so the state names every shard it relies on
+                windows[w.name] = {
+                    "simulation": w.simulation.state_dict(), "writer": w.writer.state_dict(),
+                    "steps_since_injection": w.steps_since_injection,
+                }  # fmt: skip
+        return {"windows": windows}
+
+
+class _Counting:
+    """A curvature operator that counts its products into the engine (and its progress bar)."""
+
+    def __init__(self, operator: CurvatureOperator, engine: SimulationEngine, progress: Any) -> None:
+        self.operator, self.engine, self.progress = operator, engine, progress
+
+    def __call__(self, block: Tensor) -> Tensor:
+        self.engine._count(self.progress, block.shape[0])
+        return self.operator(block)
+
+
+def _warn_invalid(warn: Callable[[str], None], valid: Tensor) -> None:
+    if not bool(valid.all()):
+        bad = (~valid).nonzero().squeeze(1)
+        warn(
+            f"{bad.numel()} sources had non-finite gradients or responses (first: {bad[:5].tolist()}); they are "
+            "stored as invalid and score NaN. Check those examples and the loss for NaN/inf."
+        )

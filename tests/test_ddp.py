@@ -1,0 +1,69 @@
+"""DDP through Lightning's strategy: 2 CPU processes (gloo), each simulating its own block of sources.
+
+The fits are in ``tests/ddp_fit.py``: on one process here, on two in a script of their own (Lightning's
+``ddp_fork`` launcher forks the processes from it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ddp_fit import fit_stores
+from lightning_attr.store import ResponseStore, StoreError
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_fit.py")
+
+
+def _run(out, *args: str) -> subprocess.CompletedProcess:
+    root = os.path.dirname(os.path.dirname(SCRIPT))  # this checkout first, as the tests import it
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, SCRIPT, str(out), *args], env=env, capture_output=True, text=True, timeout=180
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise AssertionError(f"{SCRIPT} {args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """The same fits (online and end mode, a checkpoint after epoch 2 and the final one) on 1 and 2 processes, and
+    on 2 where process 1 fails at step 20, inside the final window (``two/crashed``)."""
+    out = tmp_path_factory.mktemp("ddp")
+    fit_stores(str(out / "one"), 1)
+    done = _run(out / "two", "--devices", "2", "--crash-at", "20")
+    assert "the crashed fit failed as planned" in done.stdout
+    return out
+
+
+@pytest.mark.parametrize("mode", ["online", "end"])
+def test_two_processes_write_the_single_process_store(stores, mode):
+    """Each process simulates and writes its half of the sources; rank zero lists them: the store equals the
+    single-process one within float tolerance (the same examples per optimizer step, pooled in another order)."""
+    one, two = ResponseStore.load(stores / "one" / mode), ResponseStore.load(stores / "two" / mode)
+    assert one.checkpoints == two.checkpoints == ["epoch=2", "final"]
+    for name in two.checkpoints:
+        info = two.checkpoint_info(name)
+        assert info["processes"] == 2 and {s["file"].split("/")[1][:13] for s in info["shards"]} == {
+            "responses-r0-", "responses-r1-"
+        }
+        assert info["curvature_products"] == one.checkpoint_info(name)["curvature_products"]
+        a, b = one.responses(name), two.responses(name)
+        assert torch.isfinite(a).all() and bool(two.scorable(name).all())
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+        assert not any(p.name.startswith("part-") for p in (two.path / name).iterdir())  # merged, then removed
+
+
+def test_a_crashed_process_leaves_no_corrupt_store(stores):
+    """Process 1 fails inside the final window: the checkpoint committed before the crash stays readable, the
+    final one is never listed (its shards are orphans), and listing it is refused with the missing part named."""
+    store = ResponseStore.load(stores / "two" / "crashed" / "online")
+    assert store.checkpoints == ["epoch=2"] and torch.isfinite(store.responses("epoch=2")).all()
+    with pytest.raises(StoreError, match="did not finish checkpoint 'final'"):
+        store.commit("final", store.theta("epoch=2"), info={}, parts=2)
+    assert ResponseStore.load(store.path).checkpoints == ["epoch=2"]
