@@ -75,10 +75,11 @@ def test_every_data_option_instantiates(data, tmp_path, monkeypatch):
         return
     dm.setup("fit")
     x, y, idx = next(iter(dm.train_dataloader()))
-    assert tuple(x.shape[1:]) == tuple(cfg.data.input_shape) and idx.dtype == torch.int64
+    shape = (cfg.data.context,) if data == "stdlib_text" else tuple(cfg.data.input_shape)  # text: windows of tokens
+    assert tuple(x.shape[1:]) == shape and idx.dtype == torch.int64
 
 
-PAIRS = [(m, d) for m in _options("model") for d in ("mnist1d", "digits") if (m, d) != ("cnn", "mnist1d")]
+PAIRS = [(m, d) for m in _options("model") for d in ("mnist1d", "digits") if (m, d) != ("cnn", "mnist1d") and m != "causal_lm"]
 
 
 @pytest.mark.parametrize(("model", "data"), PAIRS)
@@ -151,6 +152,23 @@ def test_every_experiment_composes_and_instantiates(experiment):
     assert cfg.task_name == experiment
     instantiate(cfg.data), instantiate(cfg.model), instantiate(cfg.sources)
     assert instantiate(cfg.callbacks.attribution).horizon == cfg.callbacks.attribution.horizon
+
+
+def test_experiment_stdlib_lm_composes_a_language_model_with_module_sources():
+    """`experiment=stdlib_lm`: the byte-level model reads the data's vocabulary and context; sources are module names."""
+    cfg = _compose(["experiment=stdlib_lm", "data.n_modules=5", "data.windows_per_module=2"])
+    assert cfg.callbacks.attribution.mode == "end" and cfg.sources.column == "module"
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    ids = instantiate(cfg.sources)(dm)
+    assert len(ids) == 10 and ids[0] == ids[1] == dm.text.modules[0] and len(set(ids)) == 5
+    model = instantiate(cfg.model)
+    x, y, _ = next(iter(dm.train_dataloader()))
+    assert model(x).shape == (len(x), cfg.data.context, cfg.data.vocab_size)
+    from hydra.errors import InstantiationException
+
+    with pytest.raises(InstantiationException, match="fix data.vocab_size"):
+        instantiate(cfg.data, vocab_size=256)
 
 
 def test_attribute_config_composes():

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from lightning_attr.app.io import write_json
 from lightning_attr.app.logs import UsageError, exit_on_usage_error, route_logging_to_job_log
+from lightning_attr.models.causal_lm import IGNORE_INDEX
 
 
 @dataclass
@@ -35,9 +36,9 @@ class AttributionResult:
     """Everything the report draws. Shapes: ``Q`` queries, ``S`` sources, ``n`` training examples, ``k`` top-k."""
 
     queries: str
-    x_query: Tensor  # [Q, *input_shape] as drawn (raw pixels where the dataset has them)
-    y_query: Tensor  # [Q]
-    pred: Tensor  # [Q]
+    x_query: Tensor | list[str]  # [Q, *input_shape] as drawn (raw pixels where the dataset has them), or each query's text
+    y_query: Tensor  # [Q] classes, or [Q, T] a language model's next tokens (-100 where not scored)
+    pred: Tensor  # [Q], or [Q, T] (argmax of the outputs)
     scores: Tensor  # [Q, S] predicted rise of the query loss if the source were removed
     source_ids: list
     example_to_source: Tensor  # [n] source position of each training example
@@ -48,6 +49,11 @@ class AttributionResult:
     rank_by: str = "score"  # what the per-query top-k lists are ranked by: "score" or "relative"
     metrics: dict[str, Any] = field(default_factory=dict)
     measurement: Tensor | None = None  # [Q] each query's measurement (its loss by default): the scores' scale
+
+    @property
+    def is_sequence(self) -> bool:
+        """Queries are sequences scored position by position (a language model's continuations), not classes."""
+        return self.y_query.dim() > 1
 
     @property
     def ranking(self) -> Tensor:
@@ -199,9 +205,10 @@ def attribute_run(cfg: DictConfig) -> dict[str, Any]:
     if self_influence is not None:
         result.relative = relative_scores(result.scores, self_influence, result.example_to_source)
         result.rank_by = rank_by
-    result.metrics["accuracy"] = float((result.pred == result.y_query).float().mean())
-    flipped = datamodule.metadata["flipped"]
-    if self_influence is not None and bool(flipped.any()):
+    scored = result.y_query != IGNORE_INDEX  # every label of a classifier; a continuation's positions of a language model
+    result.metrics["accuracy"] = float((result.pred == result.y_query)[scored].float().mean())
+    flipped = datamodule.metadata.get("flipped")
+    if self_influence is not None and flipped is not None and bool(flipped.any()):
         finite = torch.isfinite(self_influence)
         result.metrics["mislabel_auc"] = float(binary_auroc(self_influence[finite], flipped[finite].long()))
         result.metrics["n_flipped"] = int(flipped.sum())

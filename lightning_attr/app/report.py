@@ -27,13 +27,15 @@ PRO, OPP, NEUTRAL, FLIP = "#1b7837", "#b2182b", "#4d4d4d", "#d6604d"
 
 
 # ---------------------------------------------------------------------- drawing helpers
-def draw_example(ax, x: Tensor, display_shape: tuple[int, ...] | None, color: str = NEUTRAL) -> None:
-    """Draw one input: an image when ``display_shape`` is set, else a 1D signal."""
-    x = x.detach().float().cpu()
-    if display_shape is not None:
+def draw_example(ax, x: Tensor | str, display_shape: tuple[int, ...] | None, color: str = NEUTRAL) -> None:
+    """Draw one input: text as text, an image when ``display_shape`` is set, else a 1D signal."""
+    if isinstance(x, str):
+        ax.text(0.02, 0.98, x, family="monospace", fontsize=6, va="top", ha="left", wrap=True, transform=ax.transAxes)
+    elif display_shape is not None:
+        x = x.detach().float().cpu()
         ax.imshow(x.reshape(display_shape).numpy(), cmap="gray_r", interpolation="nearest")
     else:
-        ax.plot(x.reshape(-1).numpy(), color=color, lw=1.5)
+        ax.plot(x.detach().float().cpu().reshape(-1).numpy(), color=color, lw=1.5)
     ax.set_xticks([]), ax.set_yticks([])
     for spine in ax.spines.values():
         spine.set_edgecolor(color)
@@ -58,11 +60,14 @@ class _Sources:
         self.example_of = torch.full((n_sources,), -1, dtype=torch.long)
         if self.per_example:
             self.example_of[self.e2s] = torch.arange(len(self.e2s))
-        self.x = datamodule.display_train
-        self.label = datamodule.metadata["label"]
-        self.flipped = datamodule.metadata["flipped"]
-        self.true_label = datamodule.metadata["true_label"]
+        self.x = getattr(datamodule, "display_train", None)
+        # per-example labels, where the data has them (a language model's windows have none)
+        self.label = datamodule.metadata.get("label")
+        self.flipped = datamodule.metadata.get("flipped")
+        self.true_label = datamodule.metadata.get("true_label")
         self.poisoned = datamodule.metadata.get("poisoned")
+        #: training examples can be drawn with their labels (per-example figures and the self-influence grid)
+        self.drawable = self.label is not None and self.flipped is not None and self.x is not None
 
     def name(self, j: int) -> str:
         return str(self.ids[j])
@@ -71,7 +76,9 @@ class _Sources:
         row: dict[str, Any] = {"source_position": j, "source_id": self.name(j), "n_examples": int(self.counts[j])}
         if self.per_example:
             e = int(self.example_of[j])
-            row.update(example=e, source_label=int(self.label[e]), flipped=bool(self.flipped[e]))
+            row["example"] = e
+            if self.drawable:
+                row.update(source_label=int(self.label[e]), flipped=bool(self.flipped[e]))
             if self.poisoned is not None:
                 row["poisoned"] = bool(self.poisoned[e])
         return row
@@ -103,11 +110,11 @@ def figure_query(path: Path, q: int, result, sources: _Sources, display_shape) -
     scores, ranking = result.scores[q], result.ranking[q]
     finite = scores.nan_to_num(float("-inf"))
     pro, opp = _top(ranking, k)
-    y, pred = int(result.y_query[q]), int(result.pred[q])
-    title = f"query {q}: label {y}, predicted {pred}"
+    title = f"query {q}: {_query_caption(result, q)}"
     if result.y_true is not None:
         title += f" (triggered; true class {int(result.y_true[q])})"
-    if sources.per_example:
+    if sources.per_example and sources.drawable and not result.is_sequence:
+        y, pred = int(result.y_query[q]), int(result.pred[q])
         fig, axes = plt.subplots(2, k + 1, figsize=(1.9 * (k + 1), 4.5), squeeze=False)
         fig.subplots_adjust(hspace=0.5)
         ok = PRO if pred == y else OPP
@@ -132,9 +139,9 @@ def figure_query(path: Path, q: int, result, sources: _Sources, display_shape) -
         show = sorted(set(pro) | set(opp), key=lambda j: -float(finite[j])) if len(scores) > 24 else list(range(len(scores)))
         fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, max(2.6, 0.26 * len(show) + 1)),
                                        gridspec_kw={"width_ratios": [1, 3]})
-        ok = PRO if pred == y else OPP
+        ok = OPP if _misclassified(result, q) else PRO
         draw_example(ax0, result.x_query[q], display_shape, ok)
-        ax0.set_title(f"label {y} / pred {pred}", fontsize=8, color=ok)
+        ax0.set_title(_query_caption(result, q), fontsize=8, color=ok)
         vals = [float(scores[j]) for j in show]
         ax1.barh(range(len(show)), vals, color=[PRO if v > 0 else OPP for v in vals])
         ax1.set_yticks(range(len(show)), [sources.name(j) for j in show], fontsize=7)
@@ -150,6 +157,21 @@ def figure_query(path: Path, q: int, result, sources: _Sources, display_shape) -
     return _save(fig, path)
 
 
+def _query_caption(result, q: int) -> str:
+    """``label 3 / pred 5`` for a class; the continuation's loss for a sequence (drawn as text beside it)."""
+    if result.is_sequence:
+        return f"continuation, loss {float(result.measurement[q]):.3g}"
+    return f"label {int(result.y_query[q])} / pred {int(result.pred[q])}"
+
+
+def _misclassified(result, q: int) -> bool:
+    """The prediction is wrong (a class), or most scored next tokens are (a sequence)."""
+    if result.is_sequence:
+        scored = result.y_query[q] != -100
+        return float((result.pred[q] == result.y_query[q])[scored].float().mean()) < 0.5
+    return int(result.pred[q]) != int(result.y_query[q])
+
+
 def figure_top_sources(path: Path, result, sources: _Sources, n: int = 20) -> tuple[Path, list[int]]:
     mean = result.scores.nanmean(dim=0)
     strength = result.scores.abs().nanmean(dim=0).nan_to_num(-1.0)
@@ -161,7 +183,7 @@ def figure_top_sources(path: Path, result, sources: _Sources, n: int = 20) -> tu
     labels = []
     for j in top:
         d = sources.describe(j)
-        labels.append(f"{d['source_id']}" + (f" (label {d['source_label']}{', flipped' if d['flipped'] else ''})" if sources.per_example else f" ({d['n_examples']} ex.)"))
+        labels.append(f"{d['source_id']}" + (f" (label {d['source_label']}{', flipped' if d['flipped'] else ''})" if "source_label" in d else f" ({d['n_examples']} ex.)"))
     ax.set_yticks(range(len(top)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.axvline(0, color=NEUTRAL, lw=0.8)
@@ -236,7 +258,7 @@ def queries_to_draw(result, draw: str, n_drawn: int) -> list[int]:
     ``n_drawn`` whose prediction is wrong (``draw="misclassified"``)."""
     if draw == "first":
         return list(range(min(n_drawn, len(result.scores))))
-    return (result.pred != result.y_query).nonzero().squeeze(1)[:n_drawn].tolist()
+    return [q for q in range(len(result.scores)) if _misclassified(result, q)][:n_drawn]
 
 
 # ---------------------------------------------------------------------- tables
@@ -250,8 +272,7 @@ def topk_rows(result, sources: _Sources) -> list[dict[str, Any]]:
         pro, opp = _top(result.ranking[q], k)
         for kind, order in (("proponent", pro), ("opponent", opp)):
             for rank, j in enumerate(order, start=1):
-                row = {"query": q, "query_label": int(result.y_query[q]), "prediction": int(result.pred[q]),
-                       "query_loss": float(result.measurement[q]), "kind": kind, "rank": rank,
+                row = {"query": q, **_query_columns(result, q), "query_loss": float(result.measurement[q]), "kind": kind, "rank": rank,
                        "ranked_by": result.rank_by, "score": float(scores[j]),
                        "score_fraction_of_query_loss": float(result.fraction[q, j])}
                 if relative is not None:
@@ -260,17 +281,23 @@ def topk_rows(result, sources: _Sources) -> list[dict[str, Any]]:
     return rows
 
 
+def _query_columns(result, q: int) -> dict[str, Any]:
+    """What a table says about a query: its label and prediction, or a continuation's text."""
+    if result.is_sequence:
+        return {"query_text": result.x_query[q]}
+    return {"query_label": int(result.y_query[q]), "prediction": int(result.pred[q])}
+
+
 def query_rows(result, sources: _Sources) -> list[dict[str, Any]]:
     """One row per query: its label, prediction and loss, and its strongest proponent and opponent (by
     the ranking in use) with raw score, share of the query's loss and relative score."""
     rows = []
     for q in range(len(result.scores)):
         pro, opp = _top(result.ranking[q], 1)
-        row: dict[str, Any] = {"query": q, "label": int(result.y_query[q]), "prediction": int(result.pred[q]),
-                               "loss": float(result.measurement[q])}
+        row: dict[str, Any] = {"query": q, **_query_columns(result, q), "loss": float(result.measurement[q])}
         for kind, j in (("proponent", pro[0]), ("opponent", opp[0])):
             row[f"top {kind}"] = sources.name(j) + (
-                f" (label {int(sources.label[sources.example_of[j]])})" if sources.per_example else "")
+                f" (label {int(sources.label[sources.example_of[j]])})" if sources.per_example and sources.drawable else "")
             row[f"{kind} score"] = float(result.scores[q, j])
             row[f"{kind} % of loss"] = 100 * float(result.fraction[q, j])
             if result.relative is not None:
@@ -292,7 +319,7 @@ def class_rows(result, sources: _Sources) -> list[dict[str, Any]]:
         picks = [_top(result.ranking[q], k) for q in members.tolist()]
         top1 = torch.tensor([pro[0] for pro, _ in picks])
         row["top proponent % of loss (median)"] = 100 * float(result.fraction[members, top1].median())
-        if sources.per_example:
+        if sources.per_example and sources.drawable:
             pro = torch.tensor([p for p, _ in picks]).flatten()
             opp = torch.tensor([o for _, o in picks]).flatten()
             row[f"top-{k} proponents with this label"] = float((sources.label[sources.example_of[pro]] == c).float().mean())
@@ -377,8 +404,8 @@ def write_report(out_dir: Path, result, datamodule, train_cfg, run: dict[str, An
     items = [
         ("run", run["run_dir"]),
         ("data", f"{datamodule.dataset}: {datamodule.n_train:,} training examples"
-                 + (f", {int(datamodule.metadata['flipped'].sum())} labels flipped" if bool(datamodule.metadata['flipped'].any()) else "")),
-        ("model", train_cfg.model.net.get("_target_", train_cfg.model.get("_target_"))),
+                 + (f", {int(sources.flipped.sum())} labels flipped" if sources.flipped is not None and bool(sources.flipped.any()) else "")),
+        ("model", (train_cfg.model.get("net") or {}).get("_target_", train_cfg.model.get("_target_"))),
         ("sources", f"{len(result.source_ids):,} ({'one per example' if sources.per_example else 'groups'})"),
         ("attribution", ", ".join(f"{k}={v}" for k, v in train_cfg.callbacks.get(next(iter(run['responses'])), {}).items()
                                   if k in ("horizon", "damping", "curvature", "mode"))),
@@ -418,10 +445,11 @@ def write_report(out_dir: Path, result, datamodule, train_cfg, run: dict[str, An
         figures.append(path)
         body.append(_img(f"figures/{path.name}", f"query {q}"))
 
-    body.append("<h2>Per class</h2>")
-    body.append("<p class='note'>Queries grouped by their label. <i>% of loss</i>: a score as a share of the "
-                "query's own loss (+10% = removing the source would raise this query's loss by a tenth).</p>")
-    body.append(_sortable_table(class_rows(result, sources)))
+    if not result.is_sequence:  # a continuation has no class
+        body.append("<h2>Per class</h2>")
+        body.append("<p class='note'>Queries grouped by their label. <i>% of loss</i>: a score as a share of the "
+                    "query's own loss (+10% = removing the source would raise this query's loss by a tenth).</p>")
+        body.append(_sortable_table(class_rows(result, sources)))
     body.append("<h2>Every query (click a column to sort)</h2>")
     body.append(f"<div class='scroll'>{_sortable_table(query_rows(result, sources))}</div>")
 
@@ -430,12 +458,12 @@ def write_report(out_dir: Path, result, datamodule, train_cfg, run: dict[str, An
     path, top = figure_top_sources(fig_dir / "top_sources.png", result, sources)
     figures.append(path)
     body.append(_img(f"figures/{path.name}", "most influential sources"))
-    if sources.per_example:
+    if sources.per_example and sources.drawable:
         path = figure_examples_grid(fig_dir / "top_sources_examples.png", [int(sources.example_of[j]) for j in top[:16]],
                                     sources, display_shape, "the 16 most influential training examples (mean |score|)")
         figures.append(path)
         body.append(_img(f"figures/{path.name}", "most influential examples"))
-    else:
+    elif not sources.per_example:
         path = figure_sources_bar(fig_dir / "sources_bar.png", result, sources)
         figures.append(path)
         body.append(_img(f"figures/{path.name}", "per-source bar chart"))
@@ -448,12 +476,14 @@ def write_report(out_dir: Path, result, datamodule, train_cfg, run: dict[str, An
         if "mislabel_auc" in m:
             body.append(f"<p><b>Mislabel detection AUC: {m['mislabel_auc']:.3f}</b> ({m['n_flipped']} flipped labels among "
                         f"{len(si):,} examples).</p>")
-        order = si.nan_to_num(float("-inf")).argsort(descending=True)[:16].tolist()
-        path = figure_examples_grid(fig_dir / "self_influence_top.png", order, sources, display_shape,
-                                    "highest self-influence", values=[float(si[e]) for e in order])
-        figures.append(path)
-        body.append(_img(f"figures/{path.name}", "highest self-influence examples"))
-        path = figure_self_influence(fig_dir / "self_influence_hist.png", si, datamodule.metadata["flipped"])
+        if sources.drawable:
+            order = si.nan_to_num(float("-inf")).argsort(descending=True)[:16].tolist()
+            path = figure_examples_grid(fig_dir / "self_influence_top.png", order, sources, display_shape,
+                                        "highest self-influence", values=[float(si[e]) for e in order])
+            figures.append(path)
+            body.append(_img(f"figures/{path.name}", "highest self-influence examples"))
+        flipped = sources.flipped if sources.flipped is not None else torch.zeros(len(si), dtype=torch.bool)
+        path = figure_self_influence(fig_dir / "self_influence_hist.png", si, flipped)
         figures.append(path)
         body.append(_img(f"figures/{path.name}", "self-influence distribution"))
 

@@ -27,12 +27,15 @@ class PerExample:
 
 
 class ByColumn:
-    """One source per distinct value of a metadata column (``label``, ``true_label``, ``group``, ...).
+    """One source per distinct value of a metadata column (``label``, ``true_label``, ``group``, ``module``, ...).
+
+    A datamodule with ``column_names[column]`` (a list: value -> name) gives named ids (``module`` of
+    :class:`lightning_attr.data.StdlibTextDataModule`: the module's name).
 
     Args:
         column: the column of ``datamodule.metadata``.
         prefix: source ids are ``f"{prefix}{value}"`` (default ``f"{column}="``), so they read well in
-            the report (``group=3``, ``label=7``).
+            the report (``group=3``, ``label=7``); ``""`` for the bare value or name.
     """
 
     def __init__(self, column: str = "group", prefix: str | None = None) -> None:
@@ -48,7 +51,9 @@ class ByColumn:
                 f"sources grouped by column {self.column!r}, but the datamodule has columns "
                 f"{sorted(datamodule.metadata)}{hint}."
             )
-        return [f"{self.prefix}{int(v)}" for v in datamodule.metadata[self.column].tolist()]
+        names = getattr(datamodule, "column_names", {}).get(self.column)  # value -> name, where the data has names
+        values = datamodule.metadata[self.column].tolist()
+        return [f"{self.prefix}{names[int(v)] if names is not None else int(v)}" for v in values]
 
     def __repr__(self) -> str:
         return f"ByColumn(column={self.column!r})"

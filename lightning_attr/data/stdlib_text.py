@@ -8,7 +8,8 @@ the Python version's file sizes (which modules are picked does).
 Each module's text is split: the first ``train_fraction`` feeds ``windows_per_module`` training windows
 (evenly spaced, non-overlapping where the text allows); the rest is held out and gives
 ``queries_per_module`` **continuations**: a window that ends at the end of a held-out line of code,
-whose targets are that line only (the context before it is masked with ``IGNORE_INDEX``). The query's
+whose targets are that line only (the context before it is masked with ``IGNORE_INDEX``). A line qualifies
+when it has at most ``context // 2`` bytes and at least ``min(12, context // 4)`` that are not spaces. The query's
 loss is then the mean next-byte loss of the continuation given its context.
 
 Tokens: ``0`` = any byte outside printable ASCII, ``1`` = newline, ``2 + (b - 32)`` = printable byte
@@ -149,7 +150,7 @@ def load_stdlib_text(
                 f"{path.name} has {len(tokens)} bytes, too few for context={context} at train_fraction="
                 f"{train_fraction}; raise min_bytes or lower context."
             )
-        held_out = _continuations(tokens[cut - context :], queries_per_module, context, min_line=12, max_line=context // 2)
+        held_out = _continuations(tokens[cut - context :], queries_per_module, context, min(12, context // 4), context // 2)
         position = len(modules)
         modules.append(path.stem)
         train.append(_training_windows(tokens[:cut], windows_per_module, context))
@@ -158,6 +159,10 @@ def load_stdlib_text(
             queries.append(window)
             lengths.append(length)
             query_owners.append(position)
+    if not queries:
+        raise ValueError(
+            f"no held-out line of at most {context // 2} bytes with code in it was found in any module; raise context."
+        )
     windows, held = torch.cat(train), torch.stack(queries)
     y_query = held[:, 1:].clone()
     for q, length in enumerate(lengths):
