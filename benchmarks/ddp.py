@@ -4,7 +4,8 @@ Setting: sklearn digits, MLP 64-64-10 (P = 4,810), 1,400 per-example sources, SG
 step (32 per process on 2), 20 epochs, the callback's defaults otherwise. Each process simulates its half of
 the sources (end mode: after the fit, at the final weights; online: alongside the last epochs, the live
 batches of both processes pooled) and writes its shards. The time compared is the checkpoint's
-``simulation_seconds`` (the slowest process's). The 2-process fits use Lightning's ``ddp_fork`` strategy
+``simulation_seconds`` (wall time, the slowest process's); ``simulation_cpu_seconds`` (CPU time of the
+slowest process) says what the split of the work buys when every process has a core of its own. The 2-process fits use Lightning's ``ddp_fork`` strategy
 (gloo on CPU). Fits alternate (1, 2, 1, 2, ...); medians over ``--repeats``.
 
     python benchmarks/ddp.py [--repeats 3] [--modes end online]  -> benchmarks/results/ddp.json
@@ -49,7 +50,8 @@ def simulate(mode: str, devices: int, out: str) -> dict:
     trainer.fit(model, loader)
     info = ResponseStore.load(out).checkpoint_info("final")
     return {
-        "simulation_seconds": info["simulation_seconds"], "curvature_products": info["curvature_products"],
+        "simulation_seconds": info["simulation_seconds"], "simulation_cpu_seconds": info["simulation_cpu_seconds"],
+        "curvature_products": info["curvature_products"],
         "fit_seconds": round(time.perf_counter() - start, 2), "n_valid": info["n_valid"], "processes": info["processes"],
     }  # fmt: skip
 
@@ -68,12 +70,15 @@ def main() -> None:
                 with tempfile.TemporaryDirectory() as tmp:
                     runs[devices].append(simulate(mode, devices, os.path.join(tmp, "r")))
                 print(mode, devices, runs[devices][-1], flush=True)
-        one = statistics.median(r["simulation_seconds"] for r in runs[1])
-        two = statistics.median(r["simulation_seconds"] for r in runs[2])
+        median = lambda key, devices: statistics.median(r[key] for r in runs[devices])  # noqa: E731
+        one, two = median("simulation_seconds", 1), median("simulation_seconds", 2)
+        cpu_one, cpu_two = median("simulation_cpu_seconds", 1), median("simulation_cpu_seconds", 2)
         results[mode] = {
-            "one_process_seconds": one, "two_processes_seconds": two, "ratio": round(two / one, 3), "runs": runs,
+            "one_process_seconds": one, "two_processes_seconds": two, "ratio": round(two / one, 3),
+            "one_process_cpu_seconds": cpu_one, "two_processes_cpu_seconds_slowest": cpu_two,
+            "cpu_ratio": round(cpu_two / cpu_one, 3), "runs": runs,
         }  # fmt: skip
-        print(mode, "2 processes / 1 process:", round(two / one, 3), flush=True)
+        print(mode, "2 processes / 1 process: wall", round(two / one, 3), "cpu", round(cpu_two / cpu_one, 3), flush=True)
     result = {
         "command": "OMP_NUM_THREADS=1 python benchmarks/ddp.py " + " ".join(sys.argv[1:]),
         "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(), **results,

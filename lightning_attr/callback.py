@@ -21,17 +21,16 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from lightning_attr import batch_format
-from lightning_attr.engine import DIVERGED, SimulationEngine, SimulationSettings, SourcePartition, TrainingData, Window
+from lightning_attr.engine import DIVERGED, SimulationEngine, SourcePartition, TrainingData, Window
 from lightning_attr.functional import functional_view, to_float32, uses_output_loss
 from lightning_attr.mixin import AttributionMixin
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.progress import SimulationProgress
-from lightning_attr.simulation import DEFAULT_MOMENTUM, PROPAGATIONS, Damping
+from lightning_attr.settings import AttributionSettings
+from lightning_attr.simulation import DEFAULT_MOMENTUM, Damping
 from lightning_attr.sources import SourceMap, SourceSpec, indexed_base, split_batch
 from lightning_attr.store import ResponseStore, has_store
 
-_MODES = ("online", "end")
-_CODECS = ("dense", "eigen")
 _UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
 
 
@@ -133,57 +132,15 @@ class AttributionCallback(Callback):
         rank: int = 256,
         memory_budget_mb: float = 1024.0,
     ) -> None:
-        if not isinstance(horizon, int) or horizon < 1:
-            raise MisconfigurationException(f"horizon must be a positive int, got {horizon!r}.")
-        if not (damping == "auto" or (isinstance(damping, (int, float)) and damping >= 0)):
-            raise MisconfigurationException(f"damping must be 'auto' or a float >= 0, got {damping!r}.")
-        if not (step_size == "auto" or (isinstance(step_size, (int, float)) and step_size > 0)):
-            raise MisconfigurationException(f"step_size must be 'auto' or a float > 0, got {step_size!r}.")
-        if propagation != "auto" and propagation not in PROPAGATIONS:
-            raise MisconfigurationException(f"propagation must be 'auto' or one of {PROPAGATIONS}, got {propagation!r}.")
-        if propagation in ("chebyshev", "auto") and damping != "auto" and damping <= 0:
-            raise MisconfigurationException(
-                f"propagation={propagation!r} needs damping > 0 (the lower end of the spectrum it accelerates "
-                f"over), got {damping!r}; pass damping='auto', a positive float, or propagation='neumann'."
-            )
-        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-            raise MisconfigurationException(f"momentum must be a float in [0, 1), got {momentum!r}.")
-        if curvature not in ("ggn", "hessian"):
-            raise MisconfigurationException(f"curvature must be 'ggn' or 'hessian', got {curvature!r}.")
-        if mode not in _MODES:
-            raise MisconfigurationException(f"mode must be one of {_MODES}, got {mode!r}.")
-        if codec not in _CODECS:
-            raise MisconfigurationException(f"codec must be one of {_CODECS}, got {codec!r}.")
-        if codec == "eigen" and curvature != "ggn":
-            raise MisconfigurationException(
-                "codec='eigen' keeps the top eigenspace of the GGN (positive semi-definite); it needs curvature='ggn'."
-            )
-        if not isinstance(rank, int) or rank < 1:
-            raise MisconfigurationException(f"rank must be a positive int, got {rank!r}.")
-        if not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0):
-            raise MisconfigurationException(f"memory_budget_mb must be a number > 0, got {memory_budget_mb!r}.")
-        if store_dtype not in ("float32", "float16", "bfloat16"):
-            raise MisconfigurationException(f"store_dtype must be float32, float16 or bfloat16, got {store_dtype!r}.")
-        for name, value in (("curvature_batch_size", curvature_batch_size), ("chunk_size", chunk_size)):
-            if not isinstance(value, int) or value < 1:
-                raise MisconfigurationException(f"{name} must be a positive int, got {value!r}.")
-        epochs = checkpoint_epochs if checkpoint_epochs == "auto" else sorted(set(checkpoint_epochs or ()))
-        if epochs != "auto" and (isinstance(checkpoint_epochs, str) or any(not isinstance(e, int) or e < 1 for e in epochs)):
-            raise MisconfigurationException(
-                f"checkpoint_epochs must be 'auto' or a list of positive ints, got {checkpoint_epochs!r}."
-            )
-        self.dirpath = os.fspath(dirpath) if dirpath is not None else None
+        options = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        try:
+            self.settings = AttributionSettings(**options)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from None
+        for name, value in self.settings.to_manifest().items():
+            setattr(self, name, value)
+        self.dirpath, self.sources, self.overwrite = self.settings.dirpath, sources, overwrite
         self._default_dirpath = dirpath is None  # resolved in setup, restored on resume
-        self.horizon, self.damping, self.curvature, self.mode = horizon, damping, curvature, mode
-        self.sources, self.checkpoint_epochs = sources, epochs
-        self.curvature_batch_size, self.step_size, self.damping_scale = curvature_batch_size, step_size, damping_scale
-        self.propagation, self.momentum = propagation, float(momentum)
-        if not isinstance(index_key, str) or not index_key:
-            raise MisconfigurationException(f"index_key must be a non-empty str, got {index_key!r}.")
-        self.chunk_size, self.store_dtype, self.num_examples = chunk_size, store_dtype, num_examples
-        self.index_key = index_key
-        self.seed, self.overwrite = seed, overwrite
-        self.codec, self.rank, self.memory_budget_mb = codec, rank, float(memory_budget_mb)
         self._reset()
 
     def _reset(self) -> None:
@@ -211,25 +168,6 @@ class AttributionCallback(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(dirpath=self.dirpath, mode=self.mode, horizon=self.horizon)
-
-    def _settings(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode, "horizon": self.horizon, "damping": self.damping, "curvature": self.curvature,
-            "curvature_batch_size": self.curvature_batch_size, "step_size": self.step_size,
-            "propagation": self.propagation, "momentum": self.momentum, "damping_scale": self.damping_scale,
-            "checkpoint_epochs": self.checkpoint_epochs, "store_dtype": self.store_dtype, "seed": self.seed,
-            "index_key": self.index_key, "codec": self.codec, "rank": self.rank,
-            "memory_budget_mb": self.memory_budget_mb,
-        }  # fmt: skip
-
-    def _simulation_settings(self) -> SimulationSettings:
-        return SimulationSettings(
-            horizon=self.horizon, damping=self.damping, curvature=self.curvature, mode=self.mode,
-            curvature_batch_size=self.curvature_batch_size, step_size=self.step_size, propagation=self.propagation,
-            momentum=self.momentum, damping_scale=self.damping_scale, chunk_size=self.chunk_size,
-            store_dtype=self.store_dtype, seed=self.seed, codec=self.codec, rank=self.rank,
-            memory_budget_mb=self.memory_budget_mb,
-        )  # fmt: skip
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -262,12 +200,20 @@ class AttributionCallback(Callback):
         self._source_map = SourceMap.build(self.sources, n, members)
         self._space = ParameterSpace.of(pl_module)
         self._engine = SimulationEngine(
-            self._simulation_settings(), self._source_map, self._space, self.dirpath,
+            self.settings, self._source_map, self._space, self.dirpath,
             SourcePartition(trainer.global_rank, trainer.world_size),
             progress=lambda name, total: SimulationProgress(trainer, f"attribution ({name})", total), warn=rank_zero_warn,
         )  # fmt: skip
         if self._restored is not None:
             self._engine.products, self._engine.seconds = self._restored["products"], self._restored["seconds"]
+            self._engine.cpu_seconds = self._restored.get("cpu_seconds", 0.0)
+            open_windows = [n for n, w in self._restored.get("windows", {}).items() if isinstance(w, dict)]
+            if open_windows and trainer.world_size > 1:
+                raise MisconfigurationException(
+                    f"The checkpoint was taken inside the simulation window(s) {open_windows}; a fit on "
+                    f"{trainer.world_size} processes cannot resume there (the checkpoint holds rank zero's sources "
+                    "only). Resume from a checkpoint taken before the window opened, or on one process."
+                )
         if self._online:
             self._engine.plan(self._plan_windows(trainer), self._restored)
         else:
@@ -284,7 +230,7 @@ class AttributionCallback(Callback):
                 self._store = ResponseStore.load(self.dirpath)
             else:
                 self._store = ResponseStore.create(
-                    self.dirpath, self._space, self._source_map, self._settings(), overwrite=True
+                    self.dirpath, self._space, self._source_map, self.settings.to_manifest(), overwrite=True
                 )
         trainer.strategy.barrier()
 
@@ -519,7 +465,10 @@ class AttributionCallback(Callback):
         engine = self._engine
         if engine is None:
             return {"dirpath": self.dirpath, "products": 0, "seconds": 0.0, "windows": {}}
-        return {"dirpath": self.dirpath, "products": engine.products, "seconds": engine.seconds, **engine.state_dict()}
+        return {
+            "dirpath": self.dirpath, "products": engine.products, "seconds": engine.seconds,
+            "cpu_seconds": engine.cpu_seconds, **engine.state_dict(),
+        }  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict

@@ -3,7 +3,7 @@
 The engine owns the work the callback only triggers (STYLE.md: the callback is glue):
 
 - **end mode**: at fixed weights, the owned sources are simulated in blocks of at most
-  :meth:`SimulationSettings.block_size` sources (set by ``memory_budget_mb``); each block's gradients,
+  :meth:`AttributionSettings.block_size` sources (set by ``memory_budget_mb``); each block's gradients,
   propagation and shard are done before the next starts, so ``S x P`` is never held;
 - **online windows**: sources injected from the live batches of one epoch, propagated on pooled live
   curvature batches, retired to shards as their horizon is spent (:class:`OnlineSimulation`);
@@ -32,6 +32,7 @@ import itertools
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -44,9 +45,8 @@ from torch.utils.data import DataLoader
 from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator
 from lightning_attr.functional import FunctionalModel, to_float32
 from lightning_attr.parameters import ParameterSpace
+from lightning_attr.settings import AttributionSettings
 from lightning_attr.simulation import (
-    DEFAULT_MOMENTUM,
-    Damping,
     OnlineSimulation,
     StepRule,
     estimate_step_rule,
@@ -60,40 +60,10 @@ from lightning_attr.spectral import eigen_responses
 from lightning_attr.store import ResponseStore, ShardWriter, write_part
 
 CurvatureFactory = Callable[[FunctionalModel, Tensor, Sequence[Any]], CurvatureOperator]
-_BYTES_PER_SOURCE_AND_PARAMETER = 28  # end mode: 6 float32 [C, P] blocks in flight + the shard buffer (4 bytes each)
 DIVERGED = (
     "The training loss diverged: every example's loss was non-finite at global step {step} (a learning rate "
     "too high, or NaN/inf in the data). Fix the training first: attribution explains a trained model."
 )
-
-
-@dataclass(frozen=True)
-class SimulationSettings:
-    """What the simulation does (the callback's options of the same names; see :class:`AttributionCallback`).
-
-    ``memory_budget_mb`` bounds the simulation's own ``[C, P]`` blocks: end mode simulates
-    :meth:`block_size` sources at a time and every shard holds at most that many.
-    """
-
-    horizon: int = 20
-    damping: Damping = "auto"
-    curvature: str = "ggn"
-    mode: str = "online"
-    curvature_batch_size: int = 256
-    step_size: Damping = "auto"
-    propagation: str = "auto"
-    momentum: float = DEFAULT_MOMENTUM
-    damping_scale: float = 1.0
-    chunk_size: int = 2048
-    store_dtype: str = "float32"
-    seed: int = 0
-    codec: str = "dense"
-    rank: int = 256
-    memory_budget_mb: float = 1024.0
-
-    def block_size(self, dim: int) -> int:
-        """Sources simulated (and written per shard) at a time: ``floor(budget / (28 P))``, at least 1."""
-        return max(1, int(self.memory_budget_mb * 2**20) // (_BYTES_PER_SOURCE_AND_PARAMETER * dim))
 
 
 @dataclass(frozen=True)
@@ -181,7 +151,7 @@ class _Pending:
 
     rule: dict | None
     key: str  # "step_rule" or "spectral"
-    eigen: Any = None  # codec "eigen": (block, stats) written whole by the committing process
+    eigen: Any = None  # codec "eigen": the EigenResponses block, written whole by the committing process
     stats: dict = field(default_factory=dict)
 
 
@@ -199,7 +169,7 @@ class SimulationEngine:
 
     def __init__(
         self,
-        settings: SimulationSettings,
+        settings: AttributionSettings,
         source_map: SourceMap,
         space: ParameterSpace,
         store_path: str,
@@ -217,7 +187,9 @@ class SimulationEngine:
         self.owned = partition.owned(source_map.num_sources)
         self.windows: list[Window] = []
         self.products = 0
-        self.seconds = 0.0
+        self.seconds = 0.0  # wall time spent simulating (this process)
+        self.cpu_seconds = 0.0  # CPU time of this process meanwhile (time.process_time)
+        self._clock: tuple[float, float] | None = None  # (wall, cpu) start of the simulation running now
         self.diverged_at: int | None = None
         self._pool: list[Any] = []
         self._warned_non_finite = False
@@ -283,11 +255,34 @@ class SimulationEngine:
         rows = self.settings.block_size(self.dim)
         return ShardWriter(self.store_path, name, self.space, self.settings.store_dtype, prefix=prefix, rows_per_shard=rows)
 
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        """Adds the wall and CPU time of the block to ``seconds`` / ``cpu_seconds``."""
+        self._clock = (time.perf_counter(), time.process_time())
+        try:
+            yield
+        finally:
+            self.seconds, self.cpu_seconds = self._costs()
+            self._clock = None
+
+    def _costs(self) -> tuple[float, float]:
+        """``(wall, cpu)`` seconds simulated so far, the simulation running now included."""
+        if self._clock is None:
+            return self.seconds, self.cpu_seconds
+        return self.seconds + time.perf_counter() - self._clock[0], self.cpu_seconds + time.process_time() - self._clock[1]
+
+    def _cost_info(self, replayed: int = 0) -> dict[str, float]:
+        seconds, cpu = self._costs()
+        return {
+            "curvature_products": self.products, "simulation_seconds": round(seconds, 3),
+            "simulation_cpu_seconds": round(cpu, 3), "replayed_steps": replayed,
+        }  # fmt: skip
+
     def _write_part(self, name: str, writer: ShardWriter, stats: dict[str, Tensor], replayed: int = 0) -> None:
         """This process's share of checkpoint ``name``: its shards and the bookkeeping of its sources."""
         writer.flush()
         owned = self.owned
-        costs = {"curvature_products": self.products, "simulation_seconds": round(self.seconds, 3), "replayed_steps": replayed}
+        costs = self._cost_info(replayed)
         write_part(self.store_path, name, self.partition.rank, writer.shards, owned, {k: v[owned] for k, v in stats.items()}, costs)
         _warn_invalid(self._warn, stats["valid"][owned])
 
@@ -295,13 +290,12 @@ class SimulationEngine:
     def simulate_checkpoint(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str, step: int) -> None:
         """Simulates the owned sources at ``theta`` (end mode or codec ``"eigen"``) and writes this process's
         part of checkpoint ``name`` (codec ``"eigen"``: rank zero computes and keeps it for :meth:`commit`)."""
-        start = time.perf_counter()
-        if self.settings.codec == "eigen":
-            if self.partition.rank == 0:
-                self._simulate_eigen(model, theta, data, name)
-        else:
-            self._simulate_dense(model, theta, data, name, step)
-        self.seconds += time.perf_counter() - start
+        with self._timed():
+            if self.settings.codec == "eigen":
+                if self.partition.rank == 0:
+                    self._simulate_eigen(model, theta, data, name)
+            else:
+                self._simulate_dense(model, theta, data, name, step)
 
     def _simulate_dense(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str, step: int) -> None:
         s, source_map = self.settings, self.source_map
@@ -359,9 +353,8 @@ class SimulationEngine:
         pending = self._pending.pop(name)
         info = {**info, pending.key: pending.rule}
         if pending.eigen is not None:
-            costs = {"curvature_products": self.products, "simulation_seconds": round(self.seconds, 3), "replayed_steps": 0}
             store.add_checkpoint(
-                name, theta, pending.eigen, info={**info, **costs}, source_stats=pending.stats, dtype=self.settings.store_dtype
+                name, theta, pending.eigen, info={**info, **self._cost_info()}, source_stats=pending.stats, dtype=self.settings.store_dtype
             )
         else:
             store.commit(name, theta, info=info, parts=parts, dtype=self.settings.store_dtype)
@@ -386,7 +379,13 @@ class SimulationEngine:
         injects (during a window's injection epoch), pools them into curvature batches of at least
         ``pool_size`` examples and propagates each active window one step per full pool. Returns the
         checkpoint windows (not ``"final"``) that completed: write them with :meth:`close_window`."""
-        start = time.perf_counter()
+        with self._timed():
+            return self._live_step(model, theta, batches, epoch, step, pool_size)
+
+    def _live_step(
+        self, model: FunctionalModel, theta: Tensor, batches: list[tuple[Any, Tensor]], epoch: int, step: int,
+        pool_size: int,
+    ) -> list[Window]:
         finished: list[Window] = []
         curvature_batches = self.finite(model, theta, [d for d, _ in batches])
         if not curvature_batches:  # every example non-finite: nothing to learn the curvature from
@@ -413,7 +412,6 @@ class SimulationEngine:
                     window.complete = True
                     if window.name != "final":  # the final window is written at the end of fit, final weights
                         finished.append(window)
-        self.seconds += time.perf_counter() - start
         return finished
 
     def _open(self, window: Window, theta: Tensor) -> None:
@@ -448,11 +446,10 @@ class SimulationEngine:
         steps = int(simulation.remaining.max()) if simulation.num_live else 0  # finish() adds the last increments
         if steps == 0:
             return
-        start = time.perf_counter()
-        for batch in self.replay(model, theta, data, steps, step):
-            self._step(window, self.curvature(model, theta, [batch]), theta)
+        with self._timed():
+            for batch in self.replay(model, theta, data, steps, step):
+                self._step(window, self.curvature(model, theta, [batch]), theta)
         window.replayed_steps = steps
-        self.seconds += time.perf_counter() - start
 
     def close_window(self, window: Window) -> None:
         """Finishes a window (every owned source not yet retired goes to its shards, incomplete ones as NaN) and

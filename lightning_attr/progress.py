@@ -101,15 +101,3 @@ class SimulationProgress:
         self._bar = self._task = None
         log.info("%s: done, %s products in %.1f s", self.description, f"{self.done:,}",
                  time.perf_counter() - self._start)
-
-
-class CountingOperator:
-    """Wraps a curvature operator ``u: Tensor[C, P] -> Tensor[C, P]`` and reports each product to a bar."""
-
-    def __init__(self, operator: Any, progress: SimulationProgress) -> None:
-        self.operator, self.progress = operator, progress
-
-    def __call__(self, u):
-        out = self.operator(u)
-        self.progress.advance(u.shape[0])
-        return out

@@ -9,7 +9,7 @@ import torch
 from lightning_attr import AttributionCallback
 from lightning_attr import simulation
 from lightning_attr.attributor import Attributor
-from lightning_attr.engine import SimulationSettings
+from lightning_attr.settings import AttributionSettings
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.simulation import OnlineSimulation, propagate, resolve_step_rule
 from lightning_attr.curvature import Spectrum
@@ -20,7 +20,7 @@ from conftest import blobs, fit, small_mlp
 
 P = 163  # small_mlp(6, 3): 6*16 + 16 + 16*3 + 3
 BLOCK = 32
-BUDGET_MB = BLOCK * 28 * P / 2**20 + 1e-6  # SimulationSettings.block_size: floor(budget / (28 P)) = 32 sources
+BUDGET_MB = BLOCK * 28 * P / 2**20 + 1e-6  # AttributionSettings.block_size: floor(budget / (28 P)) = 32 sources
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def end_mode_stores(tmp_path_factory):
 
 
 def test_block_size_follows_the_memory_budget():
-    assert SimulationSettings(memory_budget_mb=BUDGET_MB).block_size(P) == BLOCK
-    assert SimulationSettings(memory_budget_mb=1e-9).block_size(P) == 1
+    assert AttributionSettings(memory_budget_mb=BUDGET_MB).block_size(P) == BLOCK
+    assert AttributionSettings(memory_budget_mb=1e-9).block_size(P) == 1
     with pytest.raises(Exception, match="memory_budget_mb must be a number > 0"):
         AttributionCallback(memory_budget_mb=0)
 
@@ -53,6 +53,7 @@ def test_end_mode_in_blocks_equals_one_block(end_mode_stores):
     for name in ("epoch=3", "final"):
         shards = blocks.checkpoint_info(name)["shards"]
         assert [s["rows"] for s in shards] == [BLOCK] * 5 and len(whole.checkpoint_info(name)["shards"]) == 1
+        assert blocks.checkpoint_info(name)["simulation_seconds"] > 0
         a, b = whole.responses(name), blocks.responses(name)
         assert torch.isfinite(a).all()
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6 * float(a.abs().max()))

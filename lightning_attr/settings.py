@@ -1,0 +1,118 @@
+"""AttributionSettings: every option of :class:`AttributionCallback`, with its default, in one dataclass.
+
+One place for the options: the callback's constructor takes exactly these (same names, same defaults), the
+Hydra group ``conf/callbacks/attribution.yaml`` lists them with the same defaults, a store's manifest records
+:meth:`AttributionSettings.to_manifest`, and README's options table has one row per option with its default;
+``tests/test_settings.py`` checks all four against this class. The simulation engine reads them (no Lightning
+here). Invalid values raise ``ValueError`` naming the option and what it takes (the callback re-raises it as
+Lightning's ``MisconfigurationException``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from lightning_attr.codecs import CODECS
+from lightning_attr.simulation import DEFAULT_MOMENTUM, PROPAGATIONS, Damping
+
+MODES = ("online", "end")
+_BYTES_PER_SOURCE_AND_PARAMETER = 28  # end mode: 6 float32 [C, P] blocks in flight + the shard buffer (4 bytes each)
+_NOT_IN_MANIFEST = ("dirpath", "sources", "overwrite")  # a path, the source map (stored apart), a write flag
+
+
+@dataclass(frozen=True)
+class AttributionSettings:
+    """The options of :class:`AttributionCallback` (documented there and in README's options table)."""
+
+    dirpath: str | None = None
+    horizon: int = 20
+    damping: Damping = "auto"
+    curvature: str = "ggn"
+    mode: str = "online"
+    sources: Any = None
+    checkpoint_epochs: Sequence[int] | str | None = None
+    curvature_batch_size: int = 256
+    step_size: Damping = "auto"
+    propagation: str = "auto"
+    momentum: float = DEFAULT_MOMENTUM
+    damping_scale: float = 1.0
+    chunk_size: int = 2048
+    store_dtype: str = "float32"
+    num_examples: int | None = None
+    index_key: str = "index"
+    seed: int = 0
+    overwrite: bool = False
+    codec: str = "dense"
+    rank: int = 256
+    memory_budget_mb: float = 1024.0
+
+    def __post_init__(self) -> None:
+        horizon, damping, step_size, propagation = self.horizon, self.damping, self.step_size, self.propagation
+        momentum, curvature, mode, codec, rank = self.momentum, self.curvature, self.mode, self.codec, self.rank
+        memory_budget_mb, store_dtype, checkpoint_epochs = self.memory_budget_mb, self.store_dtype, self.checkpoint_epochs
+        curvature_batch_size, chunk_size, index_key = self.curvature_batch_size, self.chunk_size, self.index_key
+        if not isinstance(horizon, int) or horizon < 1:
+            raise ValueError(f"horizon must be a positive int, got {horizon!r}.")
+        if not (damping == "auto" or (isinstance(damping, (int, float)) and damping >= 0)):
+            raise ValueError(f"damping must be 'auto' or a float >= 0, got {damping!r}.")
+        if not (step_size == "auto" or (isinstance(step_size, (int, float)) and step_size > 0)):
+            raise ValueError(f"step_size must be 'auto' or a float > 0, got {step_size!r}.")
+        if propagation != "auto" and propagation not in PROPAGATIONS:
+            raise ValueError(f"propagation must be 'auto' or one of {PROPAGATIONS}, got {propagation!r}.")
+        if propagation in ("chebyshev", "auto") and damping != "auto" and damping <= 0:
+            raise ValueError(
+                f"propagation={propagation!r} needs damping > 0 (the lower end of the spectrum it accelerates "
+                f"over), got {damping!r}; pass damping='auto', a positive float, or propagation='neumann'."
+            )
+        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+            raise ValueError(f"momentum must be a float in [0, 1), got {momentum!r}.")
+        if curvature not in ("ggn", "hessian"):
+            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}.")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}, got {codec!r}.")
+        if codec == "eigen" and curvature != "ggn":
+            raise ValueError(
+                "codec='eigen' keeps the top eigenspace of the GGN (positive semi-definite); it needs curvature='ggn'."
+            )
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive int, got {rank!r}.")
+        if not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0):
+            raise ValueError(f"memory_budget_mb must be a number > 0, got {memory_budget_mb!r}.")
+        if store_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"store_dtype must be float32, float16 or bfloat16, got {store_dtype!r}.")
+        for name, value in (("curvature_batch_size", curvature_batch_size), ("chunk_size", chunk_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        epochs = checkpoint_epochs if checkpoint_epochs == "auto" else sorted(set(checkpoint_epochs or ()))
+        if epochs != "auto" and (isinstance(checkpoint_epochs, str) or any(not isinstance(e, int) or e < 1 for e in epochs)):
+            raise ValueError(
+                f"checkpoint_epochs must be 'auto' or a list of positive ints, got {checkpoint_epochs!r}."
+            )
+        if not isinstance(index_key, str) or not index_key:
+            raise ValueError(f"index_key must be a non-empty str, got {index_key!r}.")
+        normalized = {
+            "checkpoint_epochs": epochs,
+            "momentum": float(momentum), "memory_budget_mb": float(memory_budget_mb),
+            "dirpath": os.fspath(self.dirpath) if self.dirpath is not None else None,
+        }  # fmt: skip
+        for name, value in normalized.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """``{option: default}`` in declaration order."""
+        return {f.name: f.default for f in fields(cls)}
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The options a store records in its manifest's ``"settings"`` (all but the path, the source map, which
+        the store keeps apart, and ``overwrite``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_IN_MANIFEST}
+
+    def block_size(self, dim: int) -> int:
+        """Sources simulated (and written per shard) at a time: ``floor(memory_budget_mb / (28 P bytes))``, >= 1."""
+        return max(1, int(self.memory_budget_mb * 2**20) // (_BYTES_PER_SOURCE_AND_PARAMETER * dim))
