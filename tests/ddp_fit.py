@@ -37,16 +37,20 @@ class CrashOnRankOne(L.Callback):
             raise RuntimeError(f"process 1 crashed at step {self.step} (on purpose)")
 
 
-def fit_stores(out: str, devices: int, modes: Sequence[str] = ("online", "end"), crash_at: int | None = None) -> None:
-    """One fit per mode on ``devices`` processes (``ddp_fork``: the processes are forked from this one, so they do
-    not import torch again), each writing ``out/<mode>``; ``crash_at``: process 1 fails at that global step."""
+MODES = {"online": {"mode": "online"}, "end": {"mode": "end"}, "groups": {"mode": "online", "sources": [i % 10 for i in range(192)]}}
+
+
+def fit_stores(out: str, devices: int, modes: Sequence[str] = tuple(MODES), crash_at: int | None = None) -> None:
+    """One fit per entry of ``MODES`` on ``devices`` processes (``ddp_fork``: the processes are forked from this one,
+    so they do not import torch again), each writing ``out/<name>``; ``"groups"``: 10 sources whose members are in
+    every batch (re-injected at every step). ``crash_at``: process 1 fails at that global step."""
     torch.set_num_threads(1)
     x, y = blobs(n=192, d=6, classes=3)
-    for mode in modes:
+    for name in modes:
         L.seed_everything(0, verbose=False)
         model = small_mlp(6, 3)
         cb = AttributionCallback(
-            os.path.join(out, mode), mode=mode, horizon=4, curvature_batch_size=64, checkpoint_epochs=[2], overwrite=True
+            os.path.join(out, name), horizon=4, curvature_batch_size=64, checkpoint_epochs=[2], overwrite=True, **MODES[name]
         )
         callbacks = [cb] + ([CrashOnRankOne(crash_at)] if crash_at is not None else [])
         trainer = L.Trainer(

@@ -32,7 +32,8 @@ def _run(out, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    """The same fits (online and end mode, a checkpoint after epoch 2 and the final one) on 1 and 2 processes, and
+    """The same fits (online, end mode, online with 10 groups; a checkpoint after epoch 2 and the final one) on 1
+    and 2 processes, and
     on 2 where process 1 fails at step 20, inside the final window (``two/crashed``)."""
     out = tmp_path_factory.mktemp("ddp")
     fit_stores(str(out / "one"), 1)
@@ -41,7 +42,7 @@ def stores(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mode", ["online", "end"])
+@pytest.mark.parametrize("mode", ["online", "end", "groups"])
 def test_two_processes_write_the_single_process_store(stores, mode):
     """Each process simulates and writes its half of the sources; rank zero lists them: the store equals the
     single-process one within float tolerance (the same examples per optimizer step, pooled in another order)."""
@@ -49,7 +50,8 @@ def test_two_processes_write_the_single_process_store(stores, mode):
     assert one.checkpoints == two.checkpoints == ["epoch=2", "final"]
     for name in two.checkpoints:
         info = two.checkpoint_info(name)
-        assert info["processes"] == 2 and {s["file"].split("/")[1][:13] for s in info["shards"]} == {
+        assert info["processes"] == 2 and two.n_sources == (10 if mode == "groups" else 192)
+        assert {s["file"].split("/")[1][:13] for s in info["shards"]} == {
             "responses-r0-", "responses-r1-"
         }
         assert info["curvature_products"] == one.checkpoint_info(name)["curvature_products"]
@@ -67,3 +69,20 @@ def test_a_crashed_process_leaves_no_corrupt_store(stores):
     with pytest.raises(StoreError, match="did not finish checkpoint 'final'"):
         store.commit("final", store.theta("epoch=2"), info={}, parts=2)
     assert ResponseStore.load(store.path).checkpoints == ["epoch=2"]
+
+
+def test_resuming_inside_a_window_on_several_processes_is_refused(tmp_path):
+    """A Lightning checkpoint holds rank zero's callback state only: inside a window the other processes' live
+    sources are not in it, so a multi-process resume there is refused with what to do (nothing is written)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from conftest import small_mlp
+    from lightning_attr import AttributionCallback
+
+    cb = AttributionCallback(tmp_path / "r", num_examples=8)
+    cb.load_state_dict({"dirpath": None, "products": 5, "seconds": 1.0, "windows": {"final": {"simulation": {}}}})
+    with pytest.raises(MisconfigurationException, match=r"cannot resume there .* or on one process"):
+        cb.on_train_start(SimpleNamespace(global_rank=0, world_size=2), small_mlp(6, 3))
+    assert not (tmp_path / "r").exists()
