@@ -13,7 +13,7 @@ for at least a quarter of the continuations (chance: 10 / n_modules), and its me
 chance. Writes ``stdlib_lm/attributions.json`` (every continuation's top modules and scores) and
 ``stdlib_lm/top_modules.png``.
 
-    python examples/stdlib_lm.py --fast      # about 2 minutes on 2 cores (make examples runs it)
+    python examples/stdlib_lm.py --fast      # 2 min of CPU time (make examples runs it; wall time: see README)
     python examples/stdlib_lm.py             # the larger setting of benchmarks/stdlib_lm.py
 """
 
@@ -124,7 +124,7 @@ def _figure(path: Path, text: StdlibText, scores: torch.Tensor, queries: list[in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fast", action="store_true", help="the small setting (about 2 minutes on 2 cores)")
+    parser.add_argument("--fast", action="store_true", help="the small setting (2 min of CPU time; make examples runs it)")
     parser.add_argument("--out", default="stdlib_lm", help="folder for the responses, attributions.json and the figure")
     args = parser.parse_args()
     setting = SETTINGS["fast" if args.fast else "full"]

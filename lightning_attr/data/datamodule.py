@@ -29,7 +29,48 @@ DATASETS: dict[str, tuple[Any, tuple[int, ...] | None]] = {
 }
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule):
+    """What the app needs of a datamodule whose :meth:`setup` loads ``split`` (anything with ``x_train`` and
+    ``y_train``): training batches ``(x, y, index)``, validation batches from :meth:`query_dataset` ``("test")``.
+
+    Subclasses set ``batch_size``, ``eval_batch_size``, ``num_workers`` and ``split`` (``None`` until set up),
+    and define ``query_dataset(kind)`` and ``display_queries(kind)``.
+    """
+
+    split: Any = None
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+
+    def _require_setup(self):
+        if self.split is None:
+            raise RuntimeError("call datamodule.setup() first (the Trainer does it in fit).")
+        return self.split
+
+    @property
+    def n_train(self) -> int:
+        return len(self._require_setup().y_train)
+
+    def train_dataset(self):
+        from lightning_attr import IndexedDataset
+
+        s = self._require_setup()
+        return IndexedDataset(TensorDataset(s.x_train, s.y_train))
+
+    def query_dataset(self, kind: str = "test") -> TensorDataset:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_dataset(), batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.query_dataset("test"), batch_size=self.eval_batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+class ClassificationDataModule(SplitDataModule):
     """Train / query splits of ``mnist1d``, ``digits`` or ``mnist`` (from disk), optionally corrupted.
 
     Args:
@@ -143,21 +184,6 @@ class ClassificationDataModule(L.LightningDataModule):
             return stamp_trigger(self.display_test, size, float(self.display_train.max()))
         return self.display_test
 
-    def _require_setup(self) -> TensorSplit:
-        if self.split is None:
-            raise RuntimeError("call datamodule.setup() first (the Trainer does it in fit).")
-        return self.split
-
-    @property
-    def n_train(self) -> int:
-        return len(self._require_setup().y_train)
-
-    def train_dataset(self):
-        from lightning_attr import IndexedDataset
-
-        s = self._require_setup()
-        return IndexedDataset(TensorDataset(s.x_train, s.y_train))
-
     def query_dataset(self, kind: str = "test") -> TensorDataset:
         """Queries: ``"test"`` (the test split), ``"train"`` (training examples, without index) or
         ``"triggered"`` (test split with the poison trigger, labelled with the poison target)."""
@@ -172,15 +198,6 @@ class ClassificationDataModule(L.LightningDataModule):
             x = stamp_trigger(s.x_test, int(self.poison.get("size", 4)), float(self.poison.get("value", 3.0)))
             return TensorDataset(x, torch.full_like(s.y_test, int(self.poison["target"])))
         raise ValueError(f"unknown query kind {kind!r}; expected 'test', 'train' or 'triggered'.")
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset(), batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.query_dataset("test"), batch_size=self.eval_batch_size, num_workers=self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
 
 
 def _display_inputs(dataset: str, loader_kwargs: Mapping[str, Any], split: TensorSplit) -> tuple[Tensor, Tensor]:

@@ -22,11 +22,11 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+from lightning_attr.data.datamodule import SplitDataModule
 from lightning_attr.models.causal_lm import IGNORE_INDEX
 
 VOCAB_SIZE = 97
@@ -178,7 +178,7 @@ def load_stdlib_text(
     )
 
 
-class StdlibTextDataModule(L.LightningDataModule):
+class StdlibTextDataModule(SplitDataModule):
     """:func:`load_stdlib_text` for the app (``data=stdlib_text``): training batches ``(x, y, index)``,
     query batches ``(x, y)`` (``y`` masked to the continuation).
 
@@ -216,37 +216,22 @@ class StdlibTextDataModule(L.LightningDataModule):
         self.settings = dict(n_modules=n_modules, windows_per_module=windows_per_module, context=context,
                              queries_per_module=queries_per_module, train_fraction=train_fraction, min_bytes=min_bytes)
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
-        self.text: StdlibText | None = None
+        self.split: StdlibText | None = None
         self.metadata: dict[str, Tensor] = {}
         #: names of the values of a metadata column, for source ids that read well (``column_names["module"][m]``)
         self.column_names: dict[str, list[str]] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        if self.text is not None:
+        if self.split is not None:
             return
-        self.text = load_stdlib_text(**self.settings)
-        self.metadata = {"module": self.text.module_of_window}
-        self.column_names = {"module": self.text.modules}
+        self.split = load_stdlib_text(**self.settings)
+        self.metadata = {"module": self.split.module_of_window}
+        self.column_names = {"module": self.split.modules}
 
     @property
-    def split(self) -> StdlibText | None:
-        """The loaded text (``None`` before :meth:`setup`)."""
-        return self.text
-
-    def _require_setup(self) -> StdlibText:
-        if self.text is None:
-            raise RuntimeError("call datamodule.setup() first (the Trainer does it in fit).")
-        return self.text
-
-    @property
-    def n_train(self) -> int:
-        return len(self._require_setup().x_train)
-
-    def train_dataset(self):
-        from lightning_attr import IndexedDataset
-
-        text = self._require_setup()
-        return IndexedDataset(TensorDataset(text.x_train, text.y_train))
+    def text(self) -> StdlibText:
+        """The loaded windows and continuations."""
+        return self._require_setup()
 
     def query_dataset(self, kind: str = "test") -> TensorDataset:
         text = self._require_setup()
@@ -267,9 +252,3 @@ class StdlibTextDataModule(L.LightningDataModule):
             context, continuation = text.continuation(q)
             out.append(f"{context[-80:]}» {continuation}")
         return out
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_dataset(), batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.query_dataset("test"), batch_size=self.eval_batch_size, num_workers=self.num_workers)
