@@ -51,7 +51,7 @@ def test_engine_on_a_bare_module_writes_the_exact_damped_influence(tmp_path):
         optimizer.zero_grad()
         F.cross_entropy(model.attribution_outputs((x, y)), y).backward()
         optimizer.step()
-    settings = AttributionSettings(mode="end", horizon=200, curvature_batch_size=512)
+    settings = AttributionSettings(mode="end", horizon=100, curvature_batch_size=512)
     space, source_map = ParameterSpace.of(model), SourceMap.build(None, 120)
     store = ResponseStore.create(tmp_path / "r", space, source_map, settings.to_manifest())
     calls = []
@@ -69,8 +69,8 @@ def test_engine_on_a_bare_module_writes_the_exact_damped_influence(tmp_path):
         for engine in engines:
             engine.simulate_checkpoint(functional, theta, data, "final", step=0)
     engines[0].commit(store, "final", space.current(model).detach(), {"mode": "end"}, parts=2)
-    assert engines[0].propagation() == "chebyshev" and sum(e.products for e in engines) == 120 * 200
-    assert sum(calls) >= 120 * 200  # every product went through the operator passed in
+    assert engines[0].propagation() == "chebyshev" and sum(e.products for e in engines) == 120 * 100
+    assert sum(calls) >= 120 * 100  # every product went through the operator passed in
 
     damping = store.checkpoint_info("final")["step_rule"]["damping"]
     ours = Attributor(model, store.path).scores((xq, yq))
