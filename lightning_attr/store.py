@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -35,9 +34,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from lightning_attr._io import atomic_save_tensors, atomic_write_bytes
 from lightning_attr.codecs import AnyBlock, DenseResponses, EigenResponses, StreamedResponses
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.sources import SourceMap
@@ -53,31 +52,6 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 class StoreError(RuntimeError):
     """A response store is missing, damaged, or does not belong to the model."""
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> int:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path.stat().st_size
 
 
 def complete_sources(stats: dict[str, Tensor]) -> Tensor:
@@ -218,7 +192,7 @@ class ShardWriter:
         self._sources, self._rows, self._waiting = [], [], 0
         file = f"{self.name}/responses-{self.prefix}{len(self.shards):05d}.safetensors"
         tensors = {**self.space.unflatten(rows), SOURCE_INDEX: sources}
-        self.shards.append({"file": file, "rows": int(sources.numel()), "bytes": _atomic_save_tensors(self.path / file, tensors)})
+        self.shards.append({"file": file, "rows": int(sources.numel()), "bytes": atomic_save_tensors(self.path / file, tensors)})
 
     def state_dict(self) -> dict[str, Any]:
         """The shards written so far (for a resumed fit); rows still waiting are not in it (call :meth:`flush`)."""
@@ -237,7 +211,7 @@ def write_part(
     it simulated. :meth:`ResponseStore.commit` merges the parts of every process."""
     tensors = {"sources": sources.cpu(), **{k: stats[k].cpu().long() for k in _STATS}}
     metadata = {"shards": json.dumps(shards), "costs": json.dumps(costs)}
-    _atomic_save_tensors(Path(path) / name / f"part-{rank:05d}.safetensors", tensors, metadata)
+    atomic_save_tensors(Path(path) / name / f"part-{rank:05d}.safetensors", tensors, metadata)
 
 
 class ResponseStore:
@@ -286,12 +260,12 @@ class ResponseStore:
         }
         store = cls(path, manifest)
         if not source_map.is_per_example:
-            _atomic_save_tensors(path / "example_to_source.safetensors", {"example_to_source": source_map.example_to_source})
+            atomic_save_tensors(path / "example_to_source.safetensors", {"example_to_source": source_map.example_to_source})
         store._write_manifest()
         return store
 
     def _write_manifest(self) -> None:
-        _atomic_write_bytes(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode())
+        atomic_write_bytes(self.path / MANIFEST, json.dumps(self.manifest, indent=1).encode(), fsync=True)
 
     def add_checkpoint(
         self,
@@ -370,8 +344,8 @@ class ResponseStore:
         """Writes the parameter snapshot and the bookkeeping of a checkpoint whose shards are written, then
         the manifest that lists it (last: a crash before leaves the previous manifest intact)."""
         space, folder = self.space, self.path / name
-        _atomic_save_tensors(folder / "params.safetensors", space.unflatten(theta.float().cpu()))
-        _atomic_save_tensors(folder / "sources.safetensors", stats)
+        atomic_save_tensors(folder / "params.safetensors", space.unflatten(theta.float().cpu()))
+        atomic_save_tensors(folder / "sources.safetensors", stats)
         entry = {
             "name": name,
             "params_file": f"{name}/params.safetensors",
@@ -397,7 +371,7 @@ class ResponseStore:
                 f"{list(block.basis.shape)} and {list(block.coordinates.shape)}."
             )
         basis_file = f"{name}/basis.safetensors"
-        basis_bytes = _atomic_save_tensors(self.path / basis_file, space.unflatten(block.basis.to("cpu", _DTYPES[dtype])))
+        basis_bytes = atomic_save_tensors(self.path / basis_file, space.unflatten(block.basis.to("cpu", _DTYPES[dtype])))
         shards = []
         for i, start in enumerate(range(0, self.n_sources, shard_size)):
             stop = min(start + shard_size, self.n_sources)
@@ -410,7 +384,7 @@ class ResponseStore:
         return entry, shards
 
     def _write_shard(self, file: str, tensors: dict[str, Tensor], start: int, stop: int) -> dict:
-        return {"file": file, "start": start, "stop": stop, "bytes": _atomic_save_tensors(self.path / file, tensors)}
+        return {"file": file, "start": start, "stop": stop, "bytes": atomic_save_tensors(self.path / file, tensors)}
 
     # ------------------------------------------------------------------ load / validate
     @classmethod

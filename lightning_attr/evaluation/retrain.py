@@ -19,18 +19,19 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 from torch.nn import functional as F
 from torch.utils.data import Sampler
+
+from lightning_attr._io import atomic_save_tensors, atomic_write_json
 
 ModelFactory = Callable[[int], nn.Module]
 
@@ -221,33 +222,6 @@ def tensor_digest(*tensors: Tensor) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: object, sort_keys: bool = True) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=sort_keys)
-            f.write("\n")
-
-    _atomic_write_bytes(Path(path), write)
-
-
 @dataclass(frozen=True)
 class GroundTruth:
     """Retraining results.
@@ -430,6 +404,6 @@ class RetrainingHarness:
             "per_seed": gt.per_seed.contiguous(),
             "removed": gt.removed.contiguous(),
         }
-        _atomic_write_bytes(tensors_path, lambda tmp: save_file(tensors, tmp))
+        atomic_save_tensors(tensors_path, tensors)
         # the JSON is written last: an entry counts as present only when both files exist
         atomic_write_json(meta_path, {"settings": gt.settings, "train_seconds": gt.train_seconds, "torch": torch.__version__})
