@@ -207,6 +207,10 @@ def figure(results: dict, path: Path) -> None:
             xs = sorted(float(s) for s in pts)
             if xs:
                 ax.plot(xs, [pts[str(s)]["lds"] for s in xs], style, label=label)
+        low, high = ax.get_ylim()
+        if high - low < 0.1:  # a flat curve should look flat: at least 0.1 of LDS on the axis
+            mid = (low + high) / 2
+            ax.set_ylim(mid - 0.05, mid + 0.05)
         ax.set_xscale("log")
         ax.set_xlabel("damping_scale (λ / mean eigenvalue)")
         ax.set_ylabel("LDS")
