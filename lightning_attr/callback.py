@@ -101,7 +101,11 @@ class AttributionCallback(Callback):
             Neumann series applied exactly per eigen-direction (``horizon=10**6``: the damped inverse); ``mode``
             and ``step_size`` do not apply. Its readout costs ``rank`` forward-mode tangents per query batch,
             whatever the number of sources, and offers only ``readout="linear"``.
-        rank: ``k``, eigenpairs kept by ``codec="eigen"`` (capped at ``P``).
+            ``"lorif"``: simulated as ``"dense"`` (either mode), each source's response to every Linear / Conv weight
+            kept as rank-``rank`` factors ``U (out x c)``, ``V (in x c)`` (truncated SVD), the other parameters
+            dense (:mod:`lowrank`); read out with ``U (V^T x)`` added to the layer's output (every readout).
+        rank: ``k``, eigenpairs kept by ``codec="eigen"`` (capped at ``P``); ``c``, the rank of every factored
+            weight for ``codec="lorif"`` (capped at ``min(out, in)``: exact there).
 
     Training batches must end with the example index (wrap the dataset in :class:`IndexedDataset`).
     Training is left bit-for-bit unchanged: the simulation runs on detached copies in eval mode under
@@ -236,8 +240,8 @@ class AttributionCallback(Callback):
 
     @property
     def _online(self) -> bool:
-        """Whether responses are simulated on the live batches (``mode="online"`` with dense responses)."""
-        return self.mode == "online" and self.codec == "dense"
+        """Whether responses are simulated on the live batches (``mode="online"``, codec ``"dense"`` or ``"lorif"``)."""
+        return self.mode == "online" and self.codec != "eigen"
 
     def _plan_windows(self, trainer: L.Trainer) -> list[tuple[str, int]]:
         """The final window, plus one per checkpoint epoch (injecting during that epoch). Warns about a

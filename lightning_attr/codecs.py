@@ -10,6 +10,10 @@ A **codec** names the representation of one response checkpoint:
   ``K``-step series, applied exactly per eigen-direction), so that ``r_b = V^T c_b``. Read out with ``k``
   forward-mode tangents per query batch and one ``[B, k] x [k, S]`` product: the cost does not grow
   with ``S``. Only the ``linear`` readout exists for it (``central`` / ``step`` need ``r_b`` itself).
+- ``"lorif"``: per source, rank-``c`` factors ``U: [out, c]``, ``V: [in, c]`` of every Linear / Conv weight's
+  response and the other parameters dense (:mod:`lowrank`). Read out like ``"dense"`` (every readout), with the
+  factored term added as ``U (V^T x)`` to each layer's output: ``c (out + in)`` per layer and source, not
+  ``out * in``.
 
 A dense checkpoint too large for memory is read as :class:`StreamedResponses`: its shards one at a
 time at every query, so ``S x P`` is never held (the cost: reading the shards again per query).
@@ -28,11 +32,12 @@ from torch import Tensor
 
 from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel
+from lightning_attr.lowrank import LowRankResponses
 from lightning_attr.readout import paired_readout, score_sources
 from lightning_attr.simulation import select_examples
 from lightning_attr.spectral import EigenResponses
 
-CODECS = ("dense", "eigen")
+CODECS = ("dense", "eigen", "lorif")
 
 
 class ResponseBlock(Protocol):
@@ -112,6 +117,6 @@ class StreamedResponses:
         return out
 
 
-AnyBlock = Union[DenseResponses, EigenResponses, StreamedResponses]
+AnyBlock = Union[DenseResponses, EigenResponses, LowRankResponses, StreamedResponses]
 
-__all__ = ["CODECS", "AnyBlock", "DenseResponses", "EigenResponses", "ResponseBlock", "StreamedResponses"]
+__all__ = ["CODECS", "AnyBlock", "DenseResponses", "EigenResponses", "LowRankResponses", "ResponseBlock", "StreamedResponses"]

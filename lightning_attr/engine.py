@@ -8,7 +8,9 @@ The engine owns the work the callback only triggers (STYLE.md: the callback is g
 - **online windows**: sources injected from the live batches of one epoch, propagated on pooled live
   curvature batches, retired to shards as their horizon is spent (:class:`OnlineSimulation`);
   what is still live when the fit ends is finished on replayed batches;
-- **codec ``"eigen"``**: the top-k eigenspace and ``k`` coordinates per source (:mod:`spectral`).
+- **codec ``"eigen"``**: the top-k eigenspace and ``k`` coordinates per source (:mod:`spectral`);
+- **codec ``"lorif"``**: simulated as dense, each block's responses factored per layer before it is buffered
+  (:mod:`lowrank`).
 
 Its swappable parts are passed in (as TRAK passes its gradient computer, projector and saver):
 
@@ -56,6 +58,7 @@ from lightning_attr.simulation import (
     select_examples,
 )
 from lightning_attr.sources import SourceMap, split_batch
+from lightning_attr.lowrank import encode_lowrank, factored_layers, lowrank_entry
 from lightning_attr.spectral import eigen_responses
 from lightning_attr.store import ResponseStore, ShardWriter, write_part
 
@@ -195,6 +198,7 @@ class SimulationEngine:
         self._warned_non_finite = False
         self._pending: dict[str, _Pending] = {}
         self._restored: dict[str, Any] = {}
+        self._codec_entries: dict[str, dict] = {}  # checkpoint -> manifest fields of codec "lorif"
 
     # ------------------------------------------------------------------ shared
     def propagation(self) -> str:
@@ -250,10 +254,18 @@ class SimulationEngine:
         if progress is not None:
             progress.advance(products)
 
-    def _writer(self, name: str) -> ShardWriter:
+    def _writer(self, name: str, model: FunctionalModel) -> ShardWriter:
+        """The shard writer of checkpoint ``name`` in the codec of the settings (``"lorif"``: factors per layer)."""
         prefix = f"r{self.partition.rank}-" if self.partition.world_size > 1 else ""
-        rows = self.settings.block_size(self.dim)
-        return ShardWriter(self.store_path, name, self.space, self.settings.store_dtype, prefix=prefix, rows_per_shard=rows)
+        s, rows, encode = self.settings, self.settings.block_size(self.dim), None
+        if s.codec == "lorif":
+            layers = factored_layers(model.module, self.space)
+            encode = partial(encode_lowrank, space=self.space, layers=layers, rank=s.rank)
+            self._codec_entries[name] = lowrank_entry(layers, s.rank)
+        return ShardWriter(
+            self.store_path, name, self.space, s.store_dtype, prefix=prefix, rows_per_shard=rows, encode=encode,
+            stem="factors" if encode else "responses",
+        )  # fmt: skip
 
     @contextmanager
     def _timed(self) -> Iterator[None]:
@@ -304,7 +316,7 @@ class SimulationEngine:
         rule = self._step_rule(operators[0], theta)
         progress = self._new_progress(name)
         counted = [_Counting(op, self, progress) for op in operators]
-        writer, valid = self._writer(name), torch.ones(source_map.num_sources, dtype=torch.bool)
+        writer, valid = self._writer(name, model), torch.ones(source_map.num_sources, dtype=torch.bool)
         e2s = source_map.example_to_source
         for block in self.owned.split(s.block_size(self.dim)):
             local = torch.full((source_map.num_sources,), -1, dtype=torch.long)
@@ -357,7 +369,9 @@ class SimulationEngine:
                 name, theta, pending.eigen, info={**info, **self._cost_info()}, source_stats=pending.stats, dtype=self.settings.store_dtype
             )
         else:
-            store.commit(name, theta, info=info, parts=parts, dtype=self.settings.store_dtype)
+            store.commit(
+                name, theta, info=info, parts=parts, dtype=self.settings.store_dtype, codec_entry=self._codec_entries.pop(name, None)
+            )
 
     # ------------------------------------------------------------------ online windows
     def plan(self, windows: Sequence[tuple[str, int]], restored: dict[str, Any] | None = None) -> None:
@@ -394,7 +408,7 @@ class SimulationEngine:
         active = [w for w in self.windows if w.active(epoch)]
         for window in active:
             if window.simulation is None:
-                self._open(window, theta)
+                self._open(window, model, theta)
             if epoch == window.injection_epoch:
                 injected = [window.simulation.inject(model, theta, data, index) for data, index in batches]
                 if any(injected):
@@ -414,10 +428,10 @@ class SimulationEngine:
                         finished.append(window)
         return finished
 
-    def _open(self, window: Window, theta: Tensor) -> None:
+    def _open(self, window: Window, model: FunctionalModel, theta: Tensor) -> None:
         """A window's simulation and shard writer (restored on resume); its step rule is set at its first step."""
         source_map = self.source_map
-        window.writer = self._writer(window.name)
+        window.writer = self._writer(window.name, model)
         window.simulation = OnlineSimulation(
             source_map.example_to_source, source_map.num_sources, theta.numel(), self.settings.horizon, None,
             theta.device, sink=window.writer.add, num_examples=source_map.training_set_size,

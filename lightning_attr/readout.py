@@ -12,6 +12,7 @@ None of them runs a backward pass. Sources are batched with ``vmap`` in chunks o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,10 +42,29 @@ def _per_source(model: FunctionalModel, theta: Tensor, batch: Any, kind: str, ep
     return lambda r: f(theta + r) - base
 
 
-def _loop(one: Any) -> Any:
+def loop_over(one: Any) -> Any:
     """``vmap(one)`` as a Python loop. Recurrent kernels (``aten::gru.input``, ...) have a batching rule
     only under forward-mode AD (the linear readout), so the central and step readouts loop over sources."""
     return lambda responses: torch.stack([one(r) for r in responses])
+
+
+def readout_along(
+    measure: Callable[[Tensor, Any], Tensor], kind: str, epsilon: float = 1.0, device: torch.device | str = "cpu"
+) -> Callable[[Any], Tensor]:
+    """The readout ``kind`` for responses that are not flat vectors (codec ``"lorif"``: factors per layer).
+
+    ``measure(e, r) -> Tensor[B]``: the query measurement with the parameters moved by ``e`` times the response
+    ``r`` (``e``: a 0-dim float32 tensor). Returns ``r -> Tensor[B]``: ``d/de measure`` at 0 (``"linear"``, by
+    ``torch.func.jvp``), ``[measure(epsilon) - measure(-epsilon)] / (2 epsilon)`` (``"central"``) or
+    ``measure(1) - measure(0)`` (``"step"``): what :func:`score_sources` computes for a flat ``r``.
+    """
+    check_readout(kind)
+    zero, one = torch.zeros((), device=device), torch.ones((), device=device)
+    if kind == "linear":
+        return lambda r: jvp(lambda e: measure(e, r), (zero,), (one,))[1]
+    if kind == "central":
+        return lambda r: (measure(epsilon * one, r) - measure(-epsilon * one, r)) / (2 * epsilon)
+    return lambda r: measure(one, r) - measure(zero, r)
 
 
 def score_sources(
@@ -71,7 +91,7 @@ def score_sources(
     """
     check_readout(kind)
     one = _per_source(model, theta, batch, kind, epsilon)
-    batched = vmap(one) if kind == "linear" or not has_recurrent_layer(model.module) else _loop(one)
+    batched = vmap(one) if kind == "linear" or not has_recurrent_layer(model.module) else loop_over(one)
     chunks = [batched(responses[s : s + chunk_size]) for s in range(0, responses.shape[0], chunk_size)]
     return torch.cat(chunks, dim=0).T
 

@@ -27,7 +27,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,8 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from lightning_attr._io import atomic_save_tensors, atomic_write_bytes
-from lightning_attr.codecs import AnyBlock, DenseResponses, EigenResponses, StreamedResponses
+from lightning_attr.codecs import AnyBlock, DenseResponses, EigenResponses, LowRankResponses, StreamedResponses
+from lightning_attr.lowrank import FACTOR_KEYS
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.sources import SourceMap
 
@@ -154,32 +155,41 @@ class ShardWriter:
         path: the store directory. name: the checkpoint. space: the parameter space (``P``).
         dtype: storage dtype name. prefix: distinguishes the shards of several processes (``"r1-"``).
         rows_per_shard: sources per shard (at least 1).
+        encode: ``Tensor[C, P] -> {key: Tensor[C, ...]}``, the codec's shard tensors (default: one tensor per
+            parameter, codec ``"dense"``; codec ``"lorif"``: :func:`lightning_attr.lowrank.encode_lowrank`).
+        stem: shard file names' stem (``"responses"``; ``"factors"`` for codec ``"lorif"``).
     """
 
     def __init__(
         self, path: str | os.PathLike, name: str, space: ParameterSpace, dtype: str = "float32", *,
-        prefix: str = "", rows_per_shard: int = 4096,
+        prefix: str = "", rows_per_shard: int = 4096, encode: Callable[[Tensor], dict[str, Tensor]] | None = None,
+        stem: str = "responses",
     ) -> None:  # fmt: skip
         check_checkpoint_name(name)
         _check_dtype(dtype)
         self.path, self.name, self.space, self.dtype, self.prefix = Path(path), name, space, dtype, prefix
+        self.encode, self.stem = encode or space.unflatten, stem
         self.rows_per_shard = max(1, int(rows_per_shard))
         self.shards: list[dict] = []
         self._sources: list[Tensor] = []
-        self._rows: list[Tensor] = []
+        self._rows: list[dict[str, Tensor]] = []
         self._waiting = 0
         (self.path / name).mkdir(parents=True, exist_ok=True)
 
     def add(self, sources: Tensor, rows: Tensor) -> None:
-        """Queues ``rows: Tensor[C, P]`` (float32, the responses of ``sources: LongTensor[C]``); writes every
-        full shard at once."""
+        """Queues ``rows: Tensor[C, P]`` (float32, the responses of ``sources: LongTensor[C]``), encoded by the
+        writer's codec; writes every full shard at once."""
         if rows.shape != (sources.numel(), self.space.size):
             raise ValueError(f"rows must be [C={sources.numel()}, P={self.space.size}], got {list(rows.shape)}.")
+        self.add_encoded(sources, self.encode(rows))
+
+    def add_encoded(self, sources: Tensor, tensors: dict[str, Tensor]) -> None:
+        """Queues already encoded rows: ``{key: Tensor[C, ...]}`` of ``sources: LongTensor[C]``."""
         start = 0
         while start < sources.numel():
             take = min(self.rows_per_shard - self._waiting, sources.numel() - start)
             self._sources.append(sources[start : start + take].cpu())
-            self._rows.append(rows[start : start + take].to("cpu", _DTYPES[self.dtype]))
+            self._rows.append({k: t[start : start + take].to("cpu", _DTYPES[self.dtype]) for k, t in tensors.items()})
             self._waiting, start = self._waiting + take, start + take
             if self._waiting >= self.rows_per_shard:
                 self.flush()
@@ -188,10 +198,11 @@ class ShardWriter:
         """Writes the rows waiting (if any) as one shard."""
         if not self._waiting:
             return
-        sources, rows = torch.cat(self._sources), torch.cat(self._rows)
+        sources, rows = torch.cat(self._sources), self._rows
+        tensors = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
         self._sources, self._rows, self._waiting = [], [], 0
-        file = f"{self.name}/responses-{self.prefix}{len(self.shards):05d}.safetensors"
-        tensors = {**self.space.unflatten(rows), SOURCE_INDEX: sources}
+        file = f"{self.name}/{self.stem}-{self.prefix}{len(self.shards):05d}.safetensors"
+        tensors[SOURCE_INDEX] = sources
         self.shards.append({"file": file, "rows": int(sources.numel()), "bytes": atomic_save_tensors(self.path / file, tensors)})
 
     def state_dict(self) -> dict[str, Any]:
@@ -296,6 +307,13 @@ class ResponseStore:
         (self.path / name).mkdir(parents=True, exist_ok=True)
         if isinstance(block, EigenResponses):
             codec_entry, shards = self._write_eigen(name, block, dtype, shard_size)
+        elif isinstance(block, LowRankResponses):
+            if block.num_sources != self.n_sources or block.space != self.space:
+                raise ValueError(f"a lorif block needs S={self.n_sources} sources of this store's parameter space.")
+            writer = ShardWriter(self.path, name, self.space, dtype, rows_per_shard=shard_size, stem="factors")
+            writer.add_encoded(torch.arange(self.n_sources), block.tensors())
+            writer.flush()
+            codec_entry, shards = block.entry(), writer.shards
         else:
             if block.responses.shape != (self.n_sources, self.space.size):
                 raise ValueError(
@@ -307,8 +325,11 @@ class ResponseStore:
             codec_entry, shards = {"codec": "dense"}, writer.shards
         self._add_entry(name, theta, shards, codec_entry, info, source_stats, dtype)
 
-    def commit(self, name: str, theta: Tensor, *, info: dict[str, Any], parts: int, dtype: str = "float32") -> None:
-        """Lists a dense checkpoint whose shards ``parts`` processes wrote (:class:`ShardWriter`,
+    def commit(
+        self, name: str, theta: Tensor, *, info: dict[str, Any], parts: int, dtype: str = "float32",
+        codec_entry: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        """Lists a dense (or ``codec_entry``: lorif, :func:`lowrank_entry`) checkpoint whose shards ``parts`` processes wrote (:class:`ShardWriter`,
         :func:`write_part`): merges their parts, checks that every source is covered exactly once, writes the
         per-source bookkeeping and then the manifest. The costs in the parts (``curvature_products``,
         ``simulation_seconds``, ``replayed_steps``) are summed (seconds and steps: the maximum) into ``info``.
@@ -334,7 +355,7 @@ class ResponseStore:
                 costs[key] = max(costs.get(key, value), value) if key != "curvature_products" else costs.get(key, 0) + value
         check_coverage(covered, f"the parts of checkpoint {name!r} in {self.path}")
         stats["valid"] = stats["valid"].bool()
-        self._add_entry(name, theta, shards, {"codec": "dense"}, {**info, **costs}, stats, dtype)
+        self._add_entry(name, theta, shards, codec_entry or {"codec": "dense"}, {**info, **costs}, stats, dtype)
         for rank in range(parts):
             (self.path / name / f"part-{rank:05d}.safetensors").unlink(missing_ok=True)
 
@@ -559,7 +580,7 @@ class ResponseStore:
         )
 
     def codec(self, name: str) -> str:
-        """The codec of checkpoint ``name``: ``"dense"`` or ``"eigen"`` (format 1 stores: always dense)."""
+        """The codec of checkpoint ``name``: ``"dense"``, ``"eigen"`` or ``"lorif"`` (format 1 stores: always dense)."""
         return self.checkpoint_info(name).get("codec", "dense")
 
     def block(self, name: str, device: torch.device | str = "cpu", memory_budget_mb: float | None = None) -> AnyBlock:
@@ -567,6 +588,11 @@ class ResponseStore:
 
         ``memory_budget_mb``: a dense checkpoint whose ``S x P`` float32 responses exceed it is not loaded: the
         block (:class:`StreamedResponses`) reads its shards one at a time at every query instead."""
+        if self.codec(name) == "lorif":
+            key = ("lorif", name, str(device))
+            if key not in self._cache:
+                self._cache[key] = self._read_lowrank(name).to(device)
+            return self._cache[key]
         if self.codec(name) == "dense":
             if memory_budget_mb is not None and self.n_sources * self.space.size * 4 > memory_budget_mb * 2**20:
                 return StreamedResponses(partial(self.iter_responses, name), self.n_sources, torch.device(device))
@@ -587,6 +613,28 @@ class ResponseStore:
             )  # fmt: skip
         return self._cache[key]
 
+    def _read_lowrank(self, name: str) -> LowRankResponses:
+        """Every shard of a ``"lorif"`` checkpoint, each source's rows put in place (float32)."""
+        full: dict[str, Tensor] = {}
+        for sources, tensors in self._iter_shards(name, "lorif"):
+            for key, t in tensors.items():
+                if key not in full:
+                    full[key] = torch.full((self.n_sources, *t.shape[1:]), float("nan"))
+                full[key][sources] = t.float()
+        return LowRankResponses.from_tensors(self.space, full)
+
+    def _shard_shapes(self, name: str, rows: int) -> dict[str, tuple[int, ...]]:
+        """``{key: shape}`` every shard of checkpoint ``name`` with ``rows`` sources must hold (dense or lorif)."""
+        factored = self.checkpoint_info(name).get("factored", {})
+        shapes = {}
+        for pname, shape in zip(self.space.names, self.space.shapes):
+            if pname in factored:
+                out, inp, c = factored[pname]
+                shapes[pname + FACTOR_KEYS[0]], shapes[pname + FACTOR_KEYS[1]] = (rows, out, c), (rows, inp, c)
+            else:
+                shapes[pname] = (rows, *shape)
+        return shapes
+
     def responses(self, name: str, device: torch.device | str = "cpu") -> Tensor:
         """``Tensor[S, P]`` float32 responses of a ``"dense"`` checkpoint ``name`` (cached per device). This holds
         ``S x P`` numbers: the readout streams the shards instead (:meth:`iter_responses`)."""
@@ -605,8 +653,8 @@ class ResponseStore:
         return self._iter_shards(name, "dense")
 
     def _iter_shards(self, name: str, codec: str) -> Iterator[tuple[Any, Tensor]]:
-        """``(sources LongTensor[S_shard], Tensor[S_shard, P])`` (dense) or ``(start, Tensor[S_shard, k])``
-        (eigen coordinates, contiguous), float32."""
+        """``(sources LongTensor[S_shard], Tensor[S_shard, P])`` (dense), ``(sources, {key: Tensor[S_shard, ...]})``
+        (lorif factors and dense rest) or ``(start, Tensor[S_shard, k])`` (eigen coordinates, contiguous), float32."""
         if self.codec(name) != codec:
             raise StoreError(
                 f"Checkpoint {name!r} of {self.path} holds codec {self.codec(name)!r} responses, not {codec!r}: read "
@@ -631,13 +679,13 @@ class ResponseStore:
                     raise StoreError(f"{shard['file']}: {SOURCE_INDEX} is missing or not [{expected}]; the store is damaged.")
             else:
                 sources, expected = torch.arange(shard["start"], shard["stop"]), shard["stop"] - shard["start"]
-            for pname, shape in zip(space.names, space.shapes):
-                got = tuple(tensors[pname].shape) if pname in tensors else None
-                if got != (expected, *shape):
-                    raise StoreError(f"{shard['file']}: tensor {pname!r} is {got}, expected {(expected, *shape)}.")
+            for key, shape in self._shard_shapes(name, expected).items():
+                got = tuple(tensors[key].shape) if key in tensors else None
+                if got != shape:
+                    raise StoreError(f"{shard['file']}: tensor {key!r} is {got}, expected {shape}.")
             sources = sources.long()
             if sources.numel() and (int(sources.min()) < 0 or int(sources.max()) >= self.n_sources):
                 raise StoreError(f"{shard['file']}: source ids outside [0, {self.n_sources}); the store is damaged.")
             covered.index_add_(0, sources, torch.ones_like(sources))
-            yield sources, space.flatten(tensors, batch_dims=1)
+            yield sources, tensors if codec == "lorif" else space.flatten(tensors, batch_dims=1)
         check_coverage(covered, f"checkpoint {name!r} of {self.path}")
