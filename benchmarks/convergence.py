@@ -17,8 +17,9 @@ Per setting: ONE Lightning fit (the bench's recipe and example order, ``benchmar
 - ``damping``: LDS of the exact target and of the chosen online rule against ``damping_scale``.
 
 Scores are the linear readout ``(1/n) grad f_q^T r_b`` with the exact query gradients, so the
-comparison measures the responses only. Writes ``--out`` (JSON) and ``<out>.md``; ``--figure``
-draws Pearson against K per setting (``docs/img/propagation.png``).
+comparison measures the responses only. Writes ``--out`` (JSON; a rerun adds to it) and, with
+``--figure``, Pearson against K per rule for every setting in it with end curves
+(``docs/img/propagation.png``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -40,14 +42,14 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import SETTINGS, Setting, fit, make_net  # noqa: E402
+from bench import SETTINGS, Setting, SettingBench, fit, make_net  # noqa: E402
 
 from lightning_attr import AttributionCallback, ResponseStore  # noqa: E402
 from lightning_attr.curvature import curvature_operator  # noqa: E402
 from lightning_attr.data import TensorSplit, load_digits  # noqa: E402
 from lightning_attr.evaluation import RetrainingHarness, TrainingRecipe, linear_datamodeling_scores  # noqa: E402
 from lightning_attr.evaluation.exact import ExactInfluence  # noqa: E402
-from lightning_attr.evaluation.retrain import atomic_write_json  # noqa: E402
+from lightning_attr._io import atomic_write_json  # noqa: E402
 from lightning_attr.functional import functional_view  # noqa: E402
 from lightning_attr.models import CNN, mlp  # noqa: E402
 from lightning_attr.parameters import ParameterSpace  # noqa: E402
@@ -94,13 +96,21 @@ class Study:
         t = time.perf_counter()
         self.module, self.plain_fit_s = fit(setting, d, [])
         self.net = self.module.net.eval()
-        self.exact = ExactInfluence(self.net, d.x_train, d.y_train)
+        self.exact = ExactInfluence(self.net, d.x_train, d.y_train, ggn=self._cached_ggn())
         self.g_query = self.exact.gradients(self.xq, self.yq).float()  # [Q, P]
         _ = self.exact.ggn
         self.n = len(d.x_train)
         print(f"[{setting.name}] fit {self.plain_fit_s:.1f}s, P={self.exact.num_parameters}, exact GGN in {time.perf_counter() - t:.0f}s", flush=True)
         self._targets: dict[float, Tensor] = {}
         self._truth = None
+
+    def _cached_ggn(self) -> Tensor | None:
+        """The explicit GGN from ``bench.py``'s cache (``--cache-dir``) if it was built for these very weights."""
+        args = SimpleNamespace(quick=False, quick_queries=0, quick_subsets=0, cache_dir=self.args.cache_dir, plain_fits=0)
+        bench = SettingBench(self.setting, args)
+        hit = bench.cache.load("ggn", bench._exact_key())
+        same = all(torch.equal(a, b) for a, b in zip(bench.model().parameters(), self.net.parameters()))
+        return hit[0]["ggn"] if hit is not None and same else None
 
     def target(self, damping: float) -> Tensor:
         key = round(damping, 12)
@@ -180,6 +190,34 @@ class Study:
         return rec
 
 
+def figure(results: dict, path: Path) -> None:
+    """Pearson to the exact target against K, one panel per setting, one line per rule (end mode)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [name for name, rec in results.items() if rec.get("end")]
+    if not names:
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rec = results[name]
+        for rule, curve in rec["end"].items():
+            points = sorted((int(k), v) for k, v in curve["pearson"].items())
+            ax.plot([k for k, _ in points], [v for _, v in points], "o-", label=rule)
+        ax.set_xscale("log")
+        ax.set_xlabel("K (curvature products per source)")
+        ax.set_ylabel("Pearson to the exact target")
+        ax.set_title(f"{name}, P = {rec['P']:,}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
 def parse_spec(spec: str) -> dict:
     """``'propagation=heavy_ball,horizon=20'`` -> callback kwargs (ints and floats parsed)."""
     out = {}
@@ -212,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--damping-scales", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0])
     p.add_argument("--skip-end", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--figure", default=None, help="write the Pearson-vs-K figure here (e.g. docs/img/propagation.png)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -233,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
                 sweep[f"{args.damping},damping_scale={scale}"] = study.online({**parse_spec(args.damping), "damping_scale": scale}, lds=True)
                 atomic_write_json(out_path, results)
         atomic_write_json(out_path, results)
+    if args.figure:
+        figure(results, Path(args.figure))
 
 
 if __name__ == "__main__":

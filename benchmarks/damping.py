@@ -44,7 +44,7 @@ from bench import SettingBench, nanmean, run_ours  # noqa: E402
 from convergence import HERE  # noqa: E402
 
 from lightning_attr.evaluation import RetrainingHarness  # noqa: E402
-from lightning_attr.evaluation.retrain import atomic_write_json  # noqa: E402
+from lightning_attr._io import atomic_write_json  # noqa: E402
 
 SCALES = [0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
 EXACT_SCALES = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
