@@ -20,7 +20,6 @@ chance. Writes ``stdlib_lm/attributions.json`` (every continuation's top modules
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attr import AttributionCallback, IndexedDataset, ResponseStore
+from lightning_attr.app.io import atomic_write, write_json
 from lightning_attr.data.stdlib_text import VOCAB_SIZE, StdlibText, load_stdlib_text
 from lightning_attr.models import CausalLM
 
@@ -118,7 +118,7 @@ def _figure(path: Path, text: StdlibText, scores: torch.Tensor, queries: list[in
         ax.set_title(f"{continuation.strip()!r}  (held out from {text.modules[own]}: rank {rank}, dark when shown)", fontsize=8)
     axes[-1].set_xlabel("score: predicted rise of the continuation's loss (nats/byte) if the module were removed", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
@@ -160,8 +160,7 @@ def main() -> None:
                "own_module_in_top10": in_top10, "own_module_top1": float((ranks == 1).float().mean()),
                "own_module_mean_rank": float(ranks.float().mean()), "chance_top10": 10 / n_modules,
                "chance_mean_rank": (n_modules + 1) / 2, "rows": rows}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "attributions.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "attributions.json", summary)
     _figure(out / "top_modules.png", text, scores, [row["query"] for row in rows[:: max(1, len(rows) // 4)][:4]])
     print(f"\nown module in the top 10 of {n_modules}: {in_top10:.0%} of {len(scores)} continuations "
           f"(chance {10 / n_modules:.0%}); top 1: {summary['own_module_top1']:.0%}; mean rank "
