@@ -16,6 +16,7 @@ from lightning_attr.codecs import EigenResponses
 from lightning_attr.curvature import curvature_operator
 from lightning_attr.functional import functional_view
 from lightning_attr.spectral import top_eigenspace
+from lightning_attr.sources import SourceMap
 from lightning_attr.store import StoreError
 
 DATA = Path(__file__).parent / "data"
@@ -140,3 +141,26 @@ def test_bad_codec_options_are_refused():
         AttributionCallback(codec="eigen", curvature="hessian")
     with pytest.raises(MisconfigurationException, match="rank must be a positive int"):
         AttributionCallback(codec="eigen", rank=0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_basis_keeps_the_scores(tmp_path, dtype):
+    """The basis ``[k, P]`` dominates an eigen store while ``S`` is small; stored in half precision it halves the
+    bytes. Its rounding (relative 2^-11 float16, 2^-8 bfloat16 per entry) moves the scores by a bounded amount."""
+    x, y = blobs(n=160, d=6, classes=3)
+    xq, yq = blobs(n=24, d=6, classes=3, seed=1)
+    model = small_mlp(6, 3)
+    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=32, horizon=100)
+    fit(model, x, y, [cb], epochs=4)
+    full = ResponseStore.load(cb.dirpath)
+    half = ResponseStore.create(tmp_path / dtype, full.space, SourceMap.build(None, 160), {}, overwrite=True)
+    half.add_checkpoint(
+        "final", full.theta("final"), full.block("final"), info={}, source_stats=full.source_stats("final"), dtype=dtype
+    )
+    bytes_of = {s: sum(f.stat().st_size for f in Path(s.path, "final").glob("*.safetensors")) for s in (full, half)}
+    assert bytes_of[half] < 0.6 * bytes_of[full]
+    expected = model.attribute((xq, yq), responses=full)
+    ours = model.attribute((xq, yq), responses=ResponseStore.load(half.path))
+    error = float((ours - expected).abs().max() / expected.abs().max())
+    assert error < (2e-3 if dtype == "float16" else 1e-2), error  # measured 5.1e-4 and 2.3e-3
+    assert pearson(ours, expected) > (0.99999 if dtype == "float16" else 0.9995)
