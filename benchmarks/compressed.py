@@ -124,7 +124,8 @@ def run_setting(setting, args) -> list[dict]:
             print(f"  exact target: LDS {value}", flush=True)
         value, ci = lds(scores)
         rec = {
-            **base, "method": f"ours, codec eigen, k={rank}, " + ("damped inverse" if horizon >= 10**5 else f"K={horizon} series"),
+            **base, "method": f"ours, codec eigen, k={rank}, {args.store_dtype}, "
+            + ("damped inverse" if horizon >= 10**5 else f"K={horizon} {info['spectral']['propagation']} series"),
             "lds": value, "lds_ci95": ci,
             "pearson_exact": None if exact is None else round(pearson(scores, exact), 4),
             "setup_s": info["simulation_seconds"], "setup_to_plain_fit": round(info["simulation_seconds"] / plain_s, 2),

@@ -84,7 +84,9 @@ def test_eigen_codec_at_full_rank_equals_dense_end_mode_responses(tmp_path):
     for codec in ("dense", "eigen"):
         torch.manual_seed(0)  # the same initial weights: the two fits are the same model
         model = small_mlp(5, 3, hidden=8)
-        cb = AttributionCallback(tmp_path / codec, codec=codec, mode="end", rank=10**4, horizon=40, curvature_batch_size=512)
+        cb = AttributionCallback(
+            tmp_path / codec, codec=codec, mode="end", rank=10**4, horizon=40, curvature_batch_size=512, propagation="neumann"
+        )
         fit(model, x, y, [cb], epochs=6)
         scores[codec] = model.attribute((xq, yq), responses=cb.dirpath)
     assert pearson(scores["dense"], scores["eigen"]) > 0.999
