@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         help="spectral filter per run: the dense series' K (100 = the callback default); 1000000 = the damped inverse",
     )
     p.add_argument("--store-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--lorif-ranks", nargs="*", type=int, default=[], help="also codec 'lorif' at these c (callback defaults otherwise)")
     p.add_argument("--cache-dir", default="benchmarks/results/cache")
     p.add_argument("--exact-max-params", type=int, default=8000, help="explicit G only up to this P")
     p.add_argument("--no-dense", action="store_true", help="skip our dense responses (LDS comparison)")
@@ -138,6 +139,24 @@ def run_setting(setting, args) -> list[dict]:
 
     if not args.no_dense:
         records.append(dense_record(setting, data, xq, yq, base, lds, workdir, cache, plain_s))
+
+    # ours, codec "lorif" (callback defaults: online, K=100; each weight's response as rank-c factors)
+    for rank in args.lorif_ranks:
+        dirpath = workdir / f"lorif-{rank}"
+        cb = AttributionCallback(dirpath=str(dirpath), codec="lorif", rank=rank, store_dtype=args.store_dtype)
+        model, _ = fit(setting, data, [cb])
+        model.eval()
+        info = ResponseStore.load(dirpath).checkpoint_info("final")
+        score = (lambda m, d: lambda x, y: m.attribute((x, y), responses=d))(model, str(dirpath))
+        value, ci = lds(score(xq, yq))
+        rec = {
+            **base, "method": f"ours, codec lorif, c={rank}, {args.store_dtype} (online K=100)", "lds": value, "lds_ci95": ci,
+            "setup_s": info["simulation_seconds"], "setup_to_plain_fit": round(info["simulation_seconds"] / plain_s, 2),
+            "storage_bytes": dir_bytes(dirpath), "store_dtype": args.store_dtype, "factored": info["factored"],
+        }  # fmt: skip
+        print(f"  {rec['method']}: LDS {value} setup {rec['setup_s']}s storage {rec['storage_bytes'] / 1e6:.2f} MB", flush=True)
+        records.append(rec)
+        timers.append((rec, score))
 
     # TRAK-1 on the plain fit's model (dattri: proj 512, traker: proj 2048, as bench.py), defaults
     for peer in (DattriTRAK(1, proj_dim=512), TraKerTRAK(1, proj_dim=2048)):
