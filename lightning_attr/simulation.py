@@ -89,6 +89,15 @@ class StepRule:
         return alpha, gamma
 
 
+def resolve_damping(damping: Damping, damping_scale: float, mean_eigenvalue: float) -> float:
+    """``lam``: ``damping_scale * mean_eigenvalue`` for ``"auto"`` (``trace(G)/P``), else ``float(damping)``;
+    raises unless it is finite and >= 0."""
+    lam = damping_scale * mean_eigenvalue if damping == "auto" else float(damping)
+    if not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"damping resolved to {lam}; it must be finite and >= 0.")
+    return lam
+
+
 def resolve_step_rule(
     spectrum: Spectrum,
     damping: Damping = "auto",
@@ -108,9 +117,7 @@ def resolve_step_rule(
         raise ValueError(f"propagation must be one of {PROPAGATIONS}, got {propagation!r}.")
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}.")
-    lam = damping_scale * spectrum.mean_eigenvalue if damping == "auto" else float(damping)
-    if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"damping resolved to {lam}; it must be finite and >= 0.")
+    lam = resolve_damping(damping, damping_scale, spectrum.mean_eigenvalue)
     scale = STEP_SAFETY * spectrum.lambda_max + lam
     eta = (1.0 / scale if scale > 0 else math.inf) if step_size == "auto" else float(step_size)
     if not math.isfinite(eta) or eta <= 0:

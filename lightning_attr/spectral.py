@@ -35,7 +35,7 @@ from torch.func import jvp, vmap
 from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator, estimate_spectrum
 from lightning_attr.functional import FunctionalModel
 from lightning_attr.readout import check_readout
-from lightning_attr.simulation import DEFAULT_MOMENTUM, STEP_SAFETY, Damping, StepRule, initial_perturbations, propagate
+from lightning_attr.simulation import DEFAULT_MOMENTUM, STEP_SAFETY, Damping, StepRule, initial_perturbations, propagate, resolve_damping
 
 
 @dataclass(frozen=True)
@@ -178,15 +178,11 @@ def eigen_responses(
     """
     dim = theta.numel()
     operator = curvature_operator("ggn", model, theta, curvature_batches, chunk_size)
-    probes = 32
+    probes = 32 if damping == "auto" else 0
     mean_eigenvalue = float("nan")
-    if damping == "auto":
+    if probes:
         mean_eigenvalue = estimate_spectrum(operator, dim, probes=probes, power_iterations=0, generator=generator, device=theta.device).mean_eigenvalue
-        lam = damping_scale * mean_eigenvalue
-    else:
-        probes, lam = 0, float(damping)
-    if not lam >= 0:
-        raise ValueError(f"damping resolved to {lam}; it must be finite and >= 0.")
+    lam = resolve_damping(damping, damping_scale, mean_eigenvalue)
     space = top_eigenspace(
         operator, dim, min(rank, dim), block=block, power_iterations=power_iterations, generator=generator, device=theta.device
     )
