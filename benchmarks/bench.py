@@ -272,6 +272,7 @@ class Result:
     storage_bytes: int
     peak_rss_mb: float
     setup_ratio: float | None = None
+    final_scores: Tensor | None = None  # ours with several checkpoints: the last one alone (what the exact target compares with)
 
 
 def time_queries(score_fn, xq: Tensor, yq: Tensor, single_repeats: int, batched_repeats: int) -> tuple[float, float, Tensor]:
@@ -318,6 +319,7 @@ PEER_SPECS = [  # (label, make(setting, value), default value or NO_DEFAULTS_ROW
     ("TracIn", lambda s, v: DattriTracIn([s.recipe.lr] * 5), None, None, False),
     ("EK-FAC", lambda s, v: KronfluenceEKFAC(damping_factor=v), 1e-8, [None, 1e-4, 1e-3, 1e-2], False),
 ]
+PEER_SPECS_BY_LABEL = {spec[0]: spec for spec in PEER_SPECS}
 # the order peers are computed in when compute time is short: the targets' anchors first
 PEER_PRIORITY = ["TRAK-10 dattri", "IF-CG", "TRAK-1 dattri", "EK-FAC", "grad-dot", "TracIn", "TRAK-1 traker", "TRAK-10 traker", "IF-LiSSA"]
 
@@ -382,24 +384,33 @@ class SettingBench:
         self._members: list[nn.Module] | None = None
         self._exact: ExactInfluence | None = None
         self._trak1: DattriTRAK | None = None
+        self._exact_recorded: set[float] = set()
 
     def make(self, seed: int) -> nn.Module:
         return make_net(self.setting, self.data, seed)
 
     # -- ground truth
-    def truth(self) -> None:
+    def harness(self, groups: Tensor | None = None) -> RetrainingHarness:
+        """The retraining harness of this setting (cached under ``cache_root``); ``groups``: source of each example."""
         s, d = self.setting, self.data
-        key = f"{s.name}-{s.arch}"
-        ex = RetrainingHarness(self.make, key, d.x_train, d.y_train, d.x_test, d.y_test, None, s.recipe, self.cache_root)
-        gr = RetrainingHarness(self.make, key, d.x_train, d.y_train, d.x_test, d.y_test, self.groups, s.recipe, self.cache_root)
-        self.full_harness = ex
+        return RetrainingHarness(self.make, f"{s.name}-{s.arch}", d.x_train, d.y_train, d.x_test, d.y_test, groups, s.recipe, self.cache_root)
+
+    def example_truth(self) -> None:
+        """Only what LDS in the example regime needs: the half-data retrains (no leave-outs)."""
+        t = time.perf_counter()
+        self.gt = {"example": {"subsets": self.harness().subsets(self.n_subsets, self.setting.alpha)}}
+        print(f"[{self.setting.name}] LDS ground truth ready in {time.perf_counter() - t:.0f}s", flush=True)
+
+    def truth(self) -> None:
+        s = self.setting
+        ex, gr = self.harness(), self.harness(self.groups)
         t = time.perf_counter()
         print(f"[{s.name}] ground truth (cache {self.cache_root})", flush=True)
         seeds = {"example": 1 if self.args.quick else s.loo_seeds, "source": 1 if self.args.quick else s.group_seeds}
         removed = {"example": self.loo_examples, "source": list(range(s.n_groups))}
         harness = {"example": ex, "source": gr}
         if self.args.peer_scores_only:  # tuning needs the example regime's subsets only
-            self.gt = {"example": {"subsets": ex.subsets(self.n_subsets, s.alpha)}}
+            self.example_truth()
             return
         self.gt = {
             regime: {"subsets": harness[regime].subsets(self.n_subsets, s.alpha), "leave_out": harness[regime].leave_out(removed[regime], seeds[regime])}
@@ -459,7 +470,7 @@ class SettingBench:
             hit = self.cache.load("trak-members", key)
             if hit is None:
                 t = time.perf_counter()
-                extra = self.full_harness.full(list(range(1, 10)))
+                extra = self.harness().full(list(range(1, 10)))
                 self.cache.save("trak-members", key, extra, {"seconds": time.perf_counter() - t})
                 hit = extra, {"seconds": time.perf_counter() - t}
             extra, self.ens_train_s = hit[0], hit[1]["seconds"]
@@ -523,44 +534,53 @@ class SettingBench:
         )  # fmt: skip
 
     # -- peers: computed once per (model weights, settings), then read from the cache
-    def peers(self, compute: bool) -> None:
+    def peer_tags(self, label: str) -> list[str]:
+        """The rows a peer gets: ``"tuned"`` (its grid, unless ``--no-tuning``) first, then ``"defaults"``, within ``--variants``."""
+        _, _, default, grid, _ = PEER_SPECS_BY_LABEL[label]
+        tags = ([] if grid is None or self.args.no_tuning else ["tuned"]) + ([] if default is NO_DEFAULTS_ROW else ["defaults"])
+        return [t for t in tags if t in getattr(self.args, "variants", ("tuned", "defaults"))]
+
+    def peer_result(self, label: str, tag: str, compute: bool) -> Result | None:
+        """One peer row (``tag`` from :meth:`peer_tags`) on the reported queries: cached, else computed when
+        ``compute`` (and cached), else None. A slow peer (``--slow-peers``) scores the first ``--slow-queries``."""
         s, args = self.setting, self.args
-        wanted = lambda name: not args.methods or any(m.lower() in name.lower() for m in args.methods)  # noqa: E731
+        _, make, default, grid, slow = PEER_SPECS_BY_LABEL[label]
+        slow = slow or label in args.slow_peers
+        n_q = min(args.slow_queries, len(self.rep_idx)) if slow else len(self.rep_idx)
+        value, grid_ = (None, grid) if tag == "tuned" else (default, None)
         self.model()
-        specs = {spec[0]: spec for spec in PEER_SPECS}
-        for label, make, default, grid, slow in (specs[k] for k in PEER_PRIORITY):
+        key = _key({**self.signature, "weights": self.weights, "peer": label, "tag": tag, "value": value, "grid": grid_,
+                    "n_queries": n_q, "format": 1})  # fmt: skip
+        hit = self.cache.load(f"peer-{label}-{tag}", key)
+        if hit is None and not compute:
+            print(f"[{s.name}] {label} [{tag}] on {n_q} queries: not cached (run --stages peers)", flush=True)
+            return None
+        if hit is None:
+            hit = self._run_peer(label, make, tag, value, grid_, slow, n_q)
+            self.cache.save(f"peer-{label}-{tag}", key, *hit)
+        tensors, meta = hit
+        r = Result(meta["method"], meta["config"], tensors["scores"], meta["setup_s"], meta["query_ms_single"],
+                   meta["query_ms_batched"], meta["storage_bytes"], meta["peak_rss_mb"], meta["setup_s"] / self.plain_fit_s)  # fmt: skip
+        r.config["measured_at"] = meta["measured_at"]
+        return r
+
+    def peers(self, compute: bool) -> None:
+        args = self.args
+        wanted = lambda name: not args.methods or any(m.lower() in name.lower() for m in args.methods)  # noqa: E731
+        for label in PEER_PRIORITY:
             if not wanted(label) or label in args.skip:
                 continue
-            slow = slow or label in args.slow_peers
-            n_q = min(args.slow_queries, len(self.rep_idx)) if slow else len(self.rep_idx)
-            variants = [] if grid is None or args.no_tuning else [("tuned", None, grid)]  # tuned first: the anchors
-            if default is not NO_DEFAULTS_ROW:
-                variants.append(("defaults", default, None))
-            for tag, value, grid_ in variants:
-                key = _key({**self.signature, "weights": self.weights, "peer": label, "tag": tag, "value": value, "grid": grid_,
-                            "n_queries": n_q, "format": 1})  # fmt: skip
-                hit = self.cache.load(f"peer-{label}-{tag}", key)
-                if hit is None and not compute:
-                    print(f"[{s.name}] {label} [{tag}]: not cached (run --stages peers)", flush=True)
+            for tag in self.peer_tags(label):
+                try:
+                    r = self.peer_result(label, tag, compute)
+                except ImportError as err:
+                    print(f"  skipped: {err}", flush=True)
+                    break
+                except Exception:
+                    traceback.print_exc()
                     continue
-                if hit is None:
-                    try:
-                        hit = self._run_peer(label, make, tag, value, grid_, slow, n_q)
-                    except ImportError as err:
-                        print(f"  skipped: {err}", flush=True)
-                        break
-                    except Exception:
-                        traceback.print_exc()
-                        continue
-                    self.cache.save(f"peer-{label}-{tag}", key, *hit)
-                if args.peer_scores_only:
-                    continue
-                tensors, meta = hit
-                r = Result(meta["method"], meta["config"], tensors["scores"], meta["setup_s"], meta["query_ms_single"],
-                           meta["query_ms_batched"], meta["storage_bytes"], meta["peak_rss_mb"],
-                           meta["setup_s"] / self.plain_fit_s)  # fmt: skip
-                r.config["measured_at"] = meta["measured_at"]
-                self.record_both_regimes(r)
+                if r is not None and not args.peer_scores_only:
+                    self.record_both_regimes(r)
 
     def _run_peer(self, label, make, tag, value, grid, slow, n_q) -> tuple[dict[str, Tensor], dict]:
         s = self.setting
@@ -643,63 +663,71 @@ class SettingBench:
         s, args = self.setting, self.args
         self.model()
         epochs = s.recipe.epochs
-        variants = {
-            "default": ("online", None),
-            "end": ("end", None),
-            "ensemble": ("online", [round(epochs * k / 6) for k in (2, 3, 4, 5)]),
+        variants = {  # callback options on top of its defaults
+            "default": {},
+            "end": {"mode": "end"},
+            "ensemble": {"checkpoint_epochs": [round(epochs * k / 6) for k in (2, 3, 4, 5)]},
         }
-        exact_done: dict[float, Tensor] = {}
         for name in args.ours:
-            mode, ck = variants[name]
             for regime in ("example", "source"):
-                print(f"[{s.name}/{regime}] ours {name}: mode={mode}{' checkpoints ' + str(ck) if ck else ''}", flush=True)
+                print(f"[{s.name}/{regime}] ours {name}: {variants[name] or 'the callback defaults'}", flush=True)
                 try:
-                    r, damping = run_ours(self, regime, mode, ck)
+                    r, damping = run_ours(self, regime, variants[name], name)
                 except Exception:
                     traceback.print_exc()
                     continue
                 pearson = None
-                if not args.no_exact and ck is None and damping is not None:
-                    if damping not in exact_done:
-                        exact, seconds = self.exact_scores(damping)
-                        exact_done[damping] = exact
-                        er = Result(f"exact damped-GGN target (λ={damping:.3g}, same model)",
-                                    {"damping": damping, "how": "explicit [P, P] GGN, Cholesky solve (lightning_attr.evaluation.exact)"},
-                                    exact, seconds, None, None, None, None)  # fmt: skip
-                        self.record_both_regimes(er, 1.0, 1.0)
-                    exact = exact_done[damping]
-                    if regime == "source":
-                        exact = sum_over_sources(exact, self.groups, s.n_groups)
-                    pearson = float(torch.corrcoef(torch.stack([r.scores.flatten(), exact.flatten()]))[0, 1])
+                if not args.no_exact and damping is not None:
+                    self.record_exact(damping)
+                    pearson = self.pearson_to_exact(r, damping, regime)
                 self.record(regime, r, pearson)
 
+    def record_exact(self, damping: float) -> None:
+        """The exact target's rows (both regimes) at ``damping``, once per damping."""
+        if damping not in self._exact_recorded:
+            self._exact_recorded.add(damping)
+            exact, seconds = self.exact_scores(damping)
+            er = Result(f"exact damped-GGN target (λ={damping:.3g}, same model)",
+                        {"damping": damping, "how": "explicit [P, P] GGN, Cholesky solve (lightning_attr.evaluation.exact)"},
+                        exact, seconds, None, None, None, None)  # fmt: skip
+            self.record_both_regimes(er, 1.0, 1.0)
 
-def run_ours(bench: SettingBench, regime: str, mode: str, checkpoint_epochs, options: dict | None = None) -> tuple[Result, float | None]:
-    """One fit with the callback (``options``: further callback arguments, e.g. ``damping_scale``) and its read-out."""
+    def pearson_to_exact(self, r: Result, damping: float, regime: str = "example") -> float:
+        """Pearson of every (query, source) score of ours (its last checkpoint alone) with the exact target at ``damping``."""
+        exact = self.exact_scores(damping)[0]
+        if regime == "source":
+            exact = sum_over_sources(exact, self.groups, self.setting.n_groups)
+        ours = r.scores if r.final_scores is None else r.final_scores
+        return float(torch.corrcoef(torch.stack([ours.flatten().double(), exact[: len(ours)].flatten().double()]))[0, 1])
+
+
+def run_ours(bench: SettingBench, regime: str, options: dict | None = None, label: str = "default") -> tuple[Result, float | None]:
+    """One fit with the callback (``options``: callback arguments over its defaults, e.g. ``{"mode": "end"}``)
+    and its read-out through ``attribute()``'s defaults (every checkpoint of the store); returns the row
+    ``ours (<label>)`` and the damping ``lambda`` the store's last checkpoint used (None if it records none)."""
     s, args = bench.setting, bench.args
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{s.name}-"))
     dirpath = workdir / "responses"
     groups = bench.groups
-    cb = AttributionCallback(
-        dirpath=str(dirpath), mode=mode, sources=groups if regime == "source" else None, checkpoint_epochs=checkpoint_epochs, **(options or {})
-    )
+    cb = AttributionCallback(dirpath=str(dirpath), sources=groups if regime == "source" else None, **(options or {}))
     try:
         with PeakRSS() as rss:
             model, fit_s = fit(s, bench.data, [cb])
             model.eval()
-            # the default row reads out what attribute() reads by default; the ensemble row asks for every checkpoint
-            checkpoints = "all" if checkpoint_epochs else None
-            kwargs = {} if checkpoints is None else {"checkpoints": checkpoints}
 
             def score(x, y):
-                return model.attribute((x, y), responses=cb.dirpath, **kwargs)
+                return model.attribute((x, y), responses=cb.dirpath)
 
             single, batched, scores = time_queries(score, bench.x_rep, bench.y_rep, args.single_repeats, args.batched_repeats)
             paired = bench.paired_q1(score) if args.paired_rounds > 0 else None
         store = ResponseStore.load(cb.dirpath)
+        final = None
+        if len(store.checkpoints) > 1:
+            final = model.attribute((bench.x_rep, bench.y_rep), responses=cb.dirpath, checkpoints=store.checkpoints[-1])
         if regime == "source":  # order the columns as group ids 0..G-1
             order = [store.source_ids.index(g) for g in range(s.n_groups)]
             scores = scores[:, order]
+            final = None if final is None else final[:, order]
         info = store.checkpoint_info(store.checkpoints[-1])
         storage = dir_bytes(cb.dirpath)
     finally:
@@ -711,18 +739,18 @@ def run_ours(bench: SettingBench, regime: str, mode: str, checkpoint_epochs, opt
     rule = info.get("step_rule") or {}
     damping = rule.get("damping") if isinstance(rule, dict) else None
     config = {
-        "mode": mode, "horizon": cb.horizon, "damping": cb.damping, "curvature": cb.curvature,
-        "readout": "linear", "checkpoints": checkpoints or "attribute()'s default", "store_checkpoints": store.checkpoints,
-        "checkpoint_epochs": checkpoint_epochs,
+        "options": dict(options or {}), "mode": cb.mode, "propagation": cb.propagation, "horizon": cb.horizon, "damping": cb.damping,
+        "curvature": cb.curvature, "readout": "linear", "checkpoints": "attribute()'s default", "store_checkpoints": store.checkpoints,
+        "checkpoint_epochs": cb.checkpoint_epochs,
         "fit_s_with_callback": round(fit_s, 3), "training_s_in_that_fit": round(train_s, 3),
         "plain_fit_s_separate_runs": round(bench.plain_fit_s, 3),
         "step_rule": rule, "curvature_products": info.get("curvature_products"), "n_shortfall": info.get("n_shortfall"),
         **(paired or {}),
-        "callback": {k: v for k, v in vars(cb).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None)))},
+        "callback": {k: v for k, v in vars(cb).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None), list))},
     }  # fmt: skip
-    label = "default" if mode == "online" and not checkpoint_epochs else mode
-    method = f"ours ({label}{', ' + str(len(checkpoint_epochs) + 1) + ' ckpts' if checkpoint_epochs else ''})"
-    r = Result(method, config, scores, sim_s, single, batched, storage, rss.peak_mb, sim_s / train_s)
+    n_ckpts = len(store.checkpoints)
+    method = f"ours ({label}{f', {n_ckpts} ckpts' if n_ckpts > 1 else ''})"
+    r = Result(method, config, scores, sim_s, single, batched, storage, rss.peak_mb, sim_s / train_s, final)
     return r, (float(damping) if damping is not None else None)
 
 
@@ -814,6 +842,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="*", default=None, help="substring filter on peer labels (default: all)")
     p.add_argument("--skip", nargs="*", default=[], help="peer labels to skip, e.g. IF-LiSSA")
     p.add_argument("--no-tuning", action="store_true")
+    p.add_argument("--variants", nargs="+", default=["tuned", "defaults"], choices=["tuned", "defaults"],
+                   help="which rows of each peer to compute and report (tuned: regularization chosen on validation queries)")
     p.add_argument("--no-exact", action="store_true", help="skip the exact damped-GGN target")
     p.add_argument("--slow-queries", type=int, default=30, help="reported queries scored by the slow peers (LiSSA)")
     p.add_argument("--slow-peers", nargs="*", default=[], help="further peer labels run as slow ones (fewer queries), e.g. IF-CG")

@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import sys
-import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import SettingBench, nanmean, run_ours  # noqa: E402
 from convergence import HERE  # noqa: E402
 
-from lightning_attr.evaluation import RetrainingHarness  # noqa: E402
 from lightning_attr._io import atomic_write_json  # noqa: E402
 
 SCALES = [0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
@@ -66,10 +64,7 @@ class DampingStudy:
         self.record, self.args = record, args
         b.model()
         s, d = b.setting, b.data
-        harness = RetrainingHarness(b.make, f"{s.name}-{s.arch}", d.x_train, d.y_train, d.x_test, d.y_test, None, s.recipe, b.cache_root)
-        t = time.perf_counter()
-        b.gt = {"example": {"subsets": harness.subsets(s.n_subsets, s.alpha)}}
-        print(f"[{name}] ground truth ready in {time.perf_counter() - t:.0f}s", flush=True)
+        b.example_truth()
         record.update({"P": sum(p.numel() for p in b.model().parameters()), "n": len(d.x_train), "queries": len(b.rep_idx),
                        "test_accuracy": b.test_accuracy, "recipe": s.recipe.__dict__})  # fmt: skip
 
@@ -86,7 +81,7 @@ class DampingStudy:
 
     def ours(self, scale: float) -> dict:
         """One default fit at ``damping_scale=scale``: LDS, lambda, Pearson to the exact target at it, cost."""
-        r, damping = run_ours(self.bench, "example", "online", None, {"damping_scale": scale})
+        r, damping = run_ours(self.bench, "example", {"mode": "online", "damping_scale": scale})
         rule = r.config["step_rule"]
         rec = {
             "damping_scale": scale, "damping": damping, "mean_eigenvalue_estimate": rule.get("mean_eigenvalue"),
