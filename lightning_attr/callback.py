@@ -74,10 +74,15 @@ class AttributionCallback(Callback):
             sampling noise in the curvature, which the accelerated rules amplify (``docs/propagation.md``).
         step_size: ``"auto"`` (``1 / (2 lambda_max + lambda)``, ``lambda_max`` by 20 power iterations) or a float.
             The accelerated rules take ``[lambda, 1/step_size]`` as the spectrum of ``G + lambda I``.
-        propagation: the rule that moves each perturbation (:mod:`lightning_attr.simulation`). ``"auto"``:
-            ``"chebyshev"`` in end mode with ``curvature_batch_size >= n`` (exact curvature at fixed weights),
-            else ``"heavy_ball"``; the rule used is recorded in each checkpoint's ``step_rule``. Or one of
-            ``"heavy_ball"``  (steps ``step_size`` with momentum ``momentum``; measured best on minibatch
+        propagation: how each perturbation is turned into a response. ``"auto"``: ``"spectral"`` in end mode with
+            the GGN, else ``"heavy_ball"`` (``"chebyshev"`` in end mode with the Hessian and ``curvature_batch_size >= n``);
+            what was used is recorded in each checkpoint's ``step_rule``. ``"spectral"`` (end mode, GGN;
+            :mod:`lightning_attr.deflated`): the damped inverse applied exactly in the top-``rank`` eigenspace of the
+            full-data GGN (randomized range finder, the training set in batches of ``curvature_batch_size``) and by
+            ``1/(mu + damping)`` outside it (``mu`` its mean eigenvalue there); its cost does not grow with the number of
+            sources and ``horizon`` does not apply; a warning says when the ``rank``-th eigenvalue exceeds the damping
+            (raise ``rank``). The step rules (:mod:`lightning_attr.simulation`, ``horizon`` products per source):
+            ``"heavy_ball"`` (steps ``step_size`` with momentum ``momentum``; measured best on minibatch
             curvature), ``"neumann"`` (plain damped steps, ``O(kappa)`` products to converge) or
             ``"chebyshev"`` (Chebyshev semi-iteration, ``O(sqrt(kappa))`` with exact curvature, e.g. end mode
             with ``curvature_batch_size >= n``; it amplifies minibatch noise).
@@ -104,7 +109,7 @@ class AttributionCallback(Callback):
             ``"lorif"``: simulated as ``"dense"`` (either mode), each source's response to every Linear / Conv weight
             kept as rank-``rank`` factors ``U (out x c)``, ``V (in x c)`` (truncated SVD), the other parameters
             dense (:mod:`lowrank`); read out with ``U (V^T x)`` added to the layer's output (every readout).
-        rank: ``k``, eigenpairs kept by ``codec="eigen"`` (capped at ``P``); ``c``, the rank of every factored
+        rank: ``k``, eigenpairs kept by ``codec="eigen"`` and by ``propagation="spectral"`` (capped at ``P``); ``c``, the rank of every factored
             weight for ``codec="lorif"`` (capped at ``min(out, in)``: exact there).
 
     Training batches must end with the example index (wrap the dataset in :class:`IndexedDataset`).

@@ -4,7 +4,9 @@ The engine owns the work the callback only triggers (STYLE.md: the callback is g
 
 - **end mode**: at fixed weights, the owned sources are simulated in blocks of at most
   :meth:`AttributionSettings.block_size` sources (set by ``memory_budget_mb``); each block's gradients,
-  propagation and shard are done before the next starts, so ``S x P`` is never held;
+  propagation and shard are done before the next starts, so ``S x P`` is never held. ``propagation="spectral"``
+  (the default there) replaces the step rule by the damped inverse exact in the top-k eigenspace of the
+  full-data GGN (:mod:`deflated`), found once per checkpoint;
 - **online windows**: sources injected from the live batches of one epoch, propagated on pooled live
   curvature batches, retired to shards as their horizon is spent (:class:`OnlineSimulation`);
   what is still live when the fit ends is finished on replayed batches;
@@ -44,7 +46,8 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
-from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator
+from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator, estimate_spectrum
+from lightning_attr.deflated import COMPLEMENT_WARNING_RATIO, DeflatedInverse
 from lightning_attr.functional import FunctionalModel, to_float32
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.settings import AttributionSettings
@@ -55,13 +58,15 @@ from lightning_attr.simulation import (
     finite_examples,
     initial_perturbations,
     propagate,
+    resolve_damping,
     select_examples,
 )
 from lightning_attr.sources import SourceMap, split_batch
 from lightning_attr.lowrank import encode_lowrank, factored_layers, lowrank_entry
-from lightning_attr.spectral import eigen_responses
+from lightning_attr.spectral import eigen_responses, eigenspace_products, top_eigenspace
 from lightning_attr.store import ResponseStore, ShardWriter, write_part
 
+_TRACE_PROBES = 32  # Hutchinson probes of trace(G) for damping="auto" in propagation "spectral"
 CurvatureFactory = Callable[[FunctionalModel, Tensor, Sequence[Any]], CurvatureOperator]
 DIVERGED = (
     "The training loss diverged: every example's loss was non-finite at global step {step} (a learning rate "
@@ -202,12 +207,15 @@ class SimulationEngine:
 
     # ------------------------------------------------------------------ shared
     def propagation(self) -> str:
-        """The rule ``propagation="auto"`` resolves to: Chebyshev at fixed weights where every curvature batch is the
-        whole training set (end mode, ``curvature_batch_size >= n``: no sampling noise to amplify), heavy-ball
-        otherwise (minibatch curvature, or weights that move online; docs/propagation.md)."""
+        """The rule ``propagation="auto"`` resolves to: in end mode, ``"spectral"`` with the GGN (the damped inverse
+        in the top eigenspace of the full-data curvature, :mod:`deflated`) and Chebyshev with the Hessian (not PSD)
+        where every curvature batch is the whole training set (no sampling noise to amplify); heavy-ball otherwise
+        (minibatch curvature, or weights that move online; docs/propagation.md)."""
         s = self.settings
         if s.propagation != "auto":
             return s.propagation
+        if s.mode == "end" and s.curvature == "ggn":
+            return "spectral"
         exact = s.mode == "end" and s.curvature_batch_size >= self.source_map.num_examples
         return "chebyshev" if exact else "heavy_ball"
 
@@ -242,10 +250,11 @@ class SimulationEngine:
             )
         return batches
 
-    def _new_progress(self, name: str, done: int = 0) -> Any:
+    def _new_progress(self, name: str, done: int = 0, total: int | None = None) -> Any:
+        """A progress bar of ``total`` curvature products (default: ``horizon`` per owned source)."""
         if self._progress is None:
             return None
-        progress = self._progress(name, int(self.owned.numel()) * self.settings.horizon)
+        progress = self._progress(name, int(self.owned.numel()) * self.settings.horizon if total is None else total)
         progress.advance(done)
         return progress
 
@@ -311,11 +320,17 @@ class SimulationEngine:
 
     def _simulate_dense(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str, step: int) -> None:
         s, source_map = self.settings, self.source_map
-        replay = self.replay(model, theta, data, s.horizon, step)
-        operators = [self.curvature(model, theta, [b]) for b in replay]
-        rule = self._step_rule(operators[0], theta)
-        progress = self._new_progress(name)
-        counted = [_Counting(op, self, progress) for op in operators]
+        progress = None
+        if self.propagation() == "spectral":
+            inverse = self._deflated_inverse(model, theta, data, name)
+            solve, record = inverse.apply, inverse.to_json()
+        else:
+            replay = self.replay(model, theta, data, s.horizon, step)
+            operators = [self.curvature(model, theta, [b]) for b in replay]
+            rule = self._step_rule(operators[0], theta)
+            progress = self._new_progress(name)
+            counted = [_Counting(op, self, progress) for op in operators]
+            solve, record = partial(propagate, operators=counted, rule=rule), rule.to_json()
         writer, valid = self._writer(name, model), torch.ones(source_map.num_sources, dtype=torch.bool)
         e2s = source_map.example_to_source
         for block in self.owned.split(s.block_size(self.dim)):
@@ -324,7 +339,7 @@ class SimulationEngine:
             examples = (e2s >= 0) & (local[e2s.clamp_min(0)] >= 0)
             batches = data.in_order(s.curvature_batch_size, None if bool(examples.all()) else examples)
             u0, finite = initial_perturbations(model, theta, batches, local[e2s.clamp_min(0)].where(e2s >= 0, -1), block.numel())
-            responses = propagate(u0, counted, rule).div_(source_map.training_set_size)
+            responses = solve(u0).div_(source_map.training_set_size)
             del u0
             responses[~finite] = float("nan")  # non-finite gradients: no reader may take them for zero
             valid[block] = finite.cpu()
@@ -334,7 +349,33 @@ class SimulationEngine:
             progress.close()
         zeros = torch.zeros(source_map.num_sources, dtype=torch.long)
         self._write_part(name, writer, {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()})
-        self._pending[name] = _Pending(rule.to_json(), "step_rule")
+        self._pending[name] = _Pending(record, "step_rule")
+
+    def _deflated_inverse(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> DeflatedInverse:
+        """``propagation="spectral"``: the damping (Hutchinson trace) and the top-``rank`` eigenspace of the GGN over
+        the whole training set at ``theta`` (warm-started from the previous checkpoint's), as a :class:`DeflatedInverse`."""
+        s = self.settings
+        curvature = self.finite(model, theta, [d for d, _ in data.in_order(s.curvature_batch_size)])
+        if not curvature:
+            raise RuntimeError("Every training example has a non-finite loss; cannot compute the curvature.")
+        rank = min(s.rank, self.dim)
+        progress = self._new_progress(name, total=_TRACE_PROBES + eigenspace_products(self.dim, rank))
+        operator = _Counting(self.curvature(model, theta, curvature), self, progress)
+        generator = torch.Generator().manual_seed(s.seed)
+        spectrum = estimate_spectrum(operator, self.dim, probes=_TRACE_PROBES, power_iterations=0, generator=generator, device=theta.device)
+        damping = resolve_damping(s.damping, s.damping_scale, spectrum.mean_eigenvalue)
+        space = top_eigenspace(operator, self.dim, rank, generator=generator, device=theta.device)
+        if progress is not None:
+            progress.close()
+        inverse = DeflatedInverse.from_trace(space, damping, spectrum.mean_eigenvalue * self.dim, self.dim)
+        if inverse.complement_ratio > COMPLEMENT_WARNING_RATIO:
+            self._warn(
+                f"propagation='spectral': the {space.rank}-th eigenvalue of the curvature is {inverse.complement_ratio:.2g}x "
+                f"the damping ({damping:.3g}), so curvature outside the top-{space.rank} eigenspace is not resolved and the "
+                f"responses fall short of the damped inverse there. Raise rank (cost: about {space.products / space.rank:.0f} "
+                "curvature products over the training set per eigenpair) or damping_scale."
+            )
+        return inverse
 
     def _simulate_eigen(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> None:
         """Codec ``"eigen"``: the top-``rank`` eigenspace of the GGN over the whole training set, then each source's

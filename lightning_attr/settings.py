@@ -60,9 +60,14 @@ class AttributionSettings:
             raise ValueError(f"damping must be 'auto' or a float >= 0, got {damping!r}.")
         if not (step_size == "auto" or (isinstance(step_size, (int, float)) and step_size > 0)):
             raise ValueError(f"step_size must be 'auto' or a float > 0, got {step_size!r}.")
-        if propagation != "auto" and propagation not in PROPAGATIONS:
-            raise ValueError(f"propagation must be 'auto' or one of {PROPAGATIONS}, got {propagation!r}.")
-        if propagation in ("chebyshev", "auto") and damping != "auto" and damping <= 0:
+        if propagation != "auto" and propagation not in PROPAGATIONS + ("spectral",):
+            raise ValueError(f"propagation must be 'auto', 'spectral' or one of {PROPAGATIONS}, got {propagation!r}.")
+        if propagation == "spectral" and (mode != "end" or curvature != "ggn"):
+            raise ValueError(
+                f"propagation='spectral' inverts the full-data GGN at fixed weights: it needs mode='end' and "
+                f"curvature='ggn', got mode={mode!r}, curvature={curvature!r}; use propagation='auto' (heavy-ball online)."
+            )
+        if propagation in ("chebyshev", "spectral", "auto") and damping != "auto" and damping <= 0:
             raise ValueError(
                 f"propagation={propagation!r} needs damping > 0 (the lower end of the spectrum it accelerates "
                 f"over), got {damping!r}; pass damping='auto', a positive float, or propagation='neumann'."

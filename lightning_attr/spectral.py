@@ -93,7 +93,12 @@ def top_eigenspace(
     values, vectors = torch.linalg.eigh(small)
     top = values.argsort(descending=True)[:rank]
     ritz = (vectors[:, top].T @ basis.double()).float()  # [rank, P], orthonormal: Q times an orthogonal matrix
-    return Eigenspace(values[top].clamp_min(0).float(), ritz.contiguous(), width * (power_iterations + 2))
+    return Eigenspace(values[top].clamp_min(0).float(), ritz.contiguous(), eigenspace_products(dim, rank, block=block, power_iterations=power_iterations))
+
+
+def eigenspace_products(dim: int, rank: int, *, block: int | None = None, power_iterations: int = 3) -> int:
+    """Curvature-vector products :func:`top_eigenspace` spends with these arguments (for progress bars)."""
+    return min(dim, block if block is not None else 2 * rank) * (power_iterations + 2)
 
 
 def _orthonormal_rows(rows: Tensor) -> Tensor:

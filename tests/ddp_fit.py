@@ -37,7 +37,7 @@ class CrashOnRankOne(L.Callback):
             raise RuntimeError(f"process 1 crashed at step {self.step} (on purpose)")
 
 
-MODES = {"online": {"mode": "online"}, "end": {"mode": "end"}, "groups": {"mode": "online", "sources": [i % 10 for i in range(192)]}}
+MODES = {"online": {"mode": "online"}, "end": {"mode": "end"}, "end_steps": {"mode": "end", "propagation": "heavy_ball"}, "groups": {"mode": "online", "sources": [i % 10 for i in range(192)]}}
 
 
 def fit_stores(out: str, devices: int, modes: Sequence[str] = tuple(MODES), crash_at: int | None = None) -> None:

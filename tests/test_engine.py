@@ -3,6 +3,7 @@ codec are inputs, and what it writes is the explicit damped-influence matrix."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -16,6 +17,7 @@ from lightning_attr.models import mlp
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.settings import AttributionSettings
 from lightning_attr.sources import SourceMap
+from lightning_attr.spectral import eigenspace_products
 from lightning_attr.store import ResponseStore
 
 from conftest import blobs, exact_influence, pearson
@@ -38,8 +40,9 @@ class Net(AttributionMixin, nn.Module):
         return F.cross_entropy(outputs, batch[1], reduction="none")
 
 
-def test_engine_on_a_bare_module_writes_the_exact_damped_influence(tmp_path):
-    """End mode with full-batch curvature, two partitions of the sources run one after the other as two processes
+@pytest.mark.parametrize("propagation", ["chebyshev", "spectral"])
+def test_engine_on_a_bare_module_writes_the_exact_damped_influence(tmp_path, propagation):
+    """End mode with full-batch curvature (a step rule, or the spectral inverse), two partitions of the sources run one after the other as two processes
     would (each writing its part), a curvature operator passed in that counts its products: the committed store
     reads out as the explicit (1/n) grad f_q^T (G + lam I)^{-1} grad l_b."""
     x, y = blobs(n=120, d=6, classes=3)
@@ -51,7 +54,7 @@ def test_engine_on_a_bare_module_writes_the_exact_damped_influence(tmp_path):
         optimizer.zero_grad()
         F.cross_entropy(model.attribution_outputs((x, y)), y).backward()
         optimizer.step()
-    settings = AttributionSettings(mode="end", horizon=100, curvature_batch_size=512)
+    settings = AttributionSettings(mode="end", horizon=100, curvature_batch_size=512, propagation=propagation)
     space, source_map = ParameterSpace.of(model), SourceMap.build(None, 120)
     store = ResponseStore.create(tmp_path / "r", space, source_map, settings.to_manifest())
     calls = []
@@ -69,8 +72,11 @@ def test_engine_on_a_bare_module_writes_the_exact_damped_influence(tmp_path):
         for engine in engines:
             engine.simulate_checkpoint(functional, theta, data, "final", step=0)
     engines[0].commit(store, "final", space.current(model).detach(), {"mode": "end"}, parts=2)
-    assert engines[0].propagation() == "chebyshev" and sum(e.products for e in engines) == 120 * 100
-    assert sum(calls) >= 120 * 100  # every product went through the operator passed in
+    assert engines[0].propagation() == propagation
+    # a step rule: horizon products per source, split over the processes; spectral: each finds the eigenspace
+    expected = 120 * 100 if propagation == "chebyshev" else 2 * (32 + eigenspace_products(space.size, min(256, space.size)))
+    assert sum(e.products for e in engines) == expected
+    assert sum(calls) >= expected  # every product went through the operator passed in
 
     damping = store.checkpoint_info("final")["step_rule"]["damping"]
     ours = Attributor(model, store.path).scores((xq, yq))

@@ -44,7 +44,7 @@ def test_a_second_fit_in_the_same_folder_gets_a_new_versioned_store(tmp_path):
 @pytest.mark.parametrize("mode", ["end", "online"])
 def test_progress_is_logged_and_agrees_with_the_manifest(tmp_path, caplog, mode):
     x, y = blobs(64)
-    cb = AttributionCallback(tmp_path / "r", horizon=4, mode=mode, curvature_batch_size=32)
+    cb = AttributionCallback(tmp_path / "r", horizon=4, mode=mode, curvature_batch_size=32, propagation="heavy_ball")
     with caplog.at_level(logging.INFO, logger="lightning_attr"):
         fit(small_mlp(6, 3), x, y, [cb], epochs=3, batch_size=16)
     lines = [r.getMessage() for r in caplog.records if r.name == "lightning_attr"]
@@ -56,13 +56,14 @@ def test_progress_is_logged_and_agrees_with_the_manifest(tmp_path, caplog, mode)
 
 
 def test_a_tqdm_bar_shows_the_total(tmp_path, capsys):
+    """End mode's default propagation 'spectral': 32 trace probes + 163 x 5 eigenspace products (P = 163)."""
     x, y = blobs(64)
     cb = AttributionCallback(tmp_path / "r", horizon=4, mode="end", curvature_batch_size=32)
     trainer = L.Trainer(max_epochs=1, callbacks=[cb, TQDMProgressBar()], logger=False, enable_checkpointing=False,
                         enable_model_summary=False)
     trainer.fit(small_mlp(6, 3), DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=32))
     out = capsys.readouterr().out
-    assert "attribution (final)" in out and "256/256" in out
+    assert "attribution (final)" in out and "847/847" in out and _products(tmp_path / "r") == 847
 
 
 def test_inside_a_hydra_app_the_store_lands_in_the_run_directory(tmp_path):

@@ -73,7 +73,7 @@ def test_chebyshev_residual_never_grows_on_its_interval():
 
 
 def test_propagation_option_is_validated():
-    with pytest.raises(MisconfigurationException, match="propagation must be 'auto' or one of"):
+    with pytest.raises(MisconfigurationException, match="propagation must be 'auto', 'spectral' or one of"):
         AttributionCallback(propagation="cg")
     with pytest.raises(MisconfigurationException, match="needs damping > 0"):
         AttributionCallback(propagation="chebyshev", damping=0.0)
