@@ -59,11 +59,12 @@ class Setting:
         """One source per module (ids: module names), simulated after the fit (``mode="end"``: each module is
         propagated ``horizon`` steps, ``n_modules x horizon`` curvature products; online, a module stays live
         from its first window in the last epoch to its last plus ``horizon`` steps); curvature batches of one
-        training batch, since each window already holds ``context`` predictions."""
+        training batch, since each window already holds ``context`` predictions: the heavy-ball step rule
+        (``propagation="spectral"``, end mode's default, would find its eigenspace over every window)."""
         modules = [text.modules[m] for m in text.module_of_window.tolist()]
         return AttributionCallback(
-            dirpath, sources=modules, mode="end", horizon=self.horizon, curvature_batch_size=self.batch_size,
-            overwrite=True,
+            dirpath, sources=modules, mode="end", propagation="heavy_ball", horizon=self.horizon,
+            curvature_batch_size=self.batch_size, overwrite=True,
         )
 
     def fit(self, text: StdlibText, callbacks: list, seed: int = 0, sampler=None) -> tuple[CausalLM, float]:
