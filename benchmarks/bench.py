@@ -766,17 +766,20 @@ RENAMED_SETTINGS = {"digits": "digits-mlp", "mnist1d": "mnist1d-mlp"}  # names b
 
 
 def imported_peers(path: str | None, setting: str, bench: SettingBench) -> list[dict]:
-    """Peer rows of an earlier run of the same setting (same model recipe, seeds and ground truth) that this run lacks."""
+    """Peer rows of an earlier run of the same setting (same model recipe, seeds and ground truth) that this run lacks
+    (the exact target's rows are not peers: they are recomputed, from the cache, at this run's damping)."""
     if path is None:
         return []
     have = {(r["regime"], r["method"]) for r in bench.records}
     out = []
     for r in json.loads(Path(path).read_text()):
-        if RENAMED_SETTINGS.get(r["setting"], r["setting"]) != setting or r["method"].startswith("ours") or (r["regime"], r["method"]) in have:
+        if (RENAMED_SETTINGS.get(r["setting"], r["setting"]) != setting or r["method"].startswith(("ours", "exact"))
+                or (r["regime"], r["method"]) in have):  # fmt: skip
             continue
         rec = {k: r.get(k) for k in FIELDS}
         rec["setting"] = setting
-        rec["config"] = {**r["config"], "carried_over_from": Path(path).name,
+        # a row that was already carried over keeps the name of the run that measured it
+        rec["config"] = {**r["config"], "carried_over_from": r["config"].get("carried_over_from", Path(path).name),
                          "note": "not re-run: same model recipe, seeds, queries and ground truth; timings from that run's load"}  # fmt: skip
         out.append(rec)
     return out
