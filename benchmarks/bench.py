@@ -188,6 +188,12 @@ def ci95(values: Tensor) -> list[float]:
     return [round(m - half, 4), round(m + half, 4)]
 
 
+def lds_on_first_queries(per_query: Tensor, args) -> dict[str, float]:
+    """``{str(n): LDS over the first n reported queries}`` for the slow peers' ``n`` (``--slow-queries``) if fewer."""
+    n = getattr(args, "slow_queries", None)
+    return {str(n): round(nanmean(per_query[:n]), 4)} if n and n < len(per_query) else {}
+
+
 def dir_bytes(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -512,6 +518,8 @@ class SettingBench:
             "leave_out": f"{len(cols)} {'examples' if regime == 'example' else 'groups'} x {lo.settings['n_seeds']} seeds, seed held fixed",
         }
         rec["config"]["plain_fit"] = {"seconds": self.plain_fit_all_s, "test_accuracy": self.test_accuracy, "recipe": recipe_key(s.recipe)}
+        if r.method.startswith("ours"):  # on a slow peer's queries too (targets.lds_on_queries)
+            rec["config"]["lds_on_first_queries"] = lds_on_first_queries(lds, self.args)
         assert tuple(rec) == FIELDS
         print(f"  => {s.name:14s} {regime:8s} {r.method:44s} LDS {rec['lds']:.3f}  corr {corr:.3f}  setup {_fmt(r.setup_s)}s  "
               f"Q=1 {_fmt(r.query_ms_single)}ms  batched {_fmt(r.query_ms_batched, 4)}ms/q", flush=True)  # fmt: skip

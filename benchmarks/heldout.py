@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import SettingBench, ci95, nanmean, run_ours  # noqa: E402
+from bench import SettingBench, ci95, lds_on_first_queries, nanmean, run_ours  # noqa: E402
 from convergence import HERE  # noqa: E402
 
 from lightning_attr._io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -99,8 +99,11 @@ class SettingRun:
         b.example_truth()
 
     def lds(self, scores: torch.Tensor) -> tuple[float, list[float]]:
-        per_query = self.bench.lds("example", scores, self.bench.rep_idx[: len(scores)])
+        per_query = self._per_query(scores)
         return round(nanmean(per_query), 4), ci95(per_query)
+
+    def _per_query(self, scores: torch.Tensor) -> torch.Tensor:
+        return self.bench.lds("example", scores, self.bench.rep_idx[: len(scores)])
 
     def has_exact(self) -> bool:
         b = self.bench
@@ -110,8 +113,10 @@ class SettingRun:
         b = self.bench
         r, damping = run_ours(b, "example", options, label)
         lds, ci = self.lds(r.scores)
+        r.config["lds_on_first_queries"] = lds_on_first_queries(self._per_query(r.scores), b.args)
         row = {
             "method": r.method, "lds": lds, "lds_ci95": ci, "damping": damping,
+            "lds_per_query": [round(float(v), 4) for v in self._per_query(r.scores)],  # reported queries, in order
             "setup_s": round(r.setup_s, 2), "setup_ratio": round(r.setup_ratio, 2),
             "fit_s_with_callback": r.config["fit_s_with_callback"], "plain_fit_s_cached": round(b.plain_fit_s, 3),
             "query_ms_single": round(r.query_ms_single, 3), "query_ms_batched": round(r.query_ms_batched, 4),
@@ -163,9 +168,14 @@ def _num(x, fmt: str) -> str:
 
 
 def _provenance(anchor: dict, row: dict) -> str:
-    """† for an anchor from a result JSON rather than the cache; its query count where it differs from ours."""
+    """† for an anchor from a result JSON rather than the cache; where it scored fewer queries than ours,
+    how many, and ours on them (what the verdict compares)."""
     mark = "" if anchor["source"] == "bench cache" else " †"
-    return mark + ("" if anchor["n_queries"] == row["n_queries"] else f" ({anchor['n_queries']} q)")
+    n = anchor["n_queries"]
+    if n == row["n_queries"]:
+        return mark
+    ours = (row["config"].get("lds_on_first_queries") or {}).get(str(n))
+    return mark + f" ({n} q; ours {'–' if ours is None else format(ours, '.3f')})"
 
 
 def markdown(data: dict) -> str:
@@ -183,6 +193,7 @@ def markdown(data: dict) -> str:
         for name in [s for s in SETTINGS if s in run["settings"]] + [s for s in run["settings"] if s not in SETTINGS]:
             row, anchor = run["settings"][name], data["anchors"].get(name, {})
             a = {k: (anchor.get(k) or {}).get("lds") for k in ANCHORS}
+            a["n_queries"] = {k: (anchor.get(k) or {}).get("n_queries") for k in ANCHORS}
             verdict = check(row, {**a, "trak1_query_ms_single": None}, HERE[name].setup_limit if name in HERE else None)
             exact, paired = row.get("exact") or {}, row["config"].get("paired_q1")
             trak, ifcg = anchor.get("trak10_tuned_lds"), anchor.get("ifcg_tuned_lds")
@@ -202,7 +213,7 @@ def markdown(data: dict) -> str:
     if any(x["source"] != "bench cache" for a in data["anchors"].values() for x in a.values()):
         lines += ["† anchor taken from the bench's result JSON (same model, queries and ground truth), not from its cache.", ""]
     lines += ["Setup limits: 10x the training on the digits MLPs, 30x on the Adam CNNs, none on the MNIST-1D MLP. "
-              "An anchor scored on fewer queries than ours says how many (q).", ""]  # fmt: skip
+              "An anchor scored on fewer queries than ours (q) is compared with ours on those queries.", ""]  # fmt: skip
     return "\n".join(lines)
 
 

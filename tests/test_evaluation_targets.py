@@ -26,8 +26,23 @@ PEERS = [
 
 def test_anchors_take_the_best_tuned_trak10_the_tuned_ifcg_and_the_cheapest_trak1():
     a = anchors(PEERS, "s", "example")
-    assert a == {"trak10_tuned_lds": 0.62, "ifcg_tuned_lds": 0.63, "trak1_query_ms_single": 15.0}
-    assert anchors(PEERS, "s", "source") == {"trak10_tuned_lds": None, "ifcg_tuned_lds": None, "trak1_query_ms_single": None}
+    assert a == {"trak10_tuned_lds": 0.62, "ifcg_tuned_lds": 0.63, "trak1_query_ms_single": 15.0,
+                 "n_queries": {"trak10_tuned_lds": 3, "ifcg_tuned_lds": 3}}  # fmt: skip
+    assert anchors(PEERS, "s", "source") == {"trak10_tuned_lds": None, "ifcg_tuned_lds": None, "trak1_query_ms_single": None,
+                                             "n_queries": {"trak10_tuned_lds": None, "ifcg_tuned_lds": None}}  # fmt: skip
+
+
+def test_an_anchor_on_fewer_queries_is_compared_with_ours_on_the_same_queries():
+    slow_ifcg = {**_rec("IF-CG (dattri) [tuned]", lds=0.63), "n_queries": 2}
+    a = anchors([PEERS[1], slow_ifcg], "s", "example")
+    assert a["n_queries"] == {"trak10_tuned_lds": 3, "ifcg_tuned_lds": 2}
+    # over all 3 queries ours clears IF-CG, over IF-CG's 2 it does not: the 2 decide
+    ours = _rec("ours (default)", lds=0.70, lds_on_first_queries={"2": 0.60})
+    assert check(ours, a, None)["lds_vs_ifcg"] == FAIL and check(ours, a, None)["lds_vs_trak10"] == PASS
+    ours["config"]["lds_on_first_queries"] = {"2": 0.64}
+    assert check(ours, a, None)["lds_vs_ifcg"] == PASS
+    assert check(_rec("ours (default)", lds=0.70), a, None)["lds_vs_ifcg"] == NA  # not on the same queries: no verdict
+    assert "on the first 2 reported queries" in markdown([PEERS[1], slow_ifcg, ours], {"s": None})
 
 
 def test_checks_pass_fail_at_the_boundaries_and_na_without_an_anchor():
