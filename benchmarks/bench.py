@@ -28,6 +28,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -132,6 +133,25 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} torch threads, {platform.system()} {platform.release()}"
+
+
+def current_commit() -> str:
+    """The checkout's short commit, with '+uncommitted changes' when tracked files (results aside) differ from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"], cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+uncommitted changes" if dirty else "")
+
+
+def load_average() -> tuple[float, ...]:
+    """The 1, 5 and 15 minute load averages (empty where /proc is absent): the machine is shared."""
+    try:
+        return tuple(round(float(v), 2) for v in Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return ()
 
 
 # ------------------------------------------------------------------------------------ measurement
@@ -754,6 +774,7 @@ def run_ours(bench: SettingBench, regime: str, options: dict | None = None, labe
         "plain_fit_s_separate_runs": round(bench.plain_fit_s, 3),
         "step_rule": rule, "curvature_products": info.get("curvature_products"), "n_shortfall": info.get("n_shortfall"),
         **(paired or {}),
+        "commit": current_commit(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_average": load_average(),
         "callback": {k: v for k, v in vars(cb).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None), list))},
     }  # fmt: skip
     n_ckpts = len(store.checkpoints)

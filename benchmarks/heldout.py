@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -42,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import SettingBench, ci95, lds_on_first_queries, nanmean, run_ours  # noqa: E402
+from bench import SettingBench, ci95, current_commit, lds_on_first_queries, nanmean, run_ours  # noqa: E402
 from convergence import HERE  # noqa: E402
 
 from lightning_attr._io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -50,16 +48,6 @@ from lightning_attr.evaluation.targets import check  # noqa: E402
 
 SETTINGS = ["digits-mlp", "mnist1d-mlp", "mnist1d-cnn1d", "digits01-mlp", "digits-cnn-adam"]
 ANCHORS = {"trak10_tuned_lds": "TRAK-10 dattri", "ifcg_tuned_lds": "IF-CG"}  # targets.anchors' key -> bench.py's peer label
-
-
-def _commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+uncommitted changes" if dirty else "")
 
 
 class Results:
@@ -82,6 +70,31 @@ class Results:
     def save(self) -> None:
         atomic_write_json(self.path, self.data)
         atomic_write_text(self.path.with_suffix(".md"), markdown(self.data))
+
+
+def from_bench(records: list[dict], name: str, options: dict, source: str) -> dict | None:
+    """The row of ``name`` from a ``bench.py`` result (``records``) measured at this very commit: its example-regime
+    ours row with the same callback options (the same fit, model, queries and ground truth), or None."""
+    ours = [r for r in records if (r["setting"], r["regime"]) == (name, "example") and r["method"].startswith("ours")
+            and r["config"].get("options") == options and r["config"].get("commit") == current_commit()]  # fmt: skip
+    if not ours:
+        return None
+    r, c = ours[0], ours[0]["config"]
+    damping = (c.get("step_rule") or {}).get("damping")
+    row = {
+        "method": r["method"], "lds": r["lds"], "lds_ci95": r["lds_ci95"], "damping": damping, "setup_s": r["setup_s"],
+        "setup_ratio": r["setup_ratio"], "fit_s_with_callback": c["fit_s_with_callback"], "plain_fit_s_cached": c["plain_fit_s_separate_runs"],
+        "query_ms_single": r["query_ms_single"], "query_ms_batched": r["query_ms_batched"], "storage_bytes": r["storage_bytes"],
+        "peak_rss_mb": r["peak_rss_mb"], "n_queries": r["n_queries"], "n_sources": r["n_sources"], "config": c,
+        "commit": c["commit"], "measured_at": c["measured_at"], "from": f"{source} (bench.py's row of the same fit)",
+    }  # fmt: skip
+    exact = [x for x in records if (x["setting"], x["regime"]) == (name, "example") and x["method"].startswith("exact")
+             and x["config"].get("damping") == damping]  # fmt: skip
+    if exact:
+        row["exact"] = {"damping": damping, "lds": exact[0]["lds"], "lds_ci95": exact[0]["lds_ci95"]}
+        row["pearson_to_exact"] = r["pearson_to_exact"]
+        row["pearson_of"] = "our last checkpoint" if len(c.get("store_checkpoints") or []) > 1 else "our scores"
+    return row
 
 
 class SettingRun:
@@ -121,8 +134,7 @@ class SettingRun:
             "fit_s_with_callback": r.config["fit_s_with_callback"], "plain_fit_s_cached": round(b.plain_fit_s, 3),
             "query_ms_single": round(r.query_ms_single, 3), "query_ms_batched": round(r.query_ms_batched, 4),
             "storage_bytes": r.storage_bytes, "peak_rss_mb": round(r.peak_rss_mb, 1), "n_queries": len(r.scores),
-            "n_sources": r.scores.shape[1], "config": r.config, "commit": _commit(),
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_average": list(_loadavg()),
+            "n_sources": r.scores.shape[1], "config": r.config, "commit": r.config["commit"], "measured_at": r.config["measured_at"],
         }  # fmt: skip
         if damping is not None and self.has_exact():
             exact, _ = b.exact_scores(damping)
@@ -153,13 +165,6 @@ class SettingRun:
                 out[key] = {"method": x["method"], "lds": x["lds"], "lds_ci95": x["lds_ci95"], "n_queries": x["n_queries"],
                             "source": f"{Path(self.args.anchors_from).name} (same model, queries and ground truth)"}  # fmt: skip
         return out
-
-
-def _loadavg() -> tuple[float, ...]:
-    try:
-        return tuple(round(float(v), 2) for v in Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return ()
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -228,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--anchors-from", default="benchmarks/results/latest.json", help="bench.py result to take missing anchors from")
     p.add_argument("--slow-peers", nargs="*", default=["IF-CG"], help="peers scored on the first --slow-queries reported queries")
     p.add_argument("--slow-queries", type=int, default=100)
+    p.add_argument("--from-bench", default=None, metavar="JSON",
+                   help="a bench.py result of this commit: its ours rows with the same options are taken, not refitted")
     p.add_argument("--build-ggn", action="store_true", help="build the explicit GGN where it is not cached (minutes, P^2 floats)")
     p.add_argument("--single-repeats", type=int, default=20)
     p.add_argument("--batched-repeats", type=int, default=3)
@@ -260,6 +267,11 @@ def main(argv: list[str] | None = None) -> None:
         run = SettingRun(name, args)
         results.data["anchors"][name] = {**results.data["anchors"].get(name, {}), **run.anchors(args.peers, imported)}
         results.save()
+        taken = from_bench(json.loads(Path(args.from_bench).read_text()), name, options, Path(args.from_bench).name) if args.from_bench else None
+        if name not in rows and taken is not None:
+            rows[name] = taken
+            print(f"[{name}] {args.label}: taken from {args.from_bench}", flush=True)
+            results.save()
         if name not in rows:
             print(f"[{name}] ours, {args.label}: {options or 'the callback defaults'}", flush=True)
             rows[name] = run.ours(args.label, options)
