@@ -25,13 +25,13 @@ from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_attr.batch_format import check_batch
-from lightning_attr.functional import functional_view, to_float32
+from lightning_attr.functional import FunctionalModel, functional_view, to_float32
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.codecs import AnyBlock
-from lightning_attr.readout import check_readout
+from lightning_attr.readout import auto_chunk_size, check_readout
 from lightning_attr.sources import split_batch
 from lightning_attr.store import ResponseStore, StoreError, check_store_path, manifest_stamp
 
@@ -39,6 +39,7 @@ Store = Union[str, os.PathLike, ResponseStore]
 Responses = Union[Store, Sequence[Store]]
 Checkpoints = Union[str, Sequence[str]]
 _KEPT_ATTRIBUTORS = 4  # per module: stores held in memory for the last few `responses` arguments
+_KEPT_CHUNK_SIZES = 16  # per attributor: auto chunk sizes of the last few query-batch shapes
 DEFAULT_MEMORY_BUDGET_MB = 1024.0  # dense members above this many MB of responses are streamed from disk
 
 
@@ -89,6 +90,7 @@ class Attributor:
         self._stores = [_OpenStore(spec) for spec in specs]
         self._members: dict[tuple[int, str, str], _Member] = {}
         self._verified: set[tuple[int, str]] = set()
+        self._chunk_sizes: dict[tuple, int] = {}  # auto chunk size per query-batch shape
 
     def stores(self) -> list[ResponseStore]:
         """The stores, each re-opened if its manifest changed; checked to hold the same sources."""
@@ -116,7 +118,7 @@ class Attributor:
         *,
         readout: str = "linear",
         checkpoints: Checkpoints = "all",
-        chunk_size: int = 256,
+        chunk_size: int | None = None,
         strict: bool = True,
     ) -> Tensor:
         """``Tensor[B, S]`` float32: predicted rise of each query's measurement if the source were removed.
@@ -126,7 +128,8 @@ class Attributor:
             readout: ``"linear"``, ``"central"`` or ``"step"`` (see :mod:`readout`).
             checkpoints: per store, ``"all"`` (every response checkpoint: an ensemble where the store holds
                 several), ``"last"``, a checkpoint name or a list of names.
-            chunk_size: sources per vmapped forward pass.
+            chunk_size: sources per vmapped forward pass; ``None``: as many as keep the chunk's activations near
+                :data:`~lightning_attr.readout.CHUNK_ACTIVATION_MB` (found once per query-batch shape).
             strict: one store: refuse a module whose weights are not the ones its last checkpoint was
                 simulated at. Several stores: check every member's parameter snapshot against the digest its
                 manifest recorded (the module's weights are then used only for a member simulated at them).
@@ -141,6 +144,8 @@ class Attributor:
             batch = _query_batch(batch, theta.device)
             names = [_checkpoint_names(store, checkpoints) for store in stores]
             ensemble = sum(map(len, names)) > 1
+            if chunk_size is None:
+                chunk_size = self._auto_chunk_size(model, theta, batch, stores[0].n_sources)
             per_member, live = [], []
             for i, store in enumerate(stores):
                 for name in names[i]:
@@ -173,6 +178,16 @@ class Attributor:
             return scores.masked_fill(~member.valid[sources], float("nan"))
 
     # ------------------------------------------------------------------ internals
+    def _auto_chunk_size(self, model: FunctionalModel, theta: Tensor, batch: Any, num_sources: int) -> int:
+        """:func:`~lightning_attr.readout.auto_chunk_size`, measured once per shape of the query batch."""
+        leaves = tree_flatten(batch)[0]
+        key = (num_sources, *((tuple(t.shape), t.dtype) if isinstance(t, Tensor) else repr(t) for t in leaves))
+        if key not in self._chunk_sizes:
+            if len(self._chunk_sizes) >= _KEPT_CHUNK_SIZES:
+                self._chunk_sizes.pop(next(iter(self._chunk_sizes)))
+            self._chunk_sizes[key] = auto_chunk_size(model, theta, batch, num_sources)
+        return self._chunk_sizes[key]
+
     def _check(self, stores: list[ResponseStore], space: ParameterSpace, theta: Tensor, strict: bool) -> str | None:
         """Fingerprint of every store; for a single store under ``strict``, the module's weights. Returns the
         live weights' digest (``None`` when nothing needs it)."""

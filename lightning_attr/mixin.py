@@ -87,7 +87,7 @@ class AttributionMixin:
         top_k: int | None = None,
         readout: str = "linear",
         checkpoints: Checkpoints = "all",
-        chunk_size: int = 256,
+        chunk_size: int | None = None,
         strict: bool = True,
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     ) -> Tensor | TopKAttribution:
@@ -108,7 +108,9 @@ class AttributionMixin:
                 read out at its own parameters, normalized per query by its std over sources, averaged,
                 and put back on the scale of the member read at the module's weights (see
                 :class:`~lightning_attr.attributor.Attributor`). Each member is read from disk once.
-            chunk_size: sources per vmapped forward pass; bounds peak memory.
+            chunk_size: sources per vmapped forward pass; bounds peak memory. ``None`` (default): as many as keep
+                one chunk's activations near 32 MB (:func:`~lightning_attr.readout.auto_chunk_size`): every source
+                at once for a single query on small networks, a few hundred for hundreds of queries.
             strict: one store: refuse responses simulated for other weights than the module's current
                 ones. Several stores: check each member's parameter snapshot against its manifest.
             memory_budget_mb: a checkpoint's dense responses larger than this are streamed from disk shard by

@@ -81,14 +81,20 @@ def test_a_second_ensemble_query_reads_nothing_from_disk(runs, monkeypatch):
     loads = []
     original_load = ResponseStore.load.__func__
     monkeypatch.setattr(ResponseStore, "load", classmethod(lambda cls, p: loads.append(p) or original_load(cls, p)))
-    model.__dict__.pop("_attributors", None)
-    first = model.attribute((xq, yq), responses=[path0, path1], checkpoints="all")
-    assert len(loads) == 2 and len(reads) >= 2 * 3  # per member: responses, parameters, per-source stats
-    loads.clear(), reads.clear()
-    second = model.attribute((xq[:2], yq[:2]), responses=[path0, path1], checkpoints="all")
-    assert loads == [] and reads == []
-    torch.testing.assert_close(second, model.attribute((xq[:2], yq[:2]), responses=[path0, path1], checkpoints="all"))
-    assert first.shape == (6, 64)
+    digests = []
+    original_digest = ParameterSpace.digest
+    monkeypatch.setattr(ParameterSpace, "digest", lambda self, theta: digests.append(1) or original_digest(self, theta))
+    for responses in ([path0, path1], path0):  # runs x checkpoints; one run's trajectory ensemble
+        model.__dict__.pop("_attributors", None)
+        first = model.attribute((xq, yq), responses=responses, checkpoints="all")
+        assert len(loads) == (len(responses) if isinstance(responses, list) else 1)
+        assert len(reads) >= 2 * 3  # per member: responses, parameters, per-source stats
+        loads.clear(), reads.clear(), digests.clear()
+        second = model.attribute((xq[:2], yq[:2]), responses=responses, checkpoints="all")
+        assert loads == [] and reads == [] and digests == []  # nothing read, nothing hashed again
+        torch.testing.assert_close(second, model.attribute((xq[:2], yq[:2]), responses=responses, checkpoints="all"))
+        assert first.shape == (6, 64)
+        loads.clear(), reads.clear(), digests.clear()
 
 
 def test_a_rewritten_store_is_read_again(runs, tmp_path):
