@@ -14,10 +14,13 @@ is dropped (its directions score 0).
 simulation runs, applied exactly per eigen-direction (what dense end-mode responses converge to with
 full-batch curvature, restricted to the top-k space).
 
-The eigenspace comes from a randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.4 and
-5.3): a Gaussian block of ``2k`` vectors, a few power iterations with re-orthonormalization, and
-Rayleigh-Ritz on the block. Curvature products are over the whole training set (or a large
-subsample), not minibatches: minibatch subspace iteration converged poorly (METHOD.md).
+The eigenspace comes from randomized block Krylov (:func:`top_eigenspace`, Musco & Musco 2015): block
+Lanczos from a Gaussian block, re-orthonormalized in float64, with Rayleigh-Ritz over the whole Krylov
+space; ``2k`` curvature products reach the accuracy of exact eigenpairs on the bench's GGNs, where the
+randomized range finder with power iterations (Halko, Martinsson & Tropp 2011; ``method="subspace"``)
+needed ``6k``-``10k`` (docs/propagation.md, "Finding the top-k eigenspace"). It can start from a previous
+basis (``initial=``). Curvature products are over the whole training set (or a large subsample), not
+minibatches: minibatch subspace iteration converged poorly (METHOD.md).
 
 Pure ``torch`` / ``torch.func``: no Lightning here.
 """
@@ -43,18 +46,44 @@ class Eigenspace:
     """Top eigenpairs of a PSD curvature ``G`` (units of ``sigma``: loss per squared parameter unit).
 
     Attributes:
-        eigenvalues: ``Tensor[k]`` float32, descending, clamped at 0.
+        eigenvalues: ``Tensor[k]`` float32, descending, clamped at 0 (Ritz values: each is at most the
+            true eigenvalue of the same rank).
         vectors: ``Tensor[k, P]`` float32, orthonormal rows (``vectors[j]`` goes with ``eigenvalues[j]``).
         products: curvature-vector products spent finding them.
+        residuals: ``Tensor[k]`` float32, ``||G v_j - sigma_j v_j||`` for each pair (same units as
+            ``sigma``), from the last Krylov block at no extra product; NaN for ``method="subspace"``.
+        method: ``"krylov"`` or ``"subspace"``.
+        block: vectors per block of products (width of the range finder's block for ``"subspace"``).
     """
 
     eigenvalues: Tensor
     vectors: Tensor
     products: int
+    residuals: Tensor | None = None
+    method: str = "subspace"
+    block: int = 0
 
     @property
     def rank(self) -> int:
         return int(self.eigenvalues.numel())
+
+    def reach(self, damping: float) -> float:
+        """``sigma_k / lam``: the smallest kept eigenvalue in units of the damping.
+
+        Directions outside the space are treated as if their eigenvalue were 0, so the deflated damped
+        inverse is exact up to directions with ``sigma < sigma_k``; below about 1 (``sigma_k < lam``) the
+        dropped curvature changes ``1 / (sigma + lam)`` by less than a factor 2, above it the space does not
+        reach the damping and a larger ``rank`` is needed for the exact target.
+        """
+        if not damping > 0:
+            raise ValueError(f"damping must be > 0 to compare the eigenvalues with it, got {damping}.")
+        return float(self.eigenvalues[-1]) / damping
+
+
+METHODS = ("krylov", "subspace")
+# measured on the bench's GGNs (docs/propagation.md, "Finding the top-k eigenspace"): 2k products in blocks of 32
+DEFAULT_KRYLOV_BLOCK = 32
+DEFAULT_PRODUCTS_PER_PAIR = 2
 
 
 def top_eigenspace(
@@ -63,42 +92,181 @@ def top_eigenspace(
     rank: int,
     *,
     block: int | None = None,
-    power_iterations: int = 3,
+    power_iterations: int | None = None,
+    method: str = "krylov",
+    products: int | None = None,
+    initial: Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> Eigenspace:
     """The ``rank`` largest eigenpairs of the PSD operator ``G`` (``operator: Tensor[C, P] -> G V: Tensor[C, P]``).
 
-    Randomized range finder: ``Y = G^(q+1) Omega`` for a Gaussian ``Omega`` of ``block`` columns
-    (default ``min(2 rank, P)``), orthonormalized after every product, then Rayleigh-Ritz:
-    the eigenpairs of ``Q^T G Q`` (``block x block``, in float64). Costs ``block * (q + 2)`` products.
-    With ``block = P`` it is exact (up to float32 rounding of the products).
+    ``method="krylov"`` (default): block Lanczos with full re-orthonormalization (in float64) and Rayleigh-Ritz
+    over the whole Krylov space ``span(Omega, G Omega, ..., G^(m-1) Omega)`` (the randomized block Krylov
+    method of Musco & Musco 2015). Each block of ``block`` products (default ``min(DEFAULT_KRYLOV_BLOCK,
+    rank)``) adds one block to the space, until ``products`` have been spent (default: what ``"subspace"``
+    spends with the same arguments, ``(block or 2 rank) (power_iterations + 2)``, when ``power_iterations`` is
+    given, else ``DEFAULT_PRODUCTS_PER_PAIR * rank``)
+    or the space is all of ``R^P`` (then exact up to float32 rounding of the products).
+
+    ``method="subspace"``: the randomized range finder of Halko, Martinsson & Tropp (2011, Alg. 4.4 and 5.3),
+    ``Y = G^(q+1) Omega`` for a Gaussian ``Omega`` of ``block`` columns (default ``min(2 rank, P)``),
+    orthonormalized after every product, then Rayleigh-Ritz on the last block only. Costs ``block * (q + 2)``
+    products, ``q = power_iterations`` (default 3). At the same ``block`` and ``q`` the Krylov space contains
+    this block, so ``"krylov"`` is at least as accurate for the same products.
+
+    Args:
+        initial: ``Tensor[r, P]``, a warm start (``"krylov"`` only): the first block is spanned by these rows
+            (e.g. the ``vectors`` of the previous checkpoint's eigenspace), padded with Gaussian rows up to
+            ``block``; the following blocks keep the ``block`` dominant directions of the residual.
+        products: the budget of curvature-vector products (``"krylov"`` only; at least ``rank`` and the first
+            block). All of it is spent (the last block may be narrower), unless the space reaches ``R^P`` first.
 
     Draws only from ``generator`` (never from the global RNG).
     """
     if not 1 <= rank <= dim:
         raise ValueError(f"rank must be in [1, P={dim}], got {rank}.")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if power_iterations is not None and power_iterations < 0:
+        raise ValueError(f"power_iterations must be >= 0, got {power_iterations}.")
+    if block is not None and block < 1:
+        raise ValueError(f"block must be a positive number of vectors, got {block}.")
+    if method == "subspace":
+        if initial is not None or products is not None:
+            raise ValueError(
+                "initial= and products= are options of method='krylov'; method='subspace' is set by block= and "
+                "power_iterations= alone. Use method='krylov' for a warm start or a product budget."
+            )
+        return _subspace_iteration(operator, dim, rank, block, 3 if power_iterations is None else power_iterations, generator, device)
+    width = min(dim, block if block is not None else min(DEFAULT_KRYLOV_BLOCK, rank))
+    if products is not None and power_iterations is not None:
+        raise ValueError("Give either products= (a budget) or power_iterations= ((block or 2 rank) (q + 2) products), not both.")
+    products = _krylov_budget(rank, block, power_iterations, products)
+    if initial is not None:
+        initial = _check_initial(initial, dim)
+    first = width if initial is None else min(dim, max(width, initial.shape[0]))
+    if products < max(first, rank):
+        raise ValueError(
+            f"products={products} cannot find {rank} eigenpairs (each vector of the space costs one product, and the "
+            f"first block holds {first}); give products >= {max(first, rank)}, or a smaller rank / block / initial basis."
+        )
+    return _block_krylov(operator, dim, rank, width, products, initial, generator, device)
+
+
+def eigenspace_products(
+    dim: int, rank: int, *, block: int | None = None, power_iterations: int | None = None, method: str = "krylov", products: int | None = None
+) -> int:
+    """Curvature-vector products :func:`top_eigenspace` spends with these arguments (for progress bars)."""
+    if method == "subspace":
+        return min(dim, block if block is not None else 2 * rank) * (5 if power_iterations is None else power_iterations + 2)  # q = 3 by default
+    return min(dim, _krylov_budget(rank, block, power_iterations, products))
+
+
+def _krylov_budget(rank: int, block: int | None, power_iterations: int | None, products: int | None) -> int:
+    if products is not None:
+        return products
+    if power_iterations is not None:  # the budget method="subspace" spends with the same arguments
+        return (block or 2 * rank) * (power_iterations + 2)
+    return DEFAULT_PRODUCTS_PER_PAIR * rank
+
+
+def _check_initial(initial: Tensor, dim: int) -> Tensor:
+    if initial.dim() != 2 or initial.shape[1] != dim or initial.shape[0] < 1:
+        raise ValueError(
+            f"initial must be a basis Tensor[r, P={dim}] (rows: e.g. the vectors of a previous Eigenspace of the "
+            f"same model), got shape {tuple(initial.shape)}."
+        )
+    if not bool(torch.isfinite(initial).all()):
+        raise ValueError("initial holds NaN or infinite values; pass the vectors of a finished Eigenspace, or None.")
+    return initial
+
+
+def _subspace_iteration(
+    operator: CurvatureOperator, dim: int, rank: int, block: int | None, power_iterations: int, generator, device
+) -> Eigenspace:
     width = min(dim, block if block is not None else 2 * rank)
     if width < rank:
         raise ValueError(f"block ({width}) must be at least rank ({rank}).")
-    if power_iterations < 0:
-        raise ValueError(f"power_iterations must be >= 0, got {power_iterations}.")
     omega = torch.randn(width, dim, generator=generator).to(device)
     basis = _orthonormal_rows(operator(omega))
     for _ in range(power_iterations):
         basis = _orthonormal_rows(operator(basis))
     projected = operator(basis)  # G Q, rows
     small = (projected.double() @ basis.double().T)  # Q^T G Q, [width, width]
-    small = (small + small.T) / 2
+    values, vectors = _top_ritz_pairs((small + small.T) / 2, rank)
+    ritz = (vectors.T @ basis.double()).float()  # [rank, P], orthonormal: Q times an orthogonal matrix
+    nan = torch.full((rank,), float("nan"))
+    return Eigenspace(values.clamp_min(0).float(), ritz.contiguous(), width * (power_iterations + 2), nan, "subspace", width)
+
+
+def _block_krylov(
+    operator: CurvatureOperator, dim: int, rank: int, width: int, budget: int, initial: Tensor | None, generator, device
+) -> Eigenspace:
+    """Block Lanczos, full re-orthonormalization, Rayleigh-Ritz over the space; see :func:`top_eigenspace`.
+
+    The space ``Q: [m, P]`` (float64) grows block by block. Its products ``G Q: [m, P]`` are kept (float32, as
+    the operator returns them), so ``T = Q^T G Q``, the Ritz pairs ``(sigma, y)`` and their residuals
+    ``G y - sigma y`` are exact without a further product. The next block is the ``block`` dominant directions
+    of the residuals of the top ``max(rank, block)`` Ritz pairs, re-orthonormalized against ``Q`` twice (CGS2).
+    From a Gaussian start this is the block Krylov space (in exact arithmetic every Ritz residual lies in the
+    span of the last block's residual); from a warm start of more than ``block`` rows it keeps the corrections
+    that matter most. Memory: ``12 m P`` bytes for a space of ``m <= products`` vectors.
+    """
+    start = torch.randn(width, dim, generator=generator, dtype=torch.float64)
+    if initial is not None:
+        seed = initial.detach().to("cpu", torch.float64)
+        start = torch.cat([seed, start[: max(0, width - seed.shape[0])]])[:dim]
+    current = _orthonormalize_against(start.to(device), None)
+    space = current[:0]
+    images = space.float()  # G Q, [m, P]
+    small = torch.zeros(0, 0, dtype=torch.float64, device=device)  # T = Q^T G Q
+    while True:
+        image = operator(current.float())
+        space, images = torch.cat([space, current]), torch.cat([images, image])
+        size, old = space.shape[0], small.shape[0]
+        cross = space @ image.double().T  # [m, b]: the new columns of T
+        grown = torch.zeros(size, size, dtype=torch.float64, device=device)
+        grown[:old, :old], grown[:, old:], grown[old:, :old] = small, cross, cross[:old].T
+        small = grown
+        small[old:, old:] = (cross[old:] + cross[old:].T) / 2
+        values, vectors = _top_ritz_pairs(small, min(size, max(rank, width)))
+        ritz = vectors.T @ space
+        residuals = vectors.T @ images.double() - values[:, None] * ritz  # G y - sigma y
+        room = min(width, dim - size, budget - size)  # the last block may be narrower
+        if room < 1:
+            break
+        current = _orthonormalize_against(residuals, space, keep=room)
+    norms = torch.linalg.vector_norm(residuals[:rank], dim=1)
+    return Eigenspace(values[:rank].clamp_min(0).float(), ritz[:rank].float().contiguous(), size, norms.float().cpu(), "krylov", width)
+
+
+def _orthonormalize_against(rows: Tensor, basis: Tensor | None, keep: int | None = None) -> Tensor:
+    """Orthonormal rows spanning ``rows: Tensor[C, P]`` (float64) minus their part in ``basis`` (orthonormal rows).
+
+    Two rounds of projection and QR (CGS2), so that rows that were nearly in ``basis`` still come out
+    orthogonal to it to rounding. With ``keep``, only the ``keep`` dominant directions (largest singular
+    values of the projected rows) are returned.
+    """
+    for _ in range(2):
+        if basis is not None and basis.shape[0]:
+            rows = rows - (rows @ basis.T) @ basis
+        if keep is not None and rows.shape[0] > keep:
+            _, _, right = torch.linalg.svd(rows, full_matrices=False)
+            rows = right[:keep]
+            continue
+        q, r = torch.linalg.qr(rows.T)
+        signs = torch.sign(torch.diagonal(r))
+        signs[signs == 0] = 1
+        rows = (q * signs).T
+    return rows.contiguous()
+
+
+def _top_ritz_pairs(small: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The ``rank`` largest eigenpairs of the symmetric ``small: Tensor[m, m]``: values ``[rank]``, vectors ``[m, rank]``."""
     values, vectors = torch.linalg.eigh(small)
     top = values.argsort(descending=True)[:rank]
-    ritz = (vectors[:, top].T @ basis.double()).float()  # [rank, P], orthonormal: Q times an orthogonal matrix
-    return Eigenspace(values[top].clamp_min(0).float(), ritz.contiguous(), eigenspace_products(dim, rank, block=block, power_iterations=power_iterations))
-
-
-def eigenspace_products(dim: int, rank: int, *, block: int | None = None, power_iterations: int = 3) -> int:
-    """Curvature-vector products :func:`top_eigenspace` spends with these arguments (for progress bars)."""
-    return min(dim, block if block is not None else 2 * rank) * (power_iterations + 2)
+    return values[top], vectors[:, top]
 
 
 def _orthonormal_rows(rows: Tensor) -> Tensor:
@@ -160,7 +328,9 @@ def eigen_responses(
     propagation: str = "neumann",
     momentum: float = DEFAULT_MOMENTUM,
     block: int | None = None,
-    power_iterations: int = 3,
+    power_iterations: int | None = None,
+    method: str = "krylov",
+    products: int | None = None,
     chunk_size: int = 2048,
     generator: torch.Generator | None = None,
 ) -> tuple[EigenResponses, Tensor, dict]:
@@ -175,7 +345,7 @@ def eigen_responses(
         damping: ``"auto"`` = ``damping_scale * trace(G)/P`` (32 Hutchinson probes of ``G``), or a float.
         horizon, propagation, momentum: the spectral filter (:func:`spectral_filter`): ``horizon=None`` = the
             damped inverse, ``K`` = what ``K`` steps of the dense simulation's rule make of each direction.
-        block, power_iterations: of :func:`top_eigenspace`.
+        block, power_iterations, method, products: of :func:`top_eigenspace`.
 
     Returns:
         ``(block, finite: BoolTensor[S], info)``; ``info`` is JSON-able (damping, products, rank, ...).
@@ -189,16 +359,17 @@ def eigen_responses(
         mean_eigenvalue = estimate_spectrum(operator, dim, probes=probes, power_iterations=0, generator=generator, device=theta.device).mean_eigenvalue
     lam = resolve_damping(damping, damping_scale, mean_eigenvalue)
     space = top_eigenspace(
-        operator, dim, min(rank, dim), block=block, power_iterations=power_iterations, generator=generator, device=theta.device
-    )
+        operator, dim, min(rank, dim), block=block, power_iterations=power_iterations, method=method, products=products,
+        generator=generator, device=theta.device,
+    )  # fmt: skip
     projected, finite = initial_perturbations(
         model, theta, gradient_batches, example_to_source, num_sources, basis=space.vectors
     )
     coordinates = projected * (spectral_filter(space.eigenvalues, lam, horizon, propagation, momentum) / num_examples)
     coordinates[~finite] = 0.0
     info = {
-        "codec": "eigen", "rank": space.rank, "block": min(dim, block or 2 * space.rank),
-        "power_iterations": power_iterations, "damping": lam, "mean_eigenvalue": mean_eigenvalue, "horizon": horizon, "propagation": propagation,
+        "codec": "eigen", "rank": space.rank, "block": space.block, "eigen_method": space.method, "eigen_products": space.products,
+        "power_iterations": power_iterations, "reach": space.reach(lam), "damping": lam, "mean_eigenvalue": mean_eigenvalue, "horizon": horizon, "propagation": propagation,
         "lambda_max": float(space.eigenvalues[0]), "curvature_products": space.products + probes,
         "curvature_examples": sum(batch_size_of(b) for b in curvature_batches),
     }  # fmt: skip

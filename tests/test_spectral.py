@@ -1,4 +1,4 @@
-"""Codec "eigen": the top-k GGN eigenspace against a dense eigendecomposition, responses against the exact
+"""Codec "eigen" (its eigenspace finder: test_spectral_finder.py): responses against the exact
 damped target at full rank, the store format (v2 writes, v1 still reads) and the readout's limits."""
 
 from __future__ import annotations
@@ -13,41 +13,10 @@ from safetensors.torch import load_file
 
 from lightning_attr import AttributionCallback, ResponseStore
 from lightning_attr.codecs import EigenResponses
-from lightning_attr.curvature import curvature_operator
-from lightning_attr.functional import functional_view
-from lightning_attr.spectral import top_eigenspace
 from lightning_attr.sources import SourceMap
 from lightning_attr.store import StoreError
 
 DATA = Path(__file__).parent / "data"
-
-
-@pytest.fixture(scope="module")
-def mlp_and_data():
-    x, y = blobs(n=160, d=6, classes=3)
-    model = small_mlp(6, 3)
-    fit(model, x, y, epochs=8)
-    return model, x, y
-
-
-def test_top_eigenspace_matches_dense_eigendecomposition(mlp_and_data):
-    model, x, y = mlp_and_data
-    with functional_view(model) as (fmodel, theta):
-        dim = theta.numel()
-        operator = curvature_operator("ggn", fmodel, theta, [(x, y)])
-        dense = operator(torch.eye(dim)).double()
-        values, vectors = torch.linalg.eigh((dense + dense.T) / 2)
-        values, vectors = values.flip(0), vectors.flip(1)
-        for rank in (5, 12):
-            found = top_eigenspace(operator, dim, rank, generator=torch.Generator().manual_seed(1))
-            assert found.products == 2 * rank * 5
-            assert torch.allclose(found.eigenvalues.double(), values[:rank], rtol=1e-4, atol=1e-6 * values[0])
-            # principal angles between the found and the true top-k subspaces: cosines all ~1
-            cosines = torch.linalg.svdvals(vectors[:, :rank].T @ found.vectors.double().T)
-            assert float(cosines.min()) > 0.9999, cosines.min()
-            assert torch.allclose(found.vectors @ found.vectors.T, torch.eye(rank), atol=1e-5)
-        with pytest.raises(ValueError, match="rank must be in"):
-            top_eigenspace(operator, dim, dim + 1)
 
 
 def test_eigen_codec_at_full_rank_equals_the_exact_damped_target(tmp_path):
