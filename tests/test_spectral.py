@@ -25,7 +25,7 @@ def test_eigen_codec_at_full_rank_equals_the_exact_damped_target(tmp_path):
     model = small_mlp(6, 3)
     # rank above P (163) is capped at P: the eigenspace is the whole space and nothing is dropped; a horizon
     # this long makes the series filter the damped inverse itself
-    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=1000, horizon=10**6, curvature_batch_size=64)
+    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=1000, horizon=10**5, curvature_batch_size=64)
     fit(model, x, y, [cb], epochs=8)
     store = ResponseStore.load(cb.dirpath)
     entry = store.checkpoint_info("final")
@@ -69,7 +69,7 @@ def test_truncated_eigen_codec_keeps_most_of_the_target(tmp_path):
     x, y = blobs(n=160, d=6, classes=3)
     xq, yq = blobs(n=24, d=6, classes=3, seed=1)
     model = small_mlp(6, 3)
-    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=24, horizon=10**6, store_dtype="bfloat16", checkpoint_epochs=[4])
+    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=24, horizon=10**5, store_dtype="bfloat16", checkpoint_epochs=[4])
     fit(model, x, y, [cb], epochs=8)
     store = ResponseStore.load(cb.dirpath)
     assert store.checkpoints == ["epoch=4", "final"]
