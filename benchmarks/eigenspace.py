@@ -134,10 +134,13 @@ def warm(args: argparse.Namespace, rows: list[dict]) -> None:
         previous = top_eigenspace(real_operator(earlier), dim, rank, products=args.warm_products * rank, generator=torch.Generator().manual_seed(7))
         print(f"[warm] basis at epoch {earlier_epoch}, k={rank}: {previous.products} products in {time.perf_counter() - t:.0f}s", flush=True)
         operator = real_operator(final)
-        for start, initial in (("cold", None), ("warm", previous.vectors)):
+        runs = [("cold", None, b) for b in args.blocks] + [("warm", previous.vectors, None)]
+        for start, initial, block in runs:
             for f in args.budgets:
                 t = time.perf_counter()
-                space = top_eigenspace(operator, dim, rank, products=int(f * rank), initial=initial, generator=torch.Generator().manual_seed(0))
+                space = top_eigenspace(
+                    operator, dim, rank, block=block, products=int(f * rank), initial=initial, generator=torch.Generator().manual_seed(0)
+                )
                 seconds = time.perf_counter() - t
                 row = {**head, "rank": rank, "method": "krylov", "start": start, "block": space.block, "seconds": round(seconds, 1), **target.measure(space)}
                 print(json.dumps(row), flush=True)
