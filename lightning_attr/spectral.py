@@ -84,6 +84,7 @@ METHODS = ("krylov", "subspace")
 # measured on the bench's GGNs (docs/propagation.md, "Finding the top-k eigenspace"): 2k products in blocks of 32
 DEFAULT_KRYLOV_BLOCK = 32
 DEFAULT_PRODUCTS_PER_PAIR = 2
+MIN_KRYLOV_BLOCKS = 8  # a small rank still gets a Krylov space 8 blocks deep (2k products at k = 128 is 8 blocks of 32)
 
 
 def top_eigenspace(
@@ -106,7 +107,7 @@ def top_eigenspace(
     method of Musco & Musco 2015). Each block of ``block`` products (default ``min(DEFAULT_KRYLOV_BLOCK,
     rank)``) adds one block to the space, until ``products`` have been spent (default: what ``"subspace"``
     spends with the same arguments, ``(block or 2 rank) (power_iterations + 2)``, when ``power_iterations`` is
-    given, else ``DEFAULT_PRODUCTS_PER_PAIR * rank``)
+    given, else ``max(DEFAULT_PRODUCTS_PER_PAIR * rank, MIN_KRYLOV_BLOCKS * block)``)
     or the space is all of ``R^P`` (then exact up to float32 rounding of the products).
 
     ``method="subspace"``: the randomized range finder of Halko, Martinsson & Tropp (2011, Alg. 4.4 and 5.3),
@@ -168,7 +169,8 @@ def _krylov_budget(rank: int, block: int | None, power_iterations: int | None, p
         return products
     if power_iterations is not None:  # the budget method="subspace" spends with the same arguments
         return (block or 2 * rank) * (power_iterations + 2)
-    return DEFAULT_PRODUCTS_PER_PAIR * rank
+    width = block if block is not None else min(DEFAULT_KRYLOV_BLOCK, rank)
+    return max(DEFAULT_PRODUCTS_PER_PAIR * rank, MIN_KRYLOV_BLOCKS * width)
 
 
 def _check_initial(initial: Tensor, dim: int) -> Tensor:
@@ -217,7 +219,7 @@ def _block_krylov(
     if initial is not None:
         seed = initial.detach().to("cpu", torch.float64)
         start = torch.cat([seed, start[: max(0, width - seed.shape[0])]])[:dim]
-    current = _orthonormalize_against(start.to(device), None)
+    current = _orthonormalize_against(start.to(device), None, generator)
     space = current[:0]
     images = space.float()  # G Q, [m, P]
     small = torch.zeros(0, 0, dtype=torch.float64, device=device)  # T = Q^T G Q
@@ -236,30 +238,46 @@ def _block_krylov(
         room = min(width, dim - size, budget - size)  # the last block may be narrower
         if room < 1:
             break
-        current = _orthonormalize_against(residuals, space, keep=room)
+        current = _orthonormalize_against(residuals, space, generator, keep=room)
     norms = torch.linalg.vector_norm(residuals[:rank], dim=1)
     return Eigenspace(values[:rank].clamp_min(0).float(), ritz[:rank].float().contiguous(), size, norms.float().cpu(), "krylov", width)
 
 
-def _orthonormalize_against(rows: Tensor, basis: Tensor | None, keep: int | None = None) -> Tensor:
+def _orthonormalize_against(rows: Tensor, basis: Tensor | None, generator: torch.Generator | None, keep: int | None = None) -> Tensor:
     """Orthonormal rows spanning ``rows: Tensor[C, P]`` (float64) minus their part in ``basis`` (orthonormal rows).
 
-    Two rounds of projection and QR (CGS2), so that rows that were nearly in ``basis`` still come out
-    orthogonal to it to rounding. With ``keep``, only the ``keep`` dominant directions (largest singular
-    values of the projected rows) are returned.
+    With ``keep``, only the ``keep`` dominant directions of what is left (largest singular values). Directions
+    that vanish in the projection (below ``_NEGLIGIBLE`` of the rows' norm: an invariant space was reached, e.g.
+    the null space of a GGN of rank below ``P``) are replaced by Gaussian rows, so the space keeps growing.
+    Projection and QR run twice (CGS2): rows that were nearly in ``basis`` still come out orthogonal to it.
     """
+    scale = float(torch.linalg.vector_norm(rows, dim=1).max()) if rows.numel() else 0.0
+    rows = _project_out(_project_out(rows, basis), basis)
+    if keep is not None and rows.shape[0] > keep:
+        _, values, right = torch.linalg.svd(rows, full_matrices=False)
+        rows = values[:keep, None] * right[:keep]
+    weak = torch.linalg.vector_norm(rows, dim=1) <= _NEGLIGIBLE * scale
+    q, r = torch.linalg.qr(rows.T)
+    weak |= torch.diagonal(r).abs() <= _NEGLIGIBLE * scale  # dependent on the rows before them
+    if bool(weak.any()):
+        fresh = torch.randn(int(weak.sum()), rows.shape[1], generator=generator, dtype=rows.dtype).to(rows.device)
+        rows = torch.cat([q.T[~weak], _project_out(fresh, basis)])
     for _ in range(2):
-        if basis is not None and basis.shape[0]:
-            rows = rows - (rows @ basis.T) @ basis
-        if keep is not None and rows.shape[0] > keep:
-            _, _, right = torch.linalg.svd(rows, full_matrices=False)
-            rows = right[:keep]
-            continue
-        q, r = torch.linalg.qr(rows.T)
+        q, r = torch.linalg.qr(_project_out(rows, basis).T)
         signs = torch.sign(torch.diagonal(r))
         signs[signs == 0] = 1
         rows = (q * signs).T
     return rows.contiguous()
+
+
+_NEGLIGIBLE = 1e-6  # relative size of a direction below which it is float32 rounding of the products
+
+
+def _project_out(rows: Tensor, basis: Tensor | None) -> Tensor:
+    """``rows - (rows basis^T) basis``: the part of ``rows: Tensor[C, P]`` orthogonal to ``basis: Tensor[m, P]``."""
+    if basis is None or not basis.shape[0]:
+        return rows
+    return rows - (rows @ basis.T) @ basis
 
 
 def _top_ritz_pairs(small: Tensor, rank: int) -> tuple[Tensor, Tensor]:
