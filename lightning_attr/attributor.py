@@ -51,6 +51,7 @@ class _Member:
     theta: Tensor | None  # [P] float32, the parameters the responses were simulated at (None: not stored)
     responses: AnyBlock  # dense [S, P] or eigen (basis [k, P], coordinates [S, k]), float32
     valid: Tensor  # [S] bool: the source has a complete response (ResponseStore.scorable); else NaN
+    incomplete: str | None  # why some finite sources score NaN (ResponseStore.incomplete_reason), warned per query
 
 
 class _OpenStore:
@@ -60,6 +61,17 @@ class _OpenStore:
         self.spec = spec
         self.store: ResponseStore | None = spec if isinstance(spec, ResponseStore) else None
         self.stamp: int | None = None
+        self._passed: tuple | None = None  # what the last successful check_model was given, and the store's state
+
+    def check_model(self, space: ParameterSpace, weights_digest: str | None) -> None:
+        """``store.check_model``, skipped when it already passed for this space, digest and store state (a query
+        should not pay for fingerprinting the architecture)."""
+        store = self.store
+        last = store.checkpoint_info(store.checkpoints[-1])["weights_digest"] if store.checkpoints else None
+        state = (store, space, weights_digest, store.manifest["fingerprint"], last)  # objects held: no id reuse
+        if self._passed is None or any(a is not b and a != b for a, b in zip(self._passed, state)):
+            store.check_model(space, weights_digest)
+            self._passed = state
 
     def refresh(self) -> ResponseStore:
         """The store, opened again if its manifest changed on disk since it was opened."""
@@ -150,7 +162,7 @@ class Attributor:
             for i, store in enumerate(stores):
                 for name in names[i]:
                     member = self._member(i, store, name, theta.device, strict, ensemble)
-                    _warn_incomplete(store, name)
+                    _warn_incomplete(member)
                     at = self._read_at(store, name, member, theta, live_digest, strict)
                     live.append(at is theta)
                     scores = member.responses.scores(model, at, batch, readout, chunk_size)
@@ -172,7 +184,7 @@ class Attributor:
             name = _checkpoint_names(store, "last")[0]
             member = self._member(0, store, name, theta.device, strict, ensemble=False)
             at = self._read_at(store, name, member, theta, live_digest, strict)
-            _warn_incomplete(store, name)
+            _warn_incomplete(member)
             sources = sources.to(theta.device)
             scores = member.responses.paired(model, at, _query_batch(data, theta.device), sources, readout)
             return scores.masked_fill(~member.valid[sources], float("nan"))
@@ -193,8 +205,8 @@ class Attributor:
         live weights' digest (``None`` when nothing needs it)."""
         single = len(self._stores) == 1
         live_digest = _weights_digest(self.module, space, theta) if strict or not single else None
-        for store in stores:
-            store.check_model(space, live_digest if (strict and single) else None)
+        for opened, store in zip(self._stores, stores):
+            opened.check_model(space, live_digest if (strict and single) else None)
         return live_digest
 
     def _read_at(
@@ -228,6 +240,7 @@ class Attributor:
                 theta=store.theta(name).to(device) if has_snapshot else None,
                 responses=store.block(name, device, self.memory_budget_mb),
                 valid=store.scorable(name).to(device),
+                incomplete=store.incomplete_reason(name),
             )
             self._members[key] = member
             self._verified.discard((i, name))
@@ -249,12 +262,11 @@ class Attributor:
         return member
 
 
-def _warn_incomplete(store: ResponseStore, name: str) -> None:
+def _warn_incomplete(member: _Member) -> None:
     """Warns (at every query) when finite sources of a checkpoint score NaN because their simulation did not
     finish: a partial checkpoint written after a crash, or examples that were never injected."""
-    reason = store.incomplete_reason(name)
-    if reason is not None:
-        warnings.warn(reason, UserWarning, stacklevel=4)
+    if member.incomplete is not None:
+        warnings.warn(member.incomplete, UserWarning, stacklevel=4)
 
 
 def ensemble_mean(per_member: list[Tensor], reference: int = -1) -> Tensor:

@@ -84,6 +84,8 @@ def test_a_second_ensemble_query_reads_nothing_from_disk(runs, monkeypatch):
     digests = []
     original_digest = ParameterSpace.digest
     monkeypatch.setattr(ParameterSpace, "digest", lambda self, theta: digests.append(1) or original_digest(self, theta))
+    original_fingerprint = ParameterSpace.fingerprint
+    monkeypatch.setattr(ParameterSpace, "fingerprint", lambda self: digests.append(2) or original_fingerprint(self))
     for responses in ([path0, path1], path0):  # runs x checkpoints; one run's trajectory ensemble
         model.__dict__.pop("_attributors", None)
         first = model.attribute((xq, yq), responses=responses, checkpoints="all")
@@ -91,7 +93,7 @@ def test_a_second_ensemble_query_reads_nothing_from_disk(runs, monkeypatch):
         assert len(reads) >= 2 * 3  # per member: responses, parameters, per-source stats
         loads.clear(), reads.clear(), digests.clear()
         second = model.attribute((xq[:2], yq[:2]), responses=responses, checkpoints="all")
-        assert loads == [] and reads == [] and digests == []  # nothing read, nothing hashed again
+        assert loads == [] and reads == [] and digests == []  # nothing read, no weights or architecture hashed again
         torch.testing.assert_close(second, model.attribute((xq[:2], yq[:2]), responses=responses, checkpoints="all"))
         assert first.shape == (6, 64)
         loads.clear(), reads.clear(), digests.clear()

@@ -1,0 +1,193 @@
+"""Query cost of the default readout (issue 7): ours against dattri's TRAK-1 on the same model, same process.
+
+    OMP_NUM_THREADS=1 python benchmarks/readout.py --settings digits-mlp mnist1d-mlp mnist1d-cnn1d \\
+        --store-dir /tmp/readout-stores --out benchmarks/results/readout.json
+
+Per setting (the bench's and the held-out ones, :data:`convergence.HERE`, e.g. ``digits-cnn-adam``): one fit with ``AttributionCallback(mode="end",
+checkpoint_epochs=[8, 15, 23])`` (kept under ``--store-dir`` with the fitted weights, reused by a rerun), then
+these query functions on its first ``--queries`` test points:
+
+- ``ours, 1 member``: ``model.attribute(batch, responses=dir, checkpoints="last")`` (the final checkpoint);
+- ``ours, 4 members``: ``model.attribute(batch, responses=dir)``: the trajectory ensemble (``checkpoints="all"``);
+- the same two with ``chunk_size=256``, the readout's previous default (the reference for this work's speed-up;
+  their scores must equal the default's, which is checked and recorded);
+- ``TRAK-1 (dattri)``: :class:`~lightning_attr.evaluation.peers.DattriTRAK` (1 model, projection 512) set up on
+  the same fitted network and training set.
+
+Timing: Q=1 in ``--rounds`` alternating rounds (each round scores query ``k`` with every function in turn, in a
+rotated order; round 0 only warms up), and the whole batch in ``--batched-rounds`` alternating rounds. Reported:
+medians (ms per query) and the median over rounds of each function's time divided by TRAK-1's in the same
+round (the paired ratio: the machine's load changes between rounds, not within one). ``breakdown``: the
+readout kernels alone (each member's block scored directly, no store checks, no ensemble step) against the
+whole ``attribute()`` call, per Q. One JSON record per setting in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import current_commit, fit, machine, make_net  # noqa: E402
+from convergence import HERE as SETTINGS  # noqa: E402  (the bench's settings and the held-out ones)
+
+from lightning_attr import AttributionCallback, ResponseStore  # noqa: E402
+from lightning_attr._io import atomic_save_tensors, atomic_write_json  # noqa: E402
+from lightning_attr.evaluation.peers import DattriTRAK  # noqa: E402
+from lightning_attr.functional import functional_view  # noqa: E402
+from lightning_attr.models import Classifier  # noqa: E402
+from lightning_attr.readout import auto_chunk_size  # noqa: E402
+
+CHECKPOINT_EPOCHS = [8, 15, 23]
+PREVIOUS_CHUNK = 256  # the readout's default chunk_size before it was chosen from the activations
+
+
+def fitted(setting_name: str, data, store_dir: Path) -> tuple[Classifier, Path, float | None]:
+    """The fitted classifier and its store: read from ``store_dir`` when an earlier run left them, else fitted.
+    Returns (model in eval mode, store path, fit seconds or None when reused)."""
+    s = SETTINGS[setting_name]
+    root = store_dir / setting_name
+    responses, weights = root / "responses", root / "weights.safetensors"
+    r = s.recipe
+
+    def classifier() -> Classifier:
+        return Classifier(make_net(s, data, 0), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay, optimizer=r.optimizer)
+
+    if weights.is_file() and (responses / "manifest.json").is_file():
+        model = classifier()
+        model.load_state_dict(load_file(str(weights)))
+        return model.eval(), responses, None
+    cb = AttributionCallback(dirpath=str(responses), mode="end", checkpoint_epochs=CHECKPOINT_EPOCHS, overwrite=True)
+    model, seconds = fit(s, data, [cb])
+    atomic_save_tensors(weights, {k: v.detach().contiguous() for k, v in model.state_dict().items()})
+    return model.eval(), responses, seconds
+
+
+def paired_rounds(functions: dict, batches: list, reference: str) -> dict:
+    """Each round ``k`` calls every function on ``batches[k]``, in an order rotated by ``k``; round 0 warms up.
+    Returns per function: median ms and the median over rounds of (its ms / the reference's ms)."""
+    names = list(functions)
+    ms: dict[str, list[float]] = {n: [] for n in names}
+    for k, batch in enumerate(batches):
+        for name in names[k % len(names) :] + names[: k % len(names)]:
+            start = time.perf_counter()
+            functions[name](*batch)
+            if k:
+                ms[name].append(1e3 * (time.perf_counter() - start))
+    return {
+        n: {
+            "ms": round(statistics.median(ms[n]), 3),
+            "ratio_to_reference": round(statistics.median(a / b for a, b in zip(ms[n], ms[reference])), 4),
+        }
+        for n in names
+    }
+
+
+def breakdown(model: Classifier, path: Path, batch: tuple, repeats: int) -> dict:
+    """Milliseconds of ``attribute()`` (every checkpoint: the ensemble) against its readout kernels alone: each
+    checkpoint's block scored directly at its parameter snapshot, with the chunk ``attribute()`` chooses."""
+    store = ResponseStore.load(path)
+    members = [(store.block(name), store.theta(name)) for name in store.checkpoints]
+    with functional_view(model) as (fm, theta):
+        batch = tuple(t.clone() for t in batch)
+        chunk = auto_chunk_size(fm, theta, batch, store.n_sources)
+        kernel_ms = _median_ms(lambda: [block.scores(fm, at, batch, "linear", chunk) for block, at in members], repeats)
+    total_ms = _median_ms(lambda: model.attribute(batch, responses=str(path)), repeats)
+    return {"queries": len(batch[0]), "chunk_size": chunk, "attribute_ms": round(total_ms, 3), "readout_kernels_ms": round(kernel_ms, 3),
+            "rest_ms": round(total_ms - kernel_ms, 3)}  # fmt: skip
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def run_setting(name: str, args) -> dict:
+    torch.manual_seed(0)
+    data = SETTINGS[name].load()
+    model, path, fit_s = fitted(name, data, Path(args.store_dir))
+    store = ResponseStore.load(path)
+    xq, yq = data.x_test[: args.queries], data.y_test[: args.queries]
+    trak = DattriTRAK(1, proj_dim=512, regularization=0.1)  # the query cost does not depend on the ridge
+    start = time.perf_counter()
+    trak.setup([model.net], data.x_train, data.y_train)
+    trak_setup_s = time.perf_counter() - start
+
+    def ours(checkpoints: str, chunk_size: int | None):
+        return lambda x, y: model.attribute((x, y), responses=str(path), checkpoints=checkpoints, chunk_size=chunk_size)
+
+    functions = {
+        "ours, 1 member": ours("last", None),
+        "ours, 4 members": ours("all", None),
+        f"ours, 1 member, chunk {PREVIOUS_CHUNK}": ours("last", PREVIOUS_CHUNK),
+        f"ours, 4 members, chunk {PREVIOUS_CHUNK}": ours("all", PREVIOUS_CHUNK),
+        "TRAK-1 (dattri)": trak.score,
+    }
+    same = {}
+    for checkpoints in ("last", "all"):
+        a, b = ours(checkpoints, None)(xq, yq), ours(checkpoints, PREVIOUS_CHUNK)(xq, yq)
+        same[checkpoints] = {"bitwise": bool(torch.equal(a, b)), "max_abs_diff": float((a - b).abs().max()),
+                             "max_abs_score": float(a.abs().max())}  # fmt: skip
+    load_before = os.getloadavg()[0]
+    singles = [(xq[k : k + 1], yq[k : k + 1]) for k in range(args.rounds + 1)]
+    q1 = paired_rounds(functions, singles, "TRAK-1 (dattri)")
+    batched = paired_rounds(functions, [(xq, yq)] * (args.batched_rounds + 1), "TRAK-1 (dattri)")
+    for row in batched.values():
+        row["ms_per_query"] = round(row.pop("ms") / len(xq), 4)
+    split = [breakdown(model, path, (xq[:q], yq[:q]), r) for q, r in ((1, 20), (len(xq), 2))]
+    info = store.checkpoint_info(store.checkpoints[-1])
+    record = {
+        "setting": name, "n_sources": store.n_sources, "n_parameters": store.space.size, "queries": len(xq),
+        "checkpoints": store.checkpoints, "propagation": info.get("propagation"), "fit_s": fit_s,
+        "trak1_setup_s": round(trak_setup_s, 2), "q1": q1, "batched": batched, "scores_equal_to_chunk_256": same,
+        "breakdown": split, "rounds": {"q1": args.rounds, "batched": args.batched_rounds},
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)], "torch": torch.__version__,
+        "machine": machine(), "commit": current_commit(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }  # fmt: skip
+    _print(record)
+    return record
+
+
+def _print(r: dict) -> None:
+    print(f"\n[{r['setting']}] S = {r['n_sources']}, P = {r['n_parameters']}, {r['queries']} queries, load {r['load_average']}")
+    print(f"  {'':32} {'Q=1 ms':>9} {'/ TRAK-1':>9} {'batched ms/q':>13} {'/ TRAK-1':>9}")
+    for name, row in r["q1"].items():
+        b = r["batched"][name]
+        print(f"  {name:32} {row['ms']:9.2f} {row['ratio_to_reference']:9.3f} {b['ms_per_query']:13.3f} {b['ratio_to_reference']:9.3f}")
+    for split in r["breakdown"]:
+        print(f"  Q={split['queries']}: attribute {split['attribute_ms']:.1f} ms, readout kernels {split['readout_kernels_ms']:.1f} ms "
+              f"(chunk {split['chunk_size']})")  # fmt: skip
+    print(f"  scores equal to chunk {PREVIOUS_CHUNK}: {r['scores_equal_to_chunk_256']}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", nargs="+", default=["digits-mlp"], choices=sorted(SETTINGS))
+    p.add_argument("--store-dir", default="benchmarks/results/cache/readout", help="fits and stores, reused by a rerun")
+    p.add_argument("--out", default="benchmarks/results/readout.json")
+    p.add_argument("--queries", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=30, help="paired Q=1 rounds")
+    p.add_argument("--batched-rounds", type=int, default=3, help="paired rounds scoring all queries at once")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    records = [run_setting(name, args) for name in args.settings]
+    atomic_write_json(args.out, {"command": " ".join(sys.argv), "records": records}, sort_keys=False)
+    print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()
