@@ -326,7 +326,8 @@ class AttributionCallback(Callback):
                     "checkpoint_epochs='auto' spreads checkpoints over the fit and must know when it ends: set "
                     "max_epochs or max_steps, or list the epochs."
                 )
-            return [e + 1 for e in spread_checkpoint_epochs(last - 1, auto_checkpoint_count(self.horizon))]
+            count = auto_checkpoint_count(self.horizon, self._engine.propagation())
+            return [e + 1 for e in spread_checkpoint_epochs(last - 1, count)]
         dropped = [e for e in self.checkpoint_epochs if last is not None and e >= last]
         if dropped:
             rank_zero_warn(
@@ -490,10 +491,13 @@ _AUTO_MAX_CHECKPOINTS = 3  # ... with at most this many windows besides the fina
 _AUTO_SPAN = 0.5  # ... spread evenly over this last fraction of the epochs before the final one
 
 
-def auto_checkpoint_count(horizon: int) -> int:
-    """Checkpoints besides the final one under ``checkpoint_epochs="auto"``: as many as keep the simulation
-    within ``_AUTO_BUDGET = 100`` steps per source in all (one window at the former default horizon 100),
-    at most 3: 3 at ``horizon <= 25``, 1 at 50, none at 100."""
+def auto_checkpoint_count(horizon: int, propagation: str = "heavy_ball") -> int:
+    """Checkpoints besides the final one under ``checkpoint_epochs="auto"``. A step rule: as many as keep the
+    simulation within ``_AUTO_BUDGET = 100`` steps per source in all (one window at the former default horizon
+    100), at most 3: 3 at ``horizon <= 25``, 1 at 50, none at 100. ``"spectral"`` (its cost does not depend on
+    the horizon): 3."""
+    if propagation == "spectral":
+        return _AUTO_MAX_CHECKPOINTS
     return max(0, min(_AUTO_MAX_CHECKPOINTS, _AUTO_BUDGET // horizon - 1))
 
 

@@ -19,6 +19,7 @@ def test_auto_epochs_spread_over_the_second_half_within_the_budget():
     assert spread_checkpoint_epochs(24, 1) == [12]
     # all windows together propagate each source for at most 100 steps (one window at horizon 100)
     assert [auto_checkpoint_count(k) for k in (4, 20, 25, 30, 50, 99, 100, 200)] == [3, 3, 3, 2, 1, 0, 0, 0]
+    assert auto_checkpoint_count(100, "spectral") == 3  # end mode's default: its cost does not grow with the horizon
 
 
 def test_a_checkpoint_that_cannot_be_honoured_is_said(tmp_path):
