@@ -51,12 +51,13 @@ class AttributionCallback(Callback):
         damping: ``"auto"`` (``damping_scale * trace(G)/P``, the GGN's mean eigenvalue, from 32
             Hutchinson probes) or a float ``lambda``.
         curvature: ``"ggn"`` (needs ``attribution_outputs``) or ``"hessian"``.
-        mode: ``"online"``: propagate on the live batches and parameters of the last epoch(s) of the fit
-            (sources are injected during the epoch that ends ``horizon`` propagation steps before the end of the
-            fit, see ``curvature_batch_size``; what
-            is still live when a fit ends early is finished on replayed batches at the final weights);
-            ``"end"``: after the fit, at the final parameters, on ``horizon`` batches of
-            ``curvature_batch_size`` replayed from the training set with a private generator.
+        mode: ``"end"`` (default): after the fit (and after each ``checkpoint_epochs`` entry), at fixed weights:
+            with ``propagation="spectral"`` (the default there) the damped inverse in the top eigenspace of the
+            full-data GGN; with a step rule, ``horizon`` products on batches of ``curvature_batch_size`` replayed
+            from the training set with a private generator. ``"online"``: propagate on the live batches and
+            parameters of the last epoch(s) of the fit (sources are injected during the epoch that ends
+            ``horizon`` propagation steps before the end of the fit, see ``curvature_batch_size``; what is still
+            live when a fit ends early is finished on replayed batches at the final weights).
         sources: ``None`` for one source per training example, or each example's source id (``Tensor[n]``
             or a sequence of ints/strings), or a callable mapping ``LongTensor[n]`` example indices to ids.
         checkpoint_epochs: extra response checkpoints along the trajectory (1-based epoch numbers), for
@@ -88,7 +89,8 @@ class AttributionCallback(Callback):
             with ``curvature_batch_size >= n``; it amplifies minibatch noise).
         momentum: heavy-ball's ``beta`` in ``[0, 1)``: curvature below ``(1 - beta)/step_size`` is resolved as
             if the step were ``step_size / (1 - beta)``.
-        damping_scale: multiplies the automatic damping.
+        damping_scale: multiplies the automatic damping (default 3: the exact target's LDS peaks at 1-10x the mean
+            eigenvalue on the bench's settings and 3x is within 0.013 of every peak; docs/propagation.md).
         chunk_size: perturbations per vmapped curvature product (bounds the product's activation memory).
         memory_budget_mb: bounds the simulation's ``[C, P]`` blocks (README, "Memory"): end mode simulates
             ``C = floor(memory_budget_mb * 2**20 / (28 P))`` sources at a time and writes each block's shard as soon
@@ -123,14 +125,14 @@ class AttributionCallback(Callback):
         horizon: int = 20,
         damping: Damping = "auto",
         curvature: str = "ggn",
-        mode: str = "online",
+        mode: str = "end",
         sources: SourceSpec = None,
         checkpoint_epochs: Sequence[int] | str | None = None,
         curvature_batch_size: int = 256,
         step_size: Damping = "auto",
         propagation: str = "auto",
         momentum: float = DEFAULT_MOMENTUM,
-        damping_scale: float = 1.0,
+        damping_scale: float = 3.0,
         chunk_size: int = 2048,
         store_dtype: str = "float32",
         num_examples: int | None = None,

@@ -31,14 +31,14 @@ class AttributionSettings:
     horizon: int = 20
     damping: Damping = "auto"
     curvature: str = "ggn"
-    mode: str = "online"
+    mode: str = "end"
     sources: Any = None
     checkpoint_epochs: Sequence[int] | str | None = None
     curvature_batch_size: int = 256
     step_size: Damping = "auto"
     propagation: str = "auto"
     momentum: float = DEFAULT_MOMENTUM
-    damping_scale: float = 1.0
+    damping_scale: float = 3.0
     chunk_size: int = 2048
     store_dtype: str = "float32"
     num_examples: int | None = None

@@ -27,17 +27,17 @@ def test_batch_without_source_index(tmp_path):
     x, y = blobs(n=32)
     loader = DataLoader(TensorDataset(x, y), batch_size=8)  # labels would pass for indices: refused
     with pytest.raises(MisconfigurationException, match="IndexedDataset"):
-        _trainer([AttributionCallback(tmp_path / "r", horizon=2)]).fit(small_mlp(6, 3), loader)
+        _trainer([AttributionCallback(tmp_path / "r", horizon=2, mode="online")]).fit(small_mlp(6, 3), loader)
     loader = DataLoader(TensorDataset(x), batch_size=8)  # batches are [x]: no index at all
     with pytest.raises(ValueError, match="IndexedDataset"):
-        _trainer([AttributionCallback(tmp_path / "r2", horizon=2, num_examples=32)]).fit(small_mlp(6, 3), loader)
+        _trainer([AttributionCallback(tmp_path / "r2", horizon=2, num_examples=32, mode="online")]).fit(small_mlp(6, 3), loader)
 
 
 def test_index_out_of_range(tmp_path):
     x, y = blobs(n=32)
     bad = TensorDataset(x, y, torch.arange(32) + 100)  # an own index column: num_examples confirms it
     with pytest.raises(IndexError, match=r"outside \[0, 32\)"):
-        _trainer([AttributionCallback(tmp_path / "r", horizon=2, num_examples=32)]).fit(small_mlp(6, 3), DataLoader(bad, batch_size=8))
+        _trainer([AttributionCallback(tmp_path / "r", horizon=2, num_examples=32, mode="online")]).fit(small_mlp(6, 3), DataLoader(bad, batch_size=8))
 
 
 class _SkipsNonFiniteInputs(Classifier):
@@ -69,7 +69,7 @@ def test_non_finite_gradients_are_skipped_and_reported(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
 def test_sharded_strategies_are_refused(tmp_path, strategy):
-    cb = AttributionCallback(tmp_path / "r")
+    cb = AttributionCallback(tmp_path / "r", mode="online")
 
     class FakeStrategy:
         pass
@@ -101,12 +101,12 @@ def test_module_without_contract_is_refused(tmp_path):
             self.layer = nn.Linear(6, 3)
 
     with pytest.raises(MisconfigurationException, match="AttributionMixin"):
-        AttributionCallback(tmp_path / "r").setup(_trainer([]), Plain(), "fit")
+        AttributionCallback(tmp_path / "r", mode="online").setup(_trainer([]), Plain(), "fit")
 
 
 def test_online_needs_a_known_end(tmp_path):
     x, y = blobs(n=32)
-    trainer = L.Trainer(max_epochs=-1, max_steps=-1, callbacks=[AttributionCallback(tmp_path / "r")], logger=False,
+    trainer = L.Trainer(max_epochs=-1, max_steps=-1, callbacks=[AttributionCallback(tmp_path / "r", mode="online")], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     from torch.utils.data import DataLoader as DL
 

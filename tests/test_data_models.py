@@ -107,7 +107,7 @@ def test_every_network_trains_with_the_callback_and_attributes(name, make, tmp_p
     x, y = torch.randn(96, d, generator=g), torch.randint(0, 10, (96,), generator=g)
     L.seed_everything(0, verbose=False)
     net = Classifier(make())
-    cb = AttributionCallback(dirpath=tmp_path / "r", horizon=3, seed=0)
+    cb = AttributionCallback(dirpath=tmp_path / "r", horizon=3, seed=0, mode="online")
     trainer = L.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(net, DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=32, shuffle=True))

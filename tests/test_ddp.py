@@ -83,7 +83,7 @@ def test_resuming_inside_a_window_on_several_processes_is_refused(tmp_path):
     from conftest import small_mlp
     from lightning_attr import AttributionCallback
 
-    cb = AttributionCallback(tmp_path / "r", num_examples=8)
+    cb = AttributionCallback(tmp_path / "r", num_examples=8, mode="online")
     cb.load_state_dict({"dirpath": None, "products": 5, "seconds": 1.0, "windows": {"final": {"simulation": {}}}})
     with pytest.raises(MisconfigurationException, match=r"cannot resume there .* or on one process"):
         cb.on_train_start(SimpleNamespace(global_rank=0, world_size=2), small_mlp(6, 3))

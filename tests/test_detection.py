@@ -39,7 +39,7 @@ def test_self_influence_finds_flipped_digits_labels(tmp_path):
     dm = ClassificationDataModule("digits", input_shape=[64], num_classes=10, label_noise=0.05, noise_seed=0)
     # 6 epochs: with 4, the online window opens in epoch 0, far from the trained model (AUC 0.86);
     # with 6 it opens in epoch 2 (AUC 0.998, measured with the 1/(2 lambda_max + lambda) step rule).
-    cb = AttributionCallback(dirpath=tmp_path / "responses", seed=0)
+    cb = AttributionCallback(dirpath=tmp_path / "responses", seed=0, mode="online")
     net = _fit(dm, cb, epochs=6)
     flipped = dm.metadata["flipped"]
     assert int(flipped.sum()) == 70
@@ -57,7 +57,7 @@ def test_poisoned_group_is_the_top_source_for_triggered_queries(tmp_path):
     dm = ClassificationDataModule("digits", input_shape=[64], num_classes=10, n_groups=10, group_seed=0,
                                   poison={"group": 3, "target": 0})
     dm.setup("fit")
-    cb = AttributionCallback(dirpath=tmp_path / "responses", sources=ByColumn("group")(dm), seed=0)
+    cb = AttributionCallback(dirpath=tmp_path / "responses", sources=ByColumn("group")(dm), seed=0, mode="online")
     net = _fit(dm, cb, epochs=5)
     triggered = dm.query_dataset("triggered")
     x, y_target = triggered.tensors

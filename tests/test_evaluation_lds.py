@@ -45,7 +45,7 @@ def test_digits_lds_stays_above_floor(tmp_path):
         batch_size=RECIPE.batch_size,
         sampler=FixedOrderSampler(n, RECIPE.epochs, seed=0),
     )
-    cb = AttributionCallback(dirpath=tmp_path / "responses")
+    cb = AttributionCallback(dirpath=tmp_path / "responses", mode="online")
     trainer = L.Trainer(
         max_epochs=RECIPE.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb], default_root_dir=tmp_path,

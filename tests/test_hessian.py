@@ -61,4 +61,4 @@ def test_hessian_curvature_matches_exact_influence(tmp_path, make_model):
 def test_loss_only_module_needs_hessian_curvature(tmp_path):
     x, y = blobs(n=32)
     with pytest.raises(MisconfigurationException, match="curvature='ggn' needs LossOnly.attribution_outputs"):
-        fit(LossOnly(6, 3), x, y, [AttributionCallback(tmp_path / "r", curvature="ggn", horizon=2)], epochs=1)
+        fit(LossOnly(6, 3), x, y, [AttributionCallback(tmp_path / "r", curvature="ggn", horizon=2, mode="online")], epochs=1)

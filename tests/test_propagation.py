@@ -74,8 +74,8 @@ def test_chebyshev_residual_never_grows_on_its_interval():
 
 def test_propagation_option_is_validated():
     with pytest.raises(MisconfigurationException, match="propagation must be 'auto', 'spectral' or one of"):
-        AttributionCallback(propagation="cg")
+        AttributionCallback(propagation="cg", mode="online")
     with pytest.raises(MisconfigurationException, match="needs damping > 0"):
-        AttributionCallback(propagation="chebyshev", damping=0.0)
+        AttributionCallback(propagation="chebyshev", damping=0.0, mode="online")
     with pytest.raises(ValueError, match="propagation must be one of"):
         resolve_step_rule(Spectrum(1.0, 0.1), propagation="momentum")

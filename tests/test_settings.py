@@ -53,7 +53,7 @@ def test_invalid_setting_is_refused_by_name():
     with pytest.raises(ValueError, match="memory_budget_mb must be a number > 0"):
         AttributionSettings(memory_budget_mb=-1)
     with pytest.raises(MisconfigurationException, match="horizon must be a positive int, got 0"):
-        AttributionCallback(horizon=0)
+        AttributionCallback(horizon=0, mode="online")
 
 
 def test_manifest_records_the_settings(tmp_path):

@@ -83,7 +83,7 @@ def test_truncated_eigen_codec_keeps_most_of_the_target(tmp_path):
 
 def test_damaged_basis_is_refused(tmp_path):
     x, y = blobs(n=40, d=4, classes=3)
-    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=4)
+    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=4, mode="online")
     fit(logistic(4, 3), x, y, [cb], epochs=2)
     basis = Path(cb.dirpath) / json.loads((Path(cb.dirpath) / "manifest.json").read_text())["checkpoints"][0]["basis_file"]
     basis.write_bytes(basis.read_bytes()[:-8])
@@ -107,11 +107,11 @@ def test_bad_codec_options_are_refused():
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     with pytest.raises(MisconfigurationException, match="codec must be one of"):
-        AttributionCallback(codec="lowrank")
+        AttributionCallback(codec="lowrank", mode="online")
     with pytest.raises(MisconfigurationException, match="needs curvature='ggn'"):
-        AttributionCallback(codec="eigen", curvature="hessian")
+        AttributionCallback(codec="eigen", curvature="hessian", mode="online")
     with pytest.raises(MisconfigurationException, match="rank must be a positive int"):
-        AttributionCallback(codec="eigen", rank=0)
+        AttributionCallback(codec="eigen", rank=0, mode="online")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -121,7 +121,7 @@ def test_half_precision_basis_keeps_the_scores(tmp_path, dtype):
     x, y = blobs(n=160, d=6, classes=3)
     xq, yq = blobs(n=24, d=6, classes=3, seed=1)
     model = small_mlp(6, 3)
-    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=32, horizon=100)
+    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=32, horizon=100, mode="online")
     fit(model, x, y, [cb], epochs=4)
     full = ResponseStore.load(cb.dirpath)
     half = ResponseStore.create(tmp_path / dtype, full.space, SourceMap.build(None, 160), {}, overwrite=True)

@@ -131,7 +131,7 @@ def test_store_without_manifest_is_refused(trained, tmp_path):
 
 def test_attribute_before_any_fit_is_refused(trained):
     model, _, (xq, yq) = trained
-    cb = AttributionCallback()  # dirpath is resolved when fit starts
+    cb = AttributionCallback(mode="online")  # dirpath is resolved when fit starts
     with pytest.raises(StoreError, match="responses is None.*after fitting"):
         model.attribute((xq, yq), responses=cb.dirpath)
     with pytest.raises(StoreError, match="responses is None"):

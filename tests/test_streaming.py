@@ -43,7 +43,7 @@ def test_block_size_follows_the_memory_budget():
     assert AttributionSettings(memory_budget_mb=BUDGET_MB).block_size(P) == BLOCK
     assert AttributionSettings(memory_budget_mb=1e-9).block_size(P) == 1
     with pytest.raises(Exception, match="memory_budget_mb must be a number > 0"):
-        AttributionCallback(memory_budget_mb=0)
+        AttributionCallback(memory_budget_mb=0, mode="online")
 
 
 def test_end_mode_in_blocks_equals_one_block(end_mode_stores):
@@ -88,7 +88,7 @@ def test_online_sources_are_retired_to_shards_during_the_fit(tmp_path, monkeypat
         OnlineSimulation, "finish", lambda self, **kw: (emitted_before_finish.append(int(self.emitted.sum())), finish(self, **kw))[1]
     )
     x, y = blobs(n=160, d=6, classes=3)
-    cb = AttributionCallback(tmp_path / "r", horizon=3, curvature_batch_size=16, memory_budget_mb=BUDGET_MB)
+    cb = AttributionCallback(tmp_path / "r", horizon=3, curvature_batch_size=16, memory_budget_mb=BUDGET_MB, mode="online")
     fit(small_mlp(6, 3), x, y, [cb], epochs=6, batch_size=16)
     store = ResponseStore.load(cb.dirpath)
     assert max(live_rows) <= 4 * 16 < 160  # (horizon + 1) pools of 16 examples

@@ -25,7 +25,7 @@ def test_auto_epochs_spread_over_the_second_half_within_the_budget():
 def test_a_checkpoint_that_cannot_be_honoured_is_said(tmp_path):
     # the repro: 4 epochs of 10 batches, horizon 30: the final window injects in epoch 1 (0-based 0)
     x, y = blobs(n=100, d=6, classes=3)
-    cb = AttributionCallback(tmp_path / "r", horizon=30, checkpoint_epochs=[2], curvature_batch_size=10)
+    cb = AttributionCallback(tmp_path / "r", horizon=30, checkpoint_epochs=[2], curvature_batch_size=10, mode="online")
     with pytest.warns(UserWarning) as record:
         fit(small_mlp(6, 3), x, y, [cb], epochs=4, batch_size=10)
     messages = [str(w.message) for w in record]
@@ -35,14 +35,14 @@ def test_a_checkpoint_that_cannot_be_honoured_is_said(tmp_path):
     assert "injects the sources during epoch 1" in early and "at least 6 epochs" in early and "mode='end'" in early
     assert ResponseStore.load(cb.dirpath).checkpoints == ["final"]
     # pooled curvature batches stretch a window over more optimizer steps: the warning says so
-    pooled = AttributionCallback(tmp_path / "pooled", horizon=10, checkpoint_epochs=[2], curvature_batch_size=20)
+    pooled = AttributionCallback(tmp_path / "pooled", horizon=10, checkpoint_epochs=[2], curvature_batch_size=20, mode="online")
     with pytest.warns(UserWarning, match=r"horizon=10 \(= 20 optimizer steps: one propagation step per curvature_batch_size=20"):
         fit(small_mlp(6, 3), x, y, [pooled], epochs=4, batch_size=10)
 
 
 def test_a_long_enough_fit_warns_about_nothing(tmp_path):
     x, y = blobs(n=100, d=6, classes=3)
-    cb = AttributionCallback(tmp_path / "r", horizon=10, checkpoint_epochs=[3], curvature_batch_size=10)
+    cb = AttributionCallback(tmp_path / "r", horizon=10, checkpoint_epochs=[3], curvature_batch_size=10, mode="online")
     with pytest.warns() as record:
         fit(small_mlp(6, 3), x, y, [cb], epochs=6, batch_size=10)
     assert not [w for w in record if "cannot be honoured" in str(w.message) or "near-initial" in str(w.message)]
@@ -51,10 +51,10 @@ def test_a_long_enough_fit_warns_about_nothing(tmp_path):
 
 def test_auto_checkpoints_online_and_end(tmp_path):
     x, y = blobs(n=64, d=6, classes=3)
-    alone = AttributionCallback(tmp_path / "alone", horizon=100, checkpoint_epochs="auto", curvature_batch_size=16)
+    alone = AttributionCallback(tmp_path / "alone", horizon=100, checkpoint_epochs="auto", curvature_batch_size=16, mode="online")
     fit(small_mlp(6, 3), x, y, [alone], epochs=30, batch_size=16)
     assert ResponseStore.load(alone.dirpath).checkpoints == ["final"]  # horizon 100: the budget holds one window
-    online = AttributionCallback(tmp_path / "online", horizon=4, checkpoint_epochs="auto", curvature_batch_size=16)
+    online = AttributionCallback(tmp_path / "online", horizon=4, checkpoint_epochs="auto", curvature_batch_size=16, mode="online")
     fit(small_mlp(6, 3), x, y, [online], epochs=10, batch_size=16)  # 4 steps per epoch: final injects in epoch 9
     store = ResponseStore.load(online.dirpath)
     assert store.checkpoints == ["epoch=5", "epoch=6", "epoch=8", "final"]  # 0-based 4, 5(.3), 7(.5) of 8
@@ -79,4 +79,4 @@ def test_end_mode_checkpoint_after_the_last_epoch_is_said(tmp_path):
 @pytest.mark.parametrize("bad", ["often", [0], [1.5]])
 def test_bad_checkpoint_epochs_are_refused(bad):
     with pytest.raises(Exception, match="checkpoint_epochs must be 'auto' or a list of positive ints"):
-        AttributionCallback(checkpoint_epochs=bad)
+        AttributionCallback(checkpoint_epochs=bad, mode="online")
