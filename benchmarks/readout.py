@@ -19,12 +19,15 @@ rotated order; round 0 only warms up), and the whole batch in ``--batched-rounds
 medians (ms per query) and the median over rounds of each function's time divided by TRAK-1's in the same
 round (the paired ratio: the machine's load changes between rounds, not within one). ``breakdown``: the
 readout kernels alone (each member's block scored directly, no store checks, no ensemble step) against the
-whole ``attribute()`` call, per Q. One JSON record per setting in ``--out``.
+whole ``attribute()`` call, per Q (``--profile``: and torch.profiler's operators with the most self CPU time in the
+ensemble query). One JSON record per setting in ``--out``, written after each setting (a rerun replaces the
+records of the settings it runs and keeps the others).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -105,6 +108,21 @@ def breakdown(model: Classifier, path: Path, batch: tuple, repeats: int) -> dict
             "rest_ms": round(total_ms - kernel_ms, 3)}  # fmt: skip
 
 
+def top_ops(model: Classifier, path: Path, batch: tuple, repeats: int, rows: int = 8) -> list[dict]:
+    """torch.profiler's operators with the most self CPU time over ``repeats`` ensemble queries (``attribute()``,
+    every checkpoint), as ``{"op", "share", "ms_per_query_call"}``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model.attribute(batch, responses=str(path))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            model.attribute(batch, responses=str(path))
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3), "ms_per_call": round(e.self_cpu_time_total / 1e3 / repeats, 3)}
+            for e in events[:rows]]  # fmt: skip
+
+
 def _median_ms(fn, repeats: int) -> float:
     fn()
     times = []
@@ -148,6 +166,9 @@ def run_setting(name: str, args) -> dict:
     for row in batched.values():
         row["ms_per_query"] = round(row.pop("ms") / len(xq), 4)
     split = [breakdown(model, path, (xq[:q], yq[:q]), r) for q, r in ((1, 20), (len(xq), 2))]
+    if args.profile:
+        for part, (q, r) in zip(split, ((1, 10), (len(xq), 1))):
+            part["top_ops"] = top_ops(model, path, (xq[:q], yq[:q]), r)
     info = store.checkpoint_info(store.checkpoints[-1])
     record = {
         "setting": name, "n_sources": store.n_sources, "n_parameters": store.space.size, "queries": len(xq),
@@ -170,6 +191,8 @@ def _print(r: dict) -> None:
     for split in r["breakdown"]:
         print(f"  Q={split['queries']}: attribute {split['attribute_ms']:.1f} ms, readout kernels {split['readout_kernels_ms']:.1f} ms "
               f"(chunk {split['chunk_size']})")  # fmt: skip
+        for op in split.get("top_ops", []):
+            print(f"    {op['op']:36} {100 * op['share']:5.1f}%  {op['ms_per_call']:9.3f} ms per call")
     print(f"  scores equal to chunk {PREVIOUS_CHUNK}: {r['scores_equal_to_chunk_256']}", flush=True)
 
 
@@ -182,11 +205,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=30, help="paired Q=1 rounds")
     p.add_argument("--batched-rounds", type=int, default=3, help="paired rounds scoring all queries at once")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--profile", action="store_true", help="record torch.profiler's top operators of the ensemble query")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    records = [run_setting(name, args) for name in args.settings]
-    atomic_write_json(args.out, {"command": " ".join(sys.argv), "records": records}, sort_keys=False)
-    print(f"\nwritten {args.out}")
+    out = Path(args.out)
+    kept = json.loads(out.read_text())["records"] if out.is_file() else []  # other settings' earlier records stay
+    for name in args.settings:
+        record = run_setting(name, args)
+        record["command"] = " ".join(sys.argv)
+        kept = [r for r in kept if r["setting"] != name] + [record]
+        atomic_write_json(out, {"records": kept}, sort_keys=False)
+        print(f"written {out}", flush=True)
 
 
 if __name__ == "__main__":
