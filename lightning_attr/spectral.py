@@ -207,58 +207,67 @@ def _block_krylov(
 ) -> Eigenspace:
     """Block Lanczos, full re-orthonormalization, Rayleigh-Ritz over the space; see :func:`top_eigenspace`.
 
-    The space ``Q: [m, P]`` (float64) grows block by block. Its products ``G Q: [m, P]`` are kept (float32, as
-    the operator returns them), so ``T = Q^T G Q``, the Ritz pairs ``(sigma, y)`` and their residuals
-    ``G y - sigma y`` are exact without a further product. The next block is the ``block`` dominant directions
-    of the residuals of the top ``max(rank, block)`` Ritz pairs, re-orthonormalized against ``Q`` twice (CGS2).
-    From a Gaussian start this is the block Krylov space (in exact arithmetic every Ritz residual lies in the
-    span of the last block's residual); from a warm start of more than ``block`` rows it keeps the corrections
-    that matter most. Memory: ``12 m P`` bytes for a space of ``m <= products`` vectors.
+    The space ``Q: [m, P]`` (float64) grows block by block; its products ``I = G Q: [m, P]`` are kept (float32,
+    as the operator returns them), with ``T = Q I^T`` and ``M = I I^T`` (``[m, m]``, float64). The next block
+    is the ``block`` dominant directions of the residuals ``R = S^T I - Theta S^T Q`` of the top
+    ``max(rank, block)`` Ritz pairs ``(Theta, S)`` of ``T``, found from their Gram matrix
+    ``R R^T = S^T M S - Theta^2`` (so a step costs ``O(block m P)``, as plain block Lanczos), then
+    re-orthonormalized against ``Q`` twice (CGS2). From a Gaussian start this is the block Krylov space (in
+    exact arithmetic every Ritz residual lies in the span of the last block's residual); from a warm start of
+    more than ``block`` rows it keeps the corrections that matter most, and comes back to the ones it left.
+    Memory: ``12 m P`` bytes for a space of ``m <= products`` vectors.
     """
     start = torch.randn(width, dim, generator=generator, dtype=torch.float64)
     if initial is not None:
         seed = initial.detach().to("cpu", torch.float64)
         start = torch.cat([seed, start[: max(0, width - seed.shape[0])]])[:dim]
-    current = _orthonormalize_against(start.to(device), None, generator)
+    start = start.to(device)
+    current = _orthonormalize_against(start, None, generator, float(torch.linalg.vector_norm(start, dim=1).max()))
     space = current[:0]
-    images = space.float()  # G Q, [m, P]
-    small = torch.zeros(0, 0, dtype=torch.float64, device=device)  # T = Q^T G Q
+    images = space.float()  # I = G Q, [m, P]
+    small = torch.zeros(0, 0, dtype=torch.float64, device=device)  # T = Q I^T
+    gram = small.clone()  # M = I I^T
     while True:
         image = operator(current.float())
         space, images = torch.cat([space, current]), torch.cat([images, image])
-        size, old = space.shape[0], small.shape[0]
-        cross = space @ image.double().T  # [m, b]: the new columns of T
-        grown = torch.zeros(size, size, dtype=torch.float64, device=device)
-        grown[:old, :old], grown[:, old:], grown[old:, :old] = small, cross, cross[:old].T
-        small = grown
-        small[old:, old:] = (cross[old:] + cross[old:].T) / 2
+        small = _grow_symmetric(small, space @ image.double().T)
+        gram = _grow_symmetric(gram, images.double() @ image.double().T)
+        size = space.shape[0]
         values, vectors = _top_ritz_pairs(small, min(size, max(rank, width)))
-        ritz = vectors.T @ space
-        residuals = vectors.T @ images.double() - values[:, None] * ritz  # G y - sigma y
         room = min(width, dim - size, budget - size)  # the last block may be narrower
         if room < 1:
             break
-        current = _orthonormalize_against(residuals, space, generator, keep=room)
-    norms = torch.linalg.vector_norm(residuals[:rank], dim=1)
-    return Eigenspace(values[:rank].clamp_min(0).float(), ritz[:rank].float().contiguous(), size, norms.float().cpu(), "krylov", width)
+        # the `room` dominant directions of the Ritz residuals R (rows), from the eigenvectors of R R^T
+        residual_gram = vectors.T @ gram @ vectors - torch.diag(values**2)
+        directions = torch.linalg.eigh((residual_gram + residual_gram.T) / 2)[1][:, -room:].T  # [room, pairs]
+        mix = directions @ vectors.T  # [room, m]
+        rows = mix @ images.double() - (directions * values) @ vectors.T @ space
+        current = _orthonormalize_against(rows, space, generator, float(values[0].abs()))
+    ritz = vectors[:, :rank].T @ space  # [k, P], orthonormal: the rows of Q rotated
+    norms = torch.linalg.vector_norm(vectors[:, :rank].T @ images.double() - values[:rank, None] * ritz, dim=1)
+    return Eigenspace(values[:rank].clamp_min(0).float(), ritz.float().contiguous(), size, norms.float().cpu(), "krylov", width)
 
 
-def _orthonormalize_against(rows: Tensor, basis: Tensor | None, generator: torch.Generator | None, keep: int | None = None) -> Tensor:
+def _grow_symmetric(matrix: Tensor, columns: Tensor) -> Tensor:
+    """``[[A, B^T], [B, D]]`` from ``matrix = A: [m, m]`` and ``columns = [B^T; D]: [m + b, b]`` (``D`` symmetrized)."""
+    old, size = matrix.shape[0], columns.shape[0]
+    grown = torch.zeros(size, size, dtype=matrix.dtype, device=matrix.device)
+    grown[:old, :old], grown[:, old:], grown[old:, :old] = matrix, columns, columns[:old].T
+    grown[old:, old:] = (columns[old:] + columns[old:].T) / 2
+    return grown
+
+
+def _orthonormalize_against(rows: Tensor, basis: Tensor | None, generator: torch.Generator | None, scale: float) -> Tensor:
     """Orthonormal rows spanning ``rows: Tensor[C, P]`` (float64) minus their part in ``basis`` (orthonormal rows).
 
-    With ``keep``, only the ``keep`` dominant directions of what is left (largest singular values). Directions
-    that vanish in the projection (below ``_NEGLIGIBLE`` of the rows' norm: an invariant space was reached, e.g.
-    the null space of a GGN of rank below ``P``) are replaced by Gaussian rows, so the space keeps growing.
-    Projection and QR run twice (CGS2): rows that were nearly in ``basis`` still come out orthogonal to it.
+    Directions that vanish in the projection (below ``_NEGLIGIBLE * scale``, ``scale`` being the size of a
+    meaningful row: an invariant space was reached, e.g. the null space of a GGN of rank below ``P``) are
+    replaced by Gaussian rows, so the space keeps growing. Projection and QR run twice (CGS2): rows that were
+    nearly in ``basis`` still come out orthogonal to it.
     """
-    scale = float(torch.linalg.vector_norm(rows, dim=1).max()) if rows.numel() else 0.0
     rows = _project_out(_project_out(rows, basis), basis)
-    if keep is not None and rows.shape[0] > keep:
-        _, values, right = torch.linalg.svd(rows, full_matrices=False)
-        rows = values[:keep, None] * right[:keep]
-    weak = torch.linalg.vector_norm(rows, dim=1) <= _NEGLIGIBLE * scale
     q, r = torch.linalg.qr(rows.T)
-    weak |= torch.diagonal(r).abs() <= _NEGLIGIBLE * scale  # dependent on the rows before them
+    weak = torch.diagonal(r).abs() <= _NEGLIGIBLE * scale  # vanished, or dependent on the rows before them
     if bool(weak.any()):
         fresh = torch.randn(int(weak.sum()), rows.shape[1], generator=generator, dtype=rows.dtype).to(rows.device)
         rows = torch.cat([q.T[~weak], _project_out(fresh, basis)])
