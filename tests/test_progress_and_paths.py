@@ -57,7 +57,7 @@ def test_progress_is_logged_and_agrees_with_the_manifest(tmp_path, caplog, mode)
 
 def test_a_tqdm_bar_shows_the_total(tmp_path, capsys):
     """End mode's default propagation 'spectral': 32 trace probes + 163 eigenspace products (P = 163: the Krylov
-    space is all of R^P before its budget of 2 x rank is spent)."""
+    space is all of R^P before its budget of max(2k, k + 256) products is spent)."""
     x, y = blobs(64)
     cb = AttributionCallback(tmp_path / "r", horizon=4, mode="end", curvature_batch_size=32)
     trainer = L.Trainer(max_epochs=1, callbacks=[cb, TQDMProgressBar()], logger=False, enable_checkpointing=False,
