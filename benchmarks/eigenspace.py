@@ -148,7 +148,7 @@ def warm(args: argparse.Namespace, rows: list[dict]) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    keys = ["setting", "rank", "method", "start", "block", "products", "pearson", "lds", "lds_exact", "ritz_error_max", "ritz_error_median", "reach"]
+    keys = ["setting", "rank", "method", "start", "block", "products", "pearson", "lds", "lds_exact", "ritz_error_max", "ritz_error_median", "reach", "seconds"]
     lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"
