@@ -216,7 +216,8 @@ def _block_krylov(
     re-orthonormalized against ``Q`` twice (CGS2). From a Gaussian start this is the block Krylov space (in
     exact arithmetic every Ritz residual lies in the span of the last block's residual); from a warm start of
     more than ``block`` rows it keeps the corrections that matter most, and comes back to the ones it left.
-    Memory: ``12 m P`` bytes for a space of ``m <= products`` vectors.
+    Memory: ``12 m P`` bytes held for a space of ``m <= products`` vectors, ``20 m P`` at the peak of a step
+    (the products are read in float64); flops ``O(m^2 P)`` over the run besides the products.
     """
     start = torch.randn(width, dim, generator=generator, dtype=torch.float64)
     if initial is not None:

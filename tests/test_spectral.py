@@ -75,6 +75,10 @@ def test_truncated_eigen_codec_keeps_most_of_the_target(tmp_path):
     assert store.checkpoints == ["epoch=4", "final"]
     block = store.block("final")
     assert isinstance(block, EigenResponses) and block.coordinates.shape == (160, 24) and block.basis.shape == (24, 163)
+    # the finder's record: block Krylov, whose default budget max(2k, k + 256) stops at P = 163 (the whole space)
+    finder = store.checkpoint_info("final")["spectral"]
+    assert finder["eigen_method"] == "krylov" and finder["eigen_products"] == 163
+    assert finder["reach"] == pytest.approx(float(block.eigenvalues[-1]) / block.damping, rel=1e-2)  # bfloat16 store
     exact = exact_influence(model, x, y, xq, yq, block.damping)
     assert pearson(model.attribute((xq, yq), responses=cb.dirpath), exact) > 0.85  # measured 0.898 (bf16 store)
     ensemble = model.attribute((xq, yq), responses=cb.dirpath, checkpoints="all")
