@@ -696,7 +696,11 @@ class SettingBench:
             "end": {"mode": "end"},
             "ensemble": {"checkpoint_epochs": [round(epochs * k / 6) for k in (2, 3, 4, 5)]},
         }
-        for name in args.ours:
+        names = list(args.ours)
+        if getattr(args, "ours_options", None):
+            variants[args.ours_label] = json.loads(args.ours_options)
+            names.append(args.ours_label)
+        for name in names:
             for regime in ("example", "source"):
                 print(f"[{s.name}/{regime}] ours {name}: {variants[name] or 'the callback defaults'}", flush=True)
                 try:
@@ -867,6 +871,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peer-scores-only", action="store_true",
                    help="with --stages peers: compute and cache peers' scores without reporting (needs only the example subsets)")
     p.add_argument("--ours", nargs="*", default=["default", "end", "ensemble"], choices=["default", "end", "ensemble"])
+    p.add_argument("--ours-options", default=None, metavar="JSON", help="one more variant of ours: callback options over the defaults")
+    p.add_argument("--ours-label", default="options", help="its row is 'ours (<label>)'")
     p.add_argument("--merge", nargs="*", default=None, help="only merge these result JSONs (records of later files win) into --out")
     p.add_argument("--cache-dir", default="benchmarks/results/cache")
     p.add_argument("--import-peers", default=None,

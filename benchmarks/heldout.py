@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import SettingBench, ci95, current_commit, lds_on_first_queries, nanmean, run_ours  # noqa: E402
+from bench import SettingBench, ci95, lds_on_first_queries, nanmean, run_ours  # noqa: E402
 from convergence import HERE  # noqa: E402
 
 from lightning_attr._io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -73,10 +73,10 @@ class Results:
 
 
 def from_bench(records: list[dict], name: str, options: dict, source: str) -> dict | None:
-    """The row of ``name`` from a ``bench.py`` result (``records``) measured at this very commit: its example-regime
-    ours row with the same callback options (the same fit, model, queries and ground truth), or None."""
+    """The row of ``name`` from a ``bench.py`` result (``records``): its example-regime ours row with the same
+    callback options (the same fit, model, queries and ground truth; its commit is kept in the row), or None."""
     ours = [r for r in records if (r["setting"], r["regime"]) == (name, "example") and r["method"].startswith("ours")
-            and r["config"].get("options") == options and r["config"].get("commit") == current_commit()]  # fmt: skip
+            and r["config"].get("options") == options]  # fmt: skip
     if not ours:
         return None
     r, c = ours[0], ours[0]["config"]
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slow-peers", nargs="*", default=["IF-CG"], help="peers scored on the first --slow-queries reported queries")
     p.add_argument("--slow-queries", type=int, default=100)
     p.add_argument("--from-bench", default=None, metavar="JSON",
-                   help="a bench.py result of this commit: its ours rows with the same options are taken, not refitted")
+                   help="a bench.py result of the same code: its ours rows with the same options are taken, not refitted")
     p.add_argument("--build-ggn", action="store_true", help="build the explicit GGN where it is not cached (minutes, P^2 floats)")
     p.add_argument("--single-repeats", type=int, default=20)
     p.add_argument("--batched-repeats", type=int, default=3)
