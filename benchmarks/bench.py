@@ -411,6 +411,7 @@ class SettingBench:
         self._exact: ExactInfluence | None = None
         self._trak1: DattriTRAK | None = None
         self._exact_recorded: set[float] = set()
+        self.on_record: Callable[[], None] = lambda: None  # called after each row of ours (main: write the outputs)
 
     def make(self, seed: int) -> nn.Module:
         return make_net(self.setting, self.data, seed)
@@ -701,7 +702,7 @@ class SettingBench:
             variants[args.ours_label] = json.loads(args.ours_options)
             names.append(args.ours_label)
         for name in names:
-            for regime in ("example", "source"):
+            for regime in getattr(args, "ours_regimes", ("example", "source")):
                 print(f"[{s.name}/{regime}] ours {name}: {variants[name] or 'the callback defaults'}", flush=True)
                 try:
                     r, damping = run_ours(self, regime, variants[name], name)
@@ -713,6 +714,7 @@ class SettingBench:
                     self.record_exact(damping)
                     pearson = self.pearson_to_exact(r, damping, regime)
                 self.record(regime, r, pearson)
+                self.on_record()  # written at once: a later fit that fails or is stopped loses nothing
 
     def record_exact(self, damping: float) -> None:
         """The exact target's rows (both regimes) at ``damping``, once per damping."""
@@ -873,6 +875,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ours", nargs="*", default=["default", "end", "ensemble"], choices=["default", "end", "ensemble"])
     p.add_argument("--ours-options", default=None, metavar="JSON", help="one more variant of ours: callback options over the defaults")
     p.add_argument("--ours-label", default="options", help="its row is 'ours (<label>)'")
+    p.add_argument("--ours-regimes", nargs="+", default=["example", "source"], choices=["example", "source"])
     p.add_argument("--merge", nargs="*", default=None, help="only merge these result JSONs (records of later files win) into --out")
     p.add_argument("--cache-dir", default="benchmarks/results/cache")
     p.add_argument("--import-peers", default=None,
@@ -921,6 +924,7 @@ def main(argv: list[str] | None = None) -> None:
             bench.peers(compute="peers" in args.stages)
             write_outputs(out, records + bench.records)
         if "ours" in args.stages:
+            bench.on_record = lambda: write_outputs(out, records + bench.records)
             bench.ours()
         records += bench.records + imported_peers(args.import_peers, name, bench)
         write_outputs(out, records)
