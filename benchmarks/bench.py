@@ -146,6 +146,9 @@ def current_commit() -> str:
     return head + ("+uncommitted changes" if dirty else "")
 
 
+CODE_COMMIT = current_commit()  # the code this process loaded (a commit made while it runs does not change what it runs)
+
+
 def load_average() -> tuple[float, ...]:
     """The 1, 5 and 15 minute load averages (empty where /proc is absent): the machine is shared."""
     try:
@@ -780,7 +783,7 @@ def run_ours(bench: SettingBench, regime: str, options: dict | None = None, labe
         "plain_fit_s_separate_runs": round(bench.plain_fit_s, 3),
         "step_rule": rule, "curvature_products": info.get("curvature_products"), "n_shortfall": info.get("n_shortfall"),
         **(paired or {}),
-        "commit": current_commit(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_average": load_average(),
+        "commit": CODE_COMMIT, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_average": load_average(),
         "callback": {k: v for k, v in vars(cb).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None), list))},
     }  # fmt: skip
     n_ckpts = len(store.checkpoints)
