@@ -204,7 +204,6 @@ class SimulationEngine:
         self._pending: dict[str, _Pending] = {}
         self._restored: dict[str, Any] = {}
         self._codec_entries: dict[str, dict] = {}  # checkpoint -> manifest fields of codec "lorif"
-        self._eigenvectors: Tensor | None = None  # propagation "spectral": the last checkpoint's, for a warm start
 
     # ------------------------------------------------------------------ shared
     def propagation(self) -> str:
@@ -354,8 +353,7 @@ class SimulationEngine:
 
     def _deflated_inverse(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> DeflatedInverse:
         """``propagation="spectral"``: the damping (Hutchinson trace) and the top-``rank`` eigenspace of the GGN over
-        the whole training set at ``theta`` (warm-started from this engine's previous checkpoint's), as a
-        :class:`DeflatedInverse`."""
+        the whole training set at ``theta``, as a :class:`DeflatedInverse`."""
         s = self.settings
         curvature = self.finite(model, theta, [d for d, _ in data.in_order(s.curvature_batch_size)])
         if not curvature:
@@ -366,9 +364,10 @@ class SimulationEngine:
         generator = torch.Generator().manual_seed(s.seed)
         spectrum = estimate_spectrum(operator, self.dim, probes=_TRACE_PROBES, power_iterations=0, generator=generator, device=theta.device)
         damping = resolve_damping(s.damping, s.damping_scale, spectrum.mean_eigenvalue)
-        # warm start: the previous checkpoint's eigenvectors (the same fit a few epochs earlier) span the first block
-        space = top_eigenspace(operator, self.dim, rank, initial=self._eigenvectors, generator=generator, device=theta.device)
-        self._eigenvectors = space.vectors
+        # Cold, also for a later checkpoint: warm-started from the previous checkpoint's eigenvectors (initial=), a small
+        # CNN (rank 64 of P = 363, 5 epochs on) reached Pearson 0.94 to the exact target at the same budget and 0.88
+        # at rank + 128 products, against 0.97 cold; on the digits MLP (6 epochs on) it changed nothing at 512.
+        space = top_eigenspace(operator, self.dim, rank, generator=generator, device=theta.device)
         if progress is not None:
             progress.close()
         inverse = DeflatedInverse.from_trace(space, damping, spectrum.mean_eigenvalue * self.dim, self.dim)

@@ -78,3 +78,20 @@ def test_a_short_eigenspace_warns_and_stays_close(tmp_path):
     assert rule["rank"] == 10 and rule["complement_ratio"] > 1
     exact = exact_influence(model, x, y, xq, yq, rule["damping"])
     assert 0.6 <= pearson(model.attribute((xq, yq), responses=cb.dirpath), exact) <= 0.95
+
+
+def test_every_checkpoint_matches_the_explicit_matrix(tmp_path):
+    """checkpoint_epochs: each checkpoint finds its own eigenspace (rank 128 of P = 363: a budget of
+    min(P, rank + 256) = P products spans everything) and matches the explicit matrix at the final weights."""
+    from test_exactness import small_cnn
+
+    x, y = blobs(n=160, d=16, classes=3)
+    xq, yq = blobs(n=24, d=16, classes=3, seed=1)
+    model = small_cnn(16, 3)  # P = 363
+    cb = AttributionCallback(tmp_path / "r", rank=128, checkpoint_epochs=[10])
+    fit(model, x, y, [cb], epochs=15)
+    store = ResponseStore.load(cb.dirpath)
+    first, final = (store.checkpoint_info(name)["step_rule"] for name in ("epoch=10", "final"))
+    assert first["eigenspace_products"] == final["eigenspace_products"] == 363
+    exact = exact_influence(model, x, y, xq, yq, final["damping"])
+    assert pearson(model.attribute((xq, yq), responses=cb.dirpath, checkpoints="final"), exact) >= 0.99
