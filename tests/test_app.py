@@ -247,7 +247,8 @@ def test_the_callbacks_hints_come_in_command_line_form(tmp_path):
         "(callbacks.attribution.horizon=100)")
     # a fit the callback refuses (online mode cannot know when an endless fit ends)
     with initialize_config_module(config_module="lightning_attr.conf", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*SMALL, "trainer.max_epochs=-1", f"output_dir={tmp_path}"])
+        cfg = compose(config_name="train", overrides=[*SMALL, "trainer.max_epochs=-1", "callbacks.attribution.mode=online",
+                                                      f"output_dir={tmp_path}"])
     with pytest.raises(UsageError, match="or use callbacks.attribution.mode=end"):
         run_train(cfg)
 
