@@ -80,7 +80,7 @@ class AttributionCallback(Callback):
             the GGN, else ``"heavy_ball"`` (``"chebyshev"`` in end mode with the Hessian and ``curvature_batch_size >= n``);
             what was used is recorded in each checkpoint's ``step_rule``. ``"spectral"`` (end mode, GGN;
             :mod:`lightning_attr.deflated`): the damped inverse applied exactly in the top-``rank`` eigenspace of the
-            full-data GGN (randomized range finder, the training set in batches of ``curvature_batch_size``) and by
+            full-data GGN (block Krylov, the training set in batches of ``curvature_batch_size``) and by
             ``1/(mu + damping)`` outside it (``mu`` its mean eigenvalue there); its cost does not grow with the number of
             sources and ``horizon`` does not apply; a warning says when the ``rank``-th eigenvalue exceeds the damping
             (raise ``rank``). The step rules (:mod:`lightning_attr.simulation`, ``horizon`` products per source):

@@ -60,7 +60,7 @@ class DeflatedInverse:
     @property
     def complement_ratio(self) -> float:
         """``sigma_k / lam``: the largest curvature the complement may hold, relative to the damping."""
-        return float(self.eigenspace.eigenvalues[-1]) / self.damping
+        return self.eigenspace.reach(self.damping)
 
     def apply(self, gradients: Tensor) -> Tensor:
         """``Tensor[C, P]`` -> ``Tensor[C, P]``: the rows of ``gradients`` times the approximate inverse

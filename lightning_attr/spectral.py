@@ -81,6 +81,7 @@ class Eigenspace:
 
 
 METHODS = ("krylov", "subspace")
+TRACE_PROBES = 32  # Hutchinson probes of trace(G), for damping="auto" (and the spectral inverse's complement)
 # measured on the bench's GGNs (docs/propagation.md, "Finding the top-k eigenspace"): in blocks of 32, k + 256
 # products matched the Pearson of exact eigenpairs at k = 128 and 256 on all four settings (k + 128 fell short)
 DEFAULT_KRYLOV_BLOCK = 32
@@ -379,7 +380,7 @@ def eigen_responses(
     """
     dim = theta.numel()
     operator = curvature_operator("ggn", model, theta, curvature_batches, chunk_size)
-    probes = 32 if damping == "auto" else 0
+    probes = TRACE_PROBES if damping == "auto" else 0
     mean_eigenvalue = float("nan")
     if probes:
         mean_eigenvalue = estimate_spectrum(operator, dim, probes=probes, power_iterations=0, generator=generator, device=theta.device).mean_eigenvalue
