@@ -407,6 +407,14 @@ class AttributionCallback(Callback):
         )
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._engine is not None and not self._online:
+            written = self._store.checkpoints if self._store is not None else []
+            rank_zero_warn(
+                f"The fit stopped ({type(exception).__name__} at global step {trainer.global_step}) before the end-mode "
+                f"simulation at the final weights: no 'final' checkpoint was written; the store in {self.dirpath} keeps "
+                f"the checkpoints it listed before ({written or 'none'}), which describe earlier weights. Re-run the fit."
+            )
+            return
         if self._engine is None or not self._engine.live():
             return
         stopped_by = f"{type(exception).__name__} at global step {trainer.global_step}"

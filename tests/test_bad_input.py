@@ -145,6 +145,16 @@ def test_crash_writes_what_is_live_and_records_the_shortfall(tmp_path):
     assert int(stats["shortfall"].max()) <= 50
 
 
+def test_a_crash_before_the_end_mode_simulation_says_what_is_missing(tmp_path):
+    """End mode (the default): a fit that fails mid-way never reaches the simulation at the final weights; the
+    store keeps the checkpoint listed before the failure, and the warning says 'final' is missing."""
+    x, y = blobs(n=64)
+    cb = AttributionCallback(tmp_path / "r", checkpoint_epochs=[1])
+    with pytest.warns(UserWarning, match=r"no 'final' checkpoint was written.*\['epoch=1'\]"), pytest.raises(RuntimeError, match="simulated crash"):
+        fit(small_mlp(6, 3), x, y, [cb, _Interrupt()], epochs=4, batch_size=16)
+    assert ResponseStore.load(cb.dirpath).checkpoints == ["epoch=1"]
+
+
 # ---------------------------------------------------------------------------------------------- queries
 @pytest.fixture(scope="module")
 def trained_store(tmp_path_factory):
