@@ -215,6 +215,7 @@ class AttributionCallback(Callback):
             self.settings, self._source_map, self._space, self.dirpath,
             SourcePartition(trainer.global_rank, trainer.world_size),
             progress=lambda name, total: SimulationProgress(trainer, f"attribution ({name})", total), warn=rank_zero_warn,
+            reduce_sum=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
         )  # fmt: skip
         if self._restored is not None:
             self._engine.products, self._engine.seconds = self._restored["products"], self._restored["seconds"]

@@ -101,6 +101,26 @@ def curvature_operator(
     return apply
 
 
+def shared_operator(
+    local: CurvatureOperator | None, count: int, total: int, reduce_sum: Callable[[Tensor], Tensor]
+) -> CurvatureOperator:
+    """The curvature of the mean loss over a training set split across processes.
+
+    Every process calls it with the same block, in the same order (it is a collective).
+
+    Args:
+        local: the curvature over this process's ``count`` examples (None when it holds none).
+        total: the examples of all processes together.
+        reduce_sum: sums a tensor over the processes and returns the sum on every process.
+    """
+
+    def apply(block: Tensor) -> Tensor:
+        part = local(block).mul_(count / total) if local is not None else torch.zeros_like(block)
+        return reduce_sum(part)
+
+    return apply
+
+
 @dataclass(frozen=True)
 class Spectrum:
     """Estimates of the curvature spectrum. Units: loss per squared parameter unit.

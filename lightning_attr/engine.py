@@ -46,7 +46,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
-from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator, estimate_spectrum
+from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator, estimate_spectrum, shared_operator
 from lightning_attr.deflated import COMPLEMENT_WARNING_RATIO, DeflatedInverse
 from lightning_attr.functional import FunctionalModel, to_float32
 from lightning_attr.parameters import ParameterSpace
@@ -67,6 +67,7 @@ from lightning_attr.spectral import TRACE_PROBES, eigen_responses, eigenspace_pr
 from lightning_attr.store import ResponseStore, ShardWriter, write_part
 
 CurvatureFactory = Callable[[FunctionalModel, Tensor, Sequence[Any]], CurvatureOperator]
+_NO_FINITE_EXAMPLE = "Every training example has a non-finite loss; cannot compute the curvature."
 DIVERGED = (
     "The training loss diverged: every example's loss was non-finite at global step {step} (a learning rate "
     "too high, or NaN/inf in the data). Fix the training first: attribution explains a trained model."
@@ -171,6 +172,9 @@ class SimulationEngine:
         partition: the sources this process simulates.
         curvature: the curvature operator factory (default: ``settings.curvature`` of :mod:`curvature`).
         progress: ``(name, total products) -> object with advance(int) and close()``, or None.
+        reduce_sum: sums a tensor over the processes (the strategy's all-reduce). Given with several processes,
+            they share the full-data curvature products of ``propagation="spectral"``: each computes them over its
+            own block of the training set (all processes must then simulate the same checkpoints, in order).
         warn: how warnings are given (``warnings.warn``; the callback passes rank zero's).
     """
 
@@ -184,13 +188,14 @@ class SimulationEngine:
         *,
         curvature: CurvatureFactory | None = None,
         progress: Callable[[str, int], Any] | None = None,
+        reduce_sum: Callable[[Tensor], Tensor] | None = None,
         warn: Callable[[str], None] = warnings.warn,
     ) -> None:
         self.settings, self.source_map, self.space, self.store_path = settings, source_map, space, store_path
         self.dim = space.size
         self.partition = partition
         self.curvature = curvature or partial(curvature_operator, settings.curvature, chunk_size=settings.chunk_size)
-        self._progress, self._warn = progress, warn
+        self._progress, self._warn, self._reduce_sum = progress, warn, reduce_sum
         self.owned = partition.owned(source_map.num_sources)
         self.windows: list[Window] = []
         self.products = 0
@@ -243,8 +248,25 @@ class SimulationEngine:
         raises when no example is finite."""
         curvature = self.finite(model, theta, [d for d, _ in batches])
         if not curvature:
-            raise RuntimeError("Every training example has a non-finite loss; cannot compute the curvature.")
+            raise RuntimeError(_NO_FINITE_EXAMPLE)
         return curvature
+
+    def _full_data_operator(self, model: FunctionalModel, theta: Tensor, data: TrainingData) -> tuple[CurvatureOperator, bool]:
+        """The curvature over the whole training set at ``theta``, and whether this process tallies its products.
+
+        On several processes (with ``reduce_sum``) each takes its block of the examples and the products are
+        summed across them: the work is split and rank zero counts each product once."""
+        s = self.settings
+        if self.partition.world_size == 1 or self._reduce_sum is None:
+            batches = self._full_curvature(model, theta, data.in_order(s.curvature_batch_size))
+            return self.curvature(model, theta, batches), True
+        mine = self.finite(model, theta, [d for d, _ in data.in_order(s.curvature_batch_size, self.partition.mask(len(data)))])
+        count = sum(batch_size_of(b) for b in mine)
+        total = int(self._reduce_sum(torch.tensor([float(count)], device=theta.device)).item())
+        if total == 0:
+            raise RuntimeError(_NO_FINITE_EXAMPLE)
+        local = self.curvature(model, theta, mine) if mine else None
+        return shared_operator(local, count, total, self._reduce_sum), self.partition.rank == 0
 
     def replay(self, model: FunctionalModel, theta: Tensor, data: TrainingData, count: int, step: int) -> list[Any]:
         """``count`` shuffled training batches of ``curvature_batch_size`` (generator ``seed + 1``, finite examples
@@ -362,10 +384,10 @@ class SimulationEngine:
         """``propagation="spectral"``: the damping (Hutchinson trace) and the top-``rank`` eigenspace of the GGN over
         the whole training set at ``theta``, as a :class:`DeflatedInverse`."""
         s = self.settings
-        curvature = self._full_curvature(model, theta, data.in_order(s.curvature_batch_size))
+        curvature, tally = self._full_data_operator(model, theta, data)
         rank = min(s.rank, self.dim)
         progress = self._new_progress(name, total=TRACE_PROBES + eigenspace_products(self.dim, rank))
-        operator = _Counting(self.curvature(model, theta, curvature), self, progress)
+        operator = _Counting(curvature, self, progress, tally)
         generator = torch.Generator().manual_seed(s.seed)
         spectrum = estimate_spectrum(operator, self.dim, probes=TRACE_PROBES, power_iterations=0, generator=generator, device=theta.device)
         damping = resolve_damping(s.damping, s.damping_scale, spectrum.mean_eigenvalue)
@@ -557,11 +579,14 @@ class SimulationEngine:
 class _Counting:
     """A curvature operator that counts its products into the engine (and its progress bar)."""
 
-    def __init__(self, operator: CurvatureOperator, engine: SimulationEngine, progress: Any) -> None:
-        self.operator, self.engine, self.progress = operator, engine, progress
+    def __init__(self, operator: CurvatureOperator, engine: SimulationEngine, progress: Any, tally: bool = True) -> None:
+        self.operator, self.engine, self.progress, self.tally = operator, engine, progress, tally
 
     def __call__(self, block: Tensor) -> Tensor:
-        self.engine._count(self.progress, block.shape[0])
+        if self.tally:
+            self.engine._count(self.progress, block.shape[0])
+        elif self.progress is not None:
+            self.progress.advance(block.shape[0])
         return self.operator(block)
 
 

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from lightning_attr import AttributionMixin, IndexedDataset
 from lightning_attr.attributor import Attributor
-from lightning_attr.curvature import curvature_operator
+from lightning_attr.curvature import curvature_operator, shared_operator
 from lightning_attr.engine import SimulationEngine, SourcePartition, TrainingData
 from lightning_attr.functional import functional_view
 from lightning_attr.models import mlp
@@ -83,6 +83,26 @@ def test_engine_on_a_bare_module_writes_the_exact_damped_influence(tmp_path, pro
     exact = exact_influence(model, x, y, xq, yq, damping)
     assert pearson(ours, exact) >= 0.99
     assert abs(float((ours * exact).sum() / (exact * exact).sum()) - 1) <= 0.05  # least-squares slope
+
+
+def test_the_curvature_shared_by_processes_is_the_full_data_curvature():
+    """``shared_operator`` (propagation="spectral" on several processes): each process's curvature over its own
+    block of examples (unequal blocks, one process with none), weighted by its share; the strategy's sum over the
+    processes (here: adding the parts) is the curvature over all the examples."""
+    x, y = blobs(n=90, d=6, classes=3)
+    model = Net()
+    space = ParameterSpace.of(model)
+    block = torch.randn(5, space.size, generator=torch.Generator().manual_seed(0))
+    with functional_view(model, space) as (functional, theta):
+        full = curvature_operator("ggn", functional, theta, [(x[:64], y[:64]), (x[64:], y[64:])])(block)
+        blocks = [(x[:70], y[:70]), (x[70:], y[70:]), None]  # 70, 20 and 0 examples
+        counts = [70, 20, 0]
+        parts = [
+            shared_operator(curvature_operator("ggn", functional, theta, [b]) if b else None, c, 90, lambda t: t)(block)
+            for b, c in zip(blocks, counts)
+        ]
+    torch.testing.assert_close(sum(parts), full, rtol=1e-5, atol=1e-7 * float(full.abs().max()))
+    assert not bool(parts[2].any())
 
 
 def test_the_engine_and_what_it_uses_do_not_import_lightning():
