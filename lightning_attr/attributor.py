@@ -13,13 +13,21 @@ Several members are an **ensemble** (METHOD.md): each member is read out at its 
 (paired), normalized per query by its std over sources, and the normalized scores are averaged.
 The mean is put back on the per-query scale of one reference member (the first read out at the module's
 live weights, else the first store's last), so scores keep the units of the measurement.
+
+``ensemble="collapsed"`` folds the selected checkpoints of each store into ONE response per source before any
+query (:func:`collapse_responses`): ``sum_e R_e / c_e`` (``c_e``: the Frobenius norm of member ``e``'s responses
+centred over sources), rescaled to the centred norm of the latest one and read out at that member's parameters.
+A query then costs one member's readout whatever the number of checkpoints; the members are no longer read at
+their own parameters (measured in ``benchmarks/ensembles.py``). Several stores are still paired: each store's
+collapsed member is read at its own parameters and the stores are averaged as above.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -30,7 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from lightning_attr.batch_format import check_batch
 from lightning_attr.functional import FunctionalModel, functional_view, to_float32
 from lightning_attr.parameters import ParameterSpace
-from lightning_attr.codecs import AnyBlock
+from lightning_attr.codecs import AnyBlock, DenseResponses
 from lightning_attr.readout import auto_chunk_size, check_readout
 from lightning_attr.sources import split_batch
 from lightning_attr.store import ResponseStore, StoreError, check_store_path, manifest_stamp
@@ -41,6 +49,7 @@ Checkpoints = Union[str, Sequence[str]]
 _KEPT_ATTRIBUTORS = 4  # per module: stores held in memory for the last few `responses` arguments
 _KEPT_CHUNK_SIZES = 16  # per attributor: auto chunk sizes of the last few query-batch shapes
 DEFAULT_MEMORY_BUDGET_MB = 1024.0  # dense members above this many MB of responses are streamed from disk
+ENSEMBLES = ("paired", "collapsed")  # how the checkpoints of one store are combined (module docstring)
 
 
 @dataclass
@@ -132,6 +141,7 @@ class Attributor:
         checkpoints: Checkpoints = "all",
         chunk_size: int | None = None,
         strict: bool = True,
+        ensemble: str = "paired",
     ) -> Tensor:
         """``Tensor[B, S]`` float32: predicted rise of each query's measurement if the source were removed.
 
@@ -145,23 +155,33 @@ class Attributor:
             strict: one store: refuse a module whose weights are not the ones its last checkpoint was
                 simulated at. Several stores: check every member's parameter snapshot against the digest its
                 manifest recorded (the module's weights are then used only for a member simulated at them).
+            ensemble: ``"paired"``: every selected checkpoint is a member read out at its own parameters;
+                ``"collapsed"``: the selected checkpoints of each store are folded into one response per source
+                (:func:`collapse_responses`, dense checkpoints held in memory only), read out at the latest one's
+                parameters: one readout per store and query.
 
         Sources invalid or incomplete (never injected, propagated short) in any member score NaN, with a warning.
         """
         check_readout(readout)
+        if ensemble not in ENSEMBLES:
+            raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}.")
         stores = self.stores()
         check_batch(batch, stores[0].batch_format())
         with functional_view(self.module, _cached_space(self.module)) as (model, theta):
             live_digest = self._check(stores, model.space, theta, strict)
             batch = _query_batch(batch, theta.device)
             names = [_checkpoint_names(store, checkpoints) for store in stores]
-            ensemble = sum(map(len, names)) > 1
+            several = sum(map(len, names)) > 1
             if chunk_size is None:
                 chunk_size = self._auto_chunk_size(model, theta, batch, stores[0].n_sources)
             per_member, live = [], []
             for i, store in enumerate(stores):
-                for name in names[i]:
-                    member = self._member(i, store, name, theta.device, strict, ensemble)
+                if ensemble == "collapsed" and len(names[i]) > 1:
+                    latest = max(names[i], key=store.checkpoints.index)
+                    members = [(latest, self._collapsed(i, store, names[i], theta.device, strict))]
+                else:
+                    members = [(name, self._member(i, store, name, theta.device, strict, several)) for name in names[i]]
+                for name, member in members:
                     _warn_incomplete(member)
                     at = self._read_at(store, name, member, theta, live_digest, strict)
                     live.append(at is theta)
@@ -251,15 +271,102 @@ class Attributor:
                 "with this version of lightning_attr (it writes one per checkpoint), or attribute with that "
                 "store alone at the model's own weights."
             )
-        if strict and len(self._stores) > 1 and (i, name) not in self._verified:
-            if store.space.digest(member.theta) != entry["weights_digest"]:
+        if strict and len(self._stores) > 1:
+            self._verify_snapshot(i, store, name, member)
+        return member
+
+    def _verify_snapshot(self, i: int, store: ResponseStore, name: str, member: _Member) -> None:
+        """Checks (once) that the parameter snapshot of checkpoint ``name`` of store ``i`` (``member.theta``) hashes
+        to the weights digest its manifest recorded."""
+        if (i, name) not in self._verified:
+            if store.space.digest(member.theta) != member.entry["weights_digest"]:
                 raise StoreError(
                     f"The parameter snapshot of checkpoint {name!r} in {store.path} does not match the weights "
                     "digest its manifest recorded: the file was replaced or damaged. Re-run that simulation, or "
                     "pass strict=False to read it out anyway."
                 )
             self._verified.add((i, name))
+
+
+    def _collapsed(self, i: int, store: ResponseStore, names: list[str], device: torch.device, strict: bool) -> _Member:
+        """Checkpoints ``names`` of store ``i`` folded into one member (:func:`collapse_responses`) at the parameters
+        of the latest of them; built once (again only when one of them was rewritten) from the members' shards, one
+        shard in memory at a time: only the folded ``S x P`` is held."""
+        latest = max(names, key=store.checkpoints.index)
+        entries = {name: store.checkpoint_info(name) for name in names}
+        entry = {**entries[latest], "collapsed": entries}
+        key = (i, tuple(names), "collapsed", str(device))
+        member = self._members.get(key)
+        if member is None or member.entry != entry:
+            for name in names:
+                if store.codec(name) != "dense":
+                    raise StoreError(
+                        f"ensemble='collapsed' folds dense responses; checkpoint {name!r} of {store.path} holds codec "
+                        f"{store.codec(name)!r}. Use ensemble='paired'."
+                    )
+            if store.n_sources * store.space.size * 4 > self.memory_budget_mb * 2**20:
+                raise StoreError(
+                    f"ensemble='collapsed' holds one S x P response block ({store.n_sources} x {store.space.size} "
+                    f"float32), more than memory_budget_mb={self.memory_budget_mb:g}. Raise memory_budget_mb or use "
+                    "ensemble='paired' (streams each checkpoint from disk)."
+                )
+            valid = torch.stack([store.scorable(name) for name in names]).all(dim=0).to(device)
+            ordered = [n for n in names if n != latest] + [latest]
+            shards = [partial(_shards_on, store.iter_responses, name, device) for name in ordered]
+            member = _Member(
+                entry=entry,
+                theta=store.theta(latest).to(device) if "params_file" in entries[latest] else None,
+                responses=DenseResponses(collapse_responses(shards, valid, store.space.size)),
+                valid=valid,
+                incomplete=next((r for r in map(store.incomplete_reason, names) if r is not None), None),
+            )
+            self._members[key] = member
+            self._verified.discard((i, latest))
+        if strict and len(self._stores) > 1 and member.theta is not None:  # no snapshot: _read_at says what to do
+            self._verify_snapshot(i, store, latest, member)
         return member
+
+
+Shards = Callable[[], Iterable[tuple[Tensor, Tensor]]]
+
+
+def collapse_responses(members: Sequence[Shards], valid: Tensor, dim: int) -> Tensor:
+    """The collapsed ensemble of ``E`` checkpoints of one run: ``Tensor[S, P]`` float32, ``sum_e R_e / c_e`` rescaled
+    so that its norm centred over sources equals the last member's ``c_E`` (units: parameters per source removed).
+
+    Args:
+        members: per checkpoint, a function returning its shards ``(sources: LongTensor[S_shard], rows:
+            Tensor[S_shard, P])`` (every source once, :meth:`ResponseStore.iter_responses`); the last one is the
+            checkpoint whose parameters the result is read out at. Each is read twice, one shard at a time.
+        valid: ``Tensor[S]`` bool, the sources scorable in every member; the others are NaN rows and count in no norm.
+        dim: ``P``.
+
+    ``c_e``: the Frobenius norm of ``R_e``'s valid rows minus their mean over sources, a query-free stand-in for the
+    per-query std over sources that the paired ensemble divides each member's scores by.
+    """
+    norms = [_centred_norm(shards(), valid) for shards in members]
+    out = torch.zeros(valid.numel(), dim, device=valid.device)
+    for shards, norm in zip(members, norms):
+        for sources, rows in shards():
+            out[sources] += rows.nan_to_num(0.0) / norm
+    out.mul_(norms[-1] / _centred_norm([(torch.arange(valid.numel(), device=valid.device), out)], valid))
+    out[~valid] = float("nan")
+    return out
+
+
+def _centred_norm(shards: Iterable[tuple[Tensor, Tensor]], valid: Tensor) -> float:
+    """Frobenius norm of the valid rows of ``shards`` minus their mean row (float64 sums), at least 1e-30."""
+    total, squares = 0.0, 0.0
+    for sources, rows in shards:
+        kept = rows[valid[sources]].double()
+        total, squares = total + kept.sum(dim=0), squares + float(kept.square().sum())
+    count = max(1, int(valid.sum()))
+    return max(1e-30, max(0.0, squares - float(torch.as_tensor(total).square().sum()) / count) ** 0.5)
+
+
+def _shards_on(shards: Callable[[str], Iterable[tuple[Tensor, Tensor]]], name: str, device: torch.device):
+    """The shards of checkpoint ``name`` with sources and rows on ``device``."""
+    return ((sources.to(device), rows.to(device)) for sources, rows in shards(name))
 
 
 def _warn_incomplete(member: _Member) -> None:

@@ -90,6 +90,7 @@ class AttributionMixin:
         chunk_size: int | None = None,
         strict: bool = True,
         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+        ensemble: str = "paired",
     ) -> Tensor | TopKAttribution:
         """Scores a query batch against every source, with forward passes only.
 
@@ -115,6 +116,10 @@ class AttributionMixin:
                 ones. Several stores: check each member's parameter snapshot against its manifest.
             memory_budget_mb: a checkpoint's dense responses larger than this are streamed from disk shard by
                 shard at every query (``S x P`` is never held) instead of being kept in memory.
+            ensemble: ``"paired"`` (above) or ``"collapsed"``: the selected checkpoints of each store folded into
+                one response per source, read out at the latest one's parameters, so that a query costs one
+                checkpoint's readout (:func:`~lightning_attr.attributor.collapse_responses`; dense checkpoints
+                within ``memory_budget_mb``). It gives up reading each checkpoint at its own parameters.
 
         Returns:
             ``Tensor[B, S]`` (float32): predicted rise of each query's measurement (default: its loss)
@@ -123,7 +128,9 @@ class AttributionMixin:
             for the last two. Or a :class:`TopKAttribution` if ``top_k``.
         """
         attributor = cached_attributor(self, responses, memory_budget_mb)
-        scores = attributor.scores(batch, readout=readout, checkpoints=checkpoints, chunk_size=chunk_size, strict=strict)
+        scores = attributor.scores(
+            batch, readout=readout, checkpoints=checkpoints, chunk_size=chunk_size, strict=strict, ensemble=ensemble
+        )
         return scores if top_k is None else select_top_k(scores, top_k, attributor.source_ids)
 
     def self_influence(

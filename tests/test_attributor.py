@@ -166,3 +166,68 @@ def test_a_replaced_snapshot_is_refused_when_strict(runs, tmp_path):
     with pytest.raises(StoreError, match="does not match the weights digest"):
         model.attribute((xq, yq), responses=[path0, target])
     assert model.attribute((xq, yq), responses=[path0, target], strict=False).isfinite().all()
+
+
+def _collapsed_by_hand(module, store, names, batch):
+    """``sum_e R_e / ||R_e - mean||_F``, rescaled to the last member's centred norm, read out at its parameters."""
+    centred = lambda r: (r - r.mean(dim=0)).norm()  # noqa: E731
+    folded = sum(store.responses(n) / centred(store.responses(n)) for n in names)
+    folded = folded * centred(store.responses(names[-1])) / centred(folded)
+    with functional_view(module, ParameterSpace.of(module)) as (model, _):
+        return score_sources(model, store.theta(names[-1]), folded, batch)
+
+
+def test_the_collapsed_ensemble_is_one_folded_response_read_at_the_latest_weights(runs):
+    (model, path), _ = runs[0]
+    xq, yq = runs[1]
+    store = ResponseStore.load(path)
+    expected = _collapsed_by_hand(model, store, ["epoch=2", "final"], (xq, yq))
+    got = model.attribute((xq, yq), responses=path, ensemble="collapsed")
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(got, model.attribute((xq, yq), responses=path, checkpoints="last"), rtol=1e-2)
+    # one checkpoint: nothing to fold
+    torch.testing.assert_close(
+        model.attribute((xq, yq), responses=path, checkpoints="last", ensemble="collapsed"),
+        model.attribute((xq, yq), responses=path, checkpoints="last"),
+    )
+
+
+def test_collapsed_runs_are_paired_with_each_other(runs):
+    (model0, path0), (model1, path1) = runs[0]
+    xq, yq = runs[1]
+    per_run = [_collapsed_by_hand(model0, ResponseStore.load(p), ["epoch=2", "final"], (xq, yq)) for p in (path0, path1)]
+    unit = [s / s.std(dim=1, keepdim=True) for s in per_run]
+    mean = torch.stack(unit).mean(0)
+    expected = mean / mean.std(dim=1, keepdim=True) * per_run[0].std(dim=1, keepdim=True)
+    got = model0.attribute((xq, yq), responses=[path0, path1], ensemble="collapsed")
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_a_collapsed_ensemble_refuses_what_it_cannot_fold(runs, tmp_path):
+    (model, path), _ = runs[0]
+    xq, yq = runs[1]
+    with pytest.raises(ValueError, match="ensemble must be one of"):
+        model.attribute((xq, yq), responses=path, ensemble="mean")
+    with pytest.raises(StoreError, match="more than memory_budget_mb.*ensemble='paired'"):
+        model.attribute((xq, yq), responses=path, ensemble="collapsed", memory_budget_mb=1e-4)
+    x, y = blobs(n=64, d=6, classes=3)
+    cb = AttributionCallback(tmp_path / "eigen", codec="eigen", rank=8, curvature_batch_size=32, checkpoint_epochs=[1])
+    eigen = small_mlp(6, 3)
+    fit(eigen, x, y, [cb], epochs=2)
+    with pytest.raises(StoreError, match="codec 'eigen'.*ensemble='paired'"):
+        eigen.attribute((xq, yq), responses=cb.dirpath, ensemble="collapsed")
+
+
+def test_a_second_collapsed_query_reads_nothing_and_holds_one_block(runs, monkeypatch):
+    (model, path0), (_, path1) = runs[0]
+    xq, yq = runs[1]
+    model.__dict__.pop("_attributors", None)
+    first = model.attribute((xq, yq), responses=[path0, path1], ensemble="collapsed")
+    attributor = next(iter(model.__dict__["_attributors"].values()))
+    held = [m.responses for m in attributor._members.values()]
+    assert len(held) == 2 and all(r.responses.shape == (64, ResponseStore.load(path0).space.size) for r in held)
+    reads = []
+    original = ResponseStore._read
+    monkeypatch.setattr(ResponseStore, "_read", lambda self, file: reads.append(file) or original(self, file))
+    torch.testing.assert_close(model.attribute((xq, yq), responses=[path0, path1], ensemble="collapsed"), first)
+    assert reads == []
