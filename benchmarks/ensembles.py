@@ -6,7 +6,8 @@
 e.g. ``benchmarks/ensembles.py digits-mlp 'auto={"checkpoint_epochs": "auto"}' 'r128={"checkpoint_epochs": "auto",
 "rank": 128}' --mix-final auto``. Per variant and seed: one fit of the setting (the harness's example order for that
 seed, so every variant of one seed trains the same trajectory) with the callback, then, from each response
-checkpoint's linear-readout scores on the bench's report queries (``Tensor[Q, S]``):
+checkpoint's linear-readout scores on the bench's report queries (``Tensor[Q, S]``, computed as
+``readout="gradient"``: the same scores, faster for hundreds of queries):
 
 - ``members``: each checkpoint alone, read out at the parameters it was simulated at (its LDS, its own simulation
   seconds and curvature products, its eigenspace's rank and ``sigma_k / lambda``);
@@ -53,7 +54,6 @@ from lightning_attr import AttributionCallback, ResponseStore  # noqa: E402
 from lightning_attr.attributor import ensemble_mean  # noqa: E402
 from lightning_attr.evaluation import RetrainingHarness, linear_datamodeling_scores  # noqa: E402
 from lightning_attr.functional import functional_view  # noqa: E402
-from lightning_attr.readout import auto_chunk_size  # noqa: E402
 
 
 class Evaluation:
@@ -138,13 +138,12 @@ def member_scores(model, store: ResponseStore, queries: tuple, probes: tuple) ->
     out = {}
     with functional_view(model) as (fm, theta):
         batch, probe_batch = (tuple(t.clone() for t in b) for b in (queries, probes))
-        chunk = auto_chunk_size(fm, theta, batch, store.n_sources)
         for c in store.checkpoints:
-            block = store.block(c)
-            at_final = block.scores(fm, theta, batch, "linear", chunk)
-            probe = block.scores(fm, theta, probe_batch, "linear", chunk)
+            block = store.block(c)  # "gradient": the linear readout's scores, one matrix product (faster here)
+            at_final = block.scores(fm, theta, batch, "gradient", None)
+            probe = block.scores(fm, theta, probe_batch, "gradient", None)
             out[c] = {
-                "paired": block.scores(fm, store.theta(c), batch, "linear", chunk),
+                "paired": block.scores(fm, store.theta(c), batch, "gradient", None),
                 "at_final": at_final,
                 "scale": float(probe.std(dim=1).square().mean().sqrt()),
                 "norm": float(centred_norm(block.responses)),

@@ -147,7 +147,7 @@ class Attributor:
 
         Args:
             batch: queries as ``attribution_outputs`` expects them (no source index).
-            readout: ``"linear"``, ``"central"`` or ``"step"`` (see :mod:`readout`).
+            readout: ``"linear"``, ``"central"``, ``"step"`` or ``"gradient"`` (see :mod:`readout`).
             checkpoints: per store, ``"all"`` (every response checkpoint: an ensemble where the store holds
                 several), ``"last"``, a checkpoint name or a list of names.
             chunk_size: sources per vmapped forward pass; ``None``: as many as keep the chunk's activations near
@@ -172,7 +172,7 @@ class Attributor:
             batch = _query_batch(batch, theta.device)
             names = [_checkpoint_names(store, checkpoints) for store in stores]
             several = sum(map(len, names)) > 1
-            if chunk_size is None:
+            if chunk_size is None and readout != "gradient":  # "gradient" vmaps nothing over sources
                 chunk_size = self._auto_chunk_size(model, theta, batch, stores[0].n_sources)
             per_member, live = [], []
             for i, store in enumerate(stores):

@@ -64,7 +64,8 @@ class AttributionCallback(Callback):
             ensembles (``attribute(checkpoints="all")``). Online: one more simulation window per entry,
             injecting during that epoch, written ``horizon`` steps later with the weights of that moment.
             End: an end-mode simulation at the weights after that epoch. ``"auto"``: with ``propagation="spectral"``
-            3, spread over 90% of the fit (its cost does not depend on the horizon); with a step rule as many as fit
+            2, after 10% and 20% of the epochs (:func:`early_checkpoint_epochs`; early members add the most, measured
+            in ``benchmarks/ensembles.py``); with a step rule as many as fit
             in a budget of 100 propagation steps per source for all windows (:func:`auto_checkpoint_count`: 3 at
             ``horizon <= 25``, none at 100), spread over the second half of the fit
             (:func:`spread_checkpoint_epochs`). An entry the fit cannot honour (too late for a window to
@@ -330,10 +331,9 @@ class AttributionCallback(Callback):
                     "checkpoint_epochs='auto' spreads checkpoints over the fit and must know when it ends: set "
                     "max_epochs or max_steps, or list the epochs."
                 )
-            propagation = self._engine.propagation()
-            count = auto_checkpoint_count(self.horizon, propagation)
-            span = _AUTO_SPAN_SPECTRAL if propagation == "spectral" else _AUTO_SPAN
-            return [e + 1 for e in spread_checkpoint_epochs(last - 1, count, span)]
+            if self._engine.propagation() == "spectral":
+                return early_checkpoint_epochs(last)
+            return [e + 1 for e in spread_checkpoint_epochs(last - 1, auto_checkpoint_count(self.horizon))]
         dropped = [e for e in self.checkpoint_epochs if last is not None and e >= last]
         if dropped:
             rank_zero_warn(
@@ -503,20 +503,26 @@ class AttributionCallback(Callback):
 _AUTO_BUDGET = 100  # checkpoint_epochs="auto": propagation steps per source for all windows together ...
 _AUTO_MAX_CHECKPOINTS = 3  # ... with at most this many windows besides the final one ...
 _AUTO_SPAN = 0.5  # ... spread evenly over this last fraction of the epochs before the final one
-# "spectral": over almost the whole fit. Early members add the most (digits CNN, Adam, 30 epochs, members after
-# epochs 3, 6, 10, 15, 20, 25 and the final one: the 2-3 member ensembles with epoch 3 or 6 scored LDS 0.463-0.492,
-# those of later members only 0.450-0.465, though epoch 3 alone scored 0.418 and the others 0.441-0.457)
-_AUTO_SPAN_SPECTRAL = 0.9
+# "spectral" (its cost does not depend on the horizon): after these fractions of the epochs. Early members add the
+# most (benchmarks/ensembles.py, 30 epochs, members after epochs 3, 6, 10/13, 15, 20/21, 25 and the final one, one
+# seed): each of epochs 3-10 alone beat the final model on both MNIST-1D settings, and {3, 6} + final reached LDS
+# 0.709 / 0.813 / 0.266 / 0.322 (digits MLP, [0, 1] digits MLP, MNIST-1D MLP, MNIST-1D CNN) against 0.672 / 0.767 /
+# 0.136 / 0.236 for the final model alone, 0.003-0.025 below the best subset of up to 6 members
+_AUTO_FRACTIONS_SPECTRAL = (0.1, 0.2)
 
 
-def auto_checkpoint_count(horizon: int, propagation: str = "heavy_ball") -> int:
-    """Checkpoints besides the final one under ``checkpoint_epochs="auto"``. A step rule: as many as keep the
+def auto_checkpoint_count(horizon: int) -> int:
+    """Checkpoints besides the final one under ``checkpoint_epochs="auto"`` with a step rule: as many as keep the
     simulation within ``_AUTO_BUDGET = 100`` steps per source in all (one window at the former default horizon
-    100), at most 3: 3 at ``horizon <= 25``, 1 at 50, none at 100. ``"spectral"`` (its cost does not depend on
-    the horizon): 3."""
-    if propagation == "spectral":
-        return _AUTO_MAX_CHECKPOINTS
+    100), at most 3: 3 at ``horizon <= 25``, 1 at 50, none at 100."""
     return max(0, min(_AUTO_MAX_CHECKPOINTS, _AUTO_BUDGET // horizon - 1))
+
+
+def early_checkpoint_epochs(epochs: int) -> list[int]:
+    """Where ``checkpoint_epochs="auto"`` puts the extra checkpoints of ``propagation="spectral"`` in a fit of
+    ``epochs`` epochs: after epochs ``round(0.1 epochs)`` and ``round(0.2 epochs)`` (1-based, at least 1, before the
+    last; distinct). E.g. 30 epochs: ``[3, 6]``; 10: ``[1, 2]``; 5: ``[1]``; 1: ``[]``."""
+    return sorted(e for e in {max(1, round(epochs * f)) for f in _AUTO_FRACTIONS_SPECTRAL} if e < epochs)
 
 
 def spread_checkpoint_epochs(last: int, count: int = _AUTO_MAX_CHECKPOINTS, span: float = _AUTO_SPAN) -> list[int]:

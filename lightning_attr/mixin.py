@@ -102,7 +102,9 @@ class AttributionMixin:
             responses: the callback's ``dirpath`` or an open :class:`ResponseStore`; or a list of them
                 (runs of the same architecture and training set, e.g. a multirun over seeds), ensembled.
             top_k: if set, return the ``k`` strongest proponents and opponents instead of all scores.
-            readout: ``"linear"`` (jvp), ``"central"`` (two forward passes) or ``"step"``.
+            readout: ``"linear"`` (jvp), ``"central"`` (two forward passes), ``"step"``, or ``"gradient"``: the linear
+                readout's scores from the query gradients (one backward pass per query, then one matrix product
+                with the dense responses; faster when ``S x P`` is large, but not forward-only).
             checkpoints: per store, ``"all"`` (every response checkpoint; the default: a store written with
                 ``checkpoint_epochs`` is read as the trajectory ensemble), ``"last"`` (the end of fit), a
                 name or a list of names. Several members (checkpoints, stores) are an ensemble: each is

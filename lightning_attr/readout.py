@@ -7,7 +7,11 @@ response ``r_b`` (METHOD.md):
 - ``"central"``: ``[f_q(theta + e r_b) - f_q(theta - e r_b)] / (2e)``, two forward passes
 - ``"step"``:    ``f_q(theta + r_b) - f_q(theta)``, the counterfactual itself
 
-None of them runs a backward pass. Sources are batched with ``vmap`` in chunks of ``chunk_size``; by default
+None of them runs a backward pass. ``"gradient"`` computes the linear readout's scores another way:
+``grad f_q(theta)^T r_b`` with the query gradients (reverse mode, one backward pass per query, ``Tensor[B, P]``)
+and one matrix product with the responses. Equal to ``"linear"`` up to float rounding; it reads each response
+once in a matrix product instead of carrying it through the network, which is faster when ``S x P`` is large
+(``benchmarks/readout.py``), but it is not forward-only (dense responses only). Sources are batched with ``vmap`` in chunks of ``chunk_size``; by default
 (:func:`auto_chunk_size`) as many as keep the chunk's activations near ``CHUNK_ACTIVATION_MB``: every source in
 one call for a single query on an MLP or small CNN (the per-call overhead of vmap and forward-mode AD then
 comes once), a few hundred per call for a batch of hundreds of queries (larger chunks leave the cache).
@@ -20,13 +24,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vmap
+from torch.func import jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel, has_recurrent_layer
 from lightning_attr.simulation import select_examples
 
-READOUTS = ("linear", "central", "step")
+READOUTS = ("linear", "central", "step", "gradient")
 # Activations of one vmapped chunk, MB: sources per call = this / (queries x activation bytes per example).
 # Measured on the digits MLP (64-64-10, S = 1,400, 300 queries, one thread): 128-256 sources per call (17-34 MB)
 # were the fastest, 700 took 2.2x as long; for one query, one call over all 1,400 sources took half the time of 256.
@@ -49,6 +53,31 @@ def _per_source(model: FunctionalModel, theta: Tensor, batch: Any, kind: str, ep
     return lambda r: f(theta + r) - base
 
 
+def query_gradients(model: FunctionalModel, theta: Tensor, batch: Any) -> Tensor:
+    """``Tensor[B, P]``: the gradient of each query's measurement at ``theta`` (reverse mode: ``jacrev``, or one
+    vector-Jacobian product per query for kernels without a batching rule, e.g. recurrent ones)."""
+    f = lambda th: model.measurement(th, batch)  # noqa: E731
+    if not has_recurrent_layer(model.module):
+        try:
+            return jacrev(f)(theta)
+        except RuntimeError:  # a kernel without a batching rule: one pullback per query below
+            pass
+    out, pullback = vjp(f, theta)
+    return torch.stack([pullback(row)[0] for row in torch.eye(out.numel(), device=theta.device, dtype=out.dtype)])
+
+
+def _gradient_scores(model: FunctionalModel, theta: Tensor, responses: Tensor, batch: Any) -> Tensor:
+    """``Tensor[B, S]``: ``query_gradients @ responses.T``, the queries taken in chunks whose gradients (``[chunk, P]``
+    float32) stay under ``CHUNK_ACTIVATION_MB``."""
+    parts = [query_gradients(model, theta, select_examples(batch, rows)) @ responses.T for rows in _query_chunks(batch, theta)]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _query_chunks(batch: Any, theta: Tensor) -> tuple[Tensor, ...]:
+    """The query rows in chunks of as many as keep their gradients (``[chunk, P]`` float32) under ``CHUNK_ACTIVATION_MB``."""
+    return torch.arange(batch_size_of(batch)).split(max(1, int(CHUNK_ACTIVATION_MB * 2**20 // (4 * theta.numel()))))
+
+
 def loop_over(one: Any) -> Any:
     """``vmap(one)`` as a Python loop. Recurrent kernels (``aten::gru.input``, ...) have a batching rule
     only under forward-mode AD (the linear readout), so the central and step readouts loop over sources."""
@@ -66,6 +95,11 @@ def readout_along(
     ``measure(1) - measure(0)`` (``"step"``): what :func:`score_sources` computes for a flat ``r``.
     """
     check_readout(kind)
+    if kind == "gradient":
+        raise ValueError(
+            "readout='gradient' needs each response as one flat vector (codec 'dense'); these responses are factored "
+            "(codec 'lorif'). Use readout='linear', which gives the same scores with forward passes."
+        )
     zero, one = torch.zeros((), device=device), torch.ones((), device=device)
     if kind == "linear":
         return lambda r: jvp(lambda e: measure(e, r), (zero,), (one,))[1]
@@ -128,6 +162,8 @@ def score_sources(
         ``Tensor[B, S]``: predicted rise of each query's measurement if the source were removed.
     """
     check_readout(kind)
+    if kind == "gradient":
+        return _gradient_scores(model, theta, responses, batch)
     if chunk_size is None:
         chunk_size = auto_chunk_size(model, theta, batch, responses.shape[0])
     one = _per_source(model, theta, batch, kind, epsilon)
@@ -158,6 +194,11 @@ def paired_readout(
     n = batch_size_of(batch)
     if responses.shape[0] != n:
         raise ValueError(f"paired_readout needs one response per example: {responses.shape[0]} responses, {n} examples.")
+    if kind == "gradient":
+        return torch.cat([
+            (query_gradients(model, theta, select_examples(batch, rows)) * responses[rows]).sum(dim=1)
+            for rows in _query_chunks(batch, theta)
+        ])  # fmt: skip
     if block_size is None and not has_recurrent_layer(model.module):
         try:
             return _paired_per_example(model, theta, responses, batch, kind, epsilon)

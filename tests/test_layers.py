@@ -95,6 +95,11 @@ def test_stock_sequence_layers_end_to_end(tmp_path, kind):
     # self-influence is the diagonal of the full matrix (each example against its own source)
     si = model.self_influence((x[:6], y[:6], torch.arange(6)), responses=cb.dirpath)
     torch.testing.assert_close(si, scores.diagonal(), rtol=1e-4, atol=1e-7)
+    # the same linear scores from the query gradients (reverse mode; recurrent kernels: one pullback per query)
+    gradient = model.attribute((x[:6], y[:6]), responses=cb.dirpath, readout="gradient")
+    torch.testing.assert_close(gradient, scores, rtol=1e-4, atol=1e-6 * float(scores.abs().max()))
+    si_gradient = model.self_influence((x[:6], y[:6], torch.arange(6)), responses=cb.dirpath, readout="gradient")
+    torch.testing.assert_close(si_gradient, si, rtol=1e-4, atol=1e-6 * float(si.abs().max()))
     # the kernel flags the functional view changed are back to the user's
     assert torch.backends.mha.get_fastpath_enabled() == fastpath and torch.backends.mkldnn.enabled == mkldnn
 

@@ -8,7 +8,7 @@ import torch
 from conftest import blobs, fit, small_mlp
 
 from lightning_attr import AttributionCallback, ResponseStore
-from lightning_attr.callback import auto_checkpoint_count, spread_checkpoint_epochs
+from lightning_attr.callback import auto_checkpoint_count, early_checkpoint_epochs, spread_checkpoint_epochs
 
 
 def test_auto_epochs_spread_over_the_second_half_within_the_budget():
@@ -19,7 +19,16 @@ def test_auto_epochs_spread_over_the_second_half_within_the_budget():
     assert spread_checkpoint_epochs(24, 1) == [12]
     # all windows together propagate each source for at most 100 steps (one window at horizon 100)
     assert [auto_checkpoint_count(k) for k in (4, 20, 25, 30, 50, 99, 100, 200)] == [3, 3, 3, 2, 1, 0, 0, 0]
-    assert auto_checkpoint_count(100, "spectral") == 3  # end mode's default: its cost does not grow with the horizon
+
+
+
+def test_auto_epochs_of_spectral_propagation_are_early():
+    # end mode's default: its cost does not grow with the horizon; after 10% and 20% of the epochs
+    assert early_checkpoint_epochs(30) == [3, 6]
+    assert early_checkpoint_epochs(7) == [1]
+    assert early_checkpoint_epochs(10) == [1, 2]
+    assert early_checkpoint_epochs(2) == [1]
+    assert early_checkpoint_epochs(1) == []
 
 
 def test_a_checkpoint_that_cannot_be_honoured_is_said(tmp_path):
@@ -63,9 +72,9 @@ def test_auto_checkpoints_online_and_end(tmp_path):
     assert len({store.checkpoint_info(c)["step_rule"]["lambda_max"] for c in store.checkpoints}) == 4
     model = small_mlp(6, 3)
     end = AttributionCallback(tmp_path / "end", mode="end", horizon=4, curvature_batch_size=32, checkpoint_epochs="auto")
-    fit(model, x, y, [end], epochs=7)
-    # propagation "spectral" (end mode's default): 3 more, spread over 90% of the fit (0-based 1, 2, 4 of 6)
-    assert ResponseStore.load(end.dirpath).checkpoints == ["epoch=2", "epoch=3", "epoch=5", "final"]
+    fit(model, x, y, [end], epochs=12)
+    # propagation "spectral" (end mode's default): after 10% and 20% of the epochs
+    assert ResponseStore.load(end.dirpath).checkpoints == ["epoch=1", "epoch=2", "final"]
     assert model.attribute((x[:3], y[:3]), responses=end.dirpath, checkpoints="all").isfinite().all()
 
 
