@@ -20,7 +20,7 @@ class Explained(Classifier):
         return self.attribute(batch, responses=self.responses, readout=self.readout)
 
 
-@pytest.mark.parametrize("readout", ["linear", "central", "step"])
+@pytest.mark.parametrize("readout", ["linear", "central", "step", "gradient"])
 def test_predict_step_attributes_under_inference_mode(tmp_path, readout):
     x, y = blobs(n=64, d=6, classes=3)
     model = Explained(mlp(6, [8], 3))
