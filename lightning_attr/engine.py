@@ -413,13 +413,14 @@ class SimulationEngine:
         s, source_map = self.settings, self.source_map
         batches = list(data.in_order(s.curvature_batch_size))
         curvature = self._full_curvature(model, theta, batches)
+        spectral = s.propagation in ("auto", "spectral")
         block, finite, info = eigen_responses(
             model, theta, batches, curvature, source_map.example_to_source, source_map.num_sources,
             source_map.training_set_size, rank=s.rank, damping=s.damping, damping_scale=s.damping_scale,
-            horizon=s.horizon, chunk_size=s.chunk_size, momentum=s.momentum,
-            # "auto": the K-step Neumann series per eigen-direction, as documented and measured (benchmarks/compressed.py:
-            # LDS 0.684 at k=256 on digits; the Chebyshev series, near the damped inverse at K=100, gave 0.641)
-            propagation="neumann" if s.propagation == "auto" else s.propagation,
+            # "auto" / "spectral": the damped inverse per eigen-direction (the dense default's response restricted to the
+            # space); a step rule: what its `horizon` steps make of each direction
+            horizon=None if spectral else s.horizon, propagation="spectral" if spectral else s.propagation,
+            chunk_size=s.chunk_size, momentum=s.momentum,
             generator=torch.Generator().manual_seed(s.seed),
         )  # fmt: skip
         self.products += info["curvature_products"]

@@ -23,13 +23,14 @@ def test_eigen_codec_at_full_rank_equals_the_exact_damped_target(tmp_path):
     x, y = blobs(n=160, d=6, classes=3)
     xq, yq = blobs(n=24, d=6, classes=3, seed=1)
     model = small_mlp(6, 3)
-    # rank above P (163) is capped at P: the eigenspace is the whole space and nothing is dropped; a horizon
-    # this long makes the series filter the damped inverse itself
-    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=1000, horizon=10**5, curvature_batch_size=64)
+    # rank above P (163) is capped at P: the eigenspace is the whole space and nothing is dropped; the default
+    # filter (propagation "auto", as "spectral") is the damped inverse
+    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=1000, curvature_batch_size=64)
     fit(model, x, y, [cb], epochs=8)
     store = ResponseStore.load(cb.dirpath)
     entry = store.checkpoint_info("final")
     assert store.manifest["format_version"] == 3 and entry["codec"] == "eigen" and entry["rank"] == 163
+    assert entry["spectral"]["propagation"] == "spectral" and entry["spectral"]["horizon"] is None
     exact = exact_influence(model, x, y, xq, yq, entry["damping"])
     ours = model.attribute((xq, yq), responses=cb.dirpath)
     assert ours.shape == exact.shape == (24, 160)
