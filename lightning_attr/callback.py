@@ -115,6 +115,10 @@ class AttributionCallback(Callback):
             dense (:mod:`lowrank`); read out with ``U (V^T x)`` added to the layer's output (every readout).
         rank: ``k``, eigenpairs kept by ``codec="eigen"`` and by ``propagation="spectral"`` (capped at ``P``); ``c``, the rank of every factored
             weight for ``codec="lorif"`` (capped at ``min(out, in)``: exact there).
+        sketch: ``codec="eigen"`` only: ``k'`` more numbers per source, a random sketch of each response's part
+            outside the top-``rank`` eigenspace (``p(mu) (I - V^T V) grad l_b / n``, ``mu`` the mean eigenvalue
+            there: the complement term of ``propagation="spectral"``), read out along ``k'`` more tangents. 0: that
+            part is dropped.
 
     Training batches must end with the example index (wrap the dataset in :class:`IndexedDataset`).
     Training is left bit-for-bit unchanged: the simulation runs on detached copies in eval mode under
@@ -143,6 +147,7 @@ class AttributionCallback(Callback):
         overwrite: bool = False,
         codec: str = "dense",
         rank: int = 256,
+        sketch: int = 0,
         memory_budget_mb: float = 1024.0,
     ) -> None:
         options = {name: value for name, value in locals().items() if name not in ("self", "__class__")}

@@ -53,9 +53,7 @@ class DeflatedInverse:
     @classmethod
     def from_trace(cls, eigenspace: Eigenspace, damping: float, trace: float, dim: int) -> DeflatedInverse:
         """With ``mu = (trace - sum sigma) / (P - k)`` (0 when ``k = P`` or the trace estimate falls short)."""
-        rest = dim - eigenspace.rank
-        mu = max(0.0, (trace - float(eigenspace.eigenvalues.sum())) / rest) if rest > 0 else 0.0
-        return cls(eigenspace, damping, mu)
+        return cls(eigenspace, damping, eigenspace.complement_mean(trace, dim))
 
     @property
     def complement_ratio(self) -> float:

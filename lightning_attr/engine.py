@@ -416,7 +416,7 @@ class SimulationEngine:
         spectral = s.propagation in ("auto", "spectral")
         block, finite, info = eigen_responses(
             model, theta, batches, curvature, source_map.example_to_source, source_map.num_sources,
-            source_map.training_set_size, rank=s.rank, damping=s.damping, damping_scale=s.damping_scale,
+            source_map.training_set_size, rank=s.rank, sketch=s.sketch, damping=s.damping, damping_scale=s.damping_scale,
             # "auto" / "spectral": the damped inverse per eigen-direction (the dense default's response restricted to the
             # space); a step rule: what its `horizon` steps make of each direction
             horizon=None if spectral else s.horizon, propagation="spectral" if spectral else s.propagation,

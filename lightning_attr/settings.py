@@ -47,6 +47,7 @@ class AttributionSettings:
     overwrite: bool = False
     codec: str = "dense"
     rank: int = 256
+    sketch: int = 0
     memory_budget_mb: float = 1024.0
 
     def __post_init__(self) -> None:
@@ -86,6 +87,13 @@ class AttributionSettings:
             )
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive int, got {rank!r}.")
+        if not isinstance(self.sketch, int) or self.sketch < 0:
+            raise ValueError(f"sketch must be an int >= 0, got {self.sketch!r}.")
+        if self.sketch and codec != "eigen":
+            raise ValueError(
+                f"sketch={self.sketch} keeps the part of each response outside the eigenspace of codec='eigen'; with "
+                f"codec={codec!r} nothing is dropped there. Set codec='eigen' or sketch=0."
+            )
         if not (isinstance(memory_budget_mb, (int, float)) and memory_budget_mb > 0):
             raise ValueError(f"memory_budget_mb must be a number > 0, got {memory_budget_mb!r}.")
         if store_dtype not in ("float32", "float16", "bfloat16"):

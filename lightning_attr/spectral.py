@@ -79,6 +79,12 @@ class Eigenspace:
             raise ValueError(f"damping must be > 0 to compare the eigenvalues with it, got {damping}.")
         return float(self.eigenvalues[-1]) / damping
 
+    def complement_mean(self, trace: float, dim: int) -> float:
+        """``mu = (trace - sum sigma) / (P - k)``: the mean eigenvalue outside the space (0 when ``k = P`` or the
+        trace estimate falls short of the kept eigenvalues)."""
+        rest = dim - self.rank
+        return max(0.0, (trace - float(self.eigenvalues.sum())) / rest) if rest > 0 else 0.0
+
 
 METHODS = ("krylov", "subspace")
 TRACE_PROBES = 32  # Hutchinson probes of trace(G), for damping="auto" (and the spectral inverse's complement)
@@ -359,6 +365,7 @@ def eigen_responses(
     method: str = "krylov",
     products: int | None = None,
     chunk_size: int = 2048,
+    sketch: int = 0,
     generator: torch.Generator | None = None,
 ) -> tuple[EigenResponses, Tensor, dict]:
     """Responses of every source in codec ``"eigen"``, at ``theta``, with the GGN of ``curvature_batches``.
@@ -373,6 +380,9 @@ def eigen_responses(
         horizon, propagation, momentum: the spectral filter (:func:`spectral_filter`): ``horizon=None`` = the
             damped inverse, ``K`` = what ``K`` steps of the dense simulation's rule make of each direction.
         block, power_iterations, method, products: of :func:`top_eigenspace`.
+        sketch: ``k'``, rows of a random sketch of the complement of the eigenspace appended to the basis
+            (:func:`complement_sketch`): the response's part outside the space, ``p(mu) (I - V^T V) grad l_b / n``
+            with ``mu`` the mean eigenvalue there, kept in ``k'`` more numbers per source instead of dropped.
 
     Returns:
         ``(block, finite: BoolTensor[S], info)``; ``info`` is JSON-able (damping, products, rank, ...).
@@ -380,7 +390,7 @@ def eigen_responses(
     """
     dim = theta.numel()
     operator = curvature_operator("ggn", model, theta, curvature_batches, chunk_size)
-    probes = TRACE_PROBES if damping == "auto" else 0
+    probes = TRACE_PROBES if damping == "auto" or sketch else 0
     mean_eigenvalue = float("nan")
     if probes:
         mean_eigenvalue = estimate_spectrum(operator, dim, probes=probes, power_iterations=0, generator=generator, device=theta.device).mean_eigenvalue
@@ -389,18 +399,36 @@ def eigen_responses(
         operator, dim, min(rank, dim), block=block, power_iterations=power_iterations, method=method, products=products,
         generator=generator, device=theta.device,
     )  # fmt: skip
-    projected, finite = initial_perturbations(
-        model, theta, gradient_batches, example_to_source, num_sources, basis=space.vectors
-    )
-    coordinates = projected * (spectral_filter(space.eigenvalues, lam, horizon, propagation, momentum) / num_examples)
+    basis, gains = space.vectors, spectral_filter(space.eigenvalues, lam, horizon, propagation, momentum)
+    complement = space.complement_mean(mean_eigenvalue * dim, dim) if sketch else float("nan")
+    if sketch:
+        basis = torch.cat([basis, complement_sketch(space.vectors, sketch, generator)])
+        outside = spectral_filter(torch.tensor([complement], device=gains.device), lam, horizon, propagation, momentum)
+        gains = torch.cat([gains, outside.expand(sketch)])
+    projected, finite = initial_perturbations(model, theta, gradient_batches, example_to_source, num_sources, basis=basis)
+    coordinates = projected * (gains / num_examples)
     coordinates[~finite] = 0.0
     info = {
         "codec": "eigen", "rank": space.rank, "block": space.block, "eigen_method": space.method, "eigen_products": space.products,
         "power_iterations": power_iterations, "reach": space.reach(lam), "damping": lam, "mean_eigenvalue": mean_eigenvalue, "horizon": horizon, "propagation": propagation,
         "lambda_max": float(space.eigenvalues[0]), "curvature_products": space.products + probes,
+        "sketch": sketch, "complement_mean": complement,
         "curvature_examples": sum(batch_size_of(b) for b in curvature_batches),
     }  # fmt: skip
-    return EigenResponses(space.vectors, space.eigenvalues, lam, coordinates), finite, info
+    return EigenResponses(basis, space.eigenvalues, lam, coordinates), finite, info
+
+
+def complement_sketch(vectors: Tensor, rows: int, generator: torch.Generator | None = None) -> Tensor:
+    """``Tensor[rows, P]``: Gaussian rows (variance ``1 / rows``) projected off the span of ``vectors``
+    (``Tensor[k, P]``, orthonormal rows), ``Pi (I - V^T V)``.
+
+    For any ``a, b``: ``E[(Pi' a) . (Pi' b)] = a^T (I - V^T V) b`` (Johnson-Lindenstrauss), so a query's tangents
+    along these rows, dotted with a source's coordinates along them, estimate the complement's part of the score
+    without bias; the error shrinks as ``1 / sqrt(rows)`` relative to the two complement norms.
+    """
+    sketch = torch.randn(rows, vectors.shape[1], generator=generator, dtype=torch.float64) / rows**0.5
+    basis = vectors.double().cpu()
+    return (sketch - (sketch @ basis.T) @ basis).to(vectors.device, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -408,10 +436,12 @@ class EigenResponses:
     """Codec ``"eigen"``: responses ``r_b = basis^T coordinates[b]`` in the curvature's top-k eigenspace.
 
     Attributes:
-        basis: ``Tensor[k, P]`` float32, orthonormal rows: the top-k eigenvectors of the curvature.
+        basis: ``Tensor[k + k', P]`` float32: the top-k eigenvectors of the curvature (orthonormal rows), then
+            the ``k'`` rows of a random sketch of its complement (``sketch``; :func:`complement_sketch`), if any.
         eigenvalues: ``Tensor[k]`` float32 ``sigma``, descending (loss per squared parameter unit).
         damping: ``lam`` the coordinates were damped with.
-        coordinates: ``Tensor[S, k]`` float32, ``diag(p(sigma)) basis grad l_b / n`` (:func:`spectral_filter`).
+        coordinates: ``Tensor[S, k + k']`` float32, ``diag(p) basis grad l_b / n`` (:func:`spectral_filter`; ``p(mu)``
+            on the sketch rows).
     """
 
     basis: Tensor

@@ -86,6 +86,43 @@ def test_truncated_eigen_codec_keeps_most_of_the_target(tmp_path):
     assert ensemble.shape == (24, 160) and bool(torch.isfinite(ensemble).all())
 
 
+def test_complement_sketch_restores_what_the_truncated_codec_drops(tmp_path):
+    """k = 16 of P = 163 drops the complement term of the spectral response (1/(mu + lam) outside the space);
+    ``sketch`` keeps it as k' Gaussian sketch coordinates: with k' large the scores approach the dense
+    ``propagation="spectral"`` responses at the same rank (same model, damping and eigenspace: same seed)."""
+    x, y = blobs(n=160, d=6, classes=3)
+    xq, yq = blobs(n=24, d=6, classes=3, seed=1)
+    scores, blocks = {}, {}
+    for name, options in {
+        "dense": {"codec": "dense"}, "eigen": {"codec": "eigen"}, "sketched": {"codec": "eigen", "sketch": 4096}
+    }.items():
+        torch.manual_seed(0)  # the same initial weights: the three fits are the same model
+        model = small_mlp(6, 3)
+        cb = AttributionCallback(tmp_path / name, rank=16, curvature_batch_size=512, **options)
+        fit(model, x, y, [cb], epochs=6)
+        scores[name] = model.attribute((xq, yq), responses=cb.dirpath)
+        blocks[name] = ResponseStore.load(cb.dirpath)
+    block = blocks["sketched"].block("final")
+    assert block.basis.shape == (16 + 4096, 163) and block.coordinates.shape == (160, 16 + 4096)
+    info = blocks["sketched"].checkpoint_info("final")["spectral"]
+    assert info["sketch"] == 4096 and info["complement_mean"] > 0
+    assert blocks["dense"].checkpoint_info("final")["step_rule"]["damping"] == pytest.approx(info["damping"], rel=1e-5)
+    # the sketch rows are orthogonal to the eigenvectors: the in-space coordinates are the plain codec's
+    torch.testing.assert_close(block.coordinates[:, :16], blocks["eigen"].block("final").coordinates, rtol=1e-4, atol=1e-9)
+    without, with_sketch = pearson(scores["eigen"], scores["dense"]), pearson(scores["sketched"], scores["dense"])
+    print(f"Pearson to the dense spectral responses: eigen {without:.3f}, eigen + sketch 4096 {with_sketch:.3f}")
+    assert with_sketch > 0.99 and with_sketch > without + 0.02
+
+
+def test_sketch_needs_the_eigen_codec():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match="sketch=8 keeps the part .* Set codec='eigen'"):
+        AttributionCallback(sketch=8)
+    with pytest.raises(MisconfigurationException, match="sketch must be an int >= 0"):
+        AttributionCallback(codec="eigen", sketch=-1)
+
+
 def test_damaged_basis_is_refused(tmp_path):
     x, y = blobs(n=40, d=4, classes=3)
     cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=4, mode="online")
