@@ -114,7 +114,11 @@ class AttributionCallback(Callback):
             kept as rank-``rank`` factors ``U (out x c)``, ``V (in x c)`` (truncated SVD), the other parameters
             dense (:mod:`lowrank`); read out with ``U (V^T x)`` added to the layer's output (every readout).
         rank: ``k``, eigenpairs kept by ``codec="eigen"`` and by ``propagation="spectral"`` (capped at ``P``); ``c``, the rank of every factored
-            weight for ``codec="lorif"`` (capped at ``min(out, in)``: exact there).
+            weight for ``codec="lorif"`` (capped at ``min(out, in)``: exact there). ``"auto"``: ``propagation="spectral"``
+            grows its Krylov space block by block (nothing recomputed) from rank 256 until ``sigma_k <= 0.5 damping``,
+            at most ``floor(memory_budget_mb * 2**20 / (20 P))`` curvature products (the finder's memory; never fewer
+            than rank 256 spends), and warns when that cap stops it; the rank reached, why it stopped, ``sigma_k /
+            damping`` and the products are in ``step_rule``. The codecs take 256 for ``"auto"``.
         sketch: ``codec="eigen"`` only: ``k'`` more numbers per source, a random sketch of each response's part
             outside the top-``rank`` eigenspace (``p(mu) (I - V^T V) grad l_b / n``, ``mu`` the mean eigenvalue
             there: the complement term of ``propagation="spectral"``), read out along ``k'`` more tangents. 0: that
@@ -146,7 +150,7 @@ class AttributionCallback(Callback):
         seed: int = 0,
         overwrite: bool = False,
         codec: str = "dense",
-        rank: int = 256,
+        rank: int | str = 256,
         sketch: int = 0,
         memory_budget_mb: float = 1024.0,
     ) -> None:

@@ -25,6 +25,7 @@ from torch import Tensor
 from lightning_attr.spectral import Eigenspace
 
 COMPLEMENT_WARNING_RATIO = 1.0  # warn when sigma_k / lam exceeds this: the eigenspace stops short of the damping
+AUTO_RANK_RATIO = 0.5  # rank="auto" grows the eigenspace until sigma_k <= this x lam (chosen by measurement, see below)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class DeflatedInverse:
 
     @classmethod
     def from_trace(cls, eigenspace: Eigenspace, damping: float, trace: float, dim: int) -> DeflatedInverse:
-        """With ``mu = (trace - sum sigma) / (P - k)`` (0 when ``k = P`` or the trace estimate falls short)."""
+        """With ``mu`` from :meth:`Eigenspace.complement_mean` (the mean eigenvalue outside the space, at most ``sigma_k``)."""
         return cls(eigenspace, damping, eigenspace.complement_mean(trace, dim))
 
     @property
@@ -74,5 +75,5 @@ class DeflatedInverse:
         return {
             "propagation": "spectral", "damping": self.damping, "rank": e.rank, "complement_mean_eigenvalue": self.complement,
             "lambda_max": float(e.eigenvalues[0]), "sigma_k": float(e.eigenvalues[-1]), "complement_ratio": self.complement_ratio,
-            "eigenspace_products": e.products,
+            "eigenspace_products": e.products, "eigenspace_stop": e.stop,
         }  # fmt: skip

@@ -47,7 +47,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
 from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator, estimate_spectrum, shared_operator
-from lightning_attr.deflated import COMPLEMENT_WARNING_RATIO, DeflatedInverse
+from lightning_attr.deflated import AUTO_RANK_RATIO, COMPLEMENT_WARNING_RATIO, DeflatedInverse
 from lightning_attr.functional import FunctionalModel, to_float32
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.settings import AttributionSettings
@@ -63,7 +63,7 @@ from lightning_attr.simulation import (
 )
 from lightning_attr.sources import SourceMap, split_batch
 from lightning_attr.lowrank import encode_lowrank, factored_layers, lowrank_entry
-from lightning_attr.spectral import TRACE_PROBES, eigen_responses, eigenspace_products, top_eigenspace
+from lightning_attr.spectral import TRACE_PROBES, adaptive_eigenspace, eigen_responses, eigenspace_products, product_cap, top_eigenspace
 from lightning_attr.store import ResponseStore, ShardWriter, write_part
 
 CurvatureFactory = Callable[[FunctionalModel, Tensor, Sequence[Any]], CurvatureOperator]
@@ -298,8 +298,8 @@ class SimulationEngine:
         s, rows, encode = self.settings, self.settings.block_size(self.dim), None
         if s.codec == "lorif":
             layers = factored_layers(model.module, self.space)
-            encode = partial(encode_lowrank, space=self.space, layers=layers, rank=s.rank)
-            self._codec_entries[name] = lowrank_entry(layers, s.rank)
+            encode = partial(encode_lowrank, space=self.space, layers=layers, rank=s.fixed_rank())
+            self._codec_entries[name] = lowrank_entry(layers, s.fixed_rank())
         return ShardWriter(
             self.store_path, name, self.space, s.store_dtype, prefix=prefix, rows_per_shard=rows, encode=encode,
             stem="factors" if encode else "responses",
@@ -351,8 +351,8 @@ class SimulationEngine:
         s, source_map = self.settings, self.source_map
         progress = None
         if self.propagation() == "spectral":
-            inverse = self._deflated_inverse(model, theta, data, name)
-            solve, record = inverse.apply, inverse.to_json()
+            inverse, record = self._deflated_inverse(model, theta, data, name)
+            solve = inverse.apply
         else:
             replay = self.replay(model, theta, data, s.horizon, step)
             operators = [self.curvature(model, theta, [b]) for b in replay]
@@ -380,13 +380,15 @@ class SimulationEngine:
         self._write_part(name, writer, {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()})
         self._pending[name] = _Pending(record, "step_rule")
 
-    def _deflated_inverse(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> DeflatedInverse:
-        """``propagation="spectral"``: the damping (Hutchinson trace) and the top-``rank`` eigenspace of the GGN over
-        the whole training set at ``theta``, as a :class:`DeflatedInverse`."""
+    def _deflated_inverse(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> tuple[DeflatedInverse, dict]:
+        """``propagation="spectral"``: the damping (Hutchinson trace) and the top eigenspace of the GGN over the whole
+        training set at ``theta`` (``rank`` pairs, or with ``rank="auto"`` grown until ``sigma_k <= AUTO_RANK_RATIO
+        lam`` within :func:`product_cap`), as a :class:`DeflatedInverse` and its ``step_rule`` record."""
         s = self.settings
         curvature, tally = self._full_data_operator(model, theta, data)
-        rank = min(s.rank, self.dim)
-        progress = self._new_progress(name, total=TRACE_PROBES + eigenspace_products(self.dim, rank))
+        auto = s.rank == "auto"
+        cap = product_cap(self.dim, s.memory_budget_mb) if auto else eigenspace_products(self.dim, min(s.rank, self.dim))
+        progress = self._new_progress(name, total=TRACE_PROBES + cap)  # rank="auto": the cap, the bar may end early
         operator = _Counting(curvature, self, progress, tally)
         generator = torch.Generator().manual_seed(s.seed)
         spectrum = estimate_spectrum(operator, self.dim, probes=TRACE_PROBES, power_iterations=0, generator=generator, device=theta.device)
@@ -394,18 +396,35 @@ class SimulationEngine:
         # Cold, also for a later checkpoint: warm-started from the previous checkpoint's eigenvectors (initial=), a small
         # CNN (rank 64 of P = 363, 5 epochs on) reached Pearson 0.94 to the exact target at the same budget and 0.88
         # at rank + 128 products, against 0.97 cold; on the digits MLP (6 epochs on) it changed nothing at 512.
-        space = top_eigenspace(operator, self.dim, rank, generator=generator, device=theta.device)
+        if auto:
+            space = adaptive_eigenspace(
+                operator, self.dim, AUTO_RANK_RATIO * damping, max_products=cap, generator=generator, device=theta.device
+            )
+        else:
+            space = top_eigenspace(operator, self.dim, min(s.rank, self.dim), generator=generator, device=theta.device)
         if progress is not None:
             progress.close()
         inverse = DeflatedInverse.from_trace(space, damping, spectrum.mean_eigenvalue * self.dim, self.dim)
-        if inverse.complement_ratio > COMPLEMENT_WARNING_RATIO:
+        ratio, k = inverse.complement_ratio, space.rank
+        if space.stop == "cap":
             self._warn(
-                f"propagation='spectral': the {space.rank}-th eigenvalue of the curvature is {inverse.complement_ratio:.2g}x "
-                f"the damping ({damping:.3g}), so curvature outside the top-{space.rank} eigenspace is not resolved and the "
-                f"responses fall short of the damped inverse there. Raise rank (cost: about {space.products / space.rank:.0f} "
-                "curvature products over the training set per eigenpair) or damping_scale."
+                f"propagation='spectral', rank='auto': the eigenspace stopped at its cap of {cap} curvature products "
+                f"(memory_budget_mb={s.memory_budget_mb:g}: the finder holds 20 x products x P bytes) with its {k}-th "
+                f"eigenvalue {ratio:.2g}x the damping ({damping:.3g}), above the {AUTO_RANK_RATIO:g} it aims at, so curvature "
+                "outside it is not resolved and the responses fall short of the damped inverse there. Raise memory_budget_mb "
+                "or damping_scale."
             )
-        return inverse
+        elif ratio > COMPLEMENT_WARNING_RATIO and not auto:
+            self._warn(
+                f"propagation='spectral': the {k}-th eigenvalue of the curvature is {ratio:.2g}x "
+                f"the damping ({damping:.3g}), so curvature outside the top-{k} eigenspace is not resolved and the "
+                f"responses fall short of the damped inverse there. Raise rank (cost: about {space.products / k:.0f} "
+                "curvature products over the training set per eigenpair; rank='auto' grows it to the damping) or damping_scale."
+            )
+        record = {**inverse.to_json(), "rank_setting": s.rank}
+        if auto:
+            record.update(rank_target_ratio=AUTO_RANK_RATIO, product_cap=cap)
+        return inverse, record
 
     def _simulate_eigen(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> None:
         """Codec ``"eigen"``: the top-``rank`` eigenspace of the GGN over the whole training set, then each source's
@@ -416,7 +435,7 @@ class SimulationEngine:
         spectral = s.propagation in ("auto", "spectral")
         block, finite, info = eigen_responses(
             model, theta, batches, curvature, source_map.example_to_source, source_map.num_sources,
-            source_map.training_set_size, rank=s.rank, sketch=s.sketch, damping=s.damping, damping_scale=s.damping_scale,
+            source_map.training_set_size, rank=s.fixed_rank(), sketch=s.sketch, damping=s.damping, damping_scale=s.damping_scale,
             # "auto" / "spectral": the damped inverse per eigen-direction (the dense default's response restricted to the
             # space); a step rule: what its `horizon` steps make of each direction
             horizon=None if spectral else s.horizon, propagation="spectral" if spectral else s.propagation,

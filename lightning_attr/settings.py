@@ -17,6 +17,7 @@ from typing import Any
 
 from lightning_attr.codecs import CODECS
 from lightning_attr.simulation import DEFAULT_MOMENTUM, PROPAGATIONS, Damping
+from lightning_attr.spectral import DEFAULT_RANK
 
 MODES = ("online", "end")
 _BYTES_PER_SOURCE_AND_PARAMETER = 28  # end mode: 6 float32 [C, P] blocks in flight + the shard buffer (4 bytes each)
@@ -46,7 +47,7 @@ class AttributionSettings:
     seed: int = 0
     overwrite: bool = False
     codec: str = "dense"
-    rank: int = 256
+    rank: int | str = 256
     sketch: int = 0
     memory_budget_mb: float = 1024.0
 
@@ -85,8 +86,8 @@ class AttributionSettings:
             raise ValueError(
                 "codec='eigen' keeps the top eigenspace of the GGN (positive semi-definite); it needs curvature='ggn'."
             )
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}.")
+        if not (rank == "auto" or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1)):
+            raise ValueError(f"rank must be 'auto' or a positive int, got {rank!r}.")
         if not isinstance(self.sketch, int) or self.sketch < 0:
             raise ValueError(f"sketch must be an int >= 0, got {self.sketch!r}.")
         if self.sketch and codec != "eigen":
@@ -125,6 +126,11 @@ class AttributionSettings:
         """The options a store records in its manifest's ``"settings"`` (all but the path, the source map, which
         the store keeps apart, and ``overwrite``)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_IN_MANIFEST}
+
+    def fixed_rank(self) -> int:
+        """``rank`` as a number of eigenpairs or factors: ``"auto"`` grows only ``propagation="spectral"``'s eigenspace
+        (:func:`lightning_attr.spectral.adaptive_eigenspace`); codec ``"eigen"`` and ``"lorif"`` keep ``DEFAULT_RANK`` (256) then."""
+        return DEFAULT_RANK if self.rank == "auto" else self.rank
 
     def block_size(self, dim: int) -> int:
         """Sources simulated (and written per shard) at a time: ``floor(memory_budget_mb / (28 P bytes))``, >= 1."""

@@ -152,7 +152,7 @@ def test_bad_codec_options_are_refused():
         AttributionCallback(codec="lowrank", mode="online")
     with pytest.raises(MisconfigurationException, match="needs curvature='ggn'"):
         AttributionCallback(codec="eigen", curvature="hessian", mode="online")
-    with pytest.raises(MisconfigurationException, match="rank must be a positive int"):
+    with pytest.raises(MisconfigurationException, match="rank must be 'auto' or a positive int"):
         AttributionCallback(codec="eigen", rank=0, mode="online")
 
 

@@ -1,6 +1,7 @@
 """The top-k eigenspace finder (``top_eigenspace``): block Krylov and subspace iteration against
 ``torch.linalg.eigh`` on explicit PSD matrices (a known spectrum, a tiny MLP's GGN), the product count each
-claims, the warm start, the residuals it reports, and its errors."""
+claims, the warm start, the residuals it reports, and its errors; ``adaptive_eigenspace`` (``rank="auto"``):
+where it stops, against the fixed rank it stops at."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from conftest import blobs, fit, small_mlp
 from lightning_attr.models import CNN, Classifier
 
 from lightning_attr.curvature import curvature_operator
+from lightning_attr.deflated import DeflatedInverse
 from lightning_attr.functional import functional_view
-from lightning_attr.spectral import eigenspace_products, top_eigenspace
+from lightning_attr.spectral import adaptive_eigenspace, eigenspace_products, product_cap, supported_rank, top_eigenspace
 
 
 class CountingOperator:
@@ -193,3 +195,60 @@ def test_bad_arguments_are_refused_with_the_fix(options, message):
     assert operator.products == 0  # refused before any product
     with pytest.raises(ValueError, match="rank must be in"):
         top_eigenspace(operator, 30, 31)
+
+
+def slow_decay(dim: int = 800) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``G`` float64 with eigenvalues ``logspace(0, -4, dim)`` (no gap to stop at) in a random basis: ``(G, lambda, U)``."""
+    values = torch.logspace(0, -4, dim, dtype=torch.float64)
+    vectors, _ = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    return (vectors * values) @ vectors.T, values, vectors
+
+
+def test_auto_rank_grows_until_the_threshold_and_equals_the_fixed_rank_it_stops_at():
+    """sigma_300 is the first eigenvalue <= the threshold: the space grows past the default 512 products (rank 256)
+    in blocks of 32, every product kept, and stops at the first size whose supported rank reaches it (608 products,
+    rank 304); a fixed rank=304 (its default budget: 608 products) finds the same pairs."""
+    matrix, values, vectors = slow_decay()
+    operator = CountingOperator(matrix)
+    threshold = float(values[299])
+    found = adaptive_eigenspace(operator, 800, threshold, max_products=800, generator=torch.Generator().manual_seed(0))
+    assert found.stop == "reached" and found.products == operator.products == 608
+    assert found.rank == supported_rank(608) == 304
+    assert float(found.eigenvalues[-1]) <= threshold < float(found.eigenvalues[298])
+    assert torch.allclose(found.eigenvalues.double(), values[:304], rtol=1e-3)
+    fixed = top_eigenspace(CountingOperator(matrix), 800, 304, generator=torch.Generator().manual_seed(0))
+    assert fixed.products == 608 and fixed.stop == "budget"
+    assert torch.allclose(found.eigenvalues, fixed.eigenvalues, rtol=2e-3)  # both within 1e-3 of eigh's
+    # the responses they give (the deflated damped inverse at lam = 2 x threshold, as rank="auto" aims at): equal
+    grads = torch.randn(16, 800, generator=torch.Generator().manual_seed(4))
+    auto, fixed_rank = (DeflatedInverse(space, 2 * threshold).apply(grads) for space in (found, fixed))
+    assert float((auto - fixed_rank).norm() / fixed_rank.norm()) < 1e-3
+    assert subspace_cosine(found.vectors[:250], vectors[:, :250]) > 0.999
+
+
+def test_auto_rank_keeps_the_least_rank_stops_at_the_cap_and_at_the_whole_space():
+    matrix, values, _ = slow_decay()
+    # the threshold above every eigenvalue: the least rank (256) at its budget
+    easy = adaptive_eigenspace(CountingOperator(matrix), 800, 2.0, max_products=800, generator=torch.Generator().manual_seed(0))
+    assert (easy.stop, easy.rank, easy.products) == ("reached", 256, 512)
+    # sigma_400 is not reached within 544 products: the cap, its supported rank, sigma_k above the threshold
+    capped = adaptive_eigenspace(CountingOperator(matrix), 800, float(values[399]), max_products=544, generator=torch.Generator().manual_seed(0))
+    assert (capped.stop, capped.rank, capped.products) == ("cap", 272, 544)
+    assert float(capped.eigenvalues[-1]) > float(values[399])
+    # P = 300 < 512: the space becomes all of R^P, every pair kept, exact
+    small, small_values, _ = slow_decay(300)
+    whole = adaptive_eigenspace(CountingOperator(small), 300, 0.0, max_products=300, generator=torch.Generator().manual_seed(0))
+    assert (whole.stop, whole.rank, whole.products) == ("whole space", 300, 300)
+    assert torch.allclose(whole.eigenvalues.double(), small_values, rtol=1e-3, atol=1e-6)
+
+
+def test_auto_rank_cap_bounds_the_finders_memory():
+    """20 m P bytes at most: m = memory / (20 P), never below the default rank's 512 products nor above P."""
+    assert product_cap(15_210, 1024) == 1024 * 2**20 // (20 * 15_210) == 3529
+    assert product_cap(10**7, 1024) == 512  # rank=256 spends 512 whatever the memory
+    assert product_cap(300, 1024) == 300
+    assert supported_rank(512) == 256 and supported_rank(300) == 44 and supported_rank(200) == 0 and supported_rank(2000) == 1000
+    with pytest.raises(ValueError, match="max_products=400 cannot reach the least rank 256"):
+        adaptive_eigenspace(CountingOperator(torch.eye(600)), 600, 0.1, max_products=400)
+    with pytest.raises(ValueError, match="threshold must be"):
+        adaptive_eigenspace(CountingOperator(torch.eye(600)), 600, -1.0, max_products=600)
