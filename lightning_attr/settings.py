@@ -47,7 +47,7 @@ class AttributionSettings:
     seed: int = 0
     overwrite: bool = False
     codec: str = "dense"
-    rank: int | str = 256
+    rank: int | str = "auto"
     sketch: int = 0
     memory_budget_mb: float = 1024.0
 
