@@ -155,3 +155,14 @@ def test_a_bad_rank_is_refused_with_the_choices():
     for bad in (0, "big", 2.5, True):
         with pytest.raises(MisconfigurationException, match="rank must be 'auto' or a positive int"):
             AttributionCallback(rank=bad)
+
+
+def test_auto_rank_is_256_for_the_eigen_codec(tmp_path):
+    """rank="auto" (the default) grows only propagation="spectral"'s eigenspace; codec "eigen" keeps 256 pairs."""
+    from lightning_attr.settings import AttributionSettings
+
+    assert AttributionSettings().rank == "auto" and AttributionSettings().fixed_rank() == 256 == AttributionSettings(rank=256).fixed_rank()
+    assert AttributionSettings(rank=64).fixed_rank() == 64
+    cb = AttributionCallback(tmp_path / "r", codec="eigen")
+    _wide_mlp_fit(cb)  # P = 1,012
+    assert ResponseStore.load(cb.dirpath).checkpoint_info("final")["spectral"]["rank"] == 256
