@@ -47,7 +47,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import Setting, fit, make_net  # noqa: E402
+from bench import Setting, current_commit, fit, make_net  # noqa: E402
 from convergence import HERE as SETTINGS  # noqa: E402
 
 from lightning_attr import AttributionCallback, ResponseStore  # noqa: E402
@@ -177,7 +177,7 @@ def main() -> None:
     print(f"[{args.setting}] ground truth and plain fits in {time.perf_counter() - start:.0f}s", flush=True)
 
     def emit(record: dict) -> None:
-        record["command"] = " ".join(sys.argv)
+        record["command"], record["commit"] = " ".join(sys.argv), current_commit()
         print(json.dumps(record), flush=True)
         with open(args.out, "a") as fh:
             fh.write(json.dumps(record) + "\n")

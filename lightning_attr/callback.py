@@ -60,8 +60,9 @@ class AttributionCallback(Callback):
             live when a fit ends early is finished on replayed batches at the final weights).
         sources: ``None`` for one source per training example, or each example's source id (``Tensor[n]``
             or a sequence of ints/strings), or a callable mapping ``LongTensor[n]`` example indices to ids.
-        checkpoint_epochs: extra response checkpoints along the trajectory (1-based epoch numbers), for
-            ensembles (``attribute(checkpoints="all")``). Online: one more simulation window per entry,
+        checkpoint_epochs: extra response checkpoints along the trajectory (1-based epoch numbers), read with the
+            final one as a trajectory ensemble (``attribute(checkpoints="all")``, the default); ``None`` (default): the
+            final checkpoint only. Online: one more simulation window per entry,
             injecting during that epoch, written ``horizon`` steps later with the weights of that moment.
             End: an end-mode simulation at the weights after that epoch. ``"auto"``: with ``propagation="spectral"``
             2, after 10% and 20% of the epochs (:func:`early_checkpoint_epochs`; early members add the most, measured
