@@ -102,7 +102,7 @@ TRACE_PROBES = 32  # Hutchinson probes of trace(G), for damping="auto" (and the 
 DEFAULT_KRYLOV_BLOCK = 32
 DEFAULT_PRODUCTS_PER_PAIR = 2
 DEFAULT_EXTRA_PRODUCTS = 256
-AUTO_BLOCK_GROWTH = 0.125  # adaptive_eigenspace's blocks: m / 8 vectors past the first 256 pairs (3x faster, same accuracy)
+AUTO_BLOCK_GROWTH = 0.125  # adaptive_eigenspace's blocks: m / 8 vectors past the first 256 pairs (3.9x faster, same accuracy)
 DEFAULT_RANK = 256  # rank=256 (and the least rank="auto" keeps): Pearson >= 0.98 to the exact target on 4 of the bench's 5 models
 _FINDER_PEAK_BYTES = 20  # per vector of the Krylov space and parameter: Q (float64) + G Q (float32) + G Q read in float64
 
@@ -233,8 +233,8 @@ def adaptive_eigenspace(
 
     ``growth``: blocks of ``growth m`` vectors (whole blocks of ``block``), :func:`_block_krylov`; with 0 the space is
     the block Krylov space of ``top_eigenspace(rank=k(m))``. Measured on the MNIST-1D MLP's explicit GGN (P = 15,210,
-    ``benchmarks/deflation.py auto``): at ``sigma_k <= 0.7 lam``, 1/8 reached rank 939 in 1,878 products and 98 s with
-    Pearson 0.989 to the exact target, blocks of 32 rank 912 in 1,824 products and 309 s with 0.989.
+    ``benchmarks/deflation.py auto``, one process): at ``sigma_k <= 0.5 lam``, 1/8 reached rank 1,152 in 2,304 products
+    and 75 s with Pearson 0.995 to the exact target, blocks of 32 rank 1,136 in 2,272 products and 294 s with 0.995.
     """
     if not threshold >= 0:
         raise ValueError(f"threshold must be an eigenvalue >= 0, got {threshold}.")
