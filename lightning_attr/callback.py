@@ -27,6 +27,7 @@ from lightning_attr.mixin import AttributionMixin
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.progress import SimulationProgress
 from lightning_attr.settings import AttributionSettings
+from lightning_attr.curvature_average import DEFAULT_AVERAGED_RANK
 from lightning_attr.simulation import DEFAULT_MOMENTUM, Damping
 from lightning_attr.sources import SourceMap, SourceSpec, indexed_base, split_batch
 from lightning_attr.store import ResponseStore, has_store
@@ -92,6 +93,10 @@ class AttributionCallback(Callback):
             with ``curvature_batch_size >= n``; it amplifies minibatch noise).
         momentum: heavy-ball's ``beta`` in ``[0, 1)``: curvature below ``(1 - beta)/step_size`` is resolved as
             if the step were ``step_size / (1 - beta)``.
+        averaged_rank: online mode with the GGN: inside the top-``k`` eigenspace of a window's first curvature pool,
+            each pool's curvature is replaced by the running mean of the window's pools so far
+            (:mod:`lightning_attr.curvature_average`; ``k`` products per pool, less minibatch noise;
+            docs/propagation.md). 0: off.
         damping_scale: multiplies the automatic damping (default 3: the exact target's LDS peaks at 1-10x the mean
             eigenvalue on the bench's settings and 3x is within 0.013 of every peak; docs/propagation.md).
         chunk_size: perturbations per vmapped curvature product (bounds the product's activation memory).
@@ -143,6 +148,7 @@ class AttributionCallback(Callback):
         step_size: Damping = "auto",
         propagation: str = "auto",
         momentum: float = DEFAULT_MOMENTUM,
+        averaged_rank: int = DEFAULT_AVERAGED_RANK,
         damping_scale: float = 3.0,
         chunk_size: int = 2048,
         store_dtype: str = "float32",

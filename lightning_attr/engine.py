@@ -46,6 +46,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
+from lightning_attr.curvature_average import CurvatureAverage
 from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator, estimate_spectrum, shared_operator
 from lightning_attr.deflated import AUTO_RANK_RATIO, COMPLEMENT_WARNING_RATIO, DeflatedInverse
 from lightning_attr.functional import FunctionalModel, to_float32
@@ -146,11 +147,17 @@ class Window:
     complete: bool = False  # every source propagated for the full horizon
     replayed_steps: int = 0  # steps run on replayed batches after the fit
     steps_since_injection: int = 0  # propagation steps since the last batch that injected an example
+    averaging: CurvatureAverage | None = None  # the pools' curvature averaged in its top subspace (set at the first step)
     progress: Any = None
     done: bool = False  # written to the store (this process's part)
 
     def active(self, epoch: int) -> bool:
         return not (self.done or self.complete) and epoch >= self.injection_epoch
+
+    @property
+    def averaging_products(self) -> int:
+        """Curvature-vector products the curvature averaging has spent so far (0 without it)."""
+        return self.averaging.products if self.averaging is not None else 0
 
 
 @dataclass
@@ -532,16 +539,33 @@ class SimulationEngine:
             window.simulation.load_state_dict(state["simulation"])
             window.writer.load_state_dict(state["writer"])
             window.steps_since_injection = int(state["steps_since_injection"])
+            if state.get("averaging") is not None:
+                window.averaging = CurvatureAverage.from_state(state["averaging"], theta.device)
         window.progress = self._new_progress(window.name, window.simulation.products)
 
     def _step(self, window: Window, operator: CurvatureOperator, theta: Tensor) -> None:
         simulation = window.simulation
+        before, averaging_before = simulation.products, window.averaging_products
         if simulation.rule is None:  # from the window's first pool: a mid-training window's curvature is its own
             simulation.rule = self._step_rule(operator, theta)
-        before = simulation.products
+            window.averaging = self._curvature_average(operator, theta)
+        if window.averaging is not None:
+            operator = window.averaging.wrap(operator)
         simulation.step(operator)
         window.steps_since_injection += 1
-        self._count(window.progress, simulation.products - before)
+        spent = simulation.products - before
+        if self.partition.rank == 0:  # every process repeats the averaging on the same (gathered) pools: counted once
+            spent += window.averaging_products - averaging_before
+        self._count(window.progress, spent)
+
+    def _curvature_average(self, operator: CurvatureOperator, theta: Tensor) -> CurvatureAverage | None:
+        """``averaged_rank > 0`` with the GGN: the top subspace of this (first) pool's curvature, in which every
+        pool's curvature is replaced by the running mean (:mod:`curvature_average`); None otherwise (the Hessian's
+        top eigenspace by value would miss its negative directions)."""
+        s = self.settings
+        if s.averaged_rank == 0 or s.curvature != "ggn":
+            return None
+        return CurvatureAverage.of(operator, theta.numel(), s.averaged_rank, torch.Generator().manual_seed(s.seed + 2), theta.device)
 
     def finish_on_replay(self, model: FunctionalModel, theta: Tensor, data: TrainingData, window: Window, step: int) -> None:
         """Propagates what is still live when the fit ends for its remaining steps, at the final weights, on
@@ -574,7 +598,8 @@ class SimulationEngine:
         stats = {"valid": simulation.valid.cpu(), "shortfall": shortfall, "missing_examples": missing_per_source}
         self._write_part(window.name, window.writer, stats, window.replayed_steps)
         rule = simulation.rule
-        self._pending[window.name] = _Pending(None if rule is None else rule.to_json(), "step_rule" if rule else "spectral")
+        record = None if rule is None else {**rule.to_json(), **(window.averaging.to_json() if window.averaging else {})}
+        self._pending[window.name] = _Pending(record, "step_rule" if rule else "spectral")
         if window.progress is not None:
             window.progress.close()
         window.done, window.simulation, window.writer, window.progress = True, None, None, None
@@ -592,6 +617,7 @@ class SimulationEngine:
                 windows[w.name] = {
                     "simulation": w.simulation.state_dict(), "writer": w.writer.state_dict(),
                     "steps_since_injection": w.steps_since_injection,
+                    "averaging": None if w.averaging is None else w.averaging.state_dict(),
                 }  # fmt: skip
         return {"windows": windows}
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from lightning_attr.codecs import CODECS
+from lightning_attr.curvature_average import DEFAULT_AVERAGED_RANK
 from lightning_attr.simulation import DEFAULT_MOMENTUM, PROPAGATIONS, Damping
 from lightning_attr.spectral import DEFAULT_RANK
 
@@ -39,6 +40,7 @@ class AttributionSettings:
     step_size: Damping = "auto"
     propagation: str = "auto"
     momentum: float = DEFAULT_MOMENTUM
+    averaged_rank: int = DEFAULT_AVERAGED_RANK
     damping_scale: float = 3.0
     chunk_size: int = 2048
     store_dtype: str = "float32"
@@ -86,6 +88,8 @@ class AttributionSettings:
             raise ValueError(
                 "codec='eigen' keeps the top eigenspace of the GGN (positive semi-definite); it needs curvature='ggn'."
             )
+        if not isinstance(self.averaged_rank, int) or isinstance(self.averaged_rank, bool) or self.averaged_rank < 0:
+            raise ValueError(f"averaged_rank must be an int >= 0 (0: no averaging), got {self.averaged_rank!r}.")
         if not (rank == "auto" or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1)):
             raise ValueError(f"rank must be 'auto' or a positive int, got {rank!r}.")
         if not isinstance(self.sketch, int) or self.sketch < 0:

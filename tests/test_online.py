@@ -21,15 +21,18 @@ def test_online_digits_correlates_with_exact_influence(tmp_path):
     store = ResponseStore.load(cb.dirpath)
     final = store.checkpoint_info("final")
     assert final["n_valid"] == 1400 and final["n_shortfall"] == 0 and final["n_missing_examples"] == 0
-    assert final["curvature_products"] == 1400 * 20
-    assert final["step_rule"]["propagation"] == "heavy_ball"
+    rule = final["step_rule"]
+    assert rule["propagation"] == "heavy_ball" and rule["averaged_rank"] == 32
+    # horizon products per source, plus the averaging's: its eigenspace (once) and 32 per pool, about 3% here
+    assert final["curvature_products"] == 1400 * 20 + rule["averaging_products"] < 1400 * 20 * 1.05
 
     queries = (d.x_test[:100], d.y_test[:100])
     ours = model.attribute(queries, responses=cb.dirpath)
     exact = exact_influence(model, d.x_train, d.y_train, *queries, final["step_rule"]["damping"])
     correlation = pearson(ours, exact)
     print(f"online vs exact damped-GGN influence on digits: Pearson {correlation:.3f}")
-    assert correlation >= 0.85  # measured 0.927 with the defaults (0.879 with Neumann K=100 per live batch)
+    # measured 0.952 with the defaults (averaged_rank=0, heavy-ball alone: 0.944; Neumann K=100 per live batch: 0.879)
+    assert correlation >= 0.94
     # per-query rankings agree too (median over queries of the per-query correlation)
     per_query = torch.tensor([pearson(o, e) for o, e in zip(ours, exact)])
     assert float(per_query.median()) >= 0.6
@@ -41,14 +44,15 @@ def _small_cnn(d: int, classes: int) -> Classifier:
 
 @pytest.mark.parametrize(
     "make_model, d, floor",
-    [(logistic, 6, 0.9), (small_mlp, 6, 0.88), (_small_cnn, 16, 0.8)],
+    [(logistic, 6, 0.99), (small_mlp, 6, 0.97), (_small_cnn, 16, 0.95)],
     ids=["logistic", "mlp", "cnn"],
 )
 def test_online_default_horizon_against_exact_influence(tmp_path, make_model, d, floor):
-    """Issue 7's online exactness target (>= 0.90) at the DEFAULT horizon on tiny models, trained at a small
-    learning rate so the weights move little during the window. Measured (torch 2.13 CPU): MLP 0.903,
-    CNN 0.829 (below the target: the response is built along 80 optimizer steps of moving weights, the
-    target is at the final ones); the floors sit just under the measurements."""
+    """Issue 7's online exactness target (>= 0.90) at the DEFAULT settings (horizon 20, damping_scale 3,
+    averaged_rank 32) on tiny models, trained at a small learning rate. Measured (torch 2.13 CPU): logistic
+    0.996, MLP 0.983, CNN 0.964 (averaged_rank=0: 0.988 / 0.958 / 0.936; what is left is mostly weight
+    motion: the sources' gradients are taken at the weights of their injection, the target's at the final
+    ones, docs/propagation.md); the floors sit just under the measurements."""
     x, y = blobs(n=1280, d=d, classes=3)
     xq, yq = blobs(n=24, d=d, classes=3, seed=1)
     torch.manual_seed(0)  # the initial weights: unseeded, they followed the test order (CNN 0.893 to 0.929)

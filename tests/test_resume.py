@@ -46,5 +46,6 @@ def test_resume_continues_the_online_simulation(tmp_path):
     final = ResponseStore.load(store_dir).checkpoint_info("final")
     assert final["replayed_steps"] == 0  # the resumed fit propagated everything on its own live batches
     assert final["n_shortfall"] == 0 and final["n_missing_examples"] == 0 and final["n_valid"] == 64
-    assert final["curvature_products"] == 64 * 6
+    # horizon products per source, plus the curvature averaging's (restored with the window: its products go on)
+    assert final["curvature_products"] == 64 * 6 + final["step_rule"]["averaging_products"]
     assert model.attribute((x[:2], y[:2]), responses=store_dir).isfinite().all()
