@@ -96,7 +96,8 @@ class Evaluation:
         }  # fmt: skip
         members, seconds, products = member_scores(model, store, self.queries, self.probes), 0.0, 0
         for c in store.checkpoints:
-            info, rule = store.checkpoint_info(c), store.checkpoint_info(c)["step_rule"]
+            info = store.checkpoint_info(c)
+            rule = info.get("step_rule") or {**info["spectral"], "complement_ratio": info["spectral"]["reach"]}  # codec "eigen"
             record["members"][c] = {
                 "lds": self.lds(members[c]["paired"]), "global_step": info["global_step"],
                 "simulation_over_plain_fit": round((info["simulation_seconds"] - seconds) / self.plain_fit_s, 2),
@@ -139,14 +140,17 @@ def member_scores(model, store: ResponseStore, queries: tuple, probes: tuple) ->
     with functional_view(model) as (fm, theta):
         batch, probe_batch = (tuple(t.clone() for t in b) for b in (queries, probes))
         for c in store.checkpoints:
-            block = store.block(c)  # "gradient": the linear readout's scores, one matrix product (faster here)
-            at_final = block.scores(fm, theta, batch, "gradient", None)
-            probe = block.scores(fm, theta, probe_batch, "gradient", None)
+            block = store.block(c)
+            # dense: "gradient", the linear readout's scores in one matrix product (faster here); other codecs: "linear"
+            readout = "gradient" if store.codec(c) == "dense" else "linear"
+            chunk = None if readout == "gradient" else 256
+            at_final = block.scores(fm, theta, batch, readout, chunk)
+            probe = block.scores(fm, theta, probe_batch, readout, chunk)
             out[c] = {
-                "paired": block.scores(fm, store.theta(c), batch, "gradient", None),
+                "paired": block.scores(fm, store.theta(c), batch, readout, chunk),
                 "at_final": at_final,
                 "scale": float(probe.std(dim=1).square().mean().sqrt()),
-                "norm": float(centred_norm(block.responses)),
+                "norm": float(centred_norm(block.to_dense() if store.codec(c) == "eigen" else block.responses)),
             }
     return out
 
