@@ -23,7 +23,7 @@ def test_online_digits_correlates_with_exact_influence(tmp_path):
     assert final["n_valid"] == 1400 and final["n_shortfall"] == 0 and final["n_missing_examples"] == 0
     rule = final["step_rule"]
     assert rule["propagation"] == "heavy_ball" and rule["averaged_rank"] == 32
-    # horizon products per source, plus the averaging's: its eigenspace (once) and 32 per pool, about 3% here
+    # horizon products per source, plus the averaging's: its eigenspace (once) and 32 per pool, 4% here
     assert final["curvature_products"] == 1400 * 20 + rule["averaging_products"] < 1400 * 20 * 1.05
 
     queries = (d.x_test[:100], d.y_test[:100])
