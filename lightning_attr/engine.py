@@ -395,7 +395,7 @@ class SimulationEngine:
         curvature, tally = self._full_data_operator(model, theta, data)
         auto = s.rank == "auto"
         cap = product_cap(self.dim, s.memory_budget_mb) if auto else eigenspace_products(self.dim, min(s.rank, self.dim))
-        progress = self._new_progress(name, total=TRACE_PROBES + cap)  # rank="auto": the cap, the bar may end early
+        progress = self._new_progress(name, total=TRACE_PROBES + cap)  # rank="auto": the cap; close() sets what was done
         operator = _Counting(curvature, self, progress, tally)
         generator = torch.Generator().manual_seed(s.seed)
         spectrum = estimate_spectrum(operator, self.dim, probes=TRACE_PROBES, power_iterations=0, generator=generator, device=theta.device)

@@ -91,6 +91,15 @@ class SimulationProgress:
         return f"{self.done:,}/{self.total:,} products in {elapsed:.1f} s, about {left:.0f} s left"
 
     def close(self) -> None:
+        """The simulation is done. A total that was an upper bound (``rank="auto"``'s eigenspace stops at its
+        criterion, before its cap) becomes what was done, so the bar ends full."""
+        if self.done < self.total:
+            self.total = max(self.done, 1)
+            if self._bar is not None:
+                self._bar.total = self.total
+                self._bar.refresh()
+            if self._task is not None:
+                self._progress.update(self._task, total=self.total)
         if self._bar is not None:
             self._bar.close()
         if self._task is not None:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -65,6 +66,20 @@ def test_a_tqdm_bar_shows_the_total(tmp_path, capsys):
     trainer.fit(small_mlp(6, 3), DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=32))
     out = capsys.readouterr().out
     assert "attribution (final)" in out and "195/195" in out and _products(tmp_path / "r") == 195
+
+
+def test_a_bar_whose_work_stops_early_ends_full(capsys):
+    """rank="auto" opens its bar at the eigenspace's cap and usually stops before it: closing sets the total to the
+    products done (the bar ends full, not at 2,304 of 3,529)."""
+    from lightning_attr.progress import SimulationProgress
+
+    trainer = SimpleNamespace(is_global_zero=True, progress_bar_callback=TQDMProgressBar())
+    progress = SimulationProgress(trainer, "attribution (final)", 3529)
+    progress.advance(2000)
+    progress.advance(304)
+    progress.close()
+    assert (progress.done, progress.total) == (2304, 2304)
+    assert "2.30k/2.30k" in capsys.readouterr().out
 
 
 def test_inside_a_hydra_app_the_store_lands_in_the_run_directory(tmp_path):
