@@ -92,7 +92,7 @@ class AttributionSettings:
             raise ValueError(f"averaged_rank must be an int >= 0 (0: no averaging), got {self.averaged_rank!r}.")
         if not (rank == "auto" or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1)):
             raise ValueError(f"rank must be 'auto' or a positive int, got {rank!r}.")
-        if not isinstance(self.sketch, int) or self.sketch < 0:
+        if not isinstance(self.sketch, int) or isinstance(self.sketch, bool) or self.sketch < 0:
             raise ValueError(f"sketch must be an int >= 0, got {self.sketch!r}.")
         if self.sketch and codec != "eigen":
             raise ValueError(

@@ -503,8 +503,9 @@ def eigen_responses(
         generator=generator, device=theta.device,
     )  # fmt: skip
     basis, gains = space.vectors, spectral_filter(space.eigenvalues, lam, horizon, propagation, momentum)
-    complement = space.complement_mean(mean_eigenvalue * dim, dim) if sketch else float("nan")
+    complement = float("nan")
     if sketch:
+        complement = space.complement_mean(mean_eigenvalue * dim, dim)
         basis = torch.cat([basis, complement_sketch(space.vectors, sketch, generator)])
         outside = spectral_filter(torch.tensor([complement], device=gains.device), lam, horizon, propagation, momentum)
         gains = torch.cat([gains, outside.expand(sketch)])

@@ -119,8 +119,9 @@ def test_sketch_needs_the_eigen_codec():
 
     with pytest.raises(MisconfigurationException, match="sketch=8 keeps the part .* Set codec='eigen'"):
         AttributionCallback(sketch=8)
-    with pytest.raises(MisconfigurationException, match="sketch must be an int >= 0"):
-        AttributionCallback(codec="eigen", sketch=-1)
+    for bad in (-1, True, 2.5):
+        with pytest.raises(MisconfigurationException, match="sketch must be an int >= 0"):
+            AttributionCallback(codec="eigen", sketch=bad)
 
 
 def test_damaged_basis_is_refused(tmp_path):
