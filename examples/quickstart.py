@@ -12,7 +12,7 @@ from lightning_attr.models import Classifier, mlp   # or your own: class Net(Att
 digits = load_digits(n_train=1400)                  # 1,400 train / 397 test, 64 features
 train = IndexedDataset(TensorDataset(digits.x_train, digits.y_train))  # items (x, y, index)
 net = Classifier(mlp(64, [64], 10), lr=0.05, momentum=0.9, weight_decay=1e-3)
-cb = AttributionCallback()                          # end mode: after the fit, the GGN's damped inverse
+cb = AttributionCallback()                          # end mode: the GGN's damped inverse after 10%, 20% and 100% of the fit
 trainer = L.Trainer(max_epochs=20, callbacks=[cb], logger=False, enable_checkpointing=False)
 trainer.fit(net, DataLoader(train, batch_size=64, shuffle=True))
 

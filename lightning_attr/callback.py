@@ -62,16 +62,16 @@ class AttributionCallback(Callback):
         sources: ``None`` for one source per training example, or each example's source id (``Tensor[n]``
             or a sequence of ints/strings), or a callable mapping ``LongTensor[n]`` example indices to ids.
         checkpoint_epochs: extra response checkpoints along the trajectory (1-based epoch numbers), read with the
-            final one as a trajectory ensemble (``attribute(checkpoints="all")``, the default); ``None`` (default): the
-            final checkpoint only. Online: one more simulation window per entry,
-            injecting during that epoch, written ``horizon`` steps later with the weights of that moment.
-            End: an end-mode simulation at the weights after that epoch. ``"auto"``: with ``propagation="spectral"``
-            2, after 10% and 20% of the epochs (:func:`early_checkpoint_epochs`; early members add the most, measured
-            in ``benchmarks/ensembles.py``); with a step rule as many as fit
-            in a budget of 100 propagation steps per source for all windows (:func:`auto_checkpoint_count`: 3 at
-            ``horizon <= 25``, none at 100), spread over the second half of the fit
-            (:func:`spread_checkpoint_epochs`). An entry the fit cannot honour (too late for a window to
-            finish before the end) is dropped with a warning.
+            final one as a trajectory ensemble (``attribute(checkpoints="all")``, the default). ``"auto"`` (default):
+            where the simulation runs at fixed weights (end mode; also codec ``"eigen"``), 2 after 10% and 20% of the
+            epochs (:func:`early_checkpoint_epochs`; 30 epochs: after 3 and 6; early members add the most, measured
+            in ``benchmarks/ensembles.py``); on live batches (online mode), none (no measurement shows online windows
+            gaining from an ensemble, and each window costs a full simulation); a fit whose end
+            is unknown (no ``max_epochs`` / ``max_steps``), none, with a warning. ``None``: the final checkpoint
+            only. A list: online, one more simulation window per entry, injecting during that epoch, written
+            ``horizon`` steps later with the weights of that moment; end, an end-mode simulation at the weights
+            after that epoch. An entry the fit cannot honour (too late for a window to finish before the end) is
+            dropped with a warning.
         curvature_batch_size: examples per curvature batch. ``mode="end"``: the replayed batches. Online:
             consecutive live batches are pooled until they hold this many examples (at most the training set),
             and each pool is one propagation step at the weights of the step that completes it, so a window
@@ -143,7 +143,7 @@ class AttributionCallback(Callback):
         curvature: str = "ggn",
         mode: str = "end",
         sources: SourceSpec = None,
-        checkpoint_epochs: Sequence[int] | str | None = None,
+        checkpoint_epochs: Sequence[int] | str | None = "auto",
         curvature_batch_size: int = 256,
         step_size: Damping = "auto",
         propagation: str = "auto",
@@ -289,19 +289,17 @@ class AttributionCallback(Callback):
                 f"describe an early model, not the trained one. Train for at least {needed} epochs, lower horizon, "
                 "or use mode='end' (simulates at the final weights)."
             )
-        if self.checkpoint_epochs == "auto":
-            epochs = [e + 1 for e in spread_checkpoint_epochs(final, auto_checkpoint_count(self.horizon))]
-        else:
-            epochs = [e for e in self.checkpoint_epochs if e - 1 < final]
-            dropped = [e for e in self.checkpoint_epochs if e - 1 >= final]
-            if dropped:
-                latest = f"the latest possible is {final}" if final >= 1 else "no epoch is early enough"
-                rank_zero_warn(
-                    f"checkpoint_epochs {dropped} cannot be honoured and were dropped: a window injecting during "
-                    f"epoch e ends one epoch + horizon steps later and must open before the final window (epoch "
-                    f"{final + 1}); {when}, {latest}. Use earlier epochs, train longer, lower horizon, or "
-                    "mode='end' (checkpoints at the weights after any epoch)."
-                )
+        requested = [] if self.checkpoint_epochs == "auto" else self.checkpoint_epochs
+        epochs = [e for e in requested if e - 1 < final]
+        dropped = [e for e in requested if e - 1 >= final]
+        if dropped:
+            latest = f"the latest possible is {final}" if final >= 1 else "no epoch is early enough"
+            rank_zero_warn(
+                f"checkpoint_epochs {dropped} cannot be honoured and were dropped: a window injecting during "
+                f"epoch e ends one epoch + horizon steps later and must open before the final window (epoch "
+                f"{final + 1}); {when}, {latest}. Use earlier epochs, train longer, lower horizon, or "
+                "mode='end' (checkpoints at the weights after any epoch)."
+            )
         return [*((f"epoch={e}", e - 1) for e in epochs), ("final", final)]
 
     def _plan_injection_epoch(self, trainer: L.Trainer) -> tuple[int, int]:
@@ -343,13 +341,13 @@ class AttributionCallback(Callback):
         last = math.ceil(total / per_epoch) if math.isfinite(total) else None  # epochs in the fit
         if self.checkpoint_epochs == "auto":
             if last is None:
-                raise MisconfigurationException(
-                    "checkpoint_epochs='auto' spreads checkpoints over the fit and must know when it ends: set "
-                    "max_epochs or max_steps, or list the epochs."
+                rank_zero_warn(
+                    "checkpoint_epochs='auto' puts checkpoints after 10% and 20% of the epochs and the fit's end is "
+                    "unknown (no max_epochs / max_steps): only the final checkpoint is simulated. Set max_epochs or "
+                    "max_steps, or list the epochs (checkpoint_epochs=[...])."
                 )
-            if self._engine.propagation() == "spectral":
-                return early_checkpoint_epochs(last)
-            return [e + 1 for e in spread_checkpoint_epochs(last - 1, auto_checkpoint_count(self.horizon))]
+                return []
+            return early_checkpoint_epochs(last)
         dropped = [e for e in self.checkpoint_epochs if last is not None and e >= last]
         if dropped:
             rank_zero_warn(
@@ -516,37 +514,19 @@ class AttributionCallback(Callback):
             self.dirpath = state_dict.get("dirpath") or self.dirpath
 
 
-_AUTO_BUDGET = 100  # checkpoint_epochs="auto": propagation steps per source for all windows together ...
-_AUTO_MAX_CHECKPOINTS = 3  # ... with at most this many windows besides the final one ...
-_AUTO_SPAN = 0.5  # ... spread evenly over this last fraction of the epochs before the final one
-# "spectral" (its cost does not depend on the horizon): after these fractions of the epochs. Early members add the
-# most (benchmarks/ensembles.py, 30 epochs, members after epochs 3, 6, 10/13, 15, 20/21, 25 and the final one, one
-# seed): each of epochs 3-10 alone beat the final model on both MNIST-1D settings, and {3, 6} + final reached LDS
+# checkpoint_epochs="auto" in end mode: after these fractions of the epochs. Early members add the most
+# (benchmarks/ensembles.py, 30 epochs, members after epochs 3, 6, 10/13, 15, 20/21, 25 and the final one, one seed):
+# each of epochs 3-10 alone beat the final model on both MNIST-1D settings, and {3, 6} + final reached LDS
 # 0.709 / 0.813 / 0.266 / 0.322 (digits MLP, [0, 1] digits MLP, MNIST-1D MLP, MNIST-1D CNN) against 0.672 / 0.767 /
 # 0.136 / 0.236 for the final model alone, 0.003-0.025 below the best subset of up to 6 members
-_AUTO_FRACTIONS_SPECTRAL = (0.1, 0.2)
-
-
-def auto_checkpoint_count(horizon: int) -> int:
-    """Checkpoints besides the final one under ``checkpoint_epochs="auto"`` with a step rule: as many as keep the
-    simulation within ``_AUTO_BUDGET = 100`` steps per source in all (one window at the former default horizon
-    100), at most 3: 3 at ``horizon <= 25``, 1 at 50, none at 100."""
-    return max(0, min(_AUTO_MAX_CHECKPOINTS, _AUTO_BUDGET // horizon - 1))
+_AUTO_FRACTIONS = (0.1, 0.2)
 
 
 def early_checkpoint_epochs(epochs: int) -> list[int]:
-    """Where ``checkpoint_epochs="auto"`` puts the extra checkpoints of ``propagation="spectral"`` in a fit of
+    """Where ``checkpoint_epochs="auto"`` puts the extra checkpoints of end mode in a fit of
     ``epochs`` epochs: after epochs ``round(0.1 epochs)`` and ``round(0.2 epochs)`` (1-based, at least 1, before the
     last; distinct). E.g. 30 epochs: ``[3, 6]``; 10: ``[1, 2]``; 5: ``[1]``; 1: ``[]``."""
-    return sorted(e for e in {max(1, round(epochs * f)) for f in _AUTO_FRACTIONS_SPECTRAL} if e < epochs)
-
-
-def spread_checkpoint_epochs(last: int, count: int = _AUTO_MAX_CHECKPOINTS, span: float = _AUTO_SPAN) -> list[int]:
-    """``count`` epochs (0-based, distinct, sorted) spread evenly over ``[(1 - span) * last, last)``: where
-    ``checkpoint_epochs="auto"`` puts the extra checkpoints when the final one is at epoch ``last``.
-    E.g. ``last=24``: ``[12, 16, 20]``. Fewer when the fit is too short to tell them apart."""
-    points = {round(last * (1 - span * k / count)) for k in range(1, count + 1)}
-    return sorted(e for e in points if 0 <= e < last)
+    return sorted(e for e in {max(1, round(epochs * f)) for f in _AUTO_FRACTIONS} if e < epochs)
 
 
 def _steps_per_epoch(trainer: L.Trainer) -> int:

@@ -35,7 +35,7 @@ class AttributionSettings:
     curvature: str = "ggn"
     mode: str = "end"
     sources: Any = None
-    checkpoint_epochs: Sequence[int] | str | None = None
+    checkpoint_epochs: Sequence[int] | str | None = "auto"
     curvature_batch_size: int = 256
     step_size: Damping = "auto"
     propagation: str = "auto"

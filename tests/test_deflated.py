@@ -55,7 +55,7 @@ def test_default_end_mode_is_spectral_and_matches_the_explicit_matrix(tmp_path):
     x, y = blobs(n=160, d=6, classes=3)
     xq, yq = blobs(n=24, d=6, classes=3, seed=1)
     model = small_mlp(6, 3)
-    cb = AttributionCallback(tmp_path / "r", mode="end")
+    cb = AttributionCallback(tmp_path / "r", mode="end", checkpoint_epochs=None)
     fit(model, x, y, [cb], epochs=15)
     rule = ResponseStore.load(cb.dirpath).checkpoint_info("final")["step_rule"]
     assert rule["propagation"] == "spectral" and rule["rank"] == 163 and rule["damping"] > 0
@@ -71,7 +71,7 @@ def test_a_short_eigenspace_warns_and_stays_close(tmp_path):
     x, y = blobs(n=160, d=6, classes=3)
     xq, yq = blobs(n=24, d=6, classes=3, seed=1)
     model = small_mlp(6, 3)
-    cb = AttributionCallback(tmp_path / "r", mode="end", rank=10, damping_scale=0.1)
+    cb = AttributionCallback(tmp_path / "r", mode="end", rank=10, damping_scale=0.1, checkpoint_epochs=None)
     with pytest.warns(UserWarning, match="not resolved.*Raise rank"):
         fit(model, x, y, [cb], epochs=15)
     rule = ResponseStore.load(cb.dirpath).checkpoint_info("final")["step_rule"]
@@ -122,7 +122,7 @@ def test_auto_rank_grows_to_the_damping_and_matches_the_explicit_matrix_and_the_
     from lightning_attr.spectral import supported_rank
 
     def run(name: str, rank):
-        cb = AttributionCallback(tmp_path / name, rank=rank, damping_scale=0.005)
+        cb = AttributionCallback(tmp_path / name, rank=rank, damping_scale=0.005, checkpoint_epochs=None)
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*(not resolved|stopped at its cap).*")
             model, (x, y), queries = _wide_mlp_fit(cb)

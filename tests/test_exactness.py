@@ -18,7 +18,7 @@ def test_end_mode_matches_exact_damped_ggn_influence(tmp_path, make_model):
     xq, yq = blobs(n=24, d=6, classes=3, seed=1)
     model = make_model(6, 3)
     # Full-batch curvature (batch >= n) and a long horizon: the plain Neumann series has converged.
-    cb = AttributionCallback(tmp_path / "r", mode="end", horizon=800, curvature_batch_size=512, propagation="neumann")
+    cb = AttributionCallback(tmp_path / "r", mode="end", horizon=800, curvature_batch_size=512, propagation="neumann", checkpoint_epochs=None)
     fit(model, x, y, [cb], epochs=15)
     damping = ResponseStore.load(cb.dirpath).checkpoint_info("final")["step_rule"]["damping"]
     assert damping > 0
@@ -50,7 +50,7 @@ def test_default_horizon_matches_exact_influence(tmp_path, make_model, d, propag
     x, y = blobs(n=160, d=d, classes=3)
     xq, yq = blobs(n=24, d=d, classes=3, seed=1)
     model = make_model(d, 3)
-    cb = AttributionCallback(tmp_path / "r", mode="end", curvature_batch_size=512, propagation=propagation)
+    cb = AttributionCallback(tmp_path / "r", mode="end", curvature_batch_size=512, propagation=propagation, checkpoint_epochs=None)
     fit(model, x, y, [cb], epochs=15)
     info = ResponseStore.load(cb.dirpath).checkpoint_info("final")
     assert info["horizon"] == 20 and info["step_rule"]["propagation"] == ("spectral" if propagation == "auto" else propagation)
@@ -76,7 +76,7 @@ def test_scores_predict_leave_one_out_retraining(tmp_path):
         return model
 
     everyone = torch.arange(60)
-    cb = AttributionCallback(tmp_path / "r", mode="end", horizon=600, damping=0.05, curvature_batch_size=512)
+    cb = AttributionCallback(tmp_path / "r", mode="end", horizon=600, damping=0.05, curvature_batch_size=512, checkpoint_epochs=None)
     full = converged_fit(everyone, [cb])
     scores = full.attribute((xq, yq), responses=cb.dirpath)[:, removed]
 

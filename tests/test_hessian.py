@@ -43,7 +43,7 @@ def test_hessian_curvature_matches_exact_influence(tmp_path, make_model):
     xq, yq = blobs(n=24, d=6, classes=3, seed=1)
     torch.manual_seed(0)
     model = make_model(6, 3)
-    cb = AttributionCallback(tmp_path / "r", mode="end", curvature="hessian", horizon=200, curvature_batch_size=512)
+    cb = AttributionCallback(tmp_path / "r", mode="end", curvature="hessian", horizon=200, curvature_batch_size=512, checkpoint_epochs=None)
     fit(model, x, y, [cb], epochs=15)
     info = ResponseStore.load(cb.dirpath).checkpoint_info("final")
     assert info["curvature"] == "hessian" and info["step_rule"]["damping"] > 0

@@ -40,7 +40,7 @@ def test_predict_step_attributes_under_inference_mode(tmp_path, readout):
 def test_top_k_proponents_and_opponents(tmp_path):
     x, y = blobs(n=64, d=6, classes=3)
     model = Classifier(mlp(6, [8], 3))
-    cb = AttributionCallback(tmp_path / "r", mode="end", horizon=20, curvature_batch_size=32)
+    cb = AttributionCallback(tmp_path / "r", mode="end", horizon=20, curvature_batch_size=32, checkpoint_epochs=None)
     fit(model, x, y, [cb], epochs=3)
     scores = model.attribute((x[:4], y[:4]), responses=cb.dirpath)
     top = model.attribute((x[:4], y[:4]), responses=cb.dirpath, top_k=5)

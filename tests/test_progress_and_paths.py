@@ -45,7 +45,7 @@ def test_a_second_fit_in_the_same_folder_gets_a_new_versioned_store(tmp_path):
 @pytest.mark.parametrize("mode", ["end", "online"])
 def test_progress_is_logged_and_agrees_with_the_manifest(tmp_path, caplog, mode):
     x, y = blobs(64)
-    cb = AttributionCallback(tmp_path / "r", horizon=4, mode=mode, curvature_batch_size=32, propagation="heavy_ball")
+    cb = AttributionCallback(tmp_path / "r", horizon=4, mode=mode, curvature_batch_size=32, propagation="heavy_ball", checkpoint_epochs=None)
     with caplog.at_level(logging.INFO, logger="lightning_attr"):
         fit(small_mlp(6, 3), x, y, [cb], epochs=3, batch_size=16)
     lines = [r.getMessage() for r in caplog.records if r.name == "lightning_attr"]

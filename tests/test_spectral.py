@@ -25,7 +25,7 @@ def test_eigen_codec_at_full_rank_equals_the_exact_damped_target(tmp_path):
     model = small_mlp(6, 3)
     # rank above P (163) is capped at P: the eigenspace is the whole space and nothing is dropped; the default
     # filter (propagation "auto", as "spectral") is the damped inverse
-    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=1000, curvature_batch_size=64)
+    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=1000, curvature_batch_size=64, checkpoint_epochs=None)
     fit(model, x, y, [cb], epochs=8)
     store = ResponseStore.load(cb.dirpath)
     entry = store.checkpoint_info("final")
@@ -164,7 +164,7 @@ def test_half_precision_basis_keeps_the_scores(tmp_path, dtype):
     x, y = blobs(n=160, d=6, classes=3)
     xq, yq = blobs(n=24, d=6, classes=3, seed=1)
     model = small_mlp(6, 3)
-    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=32, horizon=100, mode="online")
+    cb = AttributionCallback(tmp_path / "r", codec="eigen", rank=32, horizon=100, mode="online", checkpoint_epochs=None)
     fit(model, x, y, [cb], epochs=4)
     full = ResponseStore.load(cb.dirpath)
     half = ResponseStore.create(tmp_path / dtype, full.space, SourceMap.build(None, 160), {}, overwrite=True)

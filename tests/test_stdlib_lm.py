@@ -121,7 +121,7 @@ def test_module_scores_match_the_explicit_damped_ggn(tmp_path):
     L.seed_everything(0, verbose=False)
     model = CausalLM(VOCAB_SIZE, context=16, dim=4, heads=2, depth=1, ff=8, lr=0.2)
     callback = AttributionCallback(tmp_path / "r", sources=[text.modules[m] for m in text.module_of_window.tolist()],
-                                   mode="end", horizon=100, curvature_batch_size=64)
+                                   mode="end", horizon=100, curvature_batch_size=64, checkpoint_epochs=None)
     trainer = L.Trainer(max_epochs=10, callbacks=[callback], logger=False, enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=False)
 

@@ -8,22 +8,13 @@ import torch
 from conftest import blobs, fit, small_mlp
 
 from lightning_attr import AttributionCallback, ResponseStore
-from lightning_attr.callback import auto_checkpoint_count, early_checkpoint_epochs, spread_checkpoint_epochs
+import lightning as L
+
+from lightning_attr.callback import early_checkpoint_epochs
 
 
-def test_auto_epochs_spread_over_the_second_half_within_the_budget():
-    assert spread_checkpoint_epochs(24) == [12, 16, 20]
-    assert spread_checkpoint_epochs(6) == [3, 4, 5]
-    assert spread_checkpoint_epochs(2) == [1]  # too short to tell three apart
-    assert spread_checkpoint_epochs(0) == []
-    assert spread_checkpoint_epochs(24, 1) == [12]
-    # all windows together propagate each source for at most 100 steps (one window at horizon 100)
-    assert [auto_checkpoint_count(k) for k in (4, 20, 25, 30, 50, 99, 100, 200)] == [3, 3, 3, 2, 1, 0, 0, 0]
-
-
-
-def test_auto_epochs_of_spectral_propagation_are_early():
-    # end mode's default: its cost does not grow with the horizon; after 10% and 20% of the epochs
+def test_auto_epochs_are_early():
+    # end mode's default: after 10% and 20% of the epochs
     assert early_checkpoint_epochs(30) == [3, 6]
     assert early_checkpoint_epochs(7) == [1]
     assert early_checkpoint_epochs(10) == [1, 2]
@@ -60,22 +51,35 @@ def test_a_long_enough_fit_warns_about_nothing(tmp_path):
 
 def test_auto_checkpoints_online_and_end(tmp_path):
     x, y = blobs(n=64, d=6, classes=3)
-    alone = AttributionCallback(tmp_path / "alone", horizon=100, checkpoint_epochs="auto", curvature_batch_size=16, mode="online")
-    fit(small_mlp(6, 3), x, y, [alone], epochs=30, batch_size=16)
-    assert ResponseStore.load(alone.dirpath).checkpoints == ["final"]  # horizon 100: the budget holds one window
-    online = AttributionCallback(tmp_path / "online", horizon=4, checkpoint_epochs="auto", curvature_batch_size=16, mode="online")
-    fit(small_mlp(6, 3), x, y, [online], epochs=10, batch_size=16)  # 4 steps per epoch: final injects in epoch 9
-    store = ResponseStore.load(online.dirpath)
-    assert store.checkpoints == ["epoch=5", "epoch=6", "epoch=8", "final"]  # 0-based 4, 5(.3), 7(.5) of 8
-    assert all(store.checkpoint_info(c)["n_shortfall"] == 0 for c in store.checkpoints)
-    # each window's step rule comes from the curvature at the weights it opened at
-    assert len({store.checkpoint_info(c)["step_rule"]["lambda_max"] for c in store.checkpoints}) == 4
+    online = AttributionCallback(tmp_path / "online", horizon=4, curvature_batch_size=16, mode="online")
+    assert online.checkpoint_epochs == "auto"  # the default
+    fit(small_mlp(6, 3), x, y, [online], epochs=10, batch_size=16)
+    assert ResponseStore.load(online.dirpath).checkpoints == ["final"]  # online: no extra windows
     model = small_mlp(6, 3)
-    end = AttributionCallback(tmp_path / "end", mode="end", horizon=4, curvature_batch_size=32, checkpoint_epochs="auto")
+    end = AttributionCallback(tmp_path / "end", mode="end", horizon=4, curvature_batch_size=32)
     fit(model, x, y, [end], epochs=12)
-    # propagation "spectral" (end mode's default): after 10% and 20% of the epochs
+    # end mode: after 10% and 20% of the epochs, whatever the propagation
     assert ResponseStore.load(end.dirpath).checkpoints == ["epoch=1", "epoch=2", "final"]
     assert model.attribute((x[:3], y[:3]), responses=end.dirpath, checkpoints="all").isfinite().all()
+    step_rule = AttributionCallback(tmp_path / "cheb", mode="end", horizon=4, curvature_batch_size=32, propagation="chebyshev")
+    fit(small_mlp(6, 3), x, y, [step_rule], epochs=12)
+    assert ResponseStore.load(step_rule.dirpath).checkpoints == ["epoch=1", "epoch=2", "final"]
+
+
+class _StopAfter(L.Callback):
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.should_stop = trainer.current_epoch + 1 >= self.epochs
+
+
+def test_auto_checkpoints_of_a_fit_without_a_known_end_warn_and_keep_the_final_one(tmp_path):
+    x, y = blobs(n=64, d=6, classes=3)
+    cb = AttributionCallback(tmp_path / "r", mode="end", curvature_batch_size=32)
+    with pytest.warns(UserWarning, match=r"fit's end is unknown.*only the final checkpoint.*Set max_epochs or max_steps"):
+        fit(small_mlp(6, 3), x, y, [cb, _StopAfter(3)], epochs=-1)
+    assert ResponseStore.load(cb.dirpath).checkpoints == ["final"]
 
 
 def test_end_mode_checkpoint_after_the_last_epoch_is_said(tmp_path):
