@@ -38,7 +38,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from lightning_attr.batch_format import check_batch
 from lightning_attr.functional import FunctionalModel, functional_view, to_float32
 from lightning_attr.parameters import ParameterSpace
-from lightning_attr.codecs import AnyBlock, DenseResponses
+from lightning_attr.codecs import AnyBlock, DenseResponses, SplitResponses
+from lightning_attr.layer_readout import handled_layers, layer_parameters
 from lightning_attr.readout import auto_chunk_size, check_readout
 from lightning_attr.sources import split_batch
 from lightning_attr.store import ResponseStore, StoreError, check_store_path, manifest_stamp
@@ -220,6 +221,11 @@ class Attributor:
             self._chunk_sizes[key] = auto_chunk_size(model, theta, batch, num_sources)
         return self._chunk_sizes[key]
 
+    def _split(self, space: ParameterSpace) -> tuple[str, ...]:
+        """The parameters a dense member holds on their own: those of the module's Linear / Conv layers, whose weight
+        tangents the linear readout reads as contiguous blocks (:mod:`~lightning_attr.layer_readout`)."""
+        return layer_parameters(handled_layers(self.module, space))
+
     def _check(self, stores: list[ResponseStore], space: ParameterSpace, theta: Tensor, strict: bool) -> str | None:
         """Fingerprint of every store; for a single store under ``strict``, the module's weights. Returns the
         live weights' digest (``None`` when nothing needs it)."""
@@ -258,7 +264,7 @@ class Attributor:
             member = _Member(
                 entry=entry,
                 theta=store.theta(name).to(device) if has_snapshot else None,
-                responses=store.block(name, device, self.memory_budget_mb),
+                responses=store.block(name, device, self.memory_budget_mb, split=self._split(store.space)),
                 valid=store.scorable(name).to(device),
                 incomplete=store.incomplete_reason(name),
             )
@@ -316,7 +322,9 @@ class Attributor:
             member = _Member(
                 entry=entry,
                 theta=store.theta(latest).to(device) if "params_file" in entries[latest] else None,
-                responses=DenseResponses(collapse_responses(shards, valid, store.space.size)),
+                responses=DenseResponses(
+                    SplitResponses.from_flat(collapse_responses(shards, valid, store.space.size), store.space, self._split(store.space))
+                ),
                 valid=valid,
                 incomplete=next((r for r in map(store.incomplete_reason, names) if r is not None), None),
             )

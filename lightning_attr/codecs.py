@@ -32,6 +32,7 @@ from torch import Tensor
 
 from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel
+from lightning_attr.layer_readout import SplitResponses
 from lightning_attr.lowrank import LowRankResponses
 from lightning_attr.readout import paired_readout, score_sources
 from lightning_attr.simulation import select_examples
@@ -59,14 +60,17 @@ class ResponseBlock(Protocol):
 
 @dataclass(frozen=True)
 class DenseResponses:
-    """Codec ``"dense"``: ``responses: Tensor[S, P]`` float32, the predicted parameter change per source."""
+    """Codec ``"dense"``: ``responses: Tensor[S, P]`` float32, the predicted parameter change per source, or the same
+    numbers split per parameter (:class:`~lightning_attr.layer_readout.SplitResponses`: how a member is held for the
+    linear readout, which reads each Linear / Conv layer's weight tangents as one contiguous block)."""
 
-    responses: Tensor
+    responses: Tensor | SplitResponses
     codec: ClassVar[str] = "dense"
 
     @property
     def num_sources(self) -> int:
-        return int(self.responses.shape[0])
+        split = isinstance(self.responses, SplitResponses)
+        return self.responses.num_sources if split else int(self.responses.shape[0])
 
     def to(self, device: torch.device | str) -> DenseResponses:
         return DenseResponses(self.responses.to(device))
@@ -75,7 +79,9 @@ class DenseResponses:
         return score_sources(model, theta, self.responses, batch, readout, chunk_size=chunk_size)
 
     def paired(self, model: FunctionalModel, theta: Tensor, batch: Any, sources: Tensor, readout: str) -> Tensor:
-        return paired_readout(model, theta, self.responses[sources], batch, readout)
+        split = isinstance(self.responses, SplitResponses)
+        rows = self.responses.flat(sources) if split else self.responses[sources]
+        return paired_readout(model, theta, rows, batch, readout)
 
 
 @dataclass(frozen=True)
@@ -119,4 +125,7 @@ class StreamedResponses:
 
 AnyBlock = Union[DenseResponses, EigenResponses, LowRankResponses, StreamedResponses]
 
-__all__ = ["CODECS", "AnyBlock", "DenseResponses", "EigenResponses", "LowRankResponses", "ResponseBlock", "StreamedResponses"]
+__all__ = [
+    "CODECS", "AnyBlock", "DenseResponses", "EigenResponses", "LowRankResponses", "ResponseBlock", "SplitResponses",
+    "StreamedResponses",
+]

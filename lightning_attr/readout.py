@@ -28,6 +28,7 @@ from torch.func import jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel, has_recurrent_layer
+from lightning_attr.layer_readout import SplitResponses, handled_layers, layer_parameters, linear_scores
 from lightning_attr.simulation import select_examples
 
 READOUTS = ("linear", "central", "step", "gradient")
@@ -66,10 +67,11 @@ def query_gradients(model: FunctionalModel, theta: Tensor, batch: Any) -> Tensor
     return torch.stack([pullback(row)[0] for row in torch.eye(out.numel(), device=theta.device, dtype=out.dtype)])
 
 
-def _gradient_scores(model: FunctionalModel, theta: Tensor, responses: Tensor, batch: Any) -> Tensor:
+def _gradient_scores(model: FunctionalModel, theta: Tensor, responses: Tensor | SplitResponses, batch: Any) -> Tensor:
     """``Tensor[B, S]``: ``query_gradients @ responses.T``, the queries taken in chunks whose gradients (``[chunk, P]``
     float32) stay under ``CHUNK_ACTIVATION_MB``."""
-    parts = [query_gradients(model, theta, select_examples(batch, rows)) @ responses.T for rows in _query_chunks(batch, theta)]
+    times = responses.times if isinstance(responses, SplitResponses) else lambda g: g @ responses.T
+    parts = [times(query_gradients(model, theta, select_examples(batch, rows))) for rows in _query_chunks(batch, theta)]
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
@@ -141,7 +143,7 @@ def auto_chunk_size(
 def score_sources(
     model: FunctionalModel,
     theta: Tensor,
-    responses: Tensor,
+    responses: Tensor | SplitResponses,
     batch: Any,
     kind: str = "linear",
     *,
@@ -150,9 +152,13 @@ def score_sources(
 ) -> Tensor:
     """Scores of every query against every source.
 
+    The linear readout applies the weight tangents of the module's Linear / Conv layers as one matrix product per
+    layer (:mod:`layer_readout`; the same scores up to float32 rounding), and vmaps ``jvp`` over the rest.
+
     Args:
         theta: ``Tensor[P]`` float32 parameters to read out at.
-        responses: ``Tensor[S, P]`` float32.
+        responses: ``Tensor[S, P]`` float32, or the same split per parameter (:class:`SplitResponses`, laid out
+            once when a member is loaded; a flat tensor is split at every call for the linear readout).
         batch: query batch (as ``attribution_outputs`` expects it), ``B`` queries.
         chunk_size: sources per vmapped call; peak memory grows with ``chunk_size * B``. ``None``:
             :func:`auto_chunk_size` (all ``S`` at once for a single query on small networks).
@@ -164,12 +170,31 @@ def score_sources(
     check_readout(kind)
     if kind == "gradient":
         return _gradient_scores(model, theta, responses, batch)
+    num_sources = responses.num_sources if isinstance(responses, SplitResponses) else responses.shape[0]
     if chunk_size is None:
-        chunk_size = auto_chunk_size(model, theta, batch, responses.shape[0])
+        chunk_size = auto_chunk_size(model, theta, batch, num_sources)
+    if kind == "linear":
+        layers = handled_layers(model.module, model.space)
+        if layers:
+            scores = linear_scores(model, theta, split_for(responses, model, layers), batch, layers, chunk_size)
+            if scores is not None:
+                return scores
     one = _per_source(model, theta, batch, kind, epsilon)
     batched = vmap(one) if kind == "linear" or not has_recurrent_layer(model.module) else loop_over(one)
-    chunks = [batched(responses[s : s + chunk_size]) for s in range(0, responses.shape[0], chunk_size)]
+    rows = responses.flat if isinstance(responses, SplitResponses) else responses.__getitem__
+    chunks = [batched(rows(slice(s, s + chunk_size))) for s in range(0, num_sources, chunk_size)]
     return torch.cat(chunks, dim=0).T
+
+
+def split_for(responses: Tensor | SplitResponses, model: FunctionalModel, layers: Any = None) -> SplitResponses:
+    """``responses`` split at the parameters of ``model``'s handled layers (:func:`handled_layers`, or ``layers``): as
+    they are when they already are, else laid out again (a copy of ``S x P``)."""
+    names = layer_parameters(handled_layers(model.module, model.space) if layers is None else layers)
+    if isinstance(responses, SplitResponses):
+        if set(responses.blocks) == set(names):
+            return responses
+        responses = responses.flat()
+    return SplitResponses.from_flat(responses, model.space, names)
 
 
 def paired_readout(

@@ -27,7 +27,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from lightning_attr._io import atomic_save_tensors, atomic_write_bytes
-from lightning_attr.codecs import AnyBlock, DenseResponses, EigenResponses, LowRankResponses, StreamedResponses
+from lightning_attr.codecs import AnyBlock, DenseResponses, EigenResponses, LowRankResponses, SplitResponses, StreamedResponses
 from lightning_attr.lowrank import FACTOR_KEYS
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.sources import SourceMap
@@ -583,11 +583,16 @@ class ResponseStore:
         """The codec of checkpoint ``name``: ``"dense"``, ``"eigen"`` or ``"lorif"`` (format 1 stores: always dense)."""
         return self.checkpoint_info(name).get("codec", "dense")
 
-    def block(self, name: str, device: torch.device | str = "cpu", memory_budget_mb: float | None = None) -> AnyBlock:
+    def block(
+        self, name: str, device: torch.device | str = "cpu", memory_budget_mb: float | None = None,
+        split: Sequence[str] | None = None,
+    ) -> AnyBlock:
         """The responses of checkpoint ``name`` as a block of its codec, float32 on ``device`` (cached).
 
         ``memory_budget_mb``: a dense checkpoint whose ``S x P`` float32 responses exceed it is not loaded: the
-        block (:class:`StreamedResponses`) reads its shards one at a time at every query instead."""
+        block (:class:`StreamedResponses`) reads its shards one at a time at every query instead.
+        ``split``: a dense checkpoint is laid out per parameter (:class:`SplitResponses`, these parameters each on their
+        own, read shard by shard: ``S x P`` is held once, not cached by the store)."""  # fmt: skip
         if self.codec(name) == "lorif":
             key = ("lorif", name, str(device))
             if key not in self._cache:
@@ -596,6 +601,8 @@ class ResponseStore:
         if self.codec(name) == "dense":
             if memory_budget_mb is not None and self.n_sources * self.space.size * 4 > memory_budget_mb * 2**20:
                 return StreamedResponses(partial(self.iter_responses, name), self.n_sources, torch.device(device))
+            if split is not None:
+                return DenseResponses(SplitResponses.from_shards(self.iter_responses(name), self.n_sources, self.space, split, device))
             return DenseResponses(self.responses(name, device))
         key = ("eigen", name, str(device))
         if key not in self._cache:

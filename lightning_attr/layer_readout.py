@@ -1,0 +1,308 @@
+"""The linear readout with the weight tangents of Linear / Conv layers applied as one matrix product per layer.
+
+The linear readout (:mod:`readout`) of a response ``r_b`` is ``d/de f_q(theta + e r_b)`` at ``e = 0``. By
+linearity it splits over parameters. For a layer ``y = W x + c`` (``nn.Linear``, or ``nn.ConvNd``: ``W * x + c``)
+the part that comes from the tangent ``dW_b`` of its weight is ``dW_b x``, added to the tangent of the layer's
+output; ``x`` is the layer's input at ``theta``, the same for every source. So it is computed for all ``S`` sources
+at once, outside ``vmap``:
+
+- Linear: ``x @ dW.view(S * out, in).T``, one matrix product that reads each weight tangent once;
+- Conv: one convolution of ``x`` with ``S * C_out`` output channels (``dW.view(S * C_out, C_in, *k)``);
+
+and fed into the ``vmap(jvp)`` pass as a tangent added to the layer's output (a forward hook), in which the layer's
+weight is a constant. What remains vmapped is the tangent of the activations (a batched activation times an
+unbatched weight: one matrix product or convolution over ``S x B`` rows) and the tangents of every other parameter,
+biases included (small; a bias tangent also spares forward AD the zero tangent of a first layer's output, which it
+adds through a slow decomposition), LayerNorm, embeddings, recurrent layers, ...: today's flat path.
+
+The weight tangents must be contiguous per layer: :class:`SplitResponses` holds ``Tensor[S, P]`` responses with
+each handled weight as its own ``Tensor[S, *shape]`` block and the rest as ``Tensor[S, P_rest]`` (laid out once, when
+a member is read from the store).
+
+Handled: modules whose type is exactly ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (``groups=1``, ``padding_mode="zeros"``)
+whose ``weight`` is a trainable parameter of their own. Every other parameter takes the generic path. If a handled
+weight is used outside its layer's own forward (tied weights, a weight penalty in the measurement), the scores
+would miss that use: the capture pass sees every torch call (a ``TorchFunctionMode``) and the whole readout then
+takes the generic path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp, vmap
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from lightning_attr.functional import FunctionalModel
+from lightning_attr.parameters import ParameterSpace
+
+_CONVOLUTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """A handled layer: its module, the name of its weight in the space, and its product with weight tangents."""
+
+    module: nn.Module
+    weight: str
+
+    def weight_tangent(self, x: Tensor, dw: Tensor) -> Tensor:
+        """The layer output's tangent from its weight tangents, for ``n`` sources at once.
+
+        Args:
+            x: the layer's input at ``theta`` (``[*, in]`` Linear; ``[B, C_in, *L]`` or ``[C_in, *L]`` Conv).
+            dw: ``Tensor[n, *weight.shape]`` contiguous.
+
+        Returns:
+            ``Tensor[n, *output.shape]``: ``dW_b x`` (Linear) or ``dW_b * x`` (Conv) per source ``b``.
+        """
+        n, out = dw.shape[0], dw.shape[1]
+        if isinstance(self.module, nn.Linear):
+            rows = x.reshape(-1, x.shape[-1])  # [N, in]
+            t = (rows @ dw.view(n * out, -1).T).view(rows.shape[0], n, out).transpose(0, 1)  # [n, N, out]
+            return t.reshape(n, *x.shape[:-1], out)
+        m = self.module
+        t = _CONVOLUTIONS[type(m)](x, dw.view(n * out, *dw.shape[2:]), None, m.stride, m.padding, m.dilation, 1)
+        spatial = t.shape[-(dw.dim() - 3) :]
+        if x.dim() == dw.dim() - 1:  # batched input [B, C_in, *L]: [B, n * out, *L'] -> [n, B, out, *L']
+            return t.view(t.shape[0], n, out, *spatial).movedim(1, 0)
+        return t.view(n, out, *spatial)
+
+
+def handled_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ...]:
+    """The layers of ``module`` whose weight tangents :func:`linear_scores` applies as matrix products: modules of
+    type exactly ``nn.Linear`` / ``nn.ConvNd`` (``groups=1``, zero padding) whose weight is a parameter of the space."""
+    trainable = set(space.names)
+    layers = []
+    for prefix, m in module.named_modules():
+        if type(m) is nn.Linear or (type(m) in _CONVOLUTIONS and m.groups == 1 and m.padding_mode == "zeros"):
+            weight = f"{prefix}.weight" if prefix else "weight"
+            if isinstance(m._parameters.get("weight"), nn.Parameter) and weight in trainable:
+                layers.append(_Layer(m, weight))
+    return tuple(layers)
+
+
+def layer_parameters(layers: Sequence[_Layer]) -> tuple[str, ...]:
+    """The names of the weights of ``layers`` (their responses are held as contiguous blocks)."""
+    return tuple(layer.weight for layer in layers)
+
+
+@dataclass(frozen=True)
+class SplitResponses:
+    """``Tensor[S, P]`` responses split per parameter: each parameter of a handled layer contiguous on its own.
+
+    Attributes:
+        space: the parameter space (its order is the flat order).
+        blocks: ``{name: Tensor[S, *shape]}`` contiguous, for the parameters in ``split``.
+        rest: ``Tensor[S, P_rest]`` contiguous, every other parameter in space order.
+    """
+
+    space: ParameterSpace
+    blocks: dict[str, Tensor]
+    rest: Tensor
+
+    @property
+    def num_sources(self) -> int:
+        return int(self.rest.shape[0])
+
+    @property
+    def rest_names(self) -> tuple[str, ...]:
+        return tuple(n for n in self.space.names if n not in self.blocks)
+
+    @classmethod
+    def from_shards(
+        cls, shards: Iterable[tuple[Tensor, Tensor]], num_sources: int, space: ParameterSpace, split: Sequence[str],
+        device: torch.device | str = "cpu",
+    ) -> SplitResponses:
+        """Lays out ``(sources: LongTensor[S_shard], rows: Tensor[S_shard, P])`` shards (every source once; a source
+        never given stays NaN) per parameter, one shard in memory at a time besides the result."""  # fmt: skip
+        offsets = dict(zip(space.names, _offsets(space)))
+        split = [n for n in space.names if n in set(split)]
+        shapes = dict(zip(space.names, space.shapes))
+        blocks = {n: torch.full((num_sources, *shapes[n]), float("nan"), device=device) for n in split}
+        rest_columns = _rest_columns(space, split)
+        rest = torch.full((num_sources, rest_columns.numel()), float("nan"), device=device)
+        for sources, rows in shards:
+            sources, rows = sources.to(device), rows.to(device)
+            for name, block in blocks.items():
+                start, stop = offsets[name]
+                block[sources] = rows[:, start:stop].reshape(-1, *shapes[name])
+            if rest_columns.numel():
+                rest[sources] = rows[:, rest_columns.to(device)]
+        return cls(space, blocks, rest)
+
+    @classmethod
+    def from_flat(cls, responses: Tensor, space: ParameterSpace, split: Sequence[str]) -> SplitResponses:
+        rows = torch.arange(responses.shape[0], device=responses.device)
+        return cls.from_shards([(rows, responses)], responses.shape[0], space, split, responses.device)
+
+    def rows(self, index: slice | Tensor) -> SplitResponses:
+        """The responses of the sources ``index`` (a slice gives contiguous views, no copy)."""
+        return SplitResponses(self.space, {n: b[index] for n, b in self.blocks.items()}, self.rest[index])
+
+    def flat(self, index: slice | Tensor = slice(None)) -> Tensor:
+        """``Tensor[n, P]`` in the space's order for the sources ``index`` (a copy)."""
+        parts, rest, at = [], self.rest[index], 0
+        for name, numel in zip(self.space.names, self.space.numels):
+            if name in self.blocks:
+                parts.append(self.blocks[name][index].reshape(rest.shape[0], numel))
+            else:
+                parts.append(rest[:, at : at + numel])
+                at += numel
+        return torch.cat(parts, dim=1)
+
+    def times(self, vectors: Tensor) -> Tensor:
+        """``vectors @ responses.T``: ``Tensor[B, P] -> Tensor[B, S]``, one matrix product per block, no flat copy."""
+        per_name = self.space.unflatten(vectors)
+        out = vectors[:, self.rest_columns()] @ self.rest.T
+        for name, block in self.blocks.items():
+            out += per_name[name].reshape(vectors.shape[0], -1) @ block.view(block.shape[0], -1).T
+        return out
+
+    def rest_columns(self) -> Tensor:
+        """``LongTensor[P_rest]``: where the columns of ``rest`` sit in the flat order."""
+        return _rest_columns(self.space, tuple(self.blocks)).to(self.rest.device)
+
+    def to(self, device: torch.device | str) -> SplitResponses:
+        return SplitResponses(self.space, {n: b.to(device) for n, b in self.blocks.items()}, self.rest.to(device))
+
+
+def _offsets(space: ParameterSpace) -> list[tuple[int, int]]:
+    out, at = [], 0
+    for numel in space.numels:
+        out.append((at, at + numel))
+        at += numel
+    return out
+
+
+def _rest_columns(space: ParameterSpace, split: Sequence[str]) -> Tensor:
+    keep = set(split)
+    return torch.cat(
+        [torch.arange(a, b) for n, (a, b) in zip(space.names, _offsets(space)) if n not in keep] or [torch.zeros(0, dtype=torch.long)]
+    )
+
+
+def linear_scores(
+    model: FunctionalModel, theta: Tensor, responses: SplitResponses, batch: Any, layers: Sequence[_Layer], chunk_size: int
+) -> Tensor | None:
+    """``Tensor[B, S]``: the linear readout's scores (:func:`readout.score_sources`), with the handled ``layers``'
+    weight tangents applied as matrix products. ``None`` when a parameter of ``layers`` is used outside its layer's
+    forward for this batch (the caller takes the generic path).
+
+    Args:
+        theta: ``Tensor[P]`` float32. responses: split at exactly the parameters of ``layers``.
+        batch: the query batch, ``B`` queries. chunk_size: sources per vmapped call.
+    """
+    if set(responses.blocks) != set(layer_parameters(layers)):
+        raise ValueError("responses are split at other parameters than the handled layers' (SplitResponses.from_flat).")
+    params = model.space.unflatten(theta)
+    captured = _capture(model, params, batch, layers)
+    if captured is None:
+        return None
+    inputs, zeros = captured
+    constants = {n: params[n] for n in layer_parameters(layers)}
+    rest_names = responses.rest_names
+    rest_shapes = [params[n].shape for n in rest_names]
+    rest_numels = [params[n].numel() for n in rest_names]
+
+    def measure(rest: Tensor | None, added: list[list[Tensor]]) -> Tensor:
+        values = dict(constants)
+        if rest is not None:
+            values.update({n: v.view(s) for n, v, s in zip(rest_names, rest.split(rest_numels), rest_shapes)})
+        with _adding_to_outputs(layers, added):
+            return model.measurement(values, batch)
+
+    if rest_names:
+        rest_primal = torch.cat([params[n].reshape(-1) for n in rest_names])
+        one = lambda r, t: jvp(measure, (rest_primal, zeros), (r, t))[1]  # noqa: E731
+    else:
+        one = lambda r, t: jvp(lambda added: measure(None, added), (zeros,), (t,))[1]  # noqa: E731
+    batched = vmap(one, in_dims=(0 if rest_names else None, 0))
+    chunks = []
+    for start in range(0, responses.num_sources, chunk_size):
+        part = responses.rows(slice(start, start + chunk_size))
+        tangents = [
+            [layer.weight_tangent(x, part.blocks[layer.weight]) for x in xs]
+            for layer, xs in zip(layers, inputs)
+        ]
+        chunks.append(batched(part.rest if rest_names else None, tangents))
+    return torch.cat(chunks, dim=0).T
+
+
+class _ForeignUses(TorchFunctionMode):
+    """Records the handled layers whose parameter tensors enter a torch call outside that layer's own forward."""
+
+    def __init__(self, owner: dict[int, int]) -> None:
+        super().__init__()
+        self.owner, self.inside, self.foreign = owner, [], set()
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        for t in tree_flatten((args, kwargs))[0]:
+            layer = self.owner.get(id(t)) if isinstance(t, Tensor) else None
+            if layer is not None and (not self.inside or self.inside[-1] != layer):
+                self.foreign.add(layer)
+        return func(*args, **(kwargs or {}))
+
+
+def _capture(
+    model: FunctionalModel, params: dict[str, Tensor], batch: Any, layers: Sequence[_Layer]
+) -> tuple[list[list[Tensor]], list[list[Tensor]]] | None:
+    """One forward pass at ``params`` (no gradients): per layer and per call, its input and zeros of its output's
+    shape. ``None`` when a layer's parameter is used outside that layer's forward (:class:`_ForeignUses`)."""
+    inputs: list[list[Tensor]] = [[] for _ in layers]
+    outputs: list[list[Tensor]] = [[] for _ in layers]
+    mode = _ForeignUses({id(params[layer.weight]): i for i, layer in enumerate(layers)})
+
+    def enter(i: int) -> Callable:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            inputs[i].append(args[0])
+            mode.inside.append(i)
+
+        return hook
+
+    def leave(i: int) -> Callable:
+        def hook(_module: nn.Module, _args: tuple, output: Tensor) -> None:
+            outputs[i].append(output)
+            mode.inside.pop()
+
+        return hook
+
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for i, layer in enumerate(layers):
+            stack.callback(layer.module.register_forward_pre_hook(enter(i)).remove)
+            stack.callback(layer.module.register_forward_hook(leave(i)).remove)
+        with mode:
+            model.measurement(params, batch)
+    if mode.foreign:
+        return None
+    return inputs, [[torch.zeros_like(y) for y in ys] for ys in outputs]
+
+
+@contextlib.contextmanager
+def _adding_to_outputs(layers: Sequence[_Layer], added: list[list[Tensor]]) -> Iterator[None]:
+    """Forward hooks that add ``added[i][k]`` to the output of call ``k`` of ``layers[i]``."""
+    calls = [0] * len(layers)
+
+    def add(i: int) -> Callable:
+        def hook(_module: nn.Module, _args: tuple, output: Tensor) -> Tensor:
+            k = calls[i]
+            if k >= len(added[i]):
+                raise RuntimeError(f"{type(_module).__name__} ran more often than in the capture pass: the forward is not deterministic.")
+            calls[i] += 1
+            return output + added[i][k]
+
+        return hook
+
+    handles = [layer.module.register_forward_hook(add(i)) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
