@@ -4,18 +4,22 @@
         --store-dir /tmp/readout-stores --out benchmarks/results/readout.json
 
 Per setting (the bench's and the held-out ones, :data:`convergence.HERE`, e.g. ``digits-cnn-adam``): one fit with ``AttributionCallback(mode="end",
-checkpoint_epochs=[8, 15, 23])`` (kept under ``--store-dir`` with the fitted weights, reused by a rerun), then
-these query functions on its first ``--queries`` test points:
+checkpoint_epochs="auto")`` (the default trajectory ensemble: 30 epochs give checkpoints after epochs 3 and 6 and the
+final one; kept under ``--store-dir`` with the fitted weights, reused by a rerun), then these query functions on its
+first ``--queries`` test points:
 
 - ``ours, 1 member``: ``model.attribute(batch, responses=dir, checkpoints="last")`` (the final checkpoint);
-- ``ours, 4 members``: ``model.attribute(batch, responses=dir)``: the trajectory ensemble (``checkpoints="all"``);
+- ``ours, ensemble``: ``model.attribute(batch, responses=dir)``: the trajectory ensemble (``checkpoints="all"``);
 - the same two with ``chunk_size=256``, the readout's previous default (the reference for this work's speed-up;
   their scores must equal the default's, which is checked and recorded);
 - the same two with ``readout="gradient"`` (query gradients times the responses: the linear readout's scores by
   one backward pass per query; the largest difference to the default is recorded), and ``ensemble="collapsed"``
-  (the 4 checkpoints folded into one response per source) with either readout;
+  (the checkpoints folded into one response per source) with either readout (``--variants all`` only; ``default``:
+  the two default queries and TRAK-1);
 - ``TRAK-1 (dattri)``: :class:`~lightning_attr.evaluation.peers.DattriTRAK` (1 model, projection 512) set up on
-  the same fitted network and training set.
+  the same fitted network and training set;
+- ``memory floor (ensemble)``: one matrix-vector product over each checkpoint's ``[S, P]`` responses, what any
+  readout that reads every response once costs at least.
 
 Timing: Q=1 in ``--rounds`` alternating rounds (each round scores query ``k`` with every function in turn, in a
 rotated order; round 0 only warms up), and the whole batch in ``--batched-rounds`` alternating rounds. Reported:
@@ -23,8 +27,10 @@ medians (ms per query) and the median over rounds of each function's time divide
 round (the paired ratio: the machine's load changes between rounds, not within one). ``breakdown``: the
 readout kernels alone (each member's block scored directly, no store checks, no ensemble step) against the
 whole ``attribute()`` call, per Q (``--profile``: and torch.profiler's operators with the most self CPU time in the
-ensemble query). One JSON record per setting in ``--out``, written after each setting (a rerun replaces the
-records of the settings it runs and keeps the others).
+ensemble query). One JSON record per setting and ``--label`` in ``--out``, written after each setting (a rerun
+replaces the records of the settings and label it runs and keeps the others). Before / after a change of the
+library: run this script with ``PYTHONPATH`` pointing at each version and another ``--label``; each record's
+ratios to TRAK-1 are paired within its own process.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from lightning_attr.functional import functional_view  # noqa: E402
 from lightning_attr.models import Classifier  # noqa: E402
 from lightning_attr.readout import auto_chunk_size  # noqa: E402
 
-CHECKPOINT_EPOCHS = [8, 15, 23]
+CHECKPOINT_EPOCHS = "auto"  # the default: after 10% and 20% of the epochs, and the final checkpoint
 PREVIOUS_CHUNK = 256  # the readout's default chunk_size before it was chosen from the activations
 
 
@@ -75,6 +81,13 @@ def fitted(setting_name: str, data, store_dir: Path) -> tuple[Classifier, Path, 
     model, seconds = fit(s, data, [cb])
     atomic_save_tensors(weights, {k: v.detach().contiguous() for k, v in model.state_dict().items()})
     return model.eval(), responses, seconds
+
+
+def _memory_floor(store: ResponseStore):
+    """The query cost's floor for a memory-bound readout of the ensemble: one matrix-vector product per checkpoint
+    over its flat ``[S, P]`` responses (each number read once; no forward pass, no query dependence)."""
+    members = [(store.responses(name), store.theta(name)) for name in store.checkpoints]
+    return lambda x, y: [responses @ theta for responses, theta in members]
 
 
 def paired_rounds(functions: dict, batches: list, reference: str) -> dict:
@@ -101,7 +114,13 @@ def breakdown(model: Classifier, path: Path, batch: tuple, repeats: int) -> dict
     """Milliseconds of ``attribute()`` (every checkpoint: the ensemble) against its readout kernels alone: each
     checkpoint's block scored directly at its parameter snapshot, with the chunk ``attribute()`` chooses."""
     store = ResponseStore.load(path)
-    members = [(store.block(name), store.theta(name)) for name in store.checkpoints]
+    try:  # held as the attributor holds them (split per parameter, where the library does that)
+        from lightning_attr.layer_readout import handled_layers, layer_parameters
+
+        split = {"split": layer_parameters(handled_layers(model, store.space))}
+    except ImportError:
+        split = {}
+    members = [(store.block(name, **split), store.theta(name)) for name in store.checkpoints]
     with functional_view(model) as (fm, theta):
         batch = tuple(t.clone() for t in batch)
         chunk = auto_chunk_size(fm, theta, batch, store.n_sources)
@@ -152,22 +171,31 @@ def run_setting(name: str, args) -> dict:
 
     functions = {
         "ours, 1 member": ours("last", None),
-        "ours, 4 members": ours("all", None),
-        f"ours, 1 member, chunk {PREVIOUS_CHUNK}": ours("last", PREVIOUS_CHUNK),
-        f"ours, 4 members, chunk {PREVIOUS_CHUNK}": ours("all", PREVIOUS_CHUNK),
-        "ours, 1 member, gradient": ours("last", None, readout="gradient"),
-        "ours, 4 members, gradient": ours("all", None, readout="gradient"),
-        "ours, 4 collapsed": ours("all", None, ensemble="collapsed"),
-        "ours, 4 collapsed, gradient": ours("all", None, ensemble="collapsed", readout="gradient"),
+        "ours, ensemble": ours("all", None),
         "TRAK-1 (dattri)": trak.score,
+        "memory floor (ensemble)": _memory_floor(store),
     }
+    if args.variants == "all":
+        functions = {
+            **functions,
+            f"ours, 1 member, chunk {PREVIOUS_CHUNK}": ours("last", PREVIOUS_CHUNK),
+            f"ours, ensemble, chunk {PREVIOUS_CHUNK}": ours("all", PREVIOUS_CHUNK),
+            "ours, 1 member, gradient": ours("last", None, readout="gradient"),
+            "ours, ensemble, gradient": ours("all", None, readout="gradient"),
+            "ours, collapsed": ours("all", None, ensemble="collapsed"),
+            "ours, collapsed, gradient": ours("all", None, ensemble="collapsed", readout="gradient"),
+        }
     same = {}
-    for checkpoints in ("last", "all"):
+    for checkpoints in ("last", "all") if args.variants == "all" else ():
         a = ours(checkpoints, None)(xq, yq)
         for other, b in ((f"chunk {PREVIOUS_CHUNK}", ours(checkpoints, PREVIOUS_CHUNK)(xq, yq)),
                          ("gradient", ours(checkpoints, None, readout="gradient")(xq, yq))):  # fmt: skip
             same[f"{checkpoints}, {other}"] = {"bitwise": bool(torch.equal(a, b)), "max_abs_diff": float((a - b).abs().max()),
                                               "max_abs_score": float(a.abs().max())}  # fmt: skip
+    if args.save_scores:  # the ensemble's and the last member's scores of 20 queries, to compare library versions
+        atomic_save_tensors(Path(args.save_scores) / f"{name}-{args.label}.safetensors", {
+            "ensemble": ours("all", None)(xq[:20], yq[:20]).contiguous(), "last": ours("last", None)(xq[:20], yq[:20]).contiguous()
+        })  # fmt: skip
     load_before = os.getloadavg()[0]
     singles = [(xq[k : k + 1], yq[k : k + 1]) for k in range(args.rounds + 1)]
     q1 = paired_rounds(functions, singles, "TRAK-1 (dattri)")
@@ -180,7 +208,7 @@ def run_setting(name: str, args) -> dict:
             part["top_ops"] = top_ops(model, path, (xq[:q], yq[:q]), r)
     info = store.checkpoint_info(store.checkpoints[-1])
     record = {
-        "setting": name, "n_sources": store.n_sources, "n_parameters": store.space.size, "queries": len(xq),
+        "setting": name, "label": args.label, "members": len(store.checkpoints), "n_sources": store.n_sources, "n_parameters": store.space.size, "queries": len(xq),
         "checkpoints": store.checkpoints, "propagation": info.get("propagation"), "fit_s": fit_s,
         "trak1_setup_s": round(trak_setup_s, 2), "q1": q1, "batched": batched, "scores_against_the_default": same,
         "breakdown": split, "rounds": {"q1": args.rounds, "batched": args.batched_rounds},
@@ -192,7 +220,7 @@ def run_setting(name: str, args) -> dict:
 
 
 def _print(r: dict) -> None:
-    print(f"\n[{r['setting']}] S = {r['n_sources']}, P = {r['n_parameters']}, {r['queries']} queries, load {r['load_average']}")
+    print(f"\n[{r['setting']}, {r['label']}] S = {r['n_sources']}, P = {r['n_parameters']}, {r['queries']} queries, load {r['load_average']}")
     print(f"  {'':32} {'Q=1 ms':>9} {'/ TRAK-1':>9} {'batched ms/q':>13} {'/ TRAK-1':>9}")
     for name, row in r["q1"].items():
         b = r["batched"][name]
@@ -215,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batched-rounds", type=int, default=3, help="paired rounds scoring all queries at once")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="record torch.profiler's top operators of the ensemble query")
+    p.add_argument("--save-scores", default=None, help="folder: write each setting's scores of 20 queries there")
+    p.add_argument("--label", default="default", help="names the library version measured (records are kept per setting and label)")
+    p.add_argument("--variants", choices=("default", "all"), default="all", help="default: the two default queries and TRAK-1 only")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -222,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.settings:
         record = run_setting(name, args)
         record["command"] = " ".join(sys.argv)
-        kept = [r for r in kept if r["setting"] != name] + [record]
+        kept = [r for r in kept if (r["setting"], r.get("label", "default")) != (name, args.label)] + [record]
         atomic_write_json(out, {"records": kept}, sort_keys=False)
         print(f"written {out}", flush=True)
 
