@@ -694,11 +694,9 @@ class SettingBench:
     def ours(self) -> None:
         s, args = self.setting, self.args
         self.model()
-        epochs = s.recipe.epochs
         variants = {  # callback options on top of its defaults
-            "default": {},
-            "end": {"mode": "end"},
-            "ensemble": {"checkpoint_epochs": [round(epochs * k / 6) for k in (2, 3, 4, 5)]},
+            "default": {},  # the trajectory ensemble (checkpoint_epochs="auto")
+            "single": {"checkpoint_epochs": None},  # the final model alone
         }
         names = list(args.ours)
         if getattr(args, "ours_options", None):
@@ -875,7 +873,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="compute only these regimes' ground truth (to split the retraining over processes)")
     p.add_argument("--peer-scores-only", action="store_true",
                    help="with --stages peers: compute and cache peers' scores without reporting (needs only the example subsets)")
-    p.add_argument("--ours", nargs="*", default=["default", "end", "ensemble"], choices=["default", "end", "ensemble"])
+    p.add_argument("--ours", nargs="*", default=["default", "single"], choices=["default", "single"])
     p.add_argument("--ours-options", default=None, metavar="JSON", help="one more variant of ours: callback options over the defaults")
     p.add_argument("--ours-label", default="options", help="its row is 'ours (<label>)'")
     p.add_argument("--ours-regimes", nargs="+", default=["example", "source"], choices=["example", "source"])
