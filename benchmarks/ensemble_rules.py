@@ -8,8 +8,8 @@ before the last; the rule of :func:`lightning_attr.callback.early_checkpoint_epo
 one. No fit happens here: each rule's LDS is read from a ``benchmarks/ensembles.py`` record of the setting whose fit
 wrote a checkpoint at every epoch the rule needs (its ``subsets``: the paired ensemble of each subset of the members
 that holds the final one; the final member alone for the empty rule). One fit per setting thus scores every rule on the
-same trajectory, queries and ground truth (100 half-data retrains). Where several records of a setting can score a rule,
-the latest one is used and its variant named.
+same trajectory, queries and ground truth (100 half-data retrains). Only records of the default callback but for
+``checkpoint_epochs`` count; per setting the one that scores the most rules (the latest of those) is used, and named.
 
 Prints, per setting, each rule's LDS and its difference to the final member alone (the single model), with tuned
 TRAK-10 + 0.02 and tuned IF-CG from ``--anchors`` (``heldout.py`` results); then per rule: the number of settings it
