@@ -82,7 +82,9 @@ def measure(name: str, cache_dir: str, scales: list[float], ranks: list[int]) ->
     return record
 
 
-def auto(name: str, cache_dir: str, damping: float, ratios: list[float], memory_mb: float, growths: list[float]) -> list[dict]:
+def auto(
+    name: str, cache_dir: str, damping: float, ratios: list[float], memory_mb: float, growths: list[float], tolerances: list[float | None]
+) -> list[dict]:
     """Fixed rank 256 and ``rank="auto"`` at each ratio on the explicit GGN of ``name`` (see the module's docstring)."""
     import time
 
@@ -99,19 +101,23 @@ def auto(name: str, cache_dir: str, damping: float, ratios: list[float], memory_
     n, dim = g_train.shape
     trace, cap = float(ggn.diagonal().double().sum()), product_cap(dim, memory_mb)
     head = {"setting": name, "P": dim, "n": n, "damping": damping, "exact_lds": study.lds(target.float()), "product_cap": cap}
-    runs = [("rank 256", None, 0.0)] + [(f"auto {c:g}, growth {g:g}", c, g) for g in growths for c in ratios]
+    runs = [("rank 256", None, 0.0, None)] + [
+        (f"auto {c:g}, growth {g:g}" + ("" if tol is None else f", tolerance {tol:g}"), c, g, tol) for g in growths for c in ratios for tol in tolerances
+    ]  # fmt: skip
     rows = []
-    for label, ratio, growth in runs:
+    for label, ratio, growth, tolerance in runs:
         t = time.perf_counter()
         generator = torch.Generator().manual_seed(0)
         if ratio is None:
             space = top_eigenspace(lambda v: v @ ggn, dim, min(256, dim), generator=generator)
         else:
-            space = adaptive_eigenspace(lambda v: v @ ggn, dim, ratio * damping, max_products=cap, growth=growth, generator=generator)
+            space = adaptive_eigenspace(
+                lambda v: v @ ggn, dim, ratio * damping, max_products=cap, growth=growth, tolerance=tolerance, generator=generator
+            )
         seconds = time.perf_counter() - t
         inverse = DeflatedInverse.from_trace(space, damping, trace, dim)
         scores = g_query @ inverse.apply(g_train).T / n
-        row = {**head, "run": label, "ratio": ratio, "growth": growth, "rank": space.rank, "stop": space.stop, "products": space.products,
+        row = {**head, "run": label, "ratio": ratio, "growth": growth, "tolerance": tolerance, "rank": space.rank, "stop": space.stop, "products": space.products,
                "sigma_k_over_damping": round(inverse.complement_ratio, 3), "finder_s": round(seconds, 1),
                "pearson": round(_pearson(scores, target), 4), "lds": study.lds(scores.float())}  # fmt: skip
         print(json.dumps(row), flush=True)
@@ -148,6 +154,7 @@ def main_auto(argv: list[str]) -> None:
     p.add_argument("--ratios", nargs="+", type=float, default=[1.0, 0.7, 0.5, 0.3])
     p.add_argument("--memory-budget-mb", type=float, default=1024.0, help="the callback's memory_budget_mb (the product cap)")
     p.add_argument("--growths", nargs="+", type=float, default=[0.0], help="adaptive_eigenspace's growth (block = max(32, growth m))")
+    p.add_argument("--tolerances", nargs="+", type=float, default=[], help="adaptive_eigenspace's residual tolerance (besides none)")
     p.add_argument("--dampings-from", default=str(Path(__file__).parent / "results" / "heldout.json"))
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "deflation-auto.json"))
     args = p.parse_args(argv)
@@ -157,7 +164,7 @@ def main_auto(argv: list[str]) -> None:
     for name in args.settings:
         if any(r["setting"] == name for r in rows):
             continue
-        rows += auto(name, args.cache_dir, dampings[name], args.ratios, args.memory_budget_mb, args.growths)
+        rows += auto(name, args.cache_dir, dampings[name], args.ratios, args.memory_budget_mb, args.growths, [None, *args.tolerances])
         atomic_write_json(out, rows)
 
 

@@ -19,6 +19,15 @@ at several ranks ``k`` and product budgets. Two measures of what it found, ``(V,
 at epoch 30), the real matrix-free GGN operator (:func:`lightning_attr.curvature.curvature_operator`, full
 training set). The basis found at epoch 24 (``--warm-products``) starts the finder at epoch 30; cold and warm
 runs at the same budgets are scored as in ``accuracy`` against the final model's cached explicit GGN.
+``members``: the trajectory ensemble's eigenspaces (``checkpoint_epochs="auto"``, ``rank="auto"``, the defaults)
+found three ways in one process, on one trajectory per setting (the same fit, seed 0, via ``ensembles.py``'s
+``Evaluation``): ``budget`` (every checkpoint cold, stopped by the 2-products-per-pair rule alone: the finder before the
+residual rule), ``residual`` (cold, also stopped once the Ritz residuals converge: ``DEFAULT_RESIDUAL_TOLERANCE``; the callback's) and
+``warm`` (each checkpoint after the first starts from the previous one's eigenvectors, ``initial=``, and stops by the
+residual rule alone; the callback does not: measured, it costs more products). Per member: curvature products, simulation seconds over the plain fit (timed in the same
+process), rank, why it stopped, the warm start's rows, LDS, Pearson to ``budget``'s member and, where ``P <=
+--explicit-max-p``, Pearson to the exact damped-GGN target at the member's own weights (explicit GGN, Cholesky);
+per variant the paired ensemble's LDS. ``members`` appends its rows to ``--out`` (JSON lines), no table.
 Results accumulate in ``--out`` (one JSON list of rows); ``<out>.md`` is the table.
 """
 
@@ -154,9 +163,76 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MEMBER_VARIANTS = ("budget", "residual", "warm")
+
+
+def _finder_of(variant: str):
+    """``adaptive_eigenspace`` as the engine calls it, made ``variant``'s (see the module's docstring); for ``"warm"`` it
+    keeps each checkpoint's eigenvectors to start the next one (one fit per finder)."""
+    from lightning_attr import spectral
+
+    previous: list[torch.Tensor] = []
+
+    def finder(*args, tolerance=None, **kwargs):
+        if variant == "budget":
+            return spectral.adaptive_eigenspace(*args, **kwargs)
+        tolerance = tolerance or spectral.DEFAULT_RESIDUAL_TOLERANCE
+        initial = previous[-1] if variant == "warm" and previous else None
+        space = spectral.adaptive_eigenspace(*args, tolerance=tolerance, initial=initial, **kwargs)
+        previous.append(space.vectors)
+        return space
+
+    return finder
+
+
+def members(args: argparse.Namespace) -> None:
+    import copy
+    import shutil
+    import tempfile
+    from unittest import mock
+
+    from ensembles import Evaluation
+    from convergence import HERE
+
+    from lightning_attr import ResponseStore, engine
+    from lightning_attr.evaluation.exact import ExactInfluence
+
+    for name in args.settings:
+        evaluation = Evaluation(HERE[name], Path(args.cache_dir), 64)
+        x_train, y_train = evaluation.data.x_train, evaluation.data.y_train
+        work = Path(tempfile.mkdtemp(prefix="eigenspace-members-"))
+        exact: dict[str, torch.Tensor] = {}  # checkpoint -> exact target at its weights (one trajectory: shared by variants)
+        reference: dict[str, torch.Tensor] = {}
+        try:
+            for variant in args.variants:
+                with mock.patch.object(engine, "adaptive_eigenspace", _finder_of(variant)):
+                    record, scores, model = evaluation.run(variant, {"checkpoint_epochs": "auto"}, 0, work / variant)
+                store = ResponseStore.load(work / variant)
+                for c, member in record["members"].items():
+                    rule = store.checkpoint_info(c)["step_rule"]
+                    member.update({k: rule.get(k) for k in ("eigenspace_stop", "warm_start_rows", "eigenspace_products")})
+                    paired = scores[c]["paired"]
+                    reference.setdefault(c, paired)
+                    member["pearson_to_budget"] = round(_pearson(paired.double(), reference[c].double()), 4)
+                    if store.space.size <= args.explicit_max_p:
+                        if c not in exact:
+                            at = copy.deepcopy(model)
+                            torch.nn.utils.vector_to_parameters(store.theta(c), [p for p in at.parameters() if p.requires_grad])
+                            t = time.perf_counter()
+                            exact[c] = ExactInfluence(at.net, x_train, y_train).scores(*evaluation.queries, rule["damping"])
+                            print(f"[{name}] exact target at {c} in {time.perf_counter() - t:.0f}s", flush=True)
+                        member["pearson_to_exact"] = round(_pearson(paired.double(), exact[c].double()), 4)
+                record.update(study="members", P=store.space.size, command=" ".join(sys.argv))
+                print(json.dumps(record), flush=True)
+                with open(args.out, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", choices=["accuracy", "warm"])
+    p.add_argument("study", choices=["accuracy", "warm", "members"])
     p.add_argument("--settings", nargs="+", default=["digits-mlp", "digits01-mlp", "digits-cnn-adam", "mnist1d-cnn1d"])
     p.add_argument("--cache-dir", default="benchmarks/.cache")
     p.add_argument("--ranks", nargs="+", type=int, default=[128, 256])
@@ -167,10 +243,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--warm-products", type=float, default=3.0, help="warm: the earlier basis's budget, in units of k")
     p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--variants", nargs="+", choices=MEMBER_VARIANTS, default=list(MEMBER_VARIANTS), help="members: which finders (budget first)")
+    p.add_argument("--explicit-max-p", type=int, default=7000, help="members: the exact target at each member's weights up to this P")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if args.seeds < 1 or any(k < 1 for k in args.ranks) or any(f <= 0 for f in args.budgets):
         p.error("--seeds, --ranks and --budgets must be positive.")
+    if args.study == "members":
+        return members(args)
     rows: list[dict] = []
     (accuracy if args.study == "accuracy" else warm)(args, rows)
     old = json.loads(args.out.read_text()) if args.out.exists() else []

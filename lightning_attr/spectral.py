@@ -55,8 +55,10 @@ class Eigenspace:
         method: ``"krylov"`` or ``"subspace"``.
         block: vectors per block of products (width of the range finder's block for ``"subspace"``).
         stop: why the finder stopped: ``"budget"`` (a fixed rank's products were spent), and for
-            :func:`adaptive_eigenspace` ``"reached"`` (``sigma_k`` fell to the threshold), ``"cap"`` (the product
+            :func:`adaptive_eigenspace` ``"reached"`` (``sigma_k`` fell to the threshold: by the products per pair, or by
+            converged residuals), ``"cap"`` (the product
             cap came first) or ``"whole space"`` (the space is all of ``R^P``: exact).
+        seeded: rows of a previous basis the space started from (``initial=``; 0: a cold, Gaussian start).
     """
 
     eigenvalues: Tensor
@@ -66,6 +68,7 @@ class Eigenspace:
     method: str = "subspace"
     block: int = 0
     stop: str = "budget"
+    seeded: int = 0
 
     @property
     def rank(self) -> int:
@@ -102,6 +105,9 @@ TRACE_PROBES = 32  # Hutchinson probes of trace(G), for damping="auto" (and the 
 DEFAULT_KRYLOV_BLOCK = 32
 DEFAULT_PRODUCTS_PER_PAIR = 2
 DEFAULT_EXTRA_PRODUCTS = 256
+# adaptive_eigenspace: a Ritz pair has converged when ||G v - theta v|| <= 0.1 (theta + threshold); 0.3 lost Pearson
+# (0.95 on two bench GGNs), 0.03 saved no products (benchmarks/deflation.py auto --tolerances)
+DEFAULT_RESIDUAL_TOLERANCE = 0.1
 AUTO_BLOCK_GROWTH = 0.125  # adaptive_eigenspace's blocks: m / 8 vectors past the first 256 pairs (3.9x faster, same accuracy)
 DEFAULT_RANK = 256  # rank=256 (and the least rank="auto" keeps): Pearson >= 0.98 to the exact target on 4 of the bench's 5 models
 _FINDER_PEAK_BYTES = 20  # per vector of the Krylov space and parameter: Q (float64) + G Q (float32) + G Q read in float64
@@ -217,6 +223,8 @@ def adaptive_eigenspace(
     min_rank: int = DEFAULT_RANK,
     block: int = DEFAULT_KRYLOV_BLOCK,
     growth: float = AUTO_BLOCK_GROWTH,
+    initial: Tensor | None = None,
+    tolerance: float | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> Eigenspace:
@@ -230,6 +238,21 @@ def adaptive_eigenspace(
     pairs, with ``sigma_k`` above ``threshold``) or when the space is all of ``R^P`` (``"whole space"``, all ``P``
     pairs, exact). Units of ``threshold``: those of the eigenvalues (loss per squared parameter unit).
     Memory: up to ``20 max_products P`` bytes (:func:`product_cap`).
+
+    ``tolerance`` (the callback passes :data:`DEFAULT_RESIDUAL_TOLERANCE`): it also stops, keeping ``k`` pairs, once the
+    Ritz pairs down to the first Ritz value at or below ``threshold`` (``k`` of them, at least ``min_rank``) have
+    converged, ``||G v_j - theta_j v_j|| <= tolerance (theta_j + threshold)``, and the first block's Gaussian probes show
+    no curvature above ``(1 + tolerance) threshold`` outside them (:class:`_ThresholdStop`): the same ``sigma_k <=
+    threshold``, read from Ritz values of this ``G`` that have converged, usually before ``2k`` products. Measured
+    (``benchmarks/deflation.py auto --tolerances``, explicit GGNs, ``sigma_k <= 0.5 lam``): digits MLP 448 products
+    against 576, Pearson to the exact target 0.996 against 0.997; MNIST-1D CNN 512 / 640, 0.991 / 0.993; digits CNN 352 /
+    512, 0.999 / 1.000; MNIST-1D MLP 2,048 / 2,304, 0.993 / 0.995 (tolerance 0.3: 0.95 on two; 0.03: no fewer products).
+
+    ``initial``: ``Tensor[r, P]``, a warm start (e.g. the previous checkpoint's eigenvectors; needs ``tolerance``): the
+    first block is these rows and ``block`` Gaussian ones, and only the residual rule stops it (the budget rule
+    presumes a Krylov space). A stale basis is not taken as converged: its Ritz pairs at this ``G`` must converge, and
+    the probes catch curvature it misses above the threshold. The callback does not use it: from the previous
+    checkpoint of the trajectory ensemble it cost more products than a cold start (``benchmarks/eigenspace.py members``).
 
     ``growth``: blocks of ``growth m`` vectors (whole blocks of ``block``), :func:`_block_krylov`; with 0 the space is
     the block Krylov space of ``top_eigenspace(rank=k(m))``. Measured on the MNIST-1D MLP's explicit GGN (P = 15,210,
@@ -246,18 +269,76 @@ def adaptive_eigenspace(
             f"max_products >= {need}, or a smaller min_rank."
         )
 
-    def enough(values: Tensor, size: int) -> tuple[int, str] | None:
-        if size >= dim:
-            return dim, "whole space"
-        rank = supported_rank(size)
-        if rank >= min_rank and float(values[rank - 1]) <= threshold:
-            return rank, "reached"
-        if size >= max_products:
-            return max(min_rank, rank), "cap"
+    if initial is not None:
+        initial = _check_initial(initial, dim)
+    if initial is not None and tolerance is None:
+        raise ValueError(
+            "initial= needs tolerance=: a warm start's vectors are not a Krylov space, so only the Ritz residuals of the "
+            f"new operator can tell when they have converged (e.g. tolerance={DEFAULT_RESIDUAL_TOLERANCE})."
+        )
+    if tolerance is not None and not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0 (a relative residual), got {tolerance}.")
+    width = min(dim, block)
+    rule = _ThresholdStop(dim, threshold, min_rank, max_products, tolerance, krylov=initial is None)
+    if initial is not None:  # the previous basis, then a Gaussian block (pad): directions it lacks can still enter the space
+        initial = initial[: max(0, max_products - width)]
+    return _block_krylov(operator, dim, min_rank, width, max_products, initial, generator, device, rule, growth, pad=width)
+
+
+@dataclass(frozen=True)
+class _ThresholdStop:
+    """When :func:`adaptive_eigenspace` stops (``_block_krylov``'s ``enough``), and which Ritz pairs steer its growth.
+
+    ``krylov``: the space is a block Krylov space from a Gaussian start, so after ``m`` products its top
+    ``supported_rank(m)`` Ritz pairs are taken as converged (the budget rule of a fixed rank). ``tolerance``: a pair
+    also counts as converged when its residual ``||G v_j - theta_j v_j|| <= tolerance (theta_j + threshold)``; the
+    space stops once the pairs down to the first Ritz value at or below ``threshold`` (at least ``min_rank`` of them)
+    have all converged and no Gaussian probe of the first block shows curvature above ``(1 + tolerance) threshold``
+    outside them (``outside(k)``: ``||(I - V V^T) G w|| / ||w||`` for each probe's part ``w`` outside the top-k Ritz
+    vectors ``V``; at most the largest eigenvalue of ``G`` there, so a larger value proves a direction above the
+    threshold is missing, e.g. from a stale warm start that spans an invariant space of the new ``G`` without its top).
+    A warm start (``krylov=False``) stops by this test alone.
+
+    What no test at no extra product can rule out: a few directions just above the threshold that the probes barely
+    touch and the space never reached (their weight in a random probe is about their count over ``P``); a cold Krylov
+    space shares this with any stopping rule.
+    """
+
+    dim: int
+    threshold: float
+    min_rank: int
+    max_products: int
+    tolerance: float | None
+    krylov: bool
+
+    def _wanted(self, values: Tensor) -> int:
+        """The pairs down to the first Ritz value at or below the threshold, at least ``min_rank``."""
+        return max(self.min_rank, int((values > self.threshold).sum()) + 1)
+
+    def pairs(self, values: Tensor, size: int, step: int) -> int:
+        """How many of the top Ritz pairs (``values``: all of them, descending) are examined and steer the next block."""
+        examined = supported_rank(size + step) if self.krylov else self.min_rank
+        if self.tolerance is not None:
+            examined = max(examined, self._wanted(values))
+        return min(size, examined)
+
+    def __call__(self, values: Tensor, residuals: Tensor, size: int, outside: Callable[[int], Tensor]) -> tuple[int, str] | None:
+        if size >= self.dim:
+            return self.dim, "whole space"
+        supported = supported_rank(size)
+        if self.krylov and supported >= self.min_rank and float(values[supported - 1]) <= self.threshold:
+            return supported, "reached"
+        if self.tolerance is not None:
+            wanted = self._wanted(values)
+            if wanted <= values.numel() and float(values[wanted - 1]) <= self.threshold:
+                converged = bool((residuals[:wanted] <= self.tolerance * (values[:wanted] + self.threshold)).all())
+                if converged and float(outside(wanted).max()) <= (1 + self.tolerance) * self.threshold:
+                    return wanted, "reached"
+        if size >= self.max_products:
+            return min(size, max(self.min_rank, supported)), "cap"
         return None
 
-    width = min(dim, block)
-    return _block_krylov(operator, dim, min_rank, width, max_products, None, generator, device, enough, growth)
+
 
 
 def _check_initial(initial: Tensor, dim: int) -> Tensor:
@@ -298,8 +379,9 @@ def _block_krylov(
     initial: Tensor | None,
     generator,
     device,
-    enough: Callable[[Tensor, int], tuple[int, str] | None] | None = None,
+    enough: _ThresholdStop | None = None,
     growth: float = 0.0,
+    pad: int = 0,
 ) -> Eigenspace:
     """Block Lanczos, full re-orthonormalization, Rayleigh-Ritz over the space; see :func:`top_eigenspace`.
 
@@ -314,19 +396,24 @@ def _block_krylov(
     Memory: ``12 m P`` bytes held for a space of ``m <= products`` vectors, ``20 m P`` at the peak of a step
     (the products are read in float64); flops ``O(m^2 P)`` over the run besides the products.
 
-    ``enough(values, m)`` (:func:`adaptive_eigenspace`), asked after each block with the Ritz values (descending,
-    at least ``supported_rank(m)`` of them), returns ``(rank, stop)`` to stop there keeping ``rank`` pairs, or
-    None to go on; the residual directions then come from the top ``supported_rank`` pairs of the next size.
+    ``enough`` (:func:`adaptive_eigenspace`'s :class:`_ThresholdStop`): ``enough.pairs(all Ritz values, m, block)`` top
+    pairs are examined; ``enough(their values, their residual norms, m, outside)``, asked after each block, returns
+    ``(rank, stop)`` to stop there keeping ``rank`` pairs, or None to go on with the residual directions of those pairs
+    (``outside(k)``: :class:`_ThresholdStop`'s probe test).
+    ``pad``: Gaussian rows appended to ``initial`` (at least; the first block holds ``block`` rows or more).
     ``growth``: each block holds ``growth m`` vectors rounded down to whole ``width`` blocks (at least one; 0: always
     ``width``), so a space of ``m`` vectors costs ``O(log m)`` Rayleigh-Ritz steps (each an ``O(m^3)``
     eigendecomposition) instead of ``m / width``.
     """
     start = torch.randn(width, dim, generator=generator, dtype=torch.float64)
+    seeded = 0
     if initial is not None:
         seed = initial.detach().to("cpu", torch.float64)
-        start = torch.cat([seed, start[: max(0, width - seed.shape[0])]])[:dim]
+        start = torch.cat([seed, start[: max(pad, width - seed.shape[0])]])[:dim]
+        seeded = min(dim, initial.shape[0])
     start = start.to(device)
     current = _orthonormalize_against(start, None, generator, float(torch.linalg.vector_norm(start, dim=1).max()))
+    probes = torch.arange(seeded, current.shape[0], device=device)  # the first block's Gaussian rows (after the seed)
     space = current[:0]
     images = space.float()  # I = G Q, [m, P]
     small = torch.zeros(0, 0, dtype=torch.float64, device=device)  # T = Q I^T
@@ -338,26 +425,39 @@ def _block_krylov(
         gram = _grow_symmetric(gram, images.double() @ image.double().T)
         size = space.shape[0]
         step = width * max(1, int(growth * size) // width)  # whole blocks of `width`
-        pairs = rank if enough is None else max(rank, supported_rank(size + step))
-        values, vectors = _top_ritz_pairs(small, min(size, max(pairs, step)))
+        all_values, all_vectors = _top_ritz_pairs(small, size)
+        pairs = rank if enough is None else max(rank, enough.pairs(all_values, size, step))
+        values, vectors = all_values[: min(size, max(pairs, step))], all_vectors[:, : min(size, max(pairs, step))]
+        # R R^T = S^T M S - Theta^2 for the Ritz residuals R (rows); its diagonal: ||G v_j - theta_j v_j||^2
+        residual_gram = vectors.T @ gram @ vectors - torch.diag(values**2)
+        residual_gram = (residual_gram + residual_gram.T) / 2
         stop = "budget" if enough is None else None
-        if enough is not None and (found := enough(values, size)) is not None:
+
+        def outside(k: int) -> Tensor:
+            """``||(I - V V^T) G w_i|| / ||w_i||`` for ``w_i = (I - V V^T) probe_i``, ``V`` the top-k Ritz vectors: from
+            ``T`` and ``M`` (``G w = I^T c`` for ``w = Q^T c``), no product."""
+            top = all_vectors[:, :k]  # [m, k]
+            c = -top @ top[probes].T  # [m, p]: the probes' coordinates on Q minus their top-k part
+            c[probes, torch.arange(probes.numel(), device=device)] += 1
+            image_sq = ((gram @ c) * c).sum(0) - (top.T @ small @ c).square().sum(0)  # ||G w||^2 - ||V G w||^2
+            return image_sq.clamp_min(0).sqrt() / c.square().sum(0).sqrt().clamp_min(1e-300)
+
+        if enough is not None and (found := enough(values, torch.diagonal(residual_gram).clamp_min(0).sqrt(), size, outside)) is not None:
             rank, stop = found
             if rank > values.numel():  # the whole space: every pair
-                values, vectors = _top_ritz_pairs(small, rank)
+                values, vectors = all_values[:rank], all_vectors[:, :rank]
             break
         room = min(step, dim - size, budget - size)  # the last block may be narrower
         if room < 1:
             break
-        # the `room` dominant directions of the Ritz residuals R (rows), from the eigenvectors of R R^T
-        residual_gram = vectors.T @ gram @ vectors - torch.diag(values**2)
-        directions = torch.linalg.eigh((residual_gram + residual_gram.T) / 2)[1][:, -room:].T  # [room, pairs]
+        # the `room` dominant directions of the Ritz residuals R, from the eigenvectors of R R^T
+        directions = torch.linalg.eigh(residual_gram)[1][:, -room:].T  # [room, pairs]
         mix = directions @ vectors.T  # [room, m]
         rows = mix @ images.double() - (directions * values) @ vectors.T @ space
         current = _orthonormalize_against(rows, space, generator, float(values[0].abs()))
     ritz = vectors[:, :rank].T @ space  # [k, P], orthonormal: the rows of Q rotated
     norms = torch.linalg.vector_norm(vectors[:, :rank].T @ images.double() - values[:rank, None] * ritz, dim=1)
-    return Eigenspace(values[:rank].clamp_min(0).float(), ritz.float().contiguous(), size, norms.float().cpu(), "krylov", width, stop or "budget")
+    return Eigenspace(values[:rank].clamp_min(0).float(), ritz.float().contiguous(), size, norms.float().cpu(), "krylov", width, stop or "budget", seeded)
 
 
 def _grow_symmetric(matrix: Tensor, columns: Tensor) -> Tensor:

@@ -166,3 +166,4 @@ def test_auto_rank_is_256_for_the_eigen_codec(tmp_path):
     cb = AttributionCallback(tmp_path / "r", codec="eigen")
     _wide_mlp_fit(cb)  # P = 1,012
     assert ResponseStore.load(cb.dirpath).checkpoint_info("final")["spectral"]["rank"] == 256
+
