@@ -3,6 +3,8 @@
     python benchmarks/eigenspace.py accuracy --settings digits-mlp digits01-mlp digits-cnn-adam mnist1d-cnn1d \
         --cache-dir /work/cache/bench --out benchmarks/results/eigenspace.json
     python benchmarks/eigenspace.py warm --cache-dir /work/cache/bench --out benchmarks/results/eigenspace-warm.json
+    OMP_NUM_THREADS=1 python benchmarks/eigenspace.py members --settings digits-mlp --cache-dir /work/cache/bench \
+        --out benchmarks/results/eigenspace-members.jsonl
 
 ``accuracy``: on the bench's attributed model and its cached explicit full-data GGN ``G`` (the operator is
 ``V -> V G``, so a product is a matrix product), each finder of :func:`lightning_attr.spectral.top_eigenspace`
@@ -20,14 +22,15 @@ at epoch 30), the real matrix-free GGN operator (:func:`lightning_attr.curvature
 training set). The basis found at epoch 24 (``--warm-products``) starts the finder at epoch 30; cold and warm
 runs at the same budgets are scored as in ``accuracy`` against the final model's cached explicit GGN.
 ``members``: the trajectory ensemble's eigenspaces (``checkpoint_epochs="auto"``, ``rank="auto"``, the defaults)
-found three ways in one process, on one trajectory per setting (the same fit, seed 0, via ``ensembles.py``'s
-``Evaluation``): ``budget`` (every checkpoint cold, stopped by the 2-products-per-pair rule alone: the finder before the
-residual rule), ``residual`` (cold, also stopped once the Ritz residuals converge: ``DEFAULT_RESIDUAL_TOLERANCE``; the callback's) and
-``warm`` (each checkpoint after the first starts from the previous one's eigenvectors, ``initial=``, and stops by the
-residual rule alone; the callback does not: measured, it costs more products). Per member: curvature products, simulation seconds over the plain fit (timed in the same
-process), rank, why it stopped, the warm start's rows, LDS, Pearson to ``budget``'s member and, where ``P <=
---explicit-max-p``, Pearson to the exact damped-GGN target at the member's own weights (explicit GGN, Cholesky);
-per variant the paired ensemble's LDS. ``members`` appends its rows to ``--out`` (JSON lines), no table.
+found in up to three ways in one process, on one trajectory per setting (the same fit, seed 0, via ``ensembles.py``'s
+``Evaluation``): ``budget`` (every checkpoint cold, stopped by the 2-products-per-pair rule alone: the finder before
+the residual rule), ``residual`` (cold, also stopped once the Ritz residuals converge, ``DEFAULT_RESIDUAL_TOLERANCE``:
+what the callback does) and ``warm`` (each checkpoint after the first starts from the previous one's eigenvectors,
+``initial=``, and stops by the residual rule alone; the callback does not: measured, it costs more products). Per
+member: curvature products, simulation wall seconds over the plain fit (timed in the same process) and CPU seconds,
+rank, why it stopped, LDS, Pearson to ``budget``'s member and, where ``P <= --explicit-max-p``, Pearson to the exact
+damped-GGN target at the member's own weights (explicit GGN, Cholesky); per variant the paired ensemble's LDS.
+``members`` appends its records to ``--out`` (JSON lines), no table; ``accuracy`` and ``warm``:
 Results accumulate in ``--out`` (one JSON list of rows); ``<out>.md`` is the table.
 """
 
@@ -166,21 +169,16 @@ def table(rows: list[dict]) -> str:
 MEMBER_VARIANTS = ("budget", "residual", "warm")
 
 
-def _finder_of(variant: str):
-    """``adaptive_eigenspace`` as the engine calls it, made ``variant``'s (see the module's docstring); for ``"warm"`` it
-    keeps each checkpoint's eigenvectors to start the next one (one fit per finder)."""
+def _finder_of(variant: str, found: list):
+    """``adaptive_eigenspace`` as the engine calls it, made ``variant``'s (see the module's docstring), appending each
+    eigenspace to ``found``; for ``"warm"`` the last one starts the next (one fit per finder)."""
     from lightning_attr import spectral
 
-    previous: list[torch.Tensor] = []
-
     def finder(*args, tolerance=None, **kwargs):
-        if variant == "budget":
-            return spectral.adaptive_eigenspace(*args, **kwargs)
-        tolerance = tolerance or spectral.DEFAULT_RESIDUAL_TOLERANCE
-        initial = previous[-1] if variant == "warm" and previous else None
-        space = spectral.adaptive_eigenspace(*args, tolerance=tolerance, initial=initial, **kwargs)
-        previous.append(space.vectors)
-        return space
+        tolerance = None if variant == "budget" else tolerance or spectral.DEFAULT_RESIDUAL_TOLERANCE
+        initial = found[-1].vectors if variant == "warm" and found else None
+        found.append(spectral.adaptive_eigenspace(*args, tolerance=tolerance, initial=initial, **kwargs))
+        return found[-1]
 
     return finder
 
@@ -205,12 +203,16 @@ def members(args: argparse.Namespace) -> None:
         reference: dict[str, torch.Tensor] = {}
         try:
             for variant in args.variants:
-                with mock.patch.object(engine, "adaptive_eigenspace", _finder_of(variant)):
+                found: list = []
+                with mock.patch.object(engine, "adaptive_eigenspace", _finder_of(variant, found)):
                     record, scores, model = evaluation.run(variant, {"checkpoint_epochs": "auto"}, 0, work / variant)
                 store = ResponseStore.load(work / variant)
-                for c, member in record["members"].items():
-                    rule = store.checkpoint_info(c)["step_rule"]
-                    member.update({k: rule.get(k) for k in ("eigenspace_stop", "warm_start_rows", "eigenspace_products")})
+                cpu = 0.0
+                for (c, member), space in zip(record["members"].items(), found):
+                    info = store.checkpoint_info(c)
+                    rule = info["step_rule"]
+                    member["simulation_cpu_s"], cpu = round(info["simulation_cpu_seconds"] - cpu, 2), info["simulation_cpu_seconds"]
+                    member.update({k: rule.get(k) for k in ("eigenspace_stop", "eigenspace_products")}, warm_start_rows=space.seeded)
                     paired = scores[c]["paired"]
                     reference.setdefault(c, paired)
                     member["pearson_to_budget"] = round(_pearson(paired.double(), reference[c].double()), 4)
