@@ -5,6 +5,7 @@
     python benchmarks/eigenspace.py warm --cache-dir /work/cache/bench --out benchmarks/results/eigenspace-warm.json
     OMP_NUM_THREADS=1 python benchmarks/eigenspace.py members --settings digits-mlp --cache-dir /work/cache/bench \
         --out benchmarks/results/eigenspace-members.jsonl
+    OMP_NUM_THREADS=1 python benchmarks/eigenspace.py timing --settings digits-mlp --out benchmarks/results/eigenspace-members.jsonl
 
 ``accuracy``: on the bench's attributed model and its cached explicit full-data GGN ``G`` (the operator is
 ``V -> V G``, so a product is a matrix product), each finder of :func:`lightning_attr.spectral.top_eigenspace`
@@ -30,7 +31,8 @@ what the callback does) and ``warm`` (each checkpoint after the first starts fro
 member: curvature products, simulation wall seconds over the plain fit (timed in the same process) and CPU seconds,
 rank, why it stopped, LDS, Pearson to ``budget``'s member and, where ``P <= --explicit-max-p``, Pearson to the exact
 damped-GGN target at the member's own weights (explicit GGN, Cholesky); per variant the paired ensemble's LDS.
-``members`` appends its records to ``--out`` (JSON lines), no table; ``accuracy`` and ``warm``:
+``timing``: the finder's seconds, ``budget`` against ``residual`` alternated in one process (see :func:`timing`).
+``members`` and ``timing`` append their records to ``--out`` (JSON lines), no table; ``accuracy`` and ``warm``:
 Results accumulate in ``--out`` (one JSON list of rows); ``<out>.md`` is the table.
 """
 
@@ -232,9 +234,59 @@ def members(args: argparse.Namespace) -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
+def timing(args: argparse.Namespace) -> None:
+    """``timing``: the callback's finder at the end of one plain fit per setting (seed 0), the real matrix-free GGN over
+    the training set in the callback's batches, at the damping it would use; ``budget`` and ``residual``
+    (:data:`MEMBER_VARIANTS`) alternated for ``--rounds`` rounds in one process: products and the finder's wall and CPU
+    seconds, and their medians' ratio (residual / budget)."""
+    import statistics
+
+    from bench import fit
+    from convergence import HERE
+
+    from lightning_attr import spectral
+    from lightning_attr.curvature import estimate_spectrum
+    from lightning_attr.deflated import AUTO_RANK_RATIO
+    from lightning_attr.settings import AttributionSettings
+    from lightning_attr.simulation import resolve_damping
+
+    defaults = AttributionSettings()
+    for name in args.settings:
+        setting = HERE[name]
+        data = setting.load()
+        model, _ = fit(setting, data, [], seed=0)
+        with functional_view(model) as (fmodel, theta):
+            batches = [(x, y) for x, y in zip(data.x_train.split(defaults.curvature_batch_size), data.y_train.split(defaults.curvature_batch_size))]
+            operator = curvature_operator("ggn", fmodel, theta, batches, defaults.chunk_size)
+            dim = theta.numel()
+            generator = torch.Generator().manual_seed(0)
+            mean = estimate_spectrum(operator, dim, probes=spectral.TRACE_PROBES, power_iterations=0, generator=generator).mean_eigenvalue
+            damping = resolve_damping(defaults.damping, defaults.damping_scale, mean)
+            cap = spectral.product_cap(dim, defaults.memory_budget_mb)
+            runs: dict[str, list[dict]] = {"budget": [], "residual": []}
+            for _ in range(args.rounds):
+                for variant, tolerance in (("budget", None), ("residual", spectral.DEFAULT_RESIDUAL_TOLERANCE)):
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    space = spectral.adaptive_eigenspace(
+                        operator, dim, AUTO_RANK_RATIO * damping, max_products=cap, tolerance=tolerance, generator=torch.Generator().manual_seed(0)
+                    )  # fmt: skip
+                    run = {"products": space.products, "rank": space.rank, "wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2)}
+                    runs[variant].append(run)
+                    print(f"[{name}] {variant}: {run}", flush=True)
+        medians = {v: {k: statistics.median(r[k] for r in rs) for k in ("wall_s", "cpu_s")} for v, rs in runs.items()}
+        record = {
+            "study": "timing", "setting": name, "P": dim, "damping": damping, "runs": runs,
+            "residual_over_budget": {k: round(medians["residual"][k] / medians["budget"][k], 3) for k in ("wall_s", "cpu_s")},
+            "products": {v: rs[0]["products"] for v, rs in runs.items()}, "command": " ".join(sys.argv),
+        }  # fmt: skip
+        print(json.dumps(record), flush=True)
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", choices=["accuracy", "warm", "members"])
+    p.add_argument("study", choices=["accuracy", "warm", "members", "timing"])
     p.add_argument("--settings", nargs="+", default=["digits-mlp", "digits01-mlp", "digits-cnn-adam", "mnist1d-cnn1d"])
     p.add_argument("--cache-dir", default="benchmarks/.cache")
     p.add_argument("--ranks", nargs="+", type=int, default=[128, 256])
@@ -246,13 +298,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warm-products", type=float, default=3.0, help="warm: the earlier basis's budget, in units of k")
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--variants", nargs="+", choices=MEMBER_VARIANTS, default=list(MEMBER_VARIANTS), help="members: which finders (budget first)")
+    p.add_argument("--rounds", type=int, default=2, help="timing: alternated rounds of the two finders")
     p.add_argument("--explicit-max-p", type=int, default=7000, help="members: the exact target at each member's weights up to this P")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     if args.seeds < 1 or any(k < 1 for k in args.ranks) or any(f <= 0 for f in args.budgets):
         p.error("--seeds, --ranks and --budgets must be positive.")
-    if args.study == "members":
-        return members(args)
+    if args.study in ("members", "timing"):
+        return (members if args.study == "members" else timing)(args)
     rows: list[dict] = []
     (accuracy if args.study == "accuracy" else warm)(args, rows)
     old = json.loads(args.out.read_text()) if args.out.exists() else []
