@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -339,8 +340,6 @@ class _ThresholdStop:
         return None
 
 
-
-
 def _check_initial(initial: Tensor, dim: int) -> Tensor:
     if initial.dim() != 2 or initial.shape[1] != dim or initial.shape[0] < 1:
         raise ValueError(
@@ -432,16 +431,7 @@ def _block_krylov(
         residual_gram = vectors.T @ gram @ vectors - torch.diag(values**2)
         residual_gram = (residual_gram + residual_gram.T) / 2
         stop = "budget" if enough is None else None
-
-        def outside(k: int) -> Tensor:
-            """``||(I - V V^T) G w_i|| / ||w_i||`` for ``w_i = (I - V V^T) probe_i``, ``V`` the top-k Ritz vectors: from
-            ``T`` and ``M`` (``G w = I^T c`` for ``w = Q^T c``), no product."""
-            top = all_vectors[:, :k]  # [m, k]
-            c = -top @ top[probes].T  # [m, p]: the probes' coordinates on Q minus their top-k part
-            c[probes, torch.arange(probes.numel(), device=device)] += 1
-            image_sq = ((gram @ c) * c).sum(0) - (top.T @ small @ c).square().sum(0)  # ||G w||^2 - ||V G w||^2
-            return image_sq.clamp_min(0).sqrt() / c.square().sum(0).sqrt().clamp_min(1e-300)
-
+        outside = partial(_probe_curvature, all_vectors, probes, small, gram)
         if enough is not None and (found := enough(values, torch.diagonal(residual_gram).clamp_min(0).sqrt(), size, outside)) is not None:
             rank, stop = found
             if rank > values.numel():  # the whole space: every pair
@@ -458,6 +448,18 @@ def _block_krylov(
     ritz = vectors[:, :rank].T @ space  # [k, P], orthonormal: the rows of Q rotated
     norms = torch.linalg.vector_norm(vectors[:, :rank].T @ images.double() - values[:rank, None] * ritz, dim=1)
     return Eigenspace(values[:rank].clamp_min(0).float(), ritz.float().contiguous(), size, norms.float().cpu(), "krylov", width, stop or "budget", seeded)
+
+
+def _probe_curvature(ritz_vectors: Tensor, probes: Tensor, small: Tensor, gram: Tensor, k: int) -> Tensor:
+    """``||(I - V V^T) G w_i|| / ||w_i||`` for ``w_i = (I - V V^T) q_i``, the rows ``probes`` of the space ``Q`` outside
+    its top-k Ritz vectors ``V = S_k^T Q`` (``ritz_vectors = S: Tensor[m, m]``, descending): ``Tensor[len(probes)]``, in
+    eigenvalue units. From ``small = T = Q I^T`` and ``gram = M = I I^T`` alone (``G w = I^T c`` for ``w = Q^T c``): no
+    product."""
+    top = ritz_vectors[:, :k]  # [m, k]
+    c = -top @ top[probes].T  # [m, p]: the probes' coordinates on Q minus their top-k part
+    c[probes, torch.arange(probes.numel(), device=c.device)] += 1
+    image_sq = ((gram @ c) * c).sum(0) - (top.T @ small @ c).square().sum(0)  # ||G w||^2 - ||V G w||^2
+    return image_sq.clamp_min(0).sqrt() / c.square().sum(0).sqrt().clamp_min(1e-300)
 
 
 def _grow_symmetric(matrix: Tensor, columns: Tensor) -> Tensor:
