@@ -66,7 +66,10 @@ class _Layer:
         n, out = dw.shape[0], dw.shape[1]
         if isinstance(self.module, nn.Linear):
             rows = x.reshape(-1, x.shape[-1])  # [N, in]
-            t = (rows @ dw.view(n * out, -1).T).view(rows.shape[0], n, out).transpose(0, 1)  # [n, N, out]
+            if rows.shape[0] == 1:  # one matrix-vector product over every weight tangent (memory-bound)
+                t = (rows @ dw.view(n * out, -1).T).view(n, 1, out)
+            else:  # one [N, in] x [in, out] product per source, written contiguous as [n, N, out]
+                t = torch.matmul(rows, dw.transpose(1, 2))
             return t.reshape(n, *x.shape[:-1], out)
         m = self.module
         t = _CONVOLUTIONS[type(m)](x, dw.view(n * out, *dw.shape[2:]), None, m.stride, m.padding, m.dilation, 1)
