@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import jvp, vmap
+from torch.nn.modules.module import _global_forward_hooks
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
@@ -81,10 +82,16 @@ class _Layer:
 
 def handled_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ...]:
     """The layers of ``module`` whose weight tangents :func:`linear_scores` applies as matrix products: modules of
-    type exactly ``nn.Linear`` / ``nn.ConvNd`` (``groups=1``, zero padding) whose weight is a parameter of the space."""
+    type exactly ``nn.Linear`` / ``nn.ConvNd`` (``groups=1``, zero padding) whose weight is a parameter of the space,
+    with their class's own ``forward`` and no forward hook that could change their output (none when a global forward
+    hook is registered)."""
+    if _global_forward_hooks:
+        return ()
     trainable = set(space.names)
     layers = []
     for prefix, m in module.named_modules():
+        if "forward" in m.__dict__ or m._forward_hooks:
+            continue
         if type(m) is nn.Linear or (type(m) in _CONVOLUTIONS and m.groups == 1 and m.padding_mode == "zeros"):
             weight = f"{prefix}.weight" if prefix else "weight"
             if isinstance(m._parameters.get("weight"), nn.Parameter) and weight in trainable:

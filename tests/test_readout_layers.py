@@ -46,6 +46,16 @@ class _Twice(nn.Module):
         return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
 
 
+def _hooked() -> nn.Module:
+    """A Linear whose output a forward hook rescales, and one whose forward was replaced on the instance: neither is
+    handled (the weight tangent would miss the change)."""
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    net[0].register_forward_hook(lambda _m, _i, out: 2.0 * out)
+    layer = net[2]
+    net[2].forward = lambda x: F.linear(x, layer.weight, layer.bias) ** 2
+    return net
+
+
 def _image_net() -> nn.Module:  # 2D conv, BatchNorm, a grouped conv (generic path), unbatched-safe flatten
     return nn.Sequential(
         nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
@@ -91,6 +101,7 @@ MODELS = {  # name: (model, query batch, names of the handled layers' modules)
     "stock-transformer": (lambda: SequenceClassifier("transformer").eval(), lambda n: _tokens(n, seed=4), None),
     "gru": (lambda: SequenceClassifier("gru").eval(), lambda n: _tokens(n, seed=4), {"head"}),
     "twice": (lambda: _classifier(_Twice()), _tabular, {"net.shared", "net.head"}),
+    "hooked": (lambda: _classifier(_hooked()), _tabular, {"net.4"}),
     "tied": (lambda: _classifier(_Tied()), _tabular, {"net.inner", "net.head"}),
 }  # fmt: skip
 
