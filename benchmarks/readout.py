@@ -19,7 +19,10 @@ first ``--queries`` test points:
 - ``TRAK-1 (dattri)``: :class:`~lightning_attr.evaluation.peers.DattriTRAK` (1 model, projection 512) set up on
   the same fitted network and training set;
 - ``memory floor (ensemble)``: one matrix-vector product over each checkpoint's ``[S, P]`` responses, what any
-  readout that reads every response once costs at least.
+  readout that reads every response once costs at least;
+- ``vmap(jvp) reference, 1 member / ensemble``: the same queries as ``attribute()`` computed them before the layer
+  readout (``score_sources(layers=False)`` over each checkpoint's flat responses, then the ensemble's normalization):
+  the before / after pair of this work, in the same rounds (their scores against the default's are recorded).
 
 Timing: Q=1 in ``--rounds`` alternating rounds (each round scores query ``k`` with every function in turn, in a
 rotated order; round 0 only warms up), and the whole batch in ``--batched-rounds`` alternating rounds. Reported:
@@ -56,7 +59,8 @@ from lightning_attr._io import atomic_save_tensors, atomic_write_json  # noqa: E
 from lightning_attr.evaluation.peers import DattriTRAK  # noqa: E402
 from lightning_attr.functional import functional_view  # noqa: E402
 from lightning_attr.models import Classifier  # noqa: E402
-from lightning_attr.readout import auto_chunk_size  # noqa: E402
+from lightning_attr.attributor import ensemble_mean  # noqa: E402
+from lightning_attr.readout import auto_chunk_size, score_sources  # noqa: E402
 
 CHECKPOINT_EPOCHS = "auto"  # the default: after 10% and 20% of the epochs, and the final checkpoint
 PREVIOUS_CHUNK = 256  # the readout's default chunk_size before it was chosen from the activations
@@ -88,6 +92,21 @@ def _memory_floor(store: ResponseStore):
     over its flat ``[S, P]`` responses (each number read once; no forward pass, no query dependence)."""
     members = [(store.responses(name), store.theta(name)) for name in store.checkpoints]
     return lambda x, y: [responses @ theta for responses, theta in members]
+
+
+def _vmap_jvp_reference(model: Classifier, store: ResponseStore, names: list[str]):
+    """The query as ``attribute()`` computed it before the layer readout, in this process: per checkpoint ``vmap(jvp)``
+    over its flat ``[S, P]`` responses at its parameters (``score_sources(layers=False)``, the automatic chunk), the
+    checkpoints' scores combined by :func:`~lightning_attr.attributor.ensemble_mean` (no store or batch checks)."""
+    members = [(store.responses(name), store.theta(name)) for name in names]
+
+    def query(x, y):
+        with functional_view(model) as (fm, _):
+            batch = (x.clone(), y.clone())
+            per = [score_sources(fm, theta, responses, batch, layers=False) for responses, theta in members]
+        return per[0] if len(per) == 1 else ensemble_mean(per, len(per) - 1)
+
+    return query
 
 
 def paired_rounds(functions: dict, batches: list, reference: str) -> dict:
@@ -174,6 +193,8 @@ def run_setting(name: str, args) -> dict:
         "ours, ensemble": ours("all", None),
         "TRAK-1 (dattri)": trak.score,
         "memory floor (ensemble)": _memory_floor(store),
+        "vmap(jvp) reference, 1 member": _vmap_jvp_reference(model, store, store.checkpoints[-1:]),
+        "vmap(jvp) reference, ensemble": _vmap_jvp_reference(model, store, store.checkpoints),
     }
     if args.variants == "all":
         functions = {
@@ -186,6 +207,10 @@ def run_setting(name: str, args) -> dict:
             "ours, collapsed, gradient": ours("all", None, ensemble="collapsed", readout="gradient"),
         }
     same = {}
+    for checkpoints, reference in (("last", "vmap(jvp) reference, 1 member"), ("all", "vmap(jvp) reference, ensemble")):
+        a, b = ours(checkpoints, None)(xq, yq), functions[reference](xq, yq)  # the layer readout against vmap(jvp)
+        same[f"{checkpoints}, vmap(jvp)"] = {"bitwise": bool(torch.equal(a, b)), "max_abs_diff": float((a - b).abs().max()),
+                                            "max_abs_score": float(a.abs().max())}  # fmt: skip
     for checkpoints in ("last", "all") if args.variants == "all" else ():
         a = ours(checkpoints, None)(xq, yq)
         for other, b in ((f"chunk {PREVIOUS_CHUNK}", ours(checkpoints, PREVIOUS_CHUNK)(xq, yq)),

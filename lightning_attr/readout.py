@@ -3,7 +3,9 @@
 ``score(q, b)`` is the change of the query measurement ``f_q`` when the parameters move by the
 response ``r_b`` (METHOD.md):
 
-- ``"linear"``:  ``d/de f_q(theta + e r_b)`` at ``e = 0`` via ``torch.func.jvp`` (exact first order)
+- ``"linear"``:  ``d/de f_q(theta + e r_b)`` at ``e = 0`` via ``torch.func.jvp`` (exact first order); the weight
+  tangents of Linear / Conv layers are applied as one matrix product per layer for all sources (:mod:`layer_readout`),
+  the rest vmapped
 - ``"central"``: ``[f_q(theta + e r_b) - f_q(theta - e r_b)] / (2e)``, two forward passes
 - ``"step"``:    ``f_q(theta + r_b) - f_q(theta)``, the counterfactual itself
 
@@ -149,6 +151,7 @@ def score_sources(
     *,
     chunk_size: int | None = None,
     epsilon: float = 1.0,
+    layers: bool = True,
 ) -> Tensor:
     """Scores of every query against every source.
 
@@ -163,6 +166,8 @@ def score_sources(
         chunk_size: sources per vmapped call; peak memory grows with ``chunk_size * B``. ``None``:
             :func:`auto_chunk_size` (all ``S`` at once for a single query on small networks).
         epsilon: relative step of the central readout (1 = the full response).
+        layers: the linear readout applies the handled layers' weight tangents as matrix products; ``False``:
+            ``vmap(jvp)`` over flat responses for every parameter (the reference it is measured against).
 
     Returns:
         ``Tensor[B, S]``: predicted rise of each query's measurement if the source were removed.
@@ -173,12 +178,11 @@ def score_sources(
     num_sources = responses.num_sources if isinstance(responses, SplitResponses) else responses.shape[0]
     if chunk_size is None:
         chunk_size = auto_chunk_size(model, theta, batch, num_sources)
-    if kind == "linear":
-        layers = handled_layers(model.module, model.space)
-        if layers:
-            scores = linear_scores(model, theta, split_for(responses, model, layers), batch, layers, chunk_size)
-            if scores is not None:
-                return scores
+    handled = handled_layers(model.module, model.space) if kind == "linear" and layers else ()
+    if handled:
+        scores = linear_scores(model, theta, split_for(responses, model, handled), batch, handled, chunk_size)
+        if scores is not None:
+            return scores
     one = _per_source(model, theta, batch, kind, epsilon)
     batched = vmap(one) if kind == "linear" or not has_recurrent_layer(model.module) else loop_over(one)
     rows = responses.flat if isinstance(responses, SplitResponses) else responses.__getitem__

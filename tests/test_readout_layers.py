@@ -129,6 +129,8 @@ def test_the_layer_readout_gives_the_scores_of_one_jvp_per_source(name, monkeypa
         responses = 1e-2 * torch.randn(23, theta.numel(), generator=torch.Generator().manual_seed(1))
         expected = _definition(fm, theta, responses, batch)
         split = split_for(responses, fm)
+        reference = score_sources(fm, theta, responses, batch, layers=False)  # vmap(jvp) over flat responses
+        torch.testing.assert_close(reference, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
         for given in (responses, split):
             for chunk in (None, 4):
                 got = score_sources(fm, theta, given, batch, chunk_size=chunk)
