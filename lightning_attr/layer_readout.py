@@ -54,7 +54,7 @@ class _Layer:
     module: nn.Module
     weight: str
 
-    def weight_tangent(self, x: Tensor, dw: Tensor) -> Tensor:
+    def weight_tangent(self, x: Tensor, dw: Tensor) -> tuple[Tensor, int]:
         """The layer output's tangent from its weight tangents, for ``n`` sources at once.
 
         Args:
@@ -62,7 +62,10 @@ class _Layer:
             dw: ``Tensor[n, *weight.shape]`` contiguous.
 
         Returns:
-            ``Tensor[n, *output.shape]``: ``dW_b x`` (Linear) or ``dW_b * x`` (Conv) per source ``b``.
+            ``(t, dim)``: ``dW_b x`` (Linear) or ``dW_b * x`` (Conv) per source ``b``, indexed by dimension ``dim`` of
+            ``t`` (``t.movedim(dim, 0)``: ``Tensor[n, *output.shape]``). A batched convolution keeps the sources at
+            dimension 1, where the one convolution with ``n * out`` output channels puts them (``vmap`` reads them
+            there; moving them first would make every later pass over the tangent strided).
         """
         n, out = dw.shape[0], dw.shape[1]
         if isinstance(self.module, nn.Linear):
@@ -71,13 +74,13 @@ class _Layer:
                 t = (rows @ dw.view(n * out, -1).T).view(n, 1, out)
             else:  # one [N, in] x [in, out] product per source, written contiguous as [n, N, out]
                 t = torch.matmul(rows, dw.transpose(1, 2))
-            return t.reshape(n, *x.shape[:-1], out)
+            return t.reshape(n, *x.shape[:-1], out), 0
         m = self.module
         t = _CONVOLUTIONS[type(m)](x, dw.view(n * out, *dw.shape[2:]), None, m.stride, m.padding, m.dilation, 1)
         spatial = t.shape[-(dw.dim() - 3) :]
-        if x.dim() == dw.dim() - 1:  # batched input [B, C_in, *L]: [B, n * out, *L'] -> [n, B, out, *L']
-            return t.view(t.shape[0], n, out, *spatial).movedim(1, 0)
-        return t.view(n, out, *spatial)
+        if x.dim() == dw.dim() - 1:  # batched input [B, C_in, *L] -> [B, n, out, *L']
+            return t.view(t.shape[0], n, out, *spatial), 1
+        return t.view(n, out, *spatial), 0
 
 
 def handled_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ...]:
@@ -234,14 +237,12 @@ def linear_scores(
         one = lambda r, t: jvp(measure, (rest_primal, zeros), (r, t))[1]  # noqa: E731
     else:
         one = lambda r, t: jvp(lambda added: measure(None, added), (zeros,), (t,))[1]  # noqa: E731
-    batched = vmap(one, in_dims=(0 if rest_names else None, 0))
     chunks = []
     for start in range(0, responses.num_sources, chunk_size):
         part = responses.rows(slice(start, start + chunk_size))
-        tangents = [
-            [layer.weight_tangent(x, part.blocks[layer.weight]) for x in xs]
-            for layer, xs in zip(layers, inputs)
-        ]
+        pairs = [[layer.weight_tangent(x, part.blocks[layer.weight]) for x in xs] for layer, xs in zip(layers, inputs)]
+        tangents, dims = [[t for t, _ in calls] for calls in pairs], [[d for _, d in calls] for calls in pairs]
+        batched = vmap(one, in_dims=(0 if rest_names else None, dims))
         chunks.append(batched(part.rest if rest_names else None, tangents))
     return torch.cat(chunks, dim=0).T
 

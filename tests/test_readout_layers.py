@@ -112,42 +112,52 @@ def _definition(fm, theta, responses, batch):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_the_layer_readout_gives_the_scores_of_one_jvp_per_source(name, monkeypatch):
+def test_the_layer_readout_gives_the_scores_of_one_jvp_per_source(name):
     make, data, handled = MODELS[name]
     torch.manual_seed(0)
     model = make()
     batch = data(5)
-    taken = []  # whether the layer path answered (None: it handed over to the generic path)
-    original = layer_readout.linear_scores
-    monkeypatch.setattr(
-        "lightning_attr.readout.linear_scores", lambda *a, **k: taken.append(original(*a, **k)) or taken[-1]
-    )
     with functional_view(model) as (fm, theta):
         layers = handled_layers(model, fm.space)
+        assert layers, "every model here has a handled layer"
         if handled is not None:
             assert {n for n, m in model.named_modules() if any(m is layer.module for layer in layers)} == handled
         responses = 1e-2 * torch.randn(23, theta.numel(), generator=torch.Generator().manual_seed(1))
         expected = _definition(fm, theta, responses, batch)
+        tol = {"rtol": 1e-4, "atol": 1e-5 * float(expected.abs().max())}
         split = split_for(responses, fm)
-        reference = score_sources(fm, theta, responses, batch, layers=False)  # vmap(jvp) over flat responses
-        torch.testing.assert_close(reference, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
-        for given in (responses, split):
-            for chunk in (None, 4):
-                got = score_sources(fm, theta, given, batch, chunk_size=chunk)
-                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
-        # one query, and one unbatched-shaped slice of the batch: the Q=1 path
-        one = tuple(t[:1] for t in batch)
-        torch.testing.assert_close(score_sources(fm, theta, split, one), expected[:1], rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+        one = tuple(t[:1] for t in batch)  # a single query: the case the layer readout is for
+        for queries, rows in ((batch, slice(None)), (one, slice(0, 1))):
+            for chunk in (23, 4):
+                got = layer_readout.linear_scores(fm, theta, split, queries, layers, chunk)
+                if name == "tied":  # the inner weight is read outside its layer: handed over to vmap(jvp)
+                    assert got is None
+                else:
+                    torch.testing.assert_close(got, expected[rows], **tol)
+            # whichever path score_sources takes, from flat or split responses, and vmap(jvp) itself
+            for given in (responses, split):
+                torch.testing.assert_close(score_sources(fm, theta, given, queries), expected[rows], **tol)
+            torch.testing.assert_close(score_sources(fm, theta, responses, queries, layers=False), expected[rows], **tol)
         # the other readouts and the gradient readout read the split responses too
-        torch.testing.assert_close(score_sources(fm, theta, split, batch, "gradient"), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+        torch.testing.assert_close(score_sources(fm, theta, split, batch, "gradient"), expected, **tol)
         torch.testing.assert_close(
             score_sources(fm, theta, split, batch, "step"), score_sources(fm, theta, responses, batch, "step"), rtol=1e-4, atol=1e-6
         )
-    assert layers and taken, "every model here has a handled layer"
-    if name == "tied":  # the inner weight is read outside its layer: the generic path answered
-        assert all(t is None for t in taken)
-    else:
-        assert all(t is not None for t in taken)
+
+
+def test_the_layer_readout_serves_few_queries_and_vmap_many(monkeypatch):
+    """The layer readout is taken while one source's handled weight tangents outnumber its activation tangents for
+    the batch (the MLP 6-16-3: 16 * 6 + 3 * 16 = 144 weights; 16 + 16 + 3 leaf outputs and 3 outputs = 38 activation floats per
+    query): 1 to 3 queries, not 4."""
+    model = MODELS["mlp"][0]()
+    taken = []
+    original = layer_readout.linear_scores
+    monkeypatch.setattr("lightning_attr.readout.linear_scores", lambda *a, **k: taken.append(a[3]) or original(*a, **k))
+    with functional_view(model) as (fm, theta):
+        responses = torch.randn(9, theta.numel())
+        for n in (1, 3, 4, 40):
+            score_sources(fm, theta, responses, _tabular(n))
+    assert [batch[0].shape[0] for batch in taken] == [1, 3]
 
 
 def test_split_responses_hold_every_number_once_and_give_the_flat_rows_back():
@@ -192,7 +202,8 @@ def test_the_weight_tangent_of_a_convolution_is_the_convolution_with_each_weight
     for conv, x in ((nn.Conv1d(3, 5, 3, stride=2, padding=1), torch.randn(2, 3, 9)), (nn.Conv2d(3, 5, 3, dilation=2), torch.randn(3, 7, 7))):
         layer = layer_readout._Layer(conv, "weight")
         dw = torch.randn(4, *conv.weight.shape)
-        got = layer.weight_tangent(x, dw)
+        got, dim = layer.weight_tangent(x, dw)
+        got = got.movedim(dim, 0)
         fn = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
         expected = torch.stack([fn(x, dw[s], None, conv.stride, conv.padding, conv.dilation) for s in range(4)])
         torch.testing.assert_close(got, expected)
