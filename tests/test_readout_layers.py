@@ -147,8 +147,8 @@ def test_the_layer_readout_gives_the_scores_of_one_jvp_per_source(name):
 
 def test_the_layer_readout_serves_few_queries_and_vmap_many(monkeypatch):
     """The layer readout is taken while one source's handled weight tangents outnumber its activation tangents for
-    the batch (the MLP 6-16-3: 16 * 6 + 3 * 16 = 144 weights; 16 + 16 + 3 leaf outputs and 3 outputs = 38 activation floats per
-    query): 1 to 3 queries, not 4."""
+    the batch (the MLP 6-16-3: 16 * 6 + 3 * 16 = 144 weights; 16 + 16 + 3 leaf outputs and 3 outputs = 38 activation
+    floats per query): 1 to 3 queries, not 4."""
     model = MODELS["mlp"][0]()
     taken = []
     original = layer_readout.linear_scores
@@ -199,11 +199,17 @@ def test_split_responses_laid_out_for_other_layers_are_laid_out_again():
 
 def test_the_weight_tangent_of_a_convolution_is_the_convolution_with_each_weight():
     torch.manual_seed(0)
-    for conv, x in ((nn.Conv1d(3, 5, 3, stride=2, padding=1), torch.randn(2, 3, 9)), (nn.Conv2d(3, 5, 3, dilation=2), torch.randn(3, 7, 7))):
+    cases = [  # batched (one convolution with n * out channels) and single inputs (patches times the weights)
+        (nn.Conv1d(3, 5, 3, stride=2, padding=1), torch.randn(2, 3, 9)), (nn.Conv1d(3, 5, 3, stride=2, padding=1), torch.randn(1, 3, 9)),
+        (nn.Conv1d(3, 5, 4, dilation=2, padding=3), torch.randn(3, 10)), (nn.Conv2d(3, 5, 3, dilation=2), torch.randn(3, 7, 7)),
+        (nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 0)), torch.randn(1, 3, 7, 6)), (nn.Conv3d(2, 3, 2), torch.randn(1, 2, 3, 3, 3)),
+        (nn.Conv2d(3, 5, 3, padding="same"), torch.randn(1, 3, 5, 5)),
+    ]  # fmt: skip
+    for conv, x in cases:
         layer = layer_readout._Layer(conv, "weight")
         dw = torch.randn(4, *conv.weight.shape)
         got, dim = layer.weight_tangent(x, dw)
         got = got.movedim(dim, 0)
-        fn = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
+        fn = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(conv)]
         expected = torch.stack([fn(x, dw[s], None, conv.stride, conv.padding, conv.dilation) for s in range(4)])
         torch.testing.assert_close(got, expected)
