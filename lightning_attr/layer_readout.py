@@ -36,7 +36,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import jvp, vmap
-from torch.nn.modules.module import _global_forward_hooks
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
@@ -110,7 +109,7 @@ def handled_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ..
     type exactly ``nn.Linear`` / ``nn.ConvNd`` (``groups=1``, zero padding) whose weight is a parameter of the space,
     with their class's own ``forward`` and no forward hook that could change their output (none when a global forward
     hook is registered)."""
-    if _global_forward_hooks:
+    if getattr(nn.modules.module, "_global_forward_hooks", None):  # torch's registry of global forward hooks
         return ()
     trainable = set(space.names)
     layers = []
