@@ -25,6 +25,11 @@ _BYTES_PER_SOURCE_AND_PARAMETER = 28  # end mode: 6 float32 [C, P] blocks in fli
 _NOT_IN_MANIFEST = ("dirpath", "sources", "overwrite")  # a path, the source map (stored apart), a write flag
 
 
+def _is_int(value: Any) -> bool:
+    """An ``int`` that is not a ``bool`` (``True`` would pass for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class AttributionSettings:
     """The options of :class:`AttributionCallback` (documented there and in README's options table)."""
@@ -88,12 +93,11 @@ class AttributionSettings:
             raise ValueError(
                 "codec='eigen' keeps the top eigenspace of the GGN (positive semi-definite); it needs curvature='ggn'."
             )
-        if not isinstance(self.averaged_rank, int) or isinstance(self.averaged_rank, bool) or self.averaged_rank < 0:
-            raise ValueError(f"averaged_rank must be an int >= 0 (0: no averaging), got {self.averaged_rank!r}.")
-        if not (rank == "auto" or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1)):
+        for name, value, zero in (("averaged_rank", self.averaged_rank, " (0: no averaging)"), ("sketch", self.sketch, "")):
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0{zero}, got {value!r}.")
+        if not (rank == "auto" or (_is_int(rank) and rank >= 1)):
             raise ValueError(f"rank must be 'auto' or a positive int, got {rank!r}.")
-        if not isinstance(self.sketch, int) or isinstance(self.sketch, bool) or self.sketch < 0:
-            raise ValueError(f"sketch must be an int >= 0, got {self.sketch!r}.")
         if self.sketch and codec != "eigen":
             raise ValueError(
                 f"sketch={self.sketch} keeps the part of each response outside the eigenspace of codec='eigen'; with "
