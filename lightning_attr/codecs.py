@@ -32,7 +32,7 @@ from torch import Tensor
 
 from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel
-from lightning_attr.layer_readout import SplitResponses
+from lightning_attr.layer_readout import SplitResponses, source_count, source_rows
 from lightning_attr.lowrank import LowRankResponses
 from lightning_attr.readout import paired_readout, score_sources
 from lightning_attr.simulation import select_examples
@@ -69,8 +69,7 @@ class DenseResponses:
 
     @property
     def num_sources(self) -> int:
-        split = isinstance(self.responses, SplitResponses)
-        return self.responses.num_sources if split else int(self.responses.shape[0])
+        return source_count(self.responses)
 
     def to(self, device: torch.device | str) -> DenseResponses:
         return DenseResponses(self.responses.to(device))
@@ -79,9 +78,7 @@ class DenseResponses:
         return score_sources(model, theta, self.responses, batch, readout, chunk_size=chunk_size)
 
     def paired(self, model: FunctionalModel, theta: Tensor, batch: Any, sources: Tensor, readout: str) -> Tensor:
-        split = isinstance(self.responses, SplitResponses)
-        rows = self.responses.flat(sources) if split else self.responses[sources]
-        return paired_readout(model, theta, rows, batch, readout)
+        return paired_readout(model, theta, source_rows(self.responses, sources), batch, readout)
 
 
 @dataclass(frozen=True)

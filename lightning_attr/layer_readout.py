@@ -159,19 +159,18 @@ class SplitResponses:
     ) -> SplitResponses:
         """Lays out ``(sources: LongTensor[S_shard], rows: Tensor[S_shard, P])`` shards (every source once; a source
         never given stays NaN) per parameter, one shard in memory at a time besides the result."""  # fmt: skip
-        offsets = dict(zip(space.names, _offsets(space)))
-        split = [n for n in space.names if n in set(split)]
+        split = set(split)
         shapes = dict(zip(space.names, space.shapes))
-        blocks = {n: torch.full((num_sources, *shapes[n]), float("nan"), device=device) for n in split}
-        rest_columns = _rest_columns(space, split)
-        rest = torch.full((num_sources, rest_columns.numel()), float("nan"), device=device)
+        blocks = {n: torch.full((num_sources, *shapes[n]), float("nan"), device=device) for n in space.names if n in split}
+        rest_names = [n for n in space.names if n not in split]
+        rest_size = sum(numel for n, numel in zip(space.names, space.numels) if n not in split)
+        rest = torch.full((num_sources, rest_size), float("nan"), device=device)
         for sources, rows in shards:
-            sources, rows = sources.to(device), rows.to(device)
+            sources, per_name = sources.to(device), space.unflatten(rows.to(device))
             for name, block in blocks.items():
-                start, stop = offsets[name]
-                block[sources] = rows[:, start:stop].reshape(-1, *shapes[name])
-            if rest_columns.numel():
-                rest[sources] = rows[:, rest_columns.to(device)]
+                block[sources] = per_name[name]
+            if rest_size:
+                rest[sources] = _concatenated(per_name, rest_names, sources.numel())
         return cls(space, blocks, rest)
 
     @classmethod
@@ -185,43 +184,40 @@ class SplitResponses:
 
     def flat(self, index: slice | Tensor = slice(None)) -> Tensor:
         """``Tensor[n, P]`` in the space's order for the sources ``index`` (a copy)."""
-        parts, rest, at = [], self.rest[index], 0
-        for name, numel in zip(self.space.names, self.space.numels):
-            if name in self.blocks:
-                parts.append(self.blocks[name][index].reshape(rest.shape[0], numel))
-            else:
-                parts.append(rest[:, at : at + numel])
-                at += numel
-        return torch.cat(parts, dim=1)
+        rest = self.rest[index]
+        numels = [numel for name, numel in zip(self.space.names, self.space.numels) if name not in self.blocks]
+        parts = dict(zip(self.rest_names, rest.split(numels, dim=1)))
+        parts.update({name: block[index] for name, block in self.blocks.items()})
+        return self.space.flatten(parts, batch_dims=1)
 
     def times(self, vectors: Tensor) -> Tensor:
         """``vectors @ responses.T``: ``Tensor[B, P] -> Tensor[B, S]``, one matrix product per block, no flat copy."""
         per_name = self.space.unflatten(vectors)
-        out = vectors[:, self.rest_columns()] @ self.rest.T
+        out = _concatenated(per_name, self.rest_names, vectors.shape[0]) @ self.rest.T
         for name, block in self.blocks.items():
             out += per_name[name].reshape(vectors.shape[0], -1) @ block.view(block.shape[0], -1).T
         return out
-
-    def rest_columns(self) -> Tensor:
-        """``LongTensor[P_rest]``: where the columns of ``rest`` sit in the flat order."""
-        return _rest_columns(self.space, tuple(self.blocks)).to(self.rest.device)
 
     def to(self, device: torch.device | str) -> SplitResponses:
         return SplitResponses(self.space, {n: b.to(device) for n, b in self.blocks.items()}, self.rest.to(device))
 
 
-def _offsets(space: ParameterSpace) -> list[tuple[int, int]]:
-    out, at = [], 0
-    for numel in space.numels:
-        out.append((at, at + numel))
-        at += numel
-    return out
+def source_count(responses: Tensor | SplitResponses) -> int:
+    """``S``: the sources of flat ``Tensor[S, P]`` responses or of :class:`SplitResponses`."""
+    return responses.num_sources if isinstance(responses, SplitResponses) else int(responses.shape[0])
 
 
-def _rest_columns(space: ParameterSpace, split: Sequence[str]) -> Tensor:
-    keep = set(split)
-    ranges = [torch.arange(a, b) for n, (a, b) in zip(space.names, _offsets(space)) if n not in keep]
-    return torch.cat(ranges) if ranges else torch.zeros(0, dtype=torch.long)
+def source_rows(responses: Tensor | SplitResponses, index: slice | Tensor) -> Tensor:
+    """``Tensor[n, P]``: the flat responses of the sources ``index`` (a view of flat responses, a copy of split ones)."""
+    return responses.flat(index) if isinstance(responses, SplitResponses) else responses[index]
+
+
+def _concatenated(per_name: dict[str, Tensor], names: Sequence[str], rows: int) -> Tensor:
+    """``Tensor[rows, sum of numels]``: the parameters ``names`` of ``per_name`` (``{name: Tensor[rows, *shape]}``,
+    :meth:`ParameterSpace.unflatten`) side by side in that order."""
+    if not names:
+        return next(iter(per_name.values())).new_zeros(rows, 0)
+    return torch.cat([per_name[n].reshape(rows, -1) for n in names], dim=1)
 
 
 def linear_scores(

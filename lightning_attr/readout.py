@@ -30,7 +30,7 @@ from torch.func import jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel, has_recurrent_layer
-from lightning_attr.layer_readout import SplitResponses, handled_layers, layer_parameters, linear_scores
+from lightning_attr.layer_readout import SplitResponses, handled_layers, layer_parameters, linear_scores, source_count, source_rows
 from lightning_attr.simulation import select_examples
 
 READOUTS = ("linear", "central", "step", "gradient")
@@ -183,7 +183,7 @@ def score_sources(
     check_readout(kind)
     if kind == "gradient":
         return _gradient_scores(model, theta, responses, batch)
-    num_sources = responses.num_sources if isinstance(responses, SplitResponses) else responses.shape[0]
+    num_sources = source_count(responses)
     handled = handled_layers(model.module, model.space) if kind == "linear" and layers else ()
     floats = activation_floats(model, theta, batch) if handled or chunk_size is None else 0
     if chunk_size is None:
@@ -194,8 +194,7 @@ def score_sources(
             return scores
     one = _per_source(model, theta, batch, kind, epsilon)
     batched = vmap(one) if kind == "linear" or not has_recurrent_layer(model.module) else loop_over(one)
-    rows = responses.flat if isinstance(responses, SplitResponses) else responses.__getitem__
-    chunks = [batched(rows(slice(s, s + chunk_size))) for s in range(0, num_sources, chunk_size)]
+    chunks = [batched(source_rows(responses, slice(s, s + chunk_size))) for s in range(0, num_sources, chunk_size)]
     return torch.cat(chunks, dim=0).T
 
 
