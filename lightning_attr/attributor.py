@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from lightning_attr.batch_format import check_batch
 from lightning_attr.functional import FunctionalModel, functional_view, to_float32
 from lightning_attr.parameters import ParameterSpace
-from lightning_attr.codecs import AnyBlock, DenseResponses, SplitResponses
+from lightning_attr.codecs import DEFAULT_MEMORY_BUDGET_MB, AnyBlock, DenseResponses, SplitResponses
 from lightning_attr.layer_readout import handled_layers, layer_parameters
 from lightning_attr.readout import auto_chunk_size, check_readout
 from lightning_attr.sources import split_batch
@@ -49,7 +49,6 @@ Responses = Union[Store, Sequence[Store]]
 Checkpoints = Union[str, Sequence[str]]
 _KEPT_ATTRIBUTORS = 4  # per module: stores held in memory for the last few `responses` arguments
 _KEPT_CHUNK_SIZES = 16  # per attributor: auto chunk sizes of the last few query-batch shapes
-DEFAULT_MEMORY_BUDGET_MB = 1024.0  # dense members above this many MB of responses are streamed from disk
 ENSEMBLES = ("paired", "collapsed")  # how the checkpoints of one store are combined (module docstring)
 
 

@@ -109,7 +109,11 @@ class AttributionCallback(Callback):
             there); tuple batches carry it last. ``attribution_outputs`` receives the batch without it.
         seed: seed of the callback's private generator (probes, replay order). The global RNG is never drawn.
         overwrite: replace a store already in ``dirpath`` (otherwise that is an error).
-        codec: ``"dense"``: one ``P``-float response per source (simulated as above). ``"eigen"``: at the end of
+        codec: ``"auto"``: ``"dense"`` while one checkpoint's dense responses (``4 S P`` bytes) fit 1 GiB
+            (``attribute()``'s default memory budget, within which a member is read from memory), ``"eigen"``
+            beyond it in end mode with ``curvature="ggn"`` (``"dense"`` otherwise); resolved when the fit starts
+            and recorded in the manifest (:func:`lightning_attr.codecs.auto_codec`).
+            ``"dense"``: one ``P``-float response per source (simulated as above). ``"eigen"``: at the end of
             the fit (and after each ``checkpoint_epochs`` entry), the top-``rank`` eigenspace of the full-data GGN
             (randomized range finder over the training set in batches of ``curvature_batch_size``) and ``rank``
             coordinates per source of the response in it (:mod:`spectral`): the dense simulation's ``horizon``-step
@@ -156,7 +160,7 @@ class AttributionCallback(Callback):
         index_key: str = "index",
         seed: int = 0,
         overwrite: bool = False,
-        codec: str = "dense",
+        codec: str = "auto",
         rank: int | str = "auto",
         sketch: int = 0,
         memory_budget_mb: float = 1024.0,
@@ -228,6 +232,8 @@ class AttributionCallback(Callback):
         n, members = (self.num_examples, None) if self.num_examples else _training_examples(trainer)
         self._source_map = SourceMap.build(self.sources, n, members)
         self._space = ParameterSpace.of(pl_module)
+        self.settings = self.settings.for_size(self._source_map.num_sources, self._space.size)
+        self.codec = self.settings.codec
         self._engine = SimulationEngine(
             self.settings, self._source_map, self._space, self.dirpath,
             SourcePartition(trainer.global_rank, trainer.world_size),

@@ -39,6 +39,22 @@ from lightning_attr.simulation import select_examples
 from lightning_attr.spectral import EigenResponses
 
 CODECS = ("dense", "eigen", "lorif")
+# attribute() holds a dense member of up to this many MB of responses in memory and streams a larger one from disk at
+# every query; codec "auto" keeps responses dense up to it (:func:`auto_codec`).
+DEFAULT_MEMORY_BUDGET_MB = 1024.0
+
+
+def auto_codec(num_sources: int, num_parameters: int, mode: str, curvature: str, limit_mb: float | None = None) -> str:
+    """The codec that ``codec="auto"`` picks for ``num_sources`` sources of ``num_parameters`` parameters.
+
+    ``"dense"`` while one checkpoint's dense responses (``4 S P`` bytes) fit ``limit_mb`` (attribute()'s default
+    memory budget: the member is held in memory and read once per query batch); beyond it ``"eigen"`` (``rank``
+    numbers per source; a query costs ``rank`` tangents whatever ``S``), which simulates at fixed weights on the
+    GGN, so it is picked only in end mode with ``curvature="ggn"`` (``"dense"`` otherwise).
+    """
+    limit_mb = DEFAULT_MEMORY_BUDGET_MB if limit_mb is None else limit_mb
+    fits = 4 * num_sources * num_parameters <= limit_mb * 2**20
+    return "dense" if fits or mode != "end" or curvature != "ggn" else "eigen"
 
 
 class ResponseBlock(Protocol):
@@ -123,6 +139,6 @@ class StreamedResponses:
 AnyBlock = Union[DenseResponses, EigenResponses, LowRankResponses, StreamedResponses]
 
 __all__ = [
-    "CODECS", "AnyBlock", "DenseResponses", "EigenResponses", "LowRankResponses", "ResponseBlock", "SplitResponses",
+    "CODECS", "DEFAULT_MEMORY_BUDGET_MB", "auto_codec", "AnyBlock", "DenseResponses", "EigenResponses", "LowRankResponses", "ResponseBlock", "SplitResponses",
     "StreamedResponses",
 ]

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from lightning_attr.codecs import CODECS
+from lightning_attr.codecs import CODECS, auto_codec
 from lightning_attr.curvature_average import DEFAULT_AVERAGED_RANK
 from lightning_attr.simulation import DEFAULT_MOMENTUM, PROPAGATIONS, Damping
 from lightning_attr.spectral import DEFAULT_RANK
@@ -53,7 +53,7 @@ class AttributionSettings:
     index_key: str = "index"
     seed: int = 0
     overwrite: bool = False
-    codec: str = "dense"
+    codec: str = "auto"
     rank: int | str = "auto"
     sketch: int = 0
     memory_budget_mb: float = 1024.0
@@ -87,8 +87,8 @@ class AttributionSettings:
             raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}.")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-        if codec not in CODECS:
-            raise ValueError(f"codec must be one of {CODECS}, got {codec!r}.")
+        if codec != "auto" and codec not in CODECS:
+            raise ValueError(f"codec must be 'auto' or one of {CODECS}, got {codec!r}.")
         if codec == "eigen" and curvature != "ggn":
             raise ValueError(
                 "codec='eigen' keeps the top eigenspace of the GGN (positive semi-definite); it needs curvature='ggn'."
@@ -134,6 +134,13 @@ class AttributionSettings:
         """The options a store records in its manifest's ``"settings"`` (all but the path, the source map, which
         the store keeps apart, and ``overwrite``)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_IN_MANIFEST}
+
+    def for_size(self, num_sources: int, num_parameters: int) -> AttributionSettings:
+        """These settings with ``codec="auto"`` resolved for ``num_sources`` sources of ``num_parameters``
+        parameters (:func:`lightning_attr.codecs.auto_codec`); unchanged for any other codec."""
+        if self.codec != "auto":
+            return self
+        return replace(self, codec=auto_codec(num_sources, num_parameters, self.mode, self.curvature))
 
     def fixed_rank(self) -> int:
         """``rank`` as a number of eigenpairs or factors: ``"auto"`` grows only ``propagation="spectral"``'s eigenspace

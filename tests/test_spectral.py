@@ -149,7 +149,7 @@ def test_a_format_1_store_is_still_read():
 def test_bad_codec_options_are_refused():
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    with pytest.raises(MisconfigurationException, match="codec must be one of"):
+    with pytest.raises(MisconfigurationException, match="codec must be .auto. or one of"):
         AttributionCallback(codec="lowrank", mode="online")
     with pytest.raises(MisconfigurationException, match="needs curvature='ggn'"):
         AttributionCallback(codec="eigen", curvature="hessian", mode="online")
