@@ -1,20 +1,23 @@
-"""Simulation wall time on 2 processes of one thread each against 1 process of one thread, in the same run.
+"""Simulation wall and CPU time on 2 processes of one thread each against 1 process of one thread, in the same run.
 
 Setting: sklearn digits, MLP 64-64-10 (P = 4,810), 1,400 per-example sources, SGD, batch 64 per optimizer
-step (32 per process on 2), 20 epochs, the callback's defaults otherwise. Each process simulates its half of
-the sources (end mode: after the fit, at the final weights; online: alongside the last epochs, the live
-batches of both processes pooled) and writes its shards. The time compared is the checkpoint's
-``simulation_seconds`` (wall time, the slowest process's); ``simulation_cpu_seconds`` (CPU time of the
-slowest process) says what the split of the work buys when every process has a core of its own. The 2-process fits use Lightning's ``ddp_fork`` strategy
-(gloo on CPU). Fits alternate (1, 2, 1, 2, ...); medians over ``--repeats``.
+step (32 per process on 2), 20 epochs, the callback's defaults otherwise (end mode: propagation="spectral",
+rank="auto", checkpoint_epochs="auto", i.e. 3 members, after epochs 2, 4 and 20). Each process simulates its half of
+the sources (end mode: after the fit and the checkpoint epochs, at their weights, sharing the eigenspace's curvature
+products and its Krylov algebra; online: alongside the last epochs, the live batches of both processes pooled) and
+writes its shards. Compared, from the store's manifest: ``simulation_seconds`` (wall time of the slowest process,
+every checkpoint together) and ``simulation_cpu_seconds`` (CPU time of the slowest process: what the split of the work
+buys when every process has a core of its own), and per process its seconds per phase (``process_costs``:
+:mod:`lightning_attr.phases`). The 2-process fits use Lightning's ``ddp_fork`` strategy (gloo on CPU). Fits alternate
+(1, 2, 1, 2, ...); medians over ``--repeats``. Needs only sklearn's digits (no cache, no download).
 
-    python benchmarks/ddp.py [--repeats 3] [--modes end online]  -> benchmarks/results/ddp.json
+    OMP_NUM_THREADS=1 python benchmarks/ddp.py [--repeats 3] [--modes end online] [--out F]
+        -> F (default benchmarks/results/ddp.json)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,15 +29,18 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attr import AttributionCallback, IndexedDataset
+from lightning_attr._io import atomic_write_json
 from lightning_attr.data import load_digits
 from lightning_attr.models import Classifier, mlp
 from lightning_attr.store import ResponseStore
 
 GLOBAL_BATCH = 64
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ddp.json")
 
 
 def simulate(mode: str, devices: int, out: str) -> dict:
-    """One fit on ``devices`` processes; the final checkpoint's cost as its manifest records it."""
+    """One fit on ``devices`` processes; the final checkpoint's costs as its manifest records them (every checkpoint
+    of the fit together), and each process's phases."""
     digits = load_digits(n_train=1400)
     L.seed_everything(0, verbose=False)
     model = Classifier(mlp(64, [64], 10), lr=0.05, momentum=0.9, weight_decay=1e-3)
@@ -48,20 +54,54 @@ def simulate(mode: str, devices: int, out: str) -> dict:
     )  # fmt: skip
     start = time.perf_counter()
     trainer.fit(model, loader)
-    info = ResponseStore.load(out).checkpoint_info("final")
+    store = ResponseStore.load(out)
+    info = store.checkpoint_info("final")
     return {
         "simulation_seconds": info["simulation_seconds"], "simulation_cpu_seconds": info["simulation_cpu_seconds"],
-        "curvature_products": info["curvature_products"],
+        "curvature_products": info["curvature_products"], "checkpoints": store.checkpoints,
         "fit_seconds": round(time.perf_counter() - start, 2), "n_valid": info["n_valid"], "processes": info["processes"],
+        "phases": [costs["phases"] for costs in info["process_costs"]],
     }  # fmt: skip
+
+
+def _median_phases(runs: list[dict], process: int) -> dict[str, dict[str, float]]:
+    """Per phase, the medians over the runs of process ``process``'s wall and CPU seconds."""
+    names = sorted({name for run in runs for name in run["phases"][process]})
+    return {
+        name: {
+            unit: round(statistics.median(run["phases"][process].get(name, {}).get(unit, 0.0) for run in runs), 3)
+            for unit in ("seconds", "cpu_seconds")
+        }
+        for name in names
+    }
+
+
+def _table(mode: str, phases: dict[str, dict]) -> str:
+    """The phases of every process as text, wall / CPU seconds."""
+    names = sorted({name for columns in phases.values() for name in columns})
+    lines = [f"{mode}: seconds per phase, wall / CPU (medians)", "phase".ljust(20) + "".join(k.rjust(22) for k in phases)]
+    for name in names + ["total"]:
+        cells = []
+        for columns in phases.values():
+            if name == "total":
+                wall, cpu = (sum(c[unit] for c in columns.values()) for unit in ("seconds", "cpu_seconds"))
+            else:
+                wall, cpu = (columns.get(name, {}).get(unit, 0.0) for unit in ("seconds", "cpu_seconds"))
+            cells.append(f"{wall:.2f} / {cpu:.2f}".rjust(22))
+        lines.append(name.ljust(20) + "".join(cells))
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", nargs="+", default=["end", "online"])
+    parser.add_argument("--modes", nargs="+", default=["end", "online"], choices=["end", "online"])
+    parser.add_argument("--out", default=RESULTS, help="the JSON written (default: benchmarks/results/ddp.json)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     torch.set_num_threads(1)
+    started, load_at_start = time.perf_counter(), os.getloadavg()
     results = {}
     for mode in args.modes:
         runs = {1: [], 2: []}
@@ -69,23 +109,27 @@ def main() -> None:
             for devices in (1, 2):
                 with tempfile.TemporaryDirectory() as tmp:
                     runs[devices].append(simulate(mode, devices, os.path.join(tmp, "r")))
-                print(mode, devices, runs[devices][-1], flush=True)
+                run = runs[devices][-1]
+                print(mode, devices, {k: v for k, v in run.items() if k != "phases"}, flush=True)
         median = lambda key, devices: statistics.median(r[key] for r in runs[devices])  # noqa: E731
         one, two = median("simulation_seconds", 1), median("simulation_seconds", 2)
         cpu_one, cpu_two = median("simulation_cpu_seconds", 1), median("simulation_cpu_seconds", 2)
+        phases = {"1 process": _median_phases(runs[1], 0)}
+        phases.update({f"2 processes, rank {r}": _median_phases(runs[2], r) for r in range(2)})
         results[mode] = {
             "one_process_seconds": one, "two_processes_seconds": two, "ratio": round(two / one, 3),
             "one_process_cpu_seconds": cpu_one, "two_processes_cpu_seconds_slowest": cpu_two,
-            "cpu_ratio": round(cpu_two / cpu_one, 3), "runs": runs,
+            "cpu_ratio": round(cpu_two / cpu_one, 3), "phases": phases, "runs": runs,
         }  # fmt: skip
+        print(_table(mode, phases), flush=True)
         print(mode, "2 processes / 1 process: wall", round(two / one, 3), "cpu", round(cpu_two / cpu_one, 3), flush=True)
     result = {
         "command": "OMP_NUM_THREADS=1 python benchmarks/ddp.py " + " ".join(sys.argv[1:]),
-        "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(), **results,
+        "cpu_count": os.cpu_count(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg(),
+        "seconds": round(time.perf_counter() - started, 1), "torch_threads": torch.get_num_threads(), **results,
     }  # fmt: skip
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ddp.json")
-    with open(path, "w") as fh:
-        json.dump(result, fh, indent=1)
+    atomic_write_json(args.out, result, sort_keys=False, indent=1)
+    print("wrote", args.out)
 
 
 if __name__ == "__main__":

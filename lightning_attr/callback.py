@@ -388,7 +388,8 @@ class AttributionCallback(Callback):
         self._last_step = trainer.global_step
         pending, self._pending = self._pending, []
         if trainer.world_size > 1:  # every process needs every live batch: the pooled curvature, the injections
-            pending = [_all_gathered(trainer, batch) for batch in pending]
+            with self._engine.timed("collectives"):
+                pending = [_all_gathered(trainer, batch) for batch in pending]
         with functional_view(pl_module, self._space) as (model, theta):
             batches = [(_to_simulation(d, theta.device), i) for d, i in pending]
             finished = self._engine.on_optimizer_step(

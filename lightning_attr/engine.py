@@ -46,11 +46,13 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
+from lightning_attr.column_split import ColumnSplit
 from lightning_attr.curvature_average import CurvatureAverage
 from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator, estimate_spectrum, shared_operator
 from lightning_attr.deflated import AUTO_RANK_RATIO, COMPLEMENT_WARNING_RATIO, DeflatedInverse
 from lightning_attr.functional import FunctionalModel, to_float32
 from lightning_attr.parameters import ParameterSpace
+from lightning_attr.phases import PhaseClock
 from lightning_attr.settings import AttributionSettings
 from lightning_attr.simulation import (
     OnlineSimulation,
@@ -202,7 +204,9 @@ class SimulationEngine:
         self.dim = space.size
         self.partition = partition
         self.curvature = curvature or partial(curvature_operator, settings.curvature, chunk_size=settings.chunk_size)
-        self._progress, self._warn, self._reduce_sum = progress, warn, reduce_sum
+        self._progress, self._warn = progress, warn
+        self.phases = PhaseClock()  # this process's seconds per phase (the store's cost record)
+        self._reduce_sum = None if reduce_sum is None else self._collective(reduce_sum)
         self.owned = partition.owned(source_map.num_sources)
         self.windows: list[Window] = []
         self.products = 0
@@ -258,16 +262,23 @@ class SimulationEngine:
             raise RuntimeError(_NO_FINITE_EXAMPLE)
         return curvature
 
+    @property
+    def _shares_curvature(self) -> bool:
+        """Whether the processes share the full-data curvature's work (several of them, and an all-reduce)."""
+        return self.partition.world_size > 1 and self._reduce_sum is not None
+
     def _full_data_operator(self, model: FunctionalModel, theta: Tensor, data: TrainingData) -> tuple[CurvatureOperator, bool]:
         """The curvature over the whole training set at ``theta``, and whether this process tallies its products.
 
         On several processes (with ``reduce_sum``) each takes its block of the examples and the products are
         summed across them: the work is split and rank zero counts each product once."""
         s = self.settings
-        if self.partition.world_size == 1 or self._reduce_sum is None:
-            batches = self._full_curvature(model, theta, data.in_order(s.curvature_batch_size))
+        if not self._shares_curvature:
+            with self.phases("data"):
+                batches = self._full_curvature(model, theta, data.in_order(s.curvature_batch_size))
             return self.curvature(model, theta, batches), True
-        mine = self.finite(model, theta, [d for d, _ in data.in_order(s.curvature_batch_size, self.partition.mask(len(data)))])
+        with self.phases("data"):
+            mine = self.finite(model, theta, [d for d, _ in data.in_order(s.curvature_batch_size, self.partition.mask(len(data)))])
         count = sum(batch_size_of(b) for b in mine)
         total = int(self._reduce_sum(torch.tensor([float(count)], device=theta.device)).item())
         if total == 0:
@@ -312,12 +323,25 @@ class SimulationEngine:
             stem="factors" if encode else "responses",
         )  # fmt: skip
 
+    def _collective(self, reduce_sum: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        """``reduce_sum`` with its time (the transfer and the wait for the other processes) charged to the
+        ``"collectives"`` phase."""
+
+        def summed(tensor: Tensor) -> Tensor:
+            with self.phases("collectives"):
+                return reduce_sum(tensor)
+
+        return summed
+
     @contextmanager
-    def _timed(self) -> Iterator[None]:
-        """Adds the wall and CPU time of the block to ``seconds`` / ``cpu_seconds``."""
+    def timed(self, phase: str = "other") -> Iterator[None]:
+        """Adds the wall and CPU time of the block to ``seconds`` / ``cpu_seconds`` (simulation work, also when the
+        caller does it: the callback's gathering of the live batches), and to ``phase`` where no phase inside it is
+        named."""
         self._clock = (time.perf_counter(), time.process_time())
         try:
-            yield
+            with self.phases(phase):
+                yield
         finally:
             self.seconds, self.cpu_seconds = self._costs()
             self._clock = None
@@ -332,7 +356,7 @@ class SimulationEngine:
         seconds, cpu = self._costs()
         return {
             "curvature_products": self.products, "simulation_seconds": round(seconds, 3),
-            "simulation_cpu_seconds": round(cpu, 3), "replayed_steps": replayed,
+            "simulation_cpu_seconds": round(cpu, 3), "replayed_steps": replayed, "phases": self.phases.to_json(),
         }  # fmt: skip
 
     def _write_part(self, name: str, writer: ShardWriter, stats: dict[str, Tensor], replayed: int = 0) -> None:
@@ -347,7 +371,7 @@ class SimulationEngine:
     def simulate_checkpoint(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str, step: int) -> None:
         """Simulates the owned sources at ``theta`` (end mode or codec ``"eigen"``) and writes this process's
         part of checkpoint ``name`` (codec ``"eigen"``: rank zero computes and keeps it for :meth:`commit`)."""
-        with self._timed():
+        with self.timed():
             if self.settings.codec == "eigen":
                 if self.partition.rank == 0:
                     self._simulate_eigen(model, theta, data, name)
@@ -374,17 +398,21 @@ class SimulationEngine:
             local[block] = torch.arange(block.numel())
             examples = (e2s >= 0) & (local[e2s.clamp_min(0)] >= 0)
             batches = data.in_order(s.curvature_batch_size, None if bool(examples.all()) else examples)
-            u0, finite = initial_perturbations(model, theta, batches, local[e2s.clamp_min(0)].where(e2s >= 0, -1), block.numel())
-            responses = solve(u0).div_(source_map.training_set_size)
+            with self.phases("gradients"):
+                u0, finite = initial_perturbations(model, theta, batches, local[e2s.clamp_min(0)].where(e2s >= 0, -1), block.numel())
+            with self.phases("inverse"):
+                responses = solve(u0).div_(source_map.training_set_size)
             del u0
             responses[~finite] = float("nan")  # non-finite gradients: no reader may take them for zero
             valid[block] = finite.cpu()
-            writer.add(block, responses)
+            with self.phases("write"):
+                writer.add(block, responses)
             del responses
         if progress is not None:
             progress.close()
         zeros = torch.zeros(source_map.num_sources, dtype=torch.long)
-        self._write_part(name, writer, {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()})
+        with self.phases("write"):
+            self._write_part(name, writer, {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()})
         self._pending[name] = _Pending(record, "step_rule")
 
     def _deflated_inverse(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> tuple[DeflatedInverse, dict]:
@@ -397,6 +425,8 @@ class SimulationEngine:
         cap = product_cap(self.dim, s.memory_budget_mb) if auto else eigenspace_products(self.dim, min(s.rank, self.dim))
         progress = self._new_progress(name, total=TRACE_PROBES + cap)  # rank="auto": the cap; close() sets what was done
         operator = _Counting(curvature, self, progress, tally)
+        # several processes also split the finder's O(m^2 P) algebra and memory: each keeps its columns of the space
+        split = ColumnSplit(self.dim, self.partition.rank, self.partition.world_size, self._reduce_sum) if self._shares_curvature else None
         generator = torch.Generator().manual_seed(s.seed)
         spectrum = estimate_spectrum(operator, self.dim, probes=TRACE_PROBES, power_iterations=0, generator=generator, device=theta.device)
         damping = resolve_damping(s.damping, s.damping_scale, spectrum.mean_eigenvalue)
@@ -407,14 +437,16 @@ class SimulationEngine:
             # initial=), the trajectory ensemble's later members cost MORE (digits MLP, epochs 3 -> 6 -> 30: 651 and 715
             # products against 448 and 416 cold): the old basis costs a product per row and its lower pairs still have to
             # converge (benchmarks/eigenspace.py members).
-            space = adaptive_eigenspace(
-                operator, self.dim, AUTO_RANK_RATIO * damping, max_products=cap, tolerance=DEFAULT_RESIDUAL_TOLERANCE,
-                generator=generator, device=theta.device,
-            )  # fmt: skip
+            with self.phases("eigenspace algebra"):
+                space = adaptive_eigenspace(
+                    operator, self.dim, AUTO_RANK_RATIO * damping, max_products=cap, tolerance=DEFAULT_RESIDUAL_TOLERANCE,
+                    generator=generator, device=theta.device, split=split,
+                )  # fmt: skip
         else:
             # a fixed rank spends its budget whatever the start: cold (warm-started at the same budget, a small CNN
             # reached Pearson 0.94 to the exact target against 0.97 cold)
-            space = top_eigenspace(operator, self.dim, min(s.rank, self.dim), generator=generator, device=theta.device)
+            with self.phases("eigenspace algebra"):
+                space = top_eigenspace(operator, self.dim, min(s.rank, self.dim), generator=generator, device=theta.device, split=split)
         if progress is not None:
             progress.close()
         inverse = DeflatedInverse.from_trace(space, damping, spectrum.mean_eigenvalue * self.dim, self.dim)
@@ -468,9 +500,9 @@ class SimulationEngine:
         pending = self._pending.pop(name)
         info = {**info, pending.key: pending.rule}
         if pending.eigen is not None:
-            store.add_checkpoint(
-                name, theta, pending.eigen, info={**info, **self._cost_info()}, source_stats=pending.stats, dtype=self.settings.store_dtype
-            )
+            costs = self._cost_info()  # one process computed it: its costs are the checkpoint's (as store.commit lists them)
+            info = {**info, **{k: v for k, v in costs.items() if k != "phases"}, "process_costs": [costs]}
+            store.add_checkpoint(name, theta, pending.eigen, info=info, source_stats=pending.stats, dtype=self.settings.store_dtype)
         else:
             store.commit(
                 name, theta, info=info, parts=parts, dtype=self.settings.store_dtype, codec_entry=self._codec_entries.pop(name, None)
@@ -496,7 +528,7 @@ class SimulationEngine:
         injects (during a window's injection epoch), pools them into curvature batches of at least
         ``pool_size`` examples and propagates each active window one step per full pool. Returns the
         checkpoint windows (not ``"final"``) that completed: write them with :meth:`close_window`."""
-        with self._timed():
+        with self.timed():
             return self._live_step(model, theta, batches, epoch, step, pool_size)
 
     def _live_step(
@@ -513,7 +545,8 @@ class SimulationEngine:
             if window.simulation is None:
                 self._open(window, model, theta)
             if epoch == window.injection_epoch:
-                injected = [window.simulation.inject(model, theta, data, index) for data, index in batches]
+                with self.phases("gradients"):
+                    injected = [window.simulation.inject(model, theta, data, index) for data, index in batches]
                 if any(injected):
                     window.steps_since_injection = 0
         # live batches are pooled into curvature batches of >= pool_size examples: one propagation step per
@@ -553,11 +586,13 @@ class SimulationEngine:
         simulation = window.simulation
         before, averaging_before = simulation.products, window.averaging_products
         if simulation.rule is None:  # from the window's first pool: a mid-training window's curvature is its own
-            simulation.rule = self._step_rule(operator, theta)
-            window.averaging = self._curvature_average(operator, theta)
+            with self.phases("step rule"):
+                simulation.rule = self._step_rule(operator, theta)
+                window.averaging = self._curvature_average(operator, theta)
         if window.averaging is not None:
             operator = window.averaging.wrap(operator)
-        simulation.step(operator)
+        with self.phases("curvature products"):  # and the propagation's vector updates
+            simulation.step(operator)
         window.steps_since_injection += 1
         spent = simulation.products - before
         if self.partition.rank == 0:  # every process repeats the averaging on the same (gathered) pools: counted once
@@ -580,7 +615,7 @@ class SimulationEngine:
         steps = int(simulation.remaining.max()) if simulation.num_live else 0  # finish() adds the last increments
         if steps == 0:
             return
-        with self._timed():
+        with self.timed():
             for batch in self.replay(model, theta, data, steps, step):
                 self._step(window, self.curvature(model, theta, [batch]), theta)
         window.replayed_steps = steps
@@ -639,7 +674,8 @@ class _Counting:
             self.engine._count(self.progress, block.shape[0])
         elif self.progress is not None:
             self.progress.advance(block.shape[0])
-        return self.operator(block)
+        with self.engine.phases("curvature products"):
+            return self.operator(block)
 
 
 def _warn_invalid(warn: Callable[[str], None], valid: Tensor) -> None:

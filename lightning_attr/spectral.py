@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
+from lightning_attr.column_split import ColumnSplit
 from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator, estimate_spectrum
 from lightning_attr.functional import FunctionalModel
 from lightning_attr.readout import check_readout
@@ -126,6 +127,7 @@ def top_eigenspace(
     initial: Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    split: ColumnSplit | None = None,
 ) -> Eigenspace:
     """The ``rank`` largest eigenpairs of the PSD operator ``G`` (``operator: Tensor[C, P] -> G V: Tensor[C, P]``).
 
@@ -150,6 +152,9 @@ def top_eigenspace(
             ``block``; the following blocks keep the ``block`` dominant directions of the residual.
         products: the budget of curvature-vector products (``"krylov"`` only; at least ``rank`` and the first
             block). All of it is spent (the last block may be narrower), unless the space reaches ``R^P`` first.
+        split: ``"krylov"`` on several processes (:class:`ColumnSplit`): each holds and works on its columns of the
+            Krylov space, and ``operator`` is the same collective on every process (e.g. the curvature of each one's
+            share of the data, summed); the eigenpairs returned are whole, the same on every process.
 
     Draws only from ``generator`` (never from the global RNG).
     """
@@ -162,6 +167,8 @@ def top_eigenspace(
     if block is not None and block < 1:
         raise ValueError(f"block must be a positive number of vectors, got {block}.")
     if method == "subspace":
+        if split is not None and split.shared:
+            raise ValueError("method='subspace' runs on one process; split= (several processes) needs method='krylov'.")
         if initial is not None or products is not None:
             raise ValueError(
                 "initial= and products= are options of method='krylov'; method='subspace' is set by block= and "
@@ -180,7 +187,7 @@ def top_eigenspace(
             f"products={products} cannot find {rank} eigenpairs (each vector of the space costs one product, and the "
             f"first block holds {first}); give products >= {max(first, rank)}, or a smaller rank / block / initial basis."
         )
-    return _block_krylov(operator, dim, rank, width, products, initial, generator, device)
+    return _block_krylov(operator, dim, rank, width, products, initial, generator, device, split=split)
 
 
 def eigenspace_products(
@@ -228,6 +235,7 @@ def adaptive_eigenspace(
     tolerance: float | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    split: ColumnSplit | None = None,
 ) -> Eigenspace:
     """The top eigenpairs of ``G`` down to ``threshold``: the Krylov space of :func:`top_eigenspace` grown one
     block at a time (every basis vector and product kept, nothing restarted) until ``sigma_k <= threshold``.
@@ -259,6 +267,8 @@ def adaptive_eigenspace(
     the block Krylov space of ``top_eigenspace(rank=k(m))``. Measured on the MNIST-1D MLP's explicit GGN (P = 15,210,
     ``benchmarks/deflation.py auto``, one process): at ``sigma_k <= 0.5 lam``, 1/8 reached rank 1,152 in 2,304 products
     and 75 s with Pearson 0.995 to the exact target, blocks of 32 rank 1,136 in 2,272 products and 294 s with 0.995.
+
+    ``split``: as in :func:`top_eigenspace`, the space's columns split among processes (the same pairs, up to rounding).
     """
     if not threshold >= 0:
         raise ValueError(f"threshold must be an eigenvalue >= 0, got {threshold}.")
@@ -283,7 +293,7 @@ def adaptive_eigenspace(
     rule = _ThresholdStop(dim, threshold, min_rank, max_products, tolerance, krylov=initial is None)
     if initial is not None:  # the previous basis, then a Gaussian block (pad): directions it lacks can still enter the space
         initial = initial[: max(0, max_products - width)]
-    return _block_krylov(operator, dim, min_rank, width, max_products, initial, generator, device, rule, growth, pad=width)
+    return _block_krylov(operator, dim, min_rank, width, max_products, initial, generator, device, rule, growth, width, split)
 
 
 @dataclass(frozen=True)
@@ -381,6 +391,7 @@ def _block_krylov(
     enough: _ThresholdStop | None = None,
     growth: float = 0.0,
     pad: int = 0,
+    split: ColumnSplit | None = None,
 ) -> Eigenspace:
     """Block Lanczos, full re-orthonormalization, Rayleigh-Ritz over the space; see :func:`top_eigenspace`.
 
@@ -393,7 +404,8 @@ def _block_krylov(
     exact arithmetic every Ritz residual lies in the span of the last block's residual); from a warm start of
     more than ``block`` rows it keeps the corrections that matter most, and comes back to the ones it left.
     Memory: ``12 m P`` bytes held for a space of ``m <= products`` vectors, ``20 m P`` at the peak of a step
-    (the products are read in float64); flops ``O(m^2 P)`` over the run besides the products.
+    (the products are read in float64); flops ``O(m^2 P)`` over the run besides the products (with ``split``: ``P``
+    is this process's columns, and the ``O(m^3)`` Rayleigh-Ritz steps run on every process).
 
     ``enough`` (:func:`adaptive_eigenspace`'s :class:`_ThresholdStop`): ``enough.pairs(all Ritz values, m, block)`` top
     pairs are examined; ``enough(their values, their residual norms, m, outside)``, asked after each block, returns
@@ -403,26 +415,30 @@ def _block_krylov(
     ``growth``: each block holds ``growth m`` vectors rounded down to whole ``width`` blocks (at least one; 0: always
     ``width``), so a space of ``m`` vectors costs ``O(log m)`` Rayleigh-Ritz steps (each an ``O(m^3)``
     eigendecomposition) instead of ``m / width``.
+    ``split``: ``Q`` and ``I`` are held as this process's columns only (:class:`ColumnSplit`: the ``O(m^2 P)`` work and
+    the memory split among the processes, whose ``operator`` must then be the same collective on every process); the
+    eigenvectors returned are whole.
     """
+    split = split or ColumnSplit(dim)
     start = torch.randn(width, dim, generator=generator, dtype=torch.float64)
     seeded = 0
     if initial is not None:
         seed = initial.detach().to("cpu", torch.float64)
         start = torch.cat([seed, start[: max(pad, width - seed.shape[0])]])[:dim]
         seeded = min(dim, initial.shape[0])
-    start = start.to(device)
-    current = _orthonormalize_against(start, None, generator, float(torch.linalg.vector_norm(start, dim=1).max()))
+    scale = float(torch.linalg.vector_norm(start, dim=1).max())
+    current = _orthonormalize_against(split.local(start).to(device), None, generator, scale, split)
     probes = torch.arange(seeded, current.shape[0], device=device)  # the first block's Gaussian rows (after the seed)
     space = current[:0]
     images = space.float()  # I = G Q, [m, P]
     small = torch.zeros(0, 0, dtype=torch.float64, device=device)  # T = Q I^T
     gram = small.clone()  # M = I I^T
     while True:
-        image = operator(current.float())
+        image = split.local(operator(split.gather(current.float())))
         space, images = torch.cat([space, current]), torch.cat([images, image])
-        small = _grow_symmetric(small, space @ image.double().T)
-        gram = _grow_symmetric(gram, images.double() @ image.double().T)
-        size = space.shape[0]
+        size, new = space.shape[0], image.double()
+        grown = split.total(torch.cat([space @ new.T, images.double() @ new.T]))  # [Q; I] I_new^T: one collective
+        small, gram = _grow_symmetric(small, grown[:size]), _grow_symmetric(gram, grown[size:])
         step = width * max(1, int(growth * size) // width)  # whole blocks of `width`
         all_values, all_vectors = _top_ritz_pairs(small, size)
         pairs = rank if enough is None else max(rank, enough.pairs(all_values, size, step))
@@ -444,10 +460,11 @@ def _block_krylov(
         directions = torch.linalg.eigh(residual_gram)[1][:, -room:].T  # [room, pairs]
         mix = directions @ vectors.T  # [room, m]
         rows = mix @ images.double() - (directions * values) @ vectors.T @ space
-        current = _orthonormalize_against(rows, space, generator, float(values[0].abs()))
-    ritz = vectors[:, :rank].T @ space  # [k, P], orthonormal: the rows of Q rotated
-    norms = torch.linalg.vector_norm(vectors[:, :rank].T @ images.double() - values[:rank, None] * ritz, dim=1)
-    return Eigenspace(values[:rank].clamp_min(0).float(), ritz.float().contiguous(), size, norms.float().cpu(), "krylov", width, stop or "budget", seeded)
+        current = _orthonormalize_against(rows, space, generator, float(values[0].abs()), split)
+    ritz = vectors[:, :rank].T @ space  # [k, P_r], orthonormal: the rows of Q rotated
+    norms = split.total((vectors[:, :rank].T @ images.double() - values[:rank, None] * ritz).square().sum(dim=1)).sqrt()
+    ritz = split.gather(ritz.float()).contiguous()
+    return Eigenspace(values[:rank].clamp_min(0).float(), ritz, size, norms.float().cpu(), "krylov", width, stop or "budget", seeded)
 
 
 def _probe_curvature(ritz_vectors: Tensor, probes: Tensor, small: Tensor, gram: Tensor, k: int) -> Tensor:
@@ -471,33 +488,37 @@ def _grow_symmetric(matrix: Tensor, columns: Tensor) -> Tensor:
     return grown
 
 
-def _orthonormalize_against(rows: Tensor, basis: Tensor | None, generator: torch.Generator | None, scale: float) -> Tensor:
-    """Orthonormal rows spanning ``rows: Tensor[C, P]`` (float64) minus their part in ``basis`` (orthonormal rows).
+def _orthonormalize_against(
+    rows: Tensor, basis: Tensor | None, generator: torch.Generator | None, scale: float, split: ColumnSplit
+) -> Tensor:
+    """Orthonormal rows spanning ``rows: Tensor[C, P]`` (float64) minus their part in ``basis`` (orthonormal rows); with
+    ``split``, both hold this process's columns ``[., P_r]`` and so does the result.
 
     Directions that vanish in the projection (below ``_NEGLIGIBLE * scale``, ``scale`` being the size of a
     meaningful row: an invariant space was reached, e.g. the null space of a GGN of rank below ``P``) are
     replaced by Gaussian rows, so the space keeps growing. Projection and QR run twice (CGS2): rows that were
     nearly in ``basis`` still come out orthogonal to it.
     """
-    rows = _project_out(_project_out(rows, basis), basis)
-    q, r = torch.linalg.qr(rows.T)
+    rows = _project_out(_project_out(rows, basis, split), basis, split)
+    q, r = split.qr(rows)
     weak = torch.diagonal(r).abs() <= _NEGLIGIBLE * scale  # vanished, or dependent on the rows before them
     if bool(weak.any()):
-        fresh = torch.randn(int(weak.sum()), rows.shape[1], generator=generator, dtype=rows.dtype).to(rows.device)
-        rows = torch.cat([q.T[~weak], _project_out(fresh, basis)])
+        fresh = split.local(torch.randn(int(weak.sum()), split.dim, generator=generator, dtype=rows.dtype)).to(rows.device)
+        rows = torch.cat([q[~weak], _project_out(fresh, basis, split)])
     for _ in range(2):
-        rows = _orthonormal_rows(_project_out(rows, basis))
+        rows = _orthonormal_rows(_project_out(rows, basis, split), split)
     return rows
 
 
 _NEGLIGIBLE = 1e-6  # relative size of a direction below which it is float32 rounding of the products
 
 
-def _project_out(rows: Tensor, basis: Tensor | None) -> Tensor:
-    """``rows - (rows basis^T) basis``: the part of ``rows: Tensor[C, P]`` orthogonal to ``basis: Tensor[m, P]``."""
+def _project_out(rows: Tensor, basis: Tensor | None, split: ColumnSplit) -> Tensor:
+    """``rows - (rows basis^T) basis``: the part of ``rows: Tensor[C, P]`` orthogonal to ``basis: Tensor[m, P]`` (both, and
+    the result, on this process's columns of ``split``)."""
     if basis is None or not basis.shape[0]:
         return rows
-    return rows - (rows @ basis.T) @ basis
+    return rows - split.dot(rows, basis) @ basis
 
 
 def _top_ritz_pairs(small: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -507,12 +528,13 @@ def _top_ritz_pairs(small: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return values[top], vectors[:, top]
 
 
-def _orthonormal_rows(rows: Tensor) -> Tensor:
-    """An orthonormal basis (rows, float64) of the row space of ``rows: Tensor[C, P]``, ``C <= P``, same order."""
-    q, r = torch.linalg.qr(rows.T.double())
+def _orthonormal_rows(rows: Tensor, split: ColumnSplit | None = None) -> Tensor:
+    """An orthonormal basis (rows, float64) of the row space of ``rows: Tensor[C, P]``, ``C <= P``, same order (with
+    ``split``: on this process's columns)."""
+    q, r = (split or ColumnSplit(rows.shape[1])).qr(rows.double())
     signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1
-    return (q * signs).T.contiguous()
+    return (q * signs[:, None]).contiguous()
 
 
 def spectral_filter(

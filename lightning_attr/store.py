@@ -332,10 +332,11 @@ class ResponseStore:
         """Lists a dense (or ``codec_entry``: lorif, :func:`lowrank_entry`) checkpoint whose shards ``parts`` processes wrote (:class:`ShardWriter`,
         :func:`write_part`): merges their parts, checks that every source is covered exactly once, writes the
         per-source bookkeeping and then the manifest. The costs in the parts (``curvature_products``,
-        ``simulation_seconds``, ``replayed_steps``) are summed (seconds and steps: the maximum) into ``info``.
+        ``simulation_seconds``, ``replayed_steps``) are summed (seconds and steps: the maximum) into ``info``, and each
+        process's own costs (its seconds per phase included) are listed in rank order as ``info["process_costs"]``.
         A part missing (a process that crashed) is a :class:`StoreError` and the manifest is left as it was."""
         check_checkpoint_name(name)
-        shards, stats, costs = [], {k: torch.zeros(self.n_sources, dtype=torch.long) for k in _STATS}, {}
+        shards, stats, costs, per_process = [], {k: torch.zeros(self.n_sources, dtype=torch.long) for k in _STATS}, {}, []
         covered = torch.zeros(self.n_sources, dtype=torch.long)
         for rank in range(parts):
             file = self.path / name / f"part-{rank:05d}.safetensors"
@@ -351,11 +352,14 @@ class ResponseStore:
                     stats[key][owned] = fh.get_tensor(key).long()
             covered[owned] += 1
             shards += json.loads(meta["shards"])
-            for key, value in json.loads(meta["costs"]).items():
-                costs[key] = max(costs.get(key, value), value) if key != "curvature_products" else costs.get(key, 0) + value
+            per_process.append(json.loads(meta["costs"]))
+            for key, value in per_process[-1].items():
+                if isinstance(value, (int, float)):
+                    costs[key] = max(costs.get(key, value), value) if key != "curvature_products" else costs.get(key, 0) + value
         check_coverage(covered, f"the parts of checkpoint {name!r} in {self.path}")
         stats["valid"] = stats["valid"].bool()
-        self._add_entry(name, theta, shards, codec_entry or {"codec": "dense"}, {**info, **costs}, stats, dtype)
+        info = {**info, **costs, "process_costs": per_process}
+        self._add_entry(name, theta, shards, codec_entry or {"codec": "dense"}, info, stats, dtype)
         for rank in range(parts):
             (self.path / name / f"part-{rank:05d}.safetensors").unlink(missing_ok=True)
 

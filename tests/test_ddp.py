@@ -63,6 +63,23 @@ def test_two_processes_write_the_single_process_store(stores, mode):
         assert not any(p.name.startswith("part-") for p in (two.path / name).iterdir())  # merged, then removed
 
 
+@pytest.mark.parametrize("mode", ["online", "end"])
+def test_each_process_records_its_costs_per_phase(stores, mode):
+    """The manifest lists each process's costs; its phases add up to its simulation time, and the checkpoint's
+    ``simulation_seconds`` is the slowest process's. End mode: both processes spend time in the shared eigenspace's
+    products, its split Krylov algebra and their collectives."""
+    info = ResponseStore.load(stores / "two" / mode).checkpoint_info("final")
+    costs = info["process_costs"]
+    assert len(costs) == 2 and info["simulation_seconds"] == max(c["simulation_seconds"] for c in costs)
+    for process in costs:
+        phases = process["phases"]
+        # two clocks (the engine's and the phases'), started microseconds apart at each of the many online steps
+        assert sum(p["seconds"] for p in phases.values()) == pytest.approx(process["simulation_seconds"], rel=0.02, abs=0.01)
+        assert {"curvature products", "collectives", "gradients"} <= set(phases)
+        if mode == "end":
+            assert {"eigenspace algebra", "inverse", "write"} <= set(phases)
+
+
 def test_a_crashed_process_leaves_no_corrupt_store(stores):
     """Process 1 fails inside the final window: the checkpoint committed before the crash stays readable, the
     final one is never listed (its shards are orphans), and listing it is refused with the missing part named."""
