@@ -243,8 +243,8 @@ def make_net(setting: Setting, data, seed: int) -> nn.Module:
     return setting.build(data)
 
 
-def fit(setting: Setting, data, callbacks: list, seed: int = 0) -> tuple[Classifier, float]:
-    """One Lightning fit with the harness's example order for ``seed``; returns (model, seconds)."""
+def fit(setting: Setting, data, callbacks: list, seed: int = 0, accelerator: str = "cpu") -> tuple[Classifier, float]:
+    """One Lightning fit with the harness's example order for ``seed`` on ``accelerator``; returns (model, seconds)."""
     r = setting.recipe
     model = Classifier(make_net(setting, data, seed), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay, optimizer=r.optimizer)
     n = len(data.x_train)
@@ -254,7 +254,7 @@ def fit(setting: Setting, data, callbacks: list, seed: int = 0) -> tuple[Classif
         sampler=FixedOrderSampler(n, r.epochs, seed),
     )
     trainer = L.Trainer(
-        max_epochs=r.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        max_epochs=r.epochs, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, default_root_dir=tempfile.gettempdir(),
     )  # fmt: skip
     start = time.perf_counter()

@@ -53,10 +53,11 @@ class DattriTRAK(Peer):
         n_models: ensemble size (1 = the attributed model only).
         proj_dim: random projection dimension (dattri's default 512).
         regularization: ``lambda`` added to the projected kernel's diagonal (dattri's default 0).
+        device: where dattri computes (``"cpu"`` or ``"cuda"``).
     """
 
-    def __init__(self, n_models: int = 1, proj_dim: int = 512, regularization: float = 0.0, proj_seed: int = 0) -> None:
-        self._n_models = n_models
+    def __init__(self, n_models: int = 1, proj_dim: int = 512, regularization: float = 0.0, proj_seed: int = 0, device: str = "cpu") -> None:
+        self._n_models, self._device = n_models, device
         self.config = {"package": "dattri", "n_models": n_models, "proj_dim": proj_dim, "regularization": regularization, "proj_seed": proj_seed}
         self.name = f"TRAK-{n_models} (dattri)"
 
@@ -76,9 +77,9 @@ class DattriTRAK(Peer):
             return torch.exp(-F.cross_entropy(torch.func.functional_call(base, params, x.unsqueeze(0)), y.long().unsqueeze(0)))
 
         task = task_mod.AttributionTask(loss_func=margin, model=base, checkpoints=[_state(m) for m in models])
-        projector = {"proj_dim": self.config["proj_dim"], "proj_max_batch_size": 32, "proj_seed": self.config["proj_seed"], "device": "cpu"}
+        projector = {"proj_dim": self.config["proj_dim"], "proj_max_batch_size": 32, "proj_seed": self.config["proj_seed"], "device": self._device}
         self._attributor = algo.TRAKAttributor(
-            task=task, correct_probability_func=prob, projector_kwargs=projector, device="cpu", regularization=self.config["regularization"]
+            task=task, correct_probability_func=prob, projector_kwargs=projector, device=self._device, regularization=self.config["regularization"]
         )
         with torch.no_grad():
             self._attributor.cache(_loader(x_train, y_train, 256))
