@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -238,7 +238,7 @@ class AttributionCallback(Callback):
             self.settings, self._source_map, self._space, self.dirpath,
             SourcePartition(trainer.global_rank, trainer.world_size),
             progress=lambda name, total: SimulationProgress(trainer, f"attribution ({name})", total), warn=rank_zero_warn,
-            reduce_sum=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
+            reduce_sum=_sum_over_processes(trainer),
         )  # fmt: skip
         if self._restored is not None:
             self._engine.products, self._engine.seconds = self._restored["products"], self._restored["seconds"]
@@ -579,6 +579,20 @@ def _default_dirpath(trainer: L.Trainer, overwrite: bool) -> str:
 def _to_simulation(data: Any, device: torch.device) -> Any:
     """A batch on the simulation's device with floating tensors in fp32 (the simulation runs in fp32)."""
     return to_float32(tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, data))
+
+
+def _sum_over_processes(trainer: L.Trainer) -> Callable[[Tensor], Tensor]:
+    """Sums a tensor over the fit's processes (in place; the same sum on every process): ``all_reduce`` on the process
+    group the strategy set up. Not ``trainer.strategy.reduce``: Lightning runs a barrier before each of its all-reduces,
+    which doubled the collectives of the eigenspace finder (one all-reduce per inner product of its Krylov space)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    def reduce_sum(tensor: Tensor) -> Tensor:
+        torch.distributed.all_reduce(tensor)
+        return tensor
+
+    return reduce_sum
 
 
 def _all_gathered(trainer: L.Trainer, batch: tuple[Any, Tensor]) -> tuple[Any, Tensor]:
