@@ -89,6 +89,10 @@ HERE = {
         "digits-mlp-wide", lambda: load_digits(1400, seed=0), lambda d: mlp(64, [128, 128], d.num_classes),
         "mlp-64-128-128-10", SGD, 97, setup_limit=10.0,
     ),
+    "digits-mlp-deep": Setting(  # deeper: five hidden layers of 64 (21k parameters; issue 7's damping study)
+        "digits-mlp-deep", lambda: load_digits(1400, seed=0), lambda d: mlp(64, [64] * 5, d.num_classes),
+        "mlp-64x5-10", SGD, 97, setup_limit=10.0,
+    ),
     "digits-logreg": Setting(  # convex: multinomial logistic regression, one linear layer
         "digits-logreg", lambda: load_digits(1400, seed=0), lambda d: mlp(64, [], d.num_classes), "linear-64-10", SGD, 97,
         setup_limit=10.0,

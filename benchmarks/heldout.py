@@ -53,7 +53,7 @@ from lightning_attr.evaluation.targets import check  # noqa: E402
 SETTINGS = ["digits-mlp", "mnist1d-mlp", "mnist1d-cnn1d", "digits01-mlp", "digits-cnn-adam"]
 EXTRA_SETTINGS = [  # convergence.HERE's settings held out from the defaults' choice (results/heldout-extra.*)
     "digits-mlp-adam", "digits-mlp-wide", "digits-logreg", "digits-mlp-sgd-wd", "digits700-mlp", "mnist1d-mlp-10ep",
-    "mnist1d-mlp-60ep",
+    "mnist1d-mlp-60ep", "digits-mlp-deep",
 ]  # fmt: skip
 ANCHORS = {"trak10_tuned_lds": "TRAK-10 dattri", "ifcg_tuned_lds": "IF-CG"}  # targets.anchors' key -> bench.py's peer label
 
