@@ -60,6 +60,7 @@ from lightning_attr.evaluation.peers import DattriTRAK  # noqa: E402
 from lightning_attr.functional import functional_view  # noqa: E402
 from lightning_attr.models import Classifier  # noqa: E402
 from lightning_attr.attributor import ensemble_mean  # noqa: E402
+from lightning_attr.layer_readout import handled_layers, layer_parameters  # noqa: E402
 from lightning_attr.readout import auto_chunk_size, score_sources  # noqa: E402
 
 CHECKPOINT_EPOCHS = "auto"  # the default: after 10% and 20% of the epochs, and the final checkpoint
@@ -94,16 +95,19 @@ def _memory_floor(store: ResponseStore):
     return lambda x, y: [responses @ theta for responses, theta in members]
 
 
-def _vmap_jvp_reference(model: Classifier, store: ResponseStore, names: list[str]):
-    """The query as ``attribute()`` computed it before the layer readout, in this process: per checkpoint ``vmap(jvp)``
-    over its flat ``[S, P]`` responses at its parameters (``score_sources(layers=False)``, the automatic chunk), the
-    checkpoints' scores combined by :func:`~lightning_attr.attributor.ensemble_mean` (no store or batch checks)."""
-    members = [(store.responses(name), store.theta(name)) for name in names]
+def _reference(model: Classifier, store: ResponseStore, names: list[str], *, layers: bool):
+    """The query as ``attribute()`` computed it before, in this process: per checkpoint ``score_sources`` at its
+    parameters with ``basis=False`` (no layer-output bases), the automatic chunk, over the checkpoint's responses split
+    per handled layer (``layers``: the layer readout, as ``attribute()`` held them) or flat (``vmap(jvp)``, before the
+    layer readout), the checkpoints' scores combined by :func:`~lightning_attr.attributor.ensemble_mean` (no store or
+    batch checks)."""
+    split = layer_parameters(handled_layers(model, store.space)) if layers else ()
+    members = [(store.block(name, split=split).responses if layers else store.responses(name), store.theta(name)) for name in names]
 
     def query(x, y):
         with functional_view(model) as (fm, _):
             batch = (x.clone(), y.clone())
-            per = [score_sources(fm, theta, responses, batch, layers=False) for responses, theta in members]
+            per = [score_sources(fm, theta, responses, batch, layers=layers, basis=False) for responses, theta in members]
         return per[0] if len(per) == 1 else ensemble_mean(per, len(per) - 1)
 
     return query
@@ -133,13 +137,8 @@ def breakdown(model: Classifier, path: Path, batch: tuple, repeats: int) -> dict
     """Milliseconds of ``attribute()`` (every checkpoint: the ensemble) against its readout kernels alone: each
     checkpoint's block scored directly at its parameter snapshot, with the chunk ``attribute()`` chooses."""
     store = ResponseStore.load(path)
-    try:  # held as the attributor holds them (split per parameter, where the library does that)
-        from lightning_attr.layer_readout import handled_layers, layer_parameters
-
-        split = {"split": layer_parameters(handled_layers(model, store.space))}
-    except ImportError:
-        split = {}
-    members = [(store.block(name, **split), store.theta(name)) for name in store.checkpoints]
+    split = layer_parameters(handled_layers(model, store.space))  # held as the attributor holds them
+    members = [(store.block(name, split=split), store.theta(name)) for name in store.checkpoints]
     with functional_view(model) as (fm, theta):
         batch = tuple(t.clone() for t in batch)
         chunk = auto_chunk_size(fm, theta, batch, store.n_sources)
@@ -193,8 +192,10 @@ def run_setting(name: str, args) -> dict:
         "ours, ensemble": ours("all", None),
         "TRAK-1 (dattri)": trak.score,
         "memory floor (ensemble)": _memory_floor(store),
-        "vmap(jvp) reference, 1 member": _vmap_jvp_reference(model, store, store.checkpoints[-1:]),
-        "vmap(jvp) reference, ensemble": _vmap_jvp_reference(model, store, store.checkpoints),
+        "layer readout (before), 1 member": _reference(model, store, store.checkpoints[-1:], layers=True),
+        "layer readout (before), ensemble": _reference(model, store, store.checkpoints, layers=True),
+        "vmap(jvp) reference, 1 member": _reference(model, store, store.checkpoints[-1:], layers=False),
+        "vmap(jvp) reference, ensemble": _reference(model, store, store.checkpoints, layers=False),
     }
     if args.variants == "all":
         functions = {
@@ -207,11 +208,13 @@ def run_setting(name: str, args) -> dict:
             "ours, collapsed, gradient": ours("all", None, ensemble="collapsed", readout="gradient"),
         }
     same = {}
-    for checkpoints, reference in (("last", "vmap(jvp) reference, 1 member"), ("all", "vmap(jvp) reference, ensemble")):
-        singles = range(min(20, len(xq)))  # one query at a time (a batch of many takes vmap(jvp) in both)
+    references = [(checkpoints, before, f"{before}, {members}") for checkpoints, members in (("last", "1 member"), ("all", "ensemble"))
+                  for before in ("layer readout (before)", "vmap(jvp) reference")]  # fmt: skip
+    for checkpoints, before, reference in references:
+        singles = range(min(20, len(xq)))  # one query at a time
         a = torch.cat([ours(checkpoints, None)(xq[k : k + 1], yq[k : k + 1]) for k in singles])
         b = torch.cat([functions[reference](xq[k : k + 1], yq[k : k + 1]) for k in singles])
-        same[f"{checkpoints}, vmap(jvp), Q=1"] = {"bitwise": bool(torch.equal(a, b)), "max_abs_diff": float((a - b).abs().max()),
+        same[f"{checkpoints}, {before}, Q=1"] = {"bitwise": bool(torch.equal(a, b)), "max_abs_diff": float((a - b).abs().max()),
                                                  "max_abs_score": float(a.abs().max())}  # fmt: skip
     for checkpoints in ("last", "all") if args.variants == "all" else ():
         a = ours(checkpoints, None)(xq, yq)

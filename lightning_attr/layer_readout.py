@@ -53,6 +53,11 @@ class _Layer:
     module: nn.Module
     weight: str
 
+    def names(self, attributes: Sequence[str] = ("weight", "bias")) -> tuple[str, ...]:
+        """The names in the space of the layer's parameters ``attributes`` (``weight`` -> ``<prefix>.weight``)."""
+        prefix = self.weight[: -len("weight")]
+        return tuple(prefix + a for a in attributes)
+
     def weight_tangent(self, x: Tensor, dw: Tensor) -> tuple[Tensor, int]:
         """The layer output's tangent from its weight tangents, for ``n`` sources at once.
 
@@ -88,20 +93,36 @@ class _Layer:
 
 def _unfolded_weight_tangent(m: nn.Conv1d | nn.Conv2d, x: Tensor, dw: Tensor) -> Tensor:
     """``Tensor[n, out, *L']`` (a permuted view): the weight tangents of a 1D / 2D convolution of one input
-    ``x: Tensor[C_in, *L]``, as one product of its patches (``F.unfold``, ``[C_in * k, L']``) with every weight tangent:
-    ``patches^T [L', C_in * k] @ dW.view(n * out, C_in * k)^T``. The convolution with ``n * out`` output channels
-    runs the transposed product (``_slow_conv2d_forward``: weights times the few patch columns), which MKL did 1.6-2x
-    slower on the bench's CNNs (one query, digits 8x8 and MNIST-1D)."""
+    ``x: Tensor[C_in, *L]``, as one product of its patches (:func:`conv_patches`, ``[C_in * k, L']``) with every weight
+    tangent: ``patches^T [L', C_in * k] @ dW.view(n * out, C_in * k)^T``. The convolution with ``n * out`` output
+    channels runs the transposed product (``_slow_conv2d_forward``: weights times the few patch columns), which MKL did
+    1.6-2x slower on the bench's CNNs (one query, digits 8x8 and MNIST-1D)."""
     n, out, dims = dw.shape[0], dw.shape[1], dw.dim() - 3
+    patches, spatial = conv_patches(m, x.unsqueeze(0))
+    t = (patches[0].T @ dw.view(n * out, -1).T).view(*spatial, n, out)  # [*L', n, out]
+    return t.permute(dims, dims + 1, *range(dims))
+
+
+def conv_patches(m: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """``(patches: Tensor[B, C_in * k, L'], spatial)``: the patches (``F.unfold``) that the convolution ``m`` multiplies
+    by its weight ``W.view(out, C_in * k)`` for inputs ``x: Tensor[B, C_in, *L]`` (``L' = prod(spatial)``, the output's
+    positions). A 1D convolution is unfolded as a 2D one of height 1; ``padding="same"`` / ``"valid"`` as the
+    explicit zero padding torch applies (the extra one of an even kernel on the right)."""
+    dims = x.dim() - 2
+    if isinstance(m.padding, str):
+        pads = [(0, 0) if m.padding == "valid" else (d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+                for d, k in zip(m.dilation, m.kernel_size)]  # fmt: skip
+        x, padding = F.pad(x, [p for pair in reversed(pads) for p in pair]), (0,) * dims
+    else:
+        padding = m.padding
     lift = (lambda v, pad: (pad, v[0])) if dims == 1 else (lambda v, pad: tuple(v))  # 1D as 2D of height 1
-    image = x.unsqueeze(1) if dims == 1 else x  # [C_in, 1, L] or [C_in, H, W]
-    patches = F.unfold(image, lift(m.kernel_size, 1), lift(m.dilation, 1), lift(m.padding, 0), lift(m.stride, 1))
+    image = x.unsqueeze(2) if dims == 1 else x  # [B, C_in, 1, L] or [B, C_in, H, W]
+    patches = F.unfold(image, lift(m.kernel_size, 1), lift(m.dilation, 1), lift(padding, 0), lift(m.stride, 1))
     spatial = tuple(
         (s + 2 * p - d * (k - 1) - 1) // st + 1
-        for s, p, d, k, st in zip(x.shape[1:], m.padding, m.dilation, m.kernel_size, m.stride)
+        for s, p, d, k, st in zip(x.shape[2:], padding, m.dilation, m.kernel_size, m.stride)
     )
-    t = (patches.T @ dw.view(n * out, -1).T).view(*spatial, n, out)  # [*L', n, out]
-    return t.permute(dims, dims + 1, *range(dims))
+    return patches, spatial
 
 
 def handled_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ...]:
@@ -239,10 +260,11 @@ def linear_scores(
     if set(responses.blocks) != set(layer_parameters(layers)):
         raise ValueError("responses are split at other parameters than the handled layers' (SplitResponses.from_flat).")
     params = model.space.unflatten(theta)
-    captured = _capture(model, params, batch, layers)
+    captured = capture_layers(model, params, batch, layers)
     if captured is None:
         return None
-    inputs, zeros = captured
+    inputs, outputs = captured
+    zeros = [[torch.zeros_like(y) for y in ys] for ys in outputs]
     constants = {n: params[n] for n in layer_parameters(layers)}
     rest_names = responses.rest_names
     rest_shapes = [params[n].shape for n in rest_names]
@@ -252,7 +274,7 @@ def linear_scores(
         values = dict(constants)
         if rest is not None:
             values.update({n: v.view(s) for n, v, s in zip(rest_names, rest.split(rest_numels), rest_shapes)})
-        with _adding_to_outputs(layers, added):
+        with adding_to_outputs(layers, added):
             return model.measurement(values, batch)
 
     if rest_names:
@@ -285,14 +307,14 @@ class _ForeignUses(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _capture(
-    model: FunctionalModel, params: dict[str, Tensor], batch: Any, layers: Sequence[_Layer]
+def capture_layers(
+    model: FunctionalModel, params: dict[str, Tensor], batch: Any, layers: Sequence[_Layer], owned: Sequence[str] = ("weight",)
 ) -> tuple[list[list[Tensor]], list[list[Tensor]]] | None:
-    """One forward pass at ``params`` (no gradients): per layer and per call, its input and zeros of its output's
-    shape. ``None`` when a layer's parameter is used outside that layer's forward (:class:`_ForeignUses`)."""
+    """One forward pass at ``params`` (no gradients): per layer and per call, its input and its output. ``None`` when a parameter ``owned`` by a layer (its attributes of these names that are parameters of the
+    space) is used outside that layer's forward (:class:`_ForeignUses`)."""
     inputs: list[list[Tensor]] = [[] for _ in layers]
     outputs: list[list[Tensor]] = [[] for _ in layers]
-    mode = _ForeignUses({id(params[layer.weight]): i for i, layer in enumerate(layers)})
+    mode = _ForeignUses({id(params[name]): i for i, layer in enumerate(layers) for name in layer.names(owned) if name in params})
 
     def enter(i: int) -> Callable:
         def hook(_module: nn.Module, args: tuple) -> None:
@@ -316,12 +338,15 @@ def _capture(
             model.measurement(params, batch)
     if mode.foreign:
         return None
-    return inputs, [[torch.zeros_like(y) for y in ys] for ys in outputs]
+    return inputs, outputs
 
 
 @contextlib.contextmanager
-def _adding_to_outputs(layers: Sequence[_Layer], added: list[list[Tensor]]) -> Iterator[None]:
-    """Forward hooks that add ``added[i][k]`` to the output of call ``k`` of ``layers[i]``."""
+def adding_to_outputs(layers: Sequence[_Layer], added: list[list[Tensor | None]], replace: bool = False) -> Iterator[None]:
+    """Forward hooks that add ``added[i][k]`` to the output of call ``k`` of ``layers[i]`` (``None``: nothing). Of the
+    same shape: a call whose output has another shape than in the capture pass (e.g. one example of a layout whose
+    batch is not the first dimension) is an error rather than a broadcast. ``replace``: ``added[i][k]`` replaces the
+    output instead (it holds the output's value, and its tangent)."""
     calls = [0] * len(layers)
 
     def add(i: int) -> Callable:
@@ -332,7 +357,13 @@ def _adding_to_outputs(layers: Sequence[_Layer], added: list[list[Tensor]]) -> I
                     f"{type(_module).__name__} ran more often than in the capture pass: the forward is not deterministic."
                 )
             calls[i] += 1
-            return output + added[i][k]
+            if added[i][k] is None:
+                return output
+            if output.shape != added[i][k].shape:
+                raise RuntimeError(
+                    f"{type(_module).__name__} returned shape {tuple(output.shape)}, {tuple(added[i][k].shape)} expected."
+                )
+            return added[i][k] if replace else output + added[i][k]
 
         return hook
 

@@ -22,12 +22,14 @@ comes once), a few hundred per call for a batch of hundreds of queries (larger c
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
+from lightning_attr.basis_readout import basis_gradients, basis_layers
 from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel, has_recurrent_layer
 from lightning_attr.layer_readout import SplitResponses, handled_layers, layer_parameters, linear_scores, source_count, source_rows
@@ -69,11 +71,19 @@ def query_gradients(model: FunctionalModel, theta: Tensor, batch: Any) -> Tensor
     return torch.stack([pullback(row)[0] for row in torch.eye(out.numel(), device=theta.device, dtype=out.dtype)])
 
 
-def _gradient_scores(model: FunctionalModel, theta: Tensor, responses: Tensor | SplitResponses, batch: Any) -> Tensor:
-    """``Tensor[B, S]``: ``query_gradients @ responses.T``, the queries taken in chunks whose gradients (``[chunk, P]``
-    float32) stay under ``CHUNK_ACTIVATION_MB``."""
+def _gradient_scores(
+    model: FunctionalModel, theta: Tensor, responses: Tensor | SplitResponses, batch: Any, gradients: Callable = query_gradients
+) -> Tensor | None:
+    """``Tensor[B, S]``: ``gradients(model, theta, queries) @ responses.T`` (``Tensor[chunk, P]`` query gradients), the
+    queries taken in chunks whose gradients (float32) stay under ``CHUNK_ACTIVATION_MB``. ``None`` when ``gradients``
+    gives ``None`` (its path does not apply)."""
     times = responses.times if isinstance(responses, SplitResponses) else lambda g: g @ responses.T
-    parts = [times(query_gradients(model, theta, select_examples(batch, rows))) for rows in _query_chunks(batch, theta)]
+    parts = []
+    for rows in _query_chunks(batch, theta):
+        g = gradients(model, theta, select_examples(batch, rows))
+        if g is None:
+            return None
+        parts.append(times(g))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
@@ -155,10 +165,14 @@ def score_sources(
     chunk_size: int | None = None,
     epsilon: float = 1.0,
     layers: bool = True,
+    basis: bool = True,
 ) -> Tensor:
     """Scores of every query against every source.
 
-    The linear readout applies the weight tangents of the module's Linear / Conv layers as one matrix product per
+    The linear readout of a network whose every parameter belongs to a Linear / Conv1d / Conv2d layer (an MLP, a CNN)
+    runs along the bases of the layers' outputs when they hold at most ``S`` numbers per query
+    (:mod:`basis_readout`: ``A`` jvps instead of ``S``, then one matrix product with the responses; the same scores
+    up to float32 rounding). Otherwise the linear readout applies the weight tangents of the module's Linear / Conv layers as one matrix product per
     layer (:mod:`layer_readout`; the same scores up to float32 rounding), and vmaps ``jvp`` over the rest, when one
     source's tangents of those weights hold at least as many numbers as its activation tangents for the batch
     (:func:`activation_floats`): it reads the weight tangents in one memory-bound pass but adds passes over the
@@ -171,11 +185,13 @@ def score_sources(
         responses: ``Tensor[S, P]`` float32, or the same split per parameter (:class:`SplitResponses`, laid out
             once when a member is loaded; a flat tensor is split at every call for the linear readout).
         batch: query batch (as ``attribution_outputs`` expects it), ``B`` queries.
-        chunk_size: sources per vmapped call; peak memory grows with ``chunk_size * B``. ``None``:
+        chunk_size: sources (or layer-output basis tangents) per vmapped call; peak memory grows with
+            ``chunk_size * B``. ``None``:
             :func:`auto_chunk_size` (all ``S`` at once for a single query on small networks).
         epsilon: relative step of the central readout (1 = the full response).
-        layers: the linear readout applies the handled layers' weight tangents as matrix products; ``False``:
-            ``vmap(jvp)`` over flat responses for every parameter (the reference it is measured against).
+        layers: the linear readout applies the handled layers' weight tangents as matrix products (or runs along
+            their output bases); ``False``: ``vmap(jvp)`` over flat responses for every parameter (the reference).
+        basis: the linear readout may run along the layer-output bases; ``False``: never (the layer readout).
 
     Returns:
         ``Tensor[B, S]``: predicted rise of each query's measurement if the source were removed.
@@ -184,6 +200,14 @@ def score_sources(
     if kind == "gradient":
         return _gradient_scores(model, theta, responses, batch)
     num_sources = source_count(responses)
+    covered = basis_layers(model.module, model.space) if kind == "linear" and layers and basis else None
+    if covered is not None:
+        if chunk_size is None:
+            chunk_size = _chunk_for(activation_floats(model, theta, batch), num_sources)
+        gradients = partial(basis_gradients, layers=covered, max_tangents=num_sources, chunk_size=chunk_size)
+        scores = _gradient_scores(model, theta, responses, batch, gradients)
+        if scores is not None:
+            return scores
     handled = handled_layers(model.module, model.space) if kind == "linear" and layers else ()
     floats = activation_floats(model, theta, batch) if handled or chunk_size is None else 0
     if chunk_size is None:

@@ -39,7 +39,7 @@ def _by_hand(module, members):
     with functional_view(module, ParameterSpace.of(module)) as (model, _):
         for store, name, batch in members:
             theta = store.space.flatten(load_file(str(store.path / name / "params.safetensors")))
-            raw.append(score_sources(model, theta, store.responses(name), batch))
+            raw.append(score_sources(model, theta, store.responses(name), batch, layers=False))  # vmap(jvp): the definition
     unit = [s / s.std(dim=1, keepdim=True) for s in raw]
     mean = torch.stack(unit).mean(0)
     return mean / mean.std(dim=1, keepdim=True) * raw[0].std(dim=1, keepdim=True)

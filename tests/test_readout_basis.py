@@ -1,0 +1,173 @@
+"""The linear readout along layer-output bases (:mod:`lightning_attr.basis_readout`) gives the scores of the definition
+(one ``torch.func.jvp`` per source) and of the explicit target (each query's gradient, by autograd here, times the
+responses) on Linear, Conv1d and Conv2d networks, for one query and a batch; and it hands the query back to the other
+paths where it does not apply (an unhandled parameter, a weight used outside its layer, more output numbers than
+sources, a layout whose batch is not the first dimension)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import blobs
+from torch import nn
+from torch.func import jvp
+
+import lightning_attr.basis_readout as basis_readout
+from lightning_attr.functional import functional_view
+from lightning_attr.models import CNN, CNN1d, Classifier
+from lightning_attr.readout import score_sources, split_for
+
+
+class _Twice(nn.Module):
+    """One Linear called twice per forward, a head without bias and a Linear whose bias is frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 6)
+        self.shared = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3, bias=False)
+        self.first.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(torch.tanh(self.first(x)))))))
+
+
+class _Convolutions(nn.Module):
+    """Conv2d with padding 'same' and an even kernel (padded more on the right), dilation, no bias; Conv1d 'valid'
+    with stride; a Linear on a sequence of positions ([B, L, C] rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2d = nn.Conv2d(1, 3, (2, 4), padding="same", dilation=(1, 2), bias=False)
+        self.conv1d = nn.Conv1d(3, 4, 3, stride=2, padding="valid")
+        self.rows = nn.Linear(4, 2)
+        self.head = nn.Linear(2 * 15, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv2d(x.view(-1, 1, 4, 8)))  # [B, 3, 4, 8]
+        h = torch.relu(self.conv1d(h.flatten(2)))  # [B, 4, 15]
+        return self.head(torch.tanh(self.rows(h.transpose(1, 2))).flatten(1))
+
+
+class _SequenceFirst(nn.Module):
+    """A Linear applied to [L, B, C]: its output's first dimension is not the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(2, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq = x.view(x.shape[0], 3, 2).transpose(0, 1)  # [L = 3, B, 2]
+        return self.head(torch.tanh(self.inner(seq)).mean(0))
+
+
+def _data(d: int):
+    return lambda n: blobs(n=n, d=d, classes=3, seed=4)
+
+
+MODELS = {  # name: (network, features, output numbers per query)
+    "linear": (lambda: nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)), 6, 19),
+    "conv2d": (lambda: CNN((1, 8, 8), 3, channels=(4, 6)), 64, 4 * 16 + 6 * 4 + 3),
+    "conv1d": (lambda: CNN1d([40], 3, channels=(4, 6)), 40, 4 * 20 + 6 * 10 + 3),
+    "twice": (_Twice, 6, 6 + 6 + 6 + 3),
+    "convolutions": (_Convolutions, 32, 3 * 32 + 4 * 15 + 2 * 15 + 3),
+}
+
+
+def _model(name: str) -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(MODELS[name][0]()).eval()
+
+
+def _definition(fm, theta, responses, batch):
+    f = lambda th: fm.measurement(th, batch)  # noqa: E731
+    return torch.stack([jvp(f, (theta,), (r,))[1] for r in responses]).T
+
+
+def _explicit(fm, theta, responses, batch):
+    """The explicit target: each query's gradient (autograd) times the responses."""
+    rows = []
+    for q in range(batch[0].shape[0]):
+        th = theta.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(fm.measurement(th, (batch[0][q : q + 1], batch[1][q : q + 1]))[0], th)
+        rows.append(g)
+    return torch.stack(rows) @ responses.T
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """The batch sizes the basis path served (a ``None`` from it: the other paths took the batch)."""
+    served = []
+    original = basis_readout.basis_gradients
+
+    def spy(model, theta, batch, *args, **kwargs):
+        out = original(model, theta, batch, *args, **kwargs)
+        served.append(None if out is None else batch[0].shape[0])
+        return out
+
+    monkeypatch.setattr("lightning_attr.readout.basis_gradients", spy)
+    return served
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_basis_readout_gives_the_definition_and_the_explicit_target(name, taken):
+    model = _model(name)
+    _, features, numbers = MODELS[name]
+    batch = _data(features)(5)
+    with functional_view(model) as (fm, theta):
+        sources = numbers + 4  # the basis path serves while the output numbers per query are at most S
+        responses = 1e-2 * torch.randn(sources, theta.numel(), generator=torch.Generator().manual_seed(1))
+        expected = _definition(fm, theta, responses, batch)
+        torch.testing.assert_close(_explicit(fm, theta, responses, batch), expected, rtol=1e-4, atol=1e-6)
+        tol = {"rtol": 1e-4, "atol": 1e-5 * float(expected.abs().max())}
+        for queries, rows in ((batch, slice(None)), (tuple(t[:1] for t in batch), slice(0, 1))):
+            for given in (responses, split_for(responses, fm)):
+                for chunk in (None, 7):
+                    torch.testing.assert_close(score_sources(fm, theta, given, queries, chunk_size=chunk), expected[rows], **tol)
+            # the same as the layer readout, the gradient readout and vmap(jvp), which it replaces
+            basis = score_sources(fm, theta, responses, queries)
+            for other in ({"basis": False}, {"layers": False}, {"kind": "gradient"}):
+                torch.testing.assert_close(score_sources(fm, theta, responses, queries, **other), basis, **tol)
+    assert None not in taken and 1 in taken and 5 in taken
+
+
+def test_more_output_numbers_than_sources_take_the_other_paths(taken):
+    model = _model("conv1d")
+    batch = _data(40)(3)
+    with functional_view(model) as (fm, theta):
+        responses = 1e-2 * torch.randn(MODELS["conv1d"][2] - 1, theta.numel(), generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(score_sources(fm, theta, responses, batch), _definition(fm, theta, responses, batch))
+    assert taken == [None]
+
+
+class _BiasElsewhere(nn.Module):
+    """A Linear whose bias is also read outside its forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * self.inner.bias.sum()
+
+
+@pytest.mark.parametrize(
+    "net, served",
+    [
+        (lambda: _BiasElsewhere(), [None, None]),  # the capture pass sees the bias outside its layer
+        (lambda: _SequenceFirst(), [None, 1]),  # batched: not the first dimension; one query: any layout
+        (lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)), []),  # LayerNorm: not covered
+    ],
+    ids=["bias-elsewhere", "sequence-first", "layernorm"],
+)
+def test_the_basis_path_hands_back_what_it_does_not_cover(net, served, taken):
+    torch.manual_seed(0)
+    model = Classifier(net()).eval()
+    x, y = _data(6)(3)
+    with functional_view(model) as (fm, theta):
+        responses = 1e-2 * torch.randn(80, theta.numel(), generator=torch.Generator().manual_seed(1))
+        for batch in ((x, y), (x[:1], y[:1])):
+            expected = _definition(fm, theta, responses, batch)
+            torch.testing.assert_close(score_sources(fm, theta, responses, batch), expected, rtol=1e-4, atol=1e-7)
+    assert taken == served
