@@ -20,9 +20,11 @@ first ``--queries`` test points:
   the same fitted network and training set;
 - ``memory floor (ensemble)``: one matrix-vector product over each checkpoint's ``[S, P]`` responses, what any
   readout that reads every response once costs at least;
-- ``vmap(jvp) reference, 1 member / ensemble``: the same queries as ``attribute()`` computed them before the layer
-  readout (``score_sources(layers=False)`` over each checkpoint's flat responses, then the ensemble's normalization):
-  the before / after pair of this work, in the same rounds (their scores against the default's are recorded).
+- ``layer readout (before), 1 member / ensemble``: the same queries as ``attribute()`` computed them before the
+  layer-output bases (``score_sources(basis=False)`` over each checkpoint's responses split per handled layer, then the
+  ensemble's normalization): the before / after pair of this work, in the same rounds (their scores against the
+  default's are recorded); ``vmap(jvp) reference, 1 member / ensemble`` (``--variants all``): the same with
+  ``layers=False``, ``vmap(jvp)`` over flat responses, as before the layer readout.
 
 Timing: Q=1 in ``--rounds`` alternating rounds (each round scores query ``k`` with every function in turn, in a
 rotated order; round 0 only warms up), and the whole batch in ``--batched-rounds`` alternating rounds. Reported:
@@ -194,12 +196,12 @@ def run_setting(name: str, args) -> dict:
         "memory floor (ensemble)": _memory_floor(store),
         "layer readout (before), 1 member": _reference(model, store, store.checkpoints[-1:], layers=True),
         "layer readout (before), ensemble": _reference(model, store, store.checkpoints, layers=True),
-        "vmap(jvp) reference, 1 member": _reference(model, store, store.checkpoints[-1:], layers=False),
-        "vmap(jvp) reference, ensemble": _reference(model, store, store.checkpoints, layers=False),
     }
     if args.variants == "all":
         functions = {
             **functions,
+            "vmap(jvp) reference, 1 member": _reference(model, store, store.checkpoints[-1:], layers=False),
+            "vmap(jvp) reference, ensemble": _reference(model, store, store.checkpoints, layers=False),
             f"ours, 1 member, chunk {PREVIOUS_CHUNK}": ours("last", PREVIOUS_CHUNK),
             f"ours, ensemble, chunk {PREVIOUS_CHUNK}": ours("all", PREVIOUS_CHUNK),
             "ours, 1 member, gradient": ours("last", None, readout="gradient"),
@@ -209,7 +211,7 @@ def run_setting(name: str, args) -> dict:
         }
     same = {}
     references = [(checkpoints, before, f"{before}, {members}") for checkpoints, members in (("last", "1 member"), ("all", "ensemble"))
-                  for before in ("layer readout (before)", "vmap(jvp) reference")]  # fmt: skip
+                  for before in ("layer readout (before)", "vmap(jvp) reference") if f"{before}, {members}" in functions]  # fmt: skip
     for checkpoints, before, reference in references:
         singles = range(min(20, len(xq)))  # one query at a time
         a = torch.cat([ours(checkpoints, None)(xq[k : k + 1], yq[k : k + 1]) for k in singles])
