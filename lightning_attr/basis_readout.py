@@ -26,7 +26,8 @@ cannot be vmapped per example, sends the batch back to the other paths).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -53,10 +54,10 @@ def basis_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ...]
 def basis_gradients(
     model: FunctionalModel, theta: Tensor, batch: Any, layers: Sequence[_Layer], *, max_tangents: int, chunk_size: int
 ) -> Tensor | None:
-    """``Tensor[Q, P]`` float32: each query's gradient of its measurement at ``theta``, built by forward mode along the
-    bases of ``layers``' outputs (module docstring). ``None`` when the basis path does not apply to this batch: a
-    covered parameter used outside its layer, more than ``max_tangents`` basis tangents per query, or (``Q > 1``)
-    a layer output without the batch as first dimension.
+    """``Tensor[Q, P]`` float32: each query's gradient of its measurement at ``theta``, by forward mode along the bases
+    of ``layers``' outputs or parameters (module docstring). ``None`` when the basis path does not apply to this batch:
+    a covered parameter used outside its layer, more than ``max_tangents`` basis tangents per query, or (``Q > 1``)
+    a layer input or output without the batch as first dimension.
 
     Args:
         layers: :func:`basis_layers` of the model (they cover every parameter of ``model.space``).
@@ -71,63 +72,85 @@ def basis_gradients(
     queries = batch_size_of(batch)
     if queries > 1 and any(t.dim() == 0 or t.shape[0] != queries for ts in [*inputs, *outputs] for t in ts):
         return None  # the batch is not the first dimension of every layer input and output
-    sizes = [[z.numel() // queries for z in zs] for zs in outputs]
-    if sum(map(sum, sizes)) > max_tangents:
+    owned = [[n for n in layer.names() if n in params] for layer in layers]
+    weights = [sum(params[n].numel() for n in names) for names in owned]
+    numbers = [sum(z.numel() // queries for z in zs) for zs in outputs]
+    if sum(map(min, weights, numbers)) > max_tangents:
         return None
+    gradients: dict[str, Tensor] = {}
+
+    def accumulate(name: str, g: Tensor) -> None:
+        gradients[name] = gradients[name] + g if name in gradients else g
+
     try:
-        sensitivity = _output_sensitivities(model, params, batch, layers, outputs, chunk_size)
+        for i, layer in enumerate(layers):
+            if weights[i] <= numbers[i]:  # the parameters' basis: the jvps give the gradient itself
+                flat = _along_parameters(model, params, batch, owned[i], chunk_size)
+                for name, g in zip(owned[i], flat.split([params[n].numel() for n in owned[i]], dim=1)):
+                    accumulate(name, g.view(queries, *params[name].shape))
+                continue
+            for k, (x, z) in enumerate(zip(inputs[i], outputs[i])):  # the output's basis: J, then the layer's rule
+                j = _along_output(model, params, batch, layers, outputs, (i, k), chunk_size).reshape(z.shape)
+                for name, g in zip(layer.names(), _layer_gradients(layer.module, x, j, queries)):
+                    if name in params:
+                        accumulate(name, g)
     except RuntimeError:  # a kernel without a batching rule for one vmapped example, or another layout per example
         if queries == 1:
             raise
         return None
-    per_call = iter(sensitivity.split([n for ns in sizes for n in ns], dim=1))
-    gradients: dict[str, Tensor] = {}
-    for layer, xs, zs in zip(layers, inputs, outputs):
-        for x, z in zip(xs, zs):
-            j = next(per_call).reshape(z.shape)
-            for name, g in zip(layer.names(), _layer_gradients(layer.module, x, j, queries)):
-                if name in params:
-                    gradients[name] = gradients[name] + g if name in gradients else g
     return model.space.flatten({n: gradients.get(n, theta.new_zeros(queries, *params[n].shape)) for n in model.space.names}, batch_dims=1)
 
 
-def _output_sensitivities(
-    model: FunctionalModel,
-    params: dict[str, Tensor],
-    batch: Any,
-    layers: Sequence[_Layer],
-    outputs: list[list[Tensor]],
-    chunk_size: int,
-) -> Tensor:
-    """``Tensor[Q, A]``: ``d m_q / d z`` for every number of every call's output ``z`` (``outputs[i][k]``, call ``k`` of
-    ``layers[i]`` at ``params``) of query ``q``, calls in that order and each flattened, by ``jvp`` along unit tangents of
-    the outputs. One vmapped call per layer call, in which that output is replaced by itself carrying the tangents (no
-    other tangent enters, so nothing is cut): a tangent is carried from its layer on (``A_l`` tangents through the
-    layers after ``l``), not through the whole network."""
-    queries = batch_size_of(batch)
-    calls = [(i, k) for i, zs in enumerate(outputs) for k in range(len(zs))]
+def _along_output(
+    model: FunctionalModel, params: dict[str, Tensor], batch: Any, layers: Sequence[_Layer], outputs: list[list[Tensor]],
+    call: tuple[int, int], chunk_size: int,
+) -> Tensor:  # fmt: skip
+    """``Tensor[Q, A]``: ``d m_q / d z`` for the output ``z = outputs[i][k]`` (``[Q, ...]``) of call ``k`` of ``layers[i]``
+    (``call = (i, k)``), by jvps in which that output is replaced by itself carrying unit tangents. No other tangent
+    enters, so a tangent is carried from that layer on, not through the whole network."""
+    queries, output = batch_size_of(batch), outputs[call[0]][call[1]]
+    shape = output.shape if queries == 1 else (1, *output.shape[1:])
 
-    def measure(i: int, k: int, u: Tensor, example: Any) -> Tensor:  # u: the output of call k of layer i, flat
-        value = u.view(outputs[i][k].shape[int(queries > 1) :])
-        added = [[None] * len(zs) for zs in outputs]
-        added[i][k] = value.unsqueeze(0) if queries > 1 else value
+    def measure(u: Tensor, example: Any) -> Tensor:
+        added: list[list[Tensor | None]] = [[None] * len(calls) for calls in outputs]
+        added[call[0]][call[1]] = u.view(shape)
         with adding_to_outputs(layers, added, replace=True):
             return model.measurement(params, example)
 
-    def along_bases(example: Any, values: list[Tensor]) -> Tensor:  # [A, Q'] for a batch of Q' queries
-        parts = []
-        for (i, k), value in zip(calls, values):
-            basis = torch.eye(value.numel(), device=value.device)
-            along = vmap(lambda e: jvp(lambda u: measure(i, k, u, example), (value,), (e,))[1])  # noqa: B023
-            parts += [along(rows) for rows in basis.split(max(1, chunk_size))]
-        return torch.cat(parts)
+    return _forward_jacobian(measure, output.reshape(queries, -1), batch, chunk_size)
 
-    flat = [outputs[i][k].reshape(queries, -1) for i, k in calls]  # per call [Q, A_call]
+
+def _along_parameters(model: FunctionalModel, params: dict[str, Tensor], batch: Any, names: Sequence[str], chunk_size: int) -> Tensor:
+    """``Tensor[Q, n]``: ``d m_q / d theta_names`` (the parameters ``names`` flattened in that order), by jvps along the
+    unit tangents of those parameters."""
+    shapes = [params[n].shape for n in names]
+
+    def measure(u: Tensor, example: Any) -> Tensor:
+        moved = dict(params)
+        moved.update({n: v.view(s) for n, v, s in zip(names, u.split([math.prod(s) for s in shapes]), shapes)})
+        return model.measurement(moved, example)
+
+    return _forward_jacobian(measure, torch.cat([params[n].reshape(-1) for n in names]), batch, chunk_size)
+
+
+def _forward_jacobian(measure: Callable[[Tensor, Any], Tensor], values: Tensor, batch: Any, chunk_size: int) -> Tensor:
+    """``Tensor[Q, n]``: ``d measure(u, query q) / d u`` at ``u = values[q]`` (``values: Tensor[Q, n]``) or ``u = values``
+    (``Tensor[n]``, the same for every query), by ``jvp`` along the ``n`` unit vectors, ``chunk_size`` per ``vmap``.
+    ``measure(u, example) -> Tensor[Q']`` for a batch ``example`` of ``Q'`` queries. Several queries: each on its own
+    (``vmap`` over the batch, one example at a time), so a query never sees the others' tangents."""
+    queries, n = batch_size_of(batch), values.shape[-1]
+    basis = torch.eye(n, device=values.device).split(max(1, chunk_size))
+
+    def along(example: Any, value: Tensor) -> Tensor:  # [n, Q'] for a batch of Q' queries
+        one = vmap(lambda e: jvp(lambda u: measure(u, example), (value,), (e,))[1])
+        return torch.cat([one(rows) for rows in basis])
+
+    shared = values.dim() == 1
     if queries == 1:
-        return along_bases(batch, [f[0] for f in flat]).T
+        return along(batch, values if shared else values[0]).T
     unbatched = lambda example: tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)  # noqa: E731
-    one = lambda example, values: along_bases(unbatched(example), values)[:, 0]  # noqa: E731
-    return vmap(one, in_dims=(tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch), 0))(batch, flat)
+    in_dims = (tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch), None if shared else 0)
+    return vmap(lambda example, value: along(unbatched(example), value)[:, 0], in_dims=in_dims)(batch, values)
 
 
 def _layer_gradients(module: nn.Module, x: Tensor, j: Tensor, queries: int) -> tuple[Tensor, Tensor]:

@@ -3,17 +3,20 @@
 ``score(q, b)`` is the change of the query measurement ``f_q`` when the parameters move by the
 response ``r_b`` (METHOD.md):
 
-- ``"linear"``:  ``d/de f_q(theta + e r_b)`` at ``e = 0`` via ``torch.func.jvp`` (exact first order); the weight
-  tangents of Linear / Conv layers are applied as one matrix product per layer for all sources (:mod:`layer_readout`),
-  the rest vmapped
+- ``"linear"``:  ``d/de f_q(theta + e r_b)`` at ``e = 0`` by forward mode (exact first order). What runs depends on
+  the network, never reverse mode: when every trainable parameter belongs to a Linear / Conv1d / Conv2d layer (MLPs,
+  CNNs) and their outputs hold at most ``S`` numbers per query, jvps along the bases of the layers' outputs
+  give each query's gradient, then one matrix product with the responses (:mod:`basis_readout`); else ``jvp`` along
+  every source's response, vmapped, with the weight tangents of Linear / Conv layers applied as one matrix product
+  per layer for all sources (:mod:`layer_readout`)
 - ``"central"``: ``[f_q(theta + e r_b) - f_q(theta - e r_b)] / (2e)``, two forward passes
 - ``"step"``:    ``f_q(theta + r_b) - f_q(theta)``, the counterfactual itself
 
 None of them runs a backward pass. ``"gradient"`` computes the linear readout's scores another way:
 ``grad f_q(theta)^T r_b`` with the query gradients (reverse mode, one backward pass per query, ``Tensor[B, P]``)
 and one matrix product with the responses. Equal to ``"linear"`` up to float rounding; it reads each response
-once in a matrix product instead of carrying it through the network, which is faster when ``S x P`` is large
-(``benchmarks/readout.py``), but it is not forward-only (dense responses only). Sources are batched with ``vmap`` in chunks of ``chunk_size``; by default
+once in a matrix product instead of carrying it through the network, as ``"linear"``'s layer-output bases do for
+MLPs and CNNs by forward mode, but it is not forward-only (dense responses only). Sources are batched with ``vmap`` in chunks of ``chunk_size``; by default
 (:func:`auto_chunk_size`) as many as keep the chunk's activations near ``CHUNK_ACTIVATION_MB``: every source in
 one call for a single query on an MLP or small CNN (the per-call overhead of vmap and forward-mode AD then
 comes once), a few hundred per call for a batch of hundreds of queries (larger chunks leave the cache).

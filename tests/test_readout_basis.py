@@ -1,7 +1,7 @@
 """The linear readout along layer-output bases (:mod:`lightning_attr.basis_readout`) gives the scores of the definition
 (one ``torch.func.jvp`` per source) and of the explicit target (each query's gradient, by autograd here, times the
 responses) on Linear, Conv1d and Conv2d networks, for one query and a batch; and it hands the query back to the other
-paths where it does not apply (an unhandled parameter, a weight used outside its layer, more output numbers than
+paths where it does not apply (an unhandled parameter, a weight used outside its layer, more basis tangents than
 sources, a layout whose batch is not the first dimension)."""
 
 from __future__ import annotations
@@ -50,15 +50,16 @@ class _Convolutions(nn.Module):
 
 
 class _SequenceFirst(nn.Module):
-    """A Linear applied to [L, B, C]: its output's first dimension is not the batch."""
+    """A Linear applied to [L, B, C]: its output's first dimension is not the batch (read along its output's basis:
+    more weights than output numbers)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.inner = nn.Linear(2, 4)
-        self.head = nn.Linear(4, 3)
+        self.inner = nn.Linear(3, 16)
+        self.head = nn.Linear(16, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seq = x.view(x.shape[0], 3, 2).transpose(0, 1)  # [L = 3, B, 2]
+        seq = x.view(x.shape[0], 2, 3).transpose(0, 1)  # [L = 2, B, 3]
         return self.head(torch.tanh(self.inner(seq)).mean(0))
 
 
@@ -66,13 +67,26 @@ def _data(d: int):
     return lambda n: blobs(n=n, d=d, classes=3, seed=4)
 
 
-MODELS = {  # name: (network, features, output numbers per query)
-    "linear": (lambda: nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)), 6, 19),
-    "conv2d": (lambda: CNN((1, 8, 8), 3, channels=(4, 6)), 64, 4 * 16 + 6 * 4 + 3),
-    "conv1d": (lambda: CNN1d([40], 3, channels=(4, 6)), 40, 4 * 20 + 6 * 10 + 3),
-    "twice": (_Twice, 6, 6 + 6 + 6 + 3),
-    "convolutions": (_Convolutions, 32, 3 * 32 + 4 * 15 + 2 * 15 + 3),
+MODELS = {  # name: (network, features); the layers of the first are all read along their outputs' bases
+    "linear": (lambda: nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)), 6),
+    "conv2d": (lambda: CNN((1, 8, 8), 3, channels=(4, 6)), 64),
+    "conv1d": (lambda: CNN1d([40], 3, channels=(4, 6)), 40),
+    "twice": (_Twice, 6),
+    "convolutions": (_Convolutions, 32),
 }
+
+
+def _tangents(model: Classifier, x: torch.Tensor) -> tuple[int, int]:
+    """Per query, the tangents of the basis path: per layer the fewer of its trainable parameters and its output
+    numbers (all its calls); and how many layers take their parameters' basis."""
+    numbers: dict[nn.Module, int] = {}
+    hooks = [m.register_forward_hook(lambda m, _i, out: numbers.update({m: numbers.get(m, 0) + out[0].numel()}))
+             for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]  # fmt: skip
+    model(x[:1])
+    for hook in hooks:
+        hook.remove()
+    weights = {m: sum(p.numel() for p in m.parameters() if p.requires_grad) for m in numbers}
+    return sum(min(weights[m], numbers[m]) for m in numbers), sum(weights[m] <= numbers[m] for m in numbers)
 
 
 def _model(name: str) -> Classifier:
@@ -113,10 +127,11 @@ def taken(monkeypatch):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_the_basis_readout_gives_the_definition_and_the_explicit_target(name, taken):
     model = _model(name)
-    _, features, numbers = MODELS[name]
-    batch = _data(features)(5)
+    batch = _data(MODELS[name][1])(5)
+    tangents, by_parameters = _tangents(model, batch[0])
+    assert (by_parameters == 0) == (name in ("linear", "twice"))  # both bases are exercised
     with functional_view(model) as (fm, theta):
-        sources = numbers + 4  # the basis path serves while the output numbers per query are at most S
+        sources = tangents + 4  # the basis path serves while its tangents per query are at most S
         responses = 1e-2 * torch.randn(sources, theta.numel(), generator=torch.Generator().manual_seed(1))
         expected = _definition(fm, theta, responses, batch)
         torch.testing.assert_close(_explicit(fm, theta, responses, batch), expected, rtol=1e-4, atol=1e-6)
@@ -132,11 +147,12 @@ def test_the_basis_readout_gives_the_definition_and_the_explicit_target(name, ta
     assert None not in taken and 1 in taken and 5 in taken
 
 
-def test_more_output_numbers_than_sources_take_the_other_paths(taken):
+def test_more_tangents_than_sources_take_the_other_paths(taken):
     model = _model("conv1d")
     batch = _data(40)(3)
     with functional_view(model) as (fm, theta):
-        responses = 1e-2 * torch.randn(MODELS["conv1d"][2] - 1, theta.numel(), generator=torch.Generator().manual_seed(1))
+        sources = _tangents(model, batch[0])[0] - 1
+        responses = 1e-2 * torch.randn(sources, theta.numel(), generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(score_sources(fm, theta, responses, batch), _definition(fm, theta, responses, batch))
     assert taken == [None]
 
