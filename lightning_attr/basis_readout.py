@@ -1,27 +1,28 @@
-"""The linear readout along layer-output bases: ``S`` sources for the price of ``A`` tangents, by forward mode.
+"""The linear readout along layer bases: ``S`` sources for the price of a few hundred tangents, by forward mode.
 
-The linear readout (:mod:`readout`) of a response ``r_s`` is ``d/de m_q(theta + e r_s)`` at ``e = 0``. For a network
-whose every trainable parameter is the weight or bias of a Linear / Conv1d / Conv2d layer (an MLP, a CNN), it splits
-over the layers' outputs ``z_l = W_l x_l + c_l`` (Conv: ``W_l * x_l + c_l``):
+The linear readout (:mod:`readout`) of a response ``r_s`` is ``d/de m_q(theta + e r_s) = <g_q, r_s>`` with ``g_q`` the
+query's gradient. For a network whose every trainable parameter is the weight or bias of a Linear / Conv1d / Conv2d
+layer (an MLP, a CNN), ``g_q`` is built here by **forward mode only**, layer by layer, with one of two bases:
 
-    score(q, s) = sum_l < J_l,  T_l(dW_{l,s}) + dc_{l,s} >,     J_l = d m_q / d z_l   (A_l numbers per query)
+- **the layer's output**: ``J_l = d m_q / d z_l`` for its output ``z_l = W_l x_l + c_l`` (Conv: ``W_l * x_l + c_l``),
+  ``A_l`` numbers per query, from one ``vmap(jvp)`` over the ``A_l`` unit tangents of ``z_l`` (the output replaced by
+  itself carrying them, :func:`~lightning_attr.layer_readout.adding_to_outputs`); then the weight's gradient is
+  ``J_l^T x_l`` (Conv: ``J_l`` times the unfolded patches of ``x_l``, :func:`~lightning_attr.layer_readout.conv_patches`)
+  and the bias's ``J_l`` summed over positions: no backward pass, a contraction of the captured input;
+- **the layer's parameters**: one ``vmap(jvp)`` over the ``P_l`` unit tangents of its weight and bias gives that part
+  of ``g_q`` directly.
 
-where ``T_l(dW) = dW x_l`` (Conv: ``dW * x_l``) is the output's tangent from a weight tangent. By associativity this is
-``< M_l, dW_{l,s} > + < sum_positions J_l, dc_{l,s} >`` with ``M_l = J_l^T x_l`` (Conv: ``J_l`` times the unfolded
-patches of ``x_l``, :func:`~lightning_attr.layer_readout.conv_patches`): the query's gradient with respect to the layer's
-weight, built from ``J_l`` and the layer's input without any backward pass. So the scores are one matrix product of
-those per-query vectors (``Tensor[Q, P]``) with the responses (``[Q, P] x [P, S]``, each response read once).
-
-``J_l`` comes from forward mode along the **basis of the layer outputs**: one ``vmap(jvp)`` over ``A = sum_l A_l``
-unit tangents injected at the outputs (forward hooks, :func:`~lightning_attr.layer_readout.adding_to_outputs`), all
-layers in one call. ``A`` tangents instead of ``S``: 210 instead of 4,000 on the MNIST-1D MLP (40-100-100-10), 650
-on its CNN. Nothing here runs reverse mode: the passes are jvps along layer-output bases, then matrix products.
+Per layer the smaller basis is taken (the MNIST-1D MLP 40-100-100-10: 100 + 100 + 10 output tangents; its CNN:
+96 parameter tangents for the first convolution, 320 + 10 output tangents after it), and each pass carries its
+tangents from that layer on only. So the scores cost ``sum_l min(A_l, P_l)`` tangents instead of ``S``, and one matrix
+product of the query gradients with the responses (``[Q, P] x [P, S]``: each response read once). Nothing here runs
+reverse mode: jvps along layer bases, then matrix products.
 
 Taken by :func:`readout.score_sources` when every trainable parameter is covered, no covered parameter is used outside
-its layer's forward (the capture pass's check), and ``A <= S``; else the layer readout / ``vmap(jvp)`` over the
-sources. Several queries: each query's ``J`` is taken on the query alone (``vmap`` over the queries, one example
-each), so the layers' outputs must have the batch as their first dimension (checked: another layout, or a kernel that
-cannot be vmapped per example, sends the batch back to the other paths).
+its layer's forward (the capture pass's check), and the tangents are at most ``S``; else the layer readout /
+``vmap(jvp)`` over the sources. Several queries: each query is read on its own (``vmap`` over the queries, one example
+each), so the layers' inputs and outputs must have the batch as their first dimension (checked: another layout, or a
+kernel that cannot be vmapped per example, sends the batch back to the other paths).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from lightning_attr.functional import FunctionalModel
 from lightning_attr.layer_readout import _Layer, adding_to_outputs, capture_layers, conv_patches, handled_layers
 from lightning_attr.parameters import ParameterSpace
 
-_BASIS_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # layers whose weight gradient is built from J and the input
+_BASIS_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # layers whose weight gradient is built from J and their input
 
 
 def basis_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ...] | None:

@@ -111,7 +111,8 @@ class AttributionMixin:
                 read out at its own parameters, normalized per query by its std over sources, averaged,
                 and put back on the scale of the member read at the module's weights (see
                 :class:`~lightning_attr.attributor.Attributor`). Each member is read from disk once.
-            chunk_size: sources per vmapped forward pass; bounds peak memory. ``None`` (default): as many as keep
+            chunk_size: sources (or basis tangents, :mod:`~lightning_attr.basis_readout`) per vmapped forward pass;
+                bounds peak memory. ``None`` (default): as many as keep
                 one chunk's activations near 32 MB (:func:`~lightning_attr.readout.auto_chunk_size`): every source
                 at once for a single query on small networks, a few hundred for hundreds of queries.
             strict: one store: refuse responses simulated for other weights than the module's current

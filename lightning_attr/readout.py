@@ -173,9 +173,9 @@ def score_sources(
     """Scores of every query against every source.
 
     The linear readout of a network whose every parameter belongs to a Linear / Conv1d / Conv2d layer (an MLP, a CNN)
-    runs along the bases of the layers' outputs when they hold at most ``S`` numbers per query
-    (:mod:`basis_readout`: ``A`` jvps instead of ``S``, then one matrix product with the responses; the same scores
-    up to float32 rounding). Otherwise the linear readout applies the weight tangents of the module's Linear / Conv layers as one matrix product per
+    runs along layer bases (per layer its outputs or its parameters, the fewer) when they take at most ``S`` tangents
+    per query (:mod:`basis_readout`: jvps along those bases give the query gradients, then one matrix product with the
+    responses; the same scores up to float32 rounding). Otherwise the linear readout applies the weight tangents of the module's Linear / Conv layers as one matrix product per
     layer (:mod:`layer_readout`; the same scores up to float32 rounding), and vmaps ``jvp`` over the rest, when one
     source's tangents of those weights hold at least as many numbers as its activation tangents for the batch
     (:func:`activation_floats`): it reads the weight tangents in one memory-bound pass but adds passes over the
@@ -193,8 +193,8 @@ def score_sources(
             :func:`auto_chunk_size` (all ``S`` at once for a single query on small networks).
         epsilon: relative step of the central readout (1 = the full response).
         layers: the linear readout applies the handled layers' weight tangents as matrix products (or runs along
-            their output bases); ``False``: ``vmap(jvp)`` over flat responses for every parameter (the reference).
-        basis: the linear readout may run along the layer-output bases; ``False``: never (the layer readout).
+            layer bases); ``False``: ``vmap(jvp)`` over flat responses for every parameter (the reference).
+        basis: the linear readout may run along layer bases (:mod:`basis_readout`); ``False``: never.
 
     Returns:
         ``Tensor[B, S]``: predicted rise of each query's measurement if the source were removed.
