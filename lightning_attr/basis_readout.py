@@ -42,6 +42,11 @@ from lightning_attr.layer_readout import _Layer, adding_to_outputs, capture_laye
 from lightning_attr.parameters import ParameterSpace
 
 _BASIS_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # layers whose weight gradient is built from J and their input
+# What one more vmapped jvp pass costs beyond its tangents, in activation numbers carried. Measured at one query
+# (benchmarks/readout.py, one thread): on the digits MLP 64-64-10 (S = 1,400; 74 tangents in 2 passes, about 200
+# activation numbers per query) the basis readout took as long as the layer readout (4.66 vs 4.61 ms per member: 1
+# pass of 1,400 source tangents), on the 64-128-128-10 MLP (266 tangents in 3 passes, about 590) 0.62x its time.
+PASS_FLOATS = 3e5
 
 
 def basis_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ...] | None:
@@ -53,16 +58,16 @@ def basis_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ...]
 
 
 def basis_gradients(
-    model: FunctionalModel, theta: Tensor, batch: Any, layers: Sequence[_Layer], *, max_tangents: int, chunk_size: int
+    model: FunctionalModel, theta: Tensor, batch: Any, layers: Sequence[_Layer], *, num_sources: int, chunk_size: int
 ) -> Tensor | None:
     """``Tensor[Q, P]`` float32: each query's gradient of its measurement at ``theta``, by forward mode along the bases
     of ``layers``' outputs or parameters (module docstring). ``None`` when the basis path does not apply to this batch:
-    a covered parameter used outside its layer, more than ``max_tangents`` basis tangents per query, or (``Q > 1``)
-    a layer input or output without the batch as first dimension.
+    a covered parameter used outside its layer, a cost above that of the ``num_sources`` source tangents it replaces
+    (:func:`_cheaper_than_sources`), or (``Q > 1``) a layer input or output without the batch as first dimension.
 
     Args:
         layers: :func:`basis_layers` of the model (they cover every parameter of ``model.space``).
-        max_tangents: the most basis tangents worth carrying (the caller's alternative carries that many).
+        num_sources: ``S``, the tangents the other paths carry.
         chunk_size: basis tangents per vmapped call (each carries one pass's activations per query).
     """
     params = model.space.unflatten(theta)
@@ -76,7 +81,9 @@ def basis_gradients(
     owned = [[n for n in layer.names() if n in params] for layer in layers]
     weights = [sum(params[n].numel() for n in names) for names in owned]
     numbers = [sum(z.numel() // queries for z in zs) for zs in outputs]
-    if sum(map(min, weights, numbers)) > max_tangents:
+    passes = sum(1 if w <= a else len(zs) for w, a, zs in zip(weights, numbers, outputs))
+    floats = sum(t.numel() for ts in [*inputs, *outputs] for t in ts)  # about the activations of the batch
+    if not _cheaper_than_sources(sum(map(min, weights, numbers)), passes, floats // queries, queries, num_sources):
         return None
     gradients: dict[str, Tensor] = {}
 
@@ -100,6 +107,13 @@ def basis_gradients(
             raise
         return None
     return model.space.flatten({n: gradients.get(n, theta.new_zeros(queries, *params[n].shape)) for n in model.space.names}, batch_dims=1)
+
+
+def _cheaper_than_sources(tangents: int, passes: int, floats: int, queries: int, num_sources: int) -> bool:
+    """Whether ``tangents`` basis tangents per query in ``passes`` vmapped passes cost less than ``num_sources`` source
+    tangents in one, for queries of ``floats`` activation numbers each: ``tangents + (passes - 1) * PASS / (Q * floats)
+    < S``, with a pass's own cost ``PASS`` counted as :data:`PASS_FLOATS` activation numbers carried."""
+    return tangents + (passes - 1) * PASS_FLOATS / max(1, queries * floats) < num_sources
 
 
 def _along_output(

@@ -173,8 +173,8 @@ def score_sources(
     """Scores of every query against every source.
 
     The linear readout of a network whose every parameter belongs to a Linear / Conv1d / Conv2d layer (an MLP, a CNN)
-    runs along layer bases (per layer its outputs or its parameters, the fewer) when they take at most ``S`` tangents
-    per query (:mod:`basis_readout`: jvps along those bases give the query gradients, then one matrix product with the
+    runs along layer bases (per layer its outputs or its parameters, the fewer) when their tangents cost less than
+    ``S`` source tangents (:mod:`basis_readout`: jvps along those bases give the query gradients, then one matrix product with the
     responses; the same scores up to float32 rounding). Otherwise the linear readout applies the weight tangents of the module's Linear / Conv layers as one matrix product per
     layer (:mod:`layer_readout`; the same scores up to float32 rounding), and vmaps ``jvp`` over the rest, when one
     source's tangents of those weights hold at least as many numbers as its activation tangents for the batch
@@ -207,7 +207,7 @@ def score_sources(
     if covered is not None:
         if chunk_size is None:
             chunk_size = _chunk_for(activation_floats(model, theta, batch), num_sources)
-        gradients = partial(basis_gradients, layers=covered, max_tangents=num_sources, chunk_size=chunk_size)
+        gradients = partial(basis_gradients, layers=covered, num_sources=num_sources, chunk_size=chunk_size)
         scores = _gradient_scores(model, theta, responses, batch, gradients)
         if scores is not None:
             return scores

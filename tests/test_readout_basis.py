@@ -9,10 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import blobs
+from test_attributor import _by_hand, runs  # noqa: F401  (runs: the fixture of two fitted runs)
 from torch import nn
 from torch.func import jvp
 
 import lightning_attr.basis_readout as basis_readout
+from lightning_attr import ResponseStore
 from lightning_attr.functional import functional_view
 from lightning_attr.models import CNN, CNN1d, Classifier
 from lightning_attr.readout import score_sources, split_for
@@ -109,9 +111,8 @@ def _explicit(fm, theta, responses, batch):
     return torch.stack(rows) @ responses.T
 
 
-@pytest.fixture
-def taken(monkeypatch):
-    """The batch sizes the basis path served (a ``None`` from it: the other paths took the batch)."""
+def _served(monkeypatch) -> list:
+    """The batch sizes the basis path serves from now on (a ``None``: it handed the batch to the other paths)."""
     served = []
     original = basis_readout.basis_gradients
 
@@ -124,6 +125,14 @@ def taken(monkeypatch):
     return served
 
 
+@pytest.fixture
+def taken(monkeypatch):
+    """:func:`_served`, with a pass costing nothing beyond its tangents (``PASS_FLOATS = 0``): the path serves while
+    its tangents are fewer than ``S``."""
+    monkeypatch.setattr(basis_readout, "PASS_FLOATS", 0.0)
+    return _served(monkeypatch)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_the_basis_readout_gives_the_definition_and_the_explicit_target(name, taken):
     model = _model(name)
@@ -131,7 +140,7 @@ def test_the_basis_readout_gives_the_definition_and_the_explicit_target(name, ta
     tangents, by_parameters = _tangents(model, batch[0])
     assert (by_parameters == 0) == (name in ("linear", "twice"))  # both bases are exercised
     with functional_view(model) as (fm, theta):
-        sources = tangents + 4  # the basis path serves while its tangents per query are at most S
+        sources = tangents + 4  # the basis path serves while its tangents per query are fewer than S
         responses = 1e-2 * torch.randn(sources, theta.numel(), generator=torch.Generator().manual_seed(1))
         expected = _definition(fm, theta, responses, batch)
         torch.testing.assert_close(_explicit(fm, theta, responses, batch), expected, rtol=1e-4, atol=1e-6)
@@ -151,7 +160,7 @@ def test_more_tangents_than_sources_take_the_other_paths(taken):
     model = _model("conv1d")
     batch = _data(40)(3)
     with functional_view(model) as (fm, theta):
-        sources = _tangents(model, batch[0])[0] - 1
+        sources = _tangents(model, batch[0])[0]
         responses = 1e-2 * torch.randn(sources, theta.numel(), generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(score_sources(fm, theta, responses, batch), _definition(fm, theta, responses, batch))
     assert taken == [None]
@@ -187,3 +196,29 @@ def test_the_basis_path_hands_back_what_it_does_not_cover(net, served, taken):
             expected = _definition(fm, theta, responses, batch)
             torch.testing.assert_close(score_sources(fm, theta, responses, batch), expected, rtol=1e-4, atol=1e-7)
     assert taken == served
+
+
+def test_a_pass_costs_as_many_activation_numbers_as_PASS_FLOATS(monkeypatch):
+    """The 6-16-3 MLP reads 16 + 3 tangents per query in 2 passes, 6 + 16 + 16 + 3 = 41 activation numbers per query
+    (the handled layers' inputs and outputs): against 2,000 sources its second pass (3e5 / 41 = 7,317 numbers' worth)
+    does not pay for one query, and does for 8 (19 + 3e5 / 328 = 934 < 2,000)."""
+    served = _served(monkeypatch)
+    model = _model("linear")
+    with functional_view(model) as (fm, theta):
+        responses = 1e-2 * torch.randn(2000, theta.numel(), generator=torch.Generator().manual_seed(1))
+        for n in (1, 8):
+            batch = _data(6)(n)
+            torch.testing.assert_close(score_sources(fm, theta, responses, batch), score_sources(fm, theta, responses, batch, layers=False))
+    assert basis_readout.PASS_FLOATS == 3e5 and served == [None, 8]
+
+
+def test_attribute_reads_a_trajectory_ensemble_along_the_bases(runs, taken):
+    """``attribute()`` (two checkpoints: a paired ensemble) takes the basis path and gives the hand-computed ensemble of
+    ``vmap(jvp)`` scores, for a batch and for one query."""
+    (model, path), _ = runs[0]
+    xq, yq = runs[1]
+    store = ResponseStore.load(path)
+    for x, y in ((xq, yq), (xq[:1], yq[:1])):
+        expected = _by_hand(model, [(store, "final", (x, y)), (store, "epoch=2", (x, y))])
+        torch.testing.assert_close(model.attribute((x, y), responses=path), expected, rtol=1e-4, atol=1e-7)
+    assert taken == [6, 6, 1, 1]
