@@ -24,15 +24,19 @@ import sys
 import tempfile
 import time
 
-import lightning as L
-import torch
-from torch.utils.data import DataLoader, TensorDataset
+# CPU processes only: with a GPU visible, Lightning's RNG bookkeeping initializes CUDA in this process, and the forked
+# processes of `ddp_fork` then cannot start ("Cannot re-initialize CUDA in forked subprocess")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-from lightning_attr import AttributionCallback, IndexedDataset
-from lightning_attr._io import atomic_write_json
-from lightning_attr.data import load_digits
-from lightning_attr.models import Classifier, mlp
-from lightning_attr.store import ResponseStore
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from lightning_attr import AttributionCallback, IndexedDataset  # noqa: E402
+from lightning_attr._io import atomic_write_json  # noqa: E402
+from lightning_attr.data import load_digits  # noqa: E402
+from lightning_attr.models import Classifier, mlp  # noqa: E402
+from lightning_attr.store import ResponseStore  # noqa: E402
 
 GLOBAL_BATCH = 64
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ddp.json")

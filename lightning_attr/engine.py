@@ -37,14 +37,14 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from lightning_attr.column_split import ColumnSplit
 from lightning_attr.curvature_average import CurvatureAverage
@@ -64,7 +64,7 @@ from lightning_attr.simulation import (
     resolve_damping,
     select_examples,
 )
-from lightning_attr.sources import SourceMap, split_batch
+from lightning_attr.sources import SourceMap, indexed_base, split_batch
 from lightning_attr.lowrank import encode_lowrank, factored_layers, lowrank_entry
 from lightning_attr.spectral import DEFAULT_RESIDUAL_TOLERANCE, TRACE_PROBES, adaptive_eigenspace, eigen_responses, eigenspace_products, product_cap, top_eigenspace
 from lightning_attr.store import ResponseStore, ShardWriter, write_part
@@ -99,13 +99,15 @@ class TrainingData:
     """The training set, read again by the simulation: in order, or shuffled with a private generator.
 
     Args:
-        dataset, collate_fn: of the training loader (the sampler is not used: every process reads it all).
+        dataset, collate_fn: of the training loader (the sampler is not used: every process reads what it needs).
         index_key: the example index's key in dict batches (tuple batches carry it last).
         device: where batches go; floating tensors become float32 (the simulation runs in fp32).
     """
 
     def __init__(self, dataset: Any, collate_fn: Callable | None, index_key: str, device: torch.device) -> None:
         self.dataset, self.collate_fn, self.index_key, self.device = dataset, collate_fn, index_key, device
+        found = indexed_base(dataset)  # an IndexedDataset (or a Subset of one): the example index of each position
+        self._index_of_position = None if found is None else found[1]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -115,8 +117,12 @@ class TrainingData:
 
     def in_order(self, batch_size: int, examples: Tensor | None = None) -> Iterator[tuple[Any, Tensor]]:
         """The training set once, in order: ``(data, example index LongTensor[B])``. ``examples``:
-        ``BoolTensor[n]``, keep only those example indices (empty batches are skipped)."""
-        for batch in DataLoader(self.dataset, batch_size=batch_size, collate_fn=self.collate_fn):
+        ``BoolTensor[n]``, keep only those example indices (empty batches are skipped); an :class:`IndexedDataset`
+        (or a ``Subset`` of one) then reads those examples alone, in batches of ``batch_size``."""
+        dataset = self.dataset
+        if examples is not None and self._index_of_position is not None:
+            dataset = Subset(dataset, examples[self._index_of_position].nonzero().squeeze(1).tolist())
+        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=self.collate_fn):
             data, index = split_batch(batch, self.index_key)
             if examples is not None:
                 keep = examples[index]
@@ -267,8 +273,9 @@ class SimulationEngine:
         """Whether the processes share the full-data curvature's work (several of them, and an all-reduce)."""
         return self.partition.world_size > 1 and self._reduce_sum is not None
 
-    def _full_data_operator(self, model: FunctionalModel, theta: Tensor, data: TrainingData) -> tuple[CurvatureOperator, bool]:
-        """The curvature over the whole training set at ``theta``, and whether this process tallies its products.
+    def _full_data_operator(self, model: FunctionalModel, theta: Tensor, data: TrainingData) -> tuple[CurvatureOperator, bool, int]:
+        """The curvature over the whole training set at ``theta``, whether this process tallies its products, and the
+        examples it is over (the finite ones).
 
         On several processes (with ``reduce_sum``) each takes its block of the examples and the products are
         summed across them: the work is split and rank zero counts each product once."""
@@ -276,15 +283,22 @@ class SimulationEngine:
         if not self._shares_curvature:
             with self.phases("data"):
                 batches = self._full_curvature(model, theta, data.in_order(s.curvature_batch_size))
-            return self.curvature(model, theta, batches), True
-        with self.phases("data"):
-            mine = self.finite(model, theta, [d for d, _ in data.in_order(s.curvature_batch_size, self.partition.mask(len(data)))])
+            return self.curvature(model, theta, batches), True, sum(batch_size_of(b) for b in batches)
+        with self.phases("data"):  # this process's block of the example indices
+            mine = self.finite(model, theta, [d for d, _ in data.in_order(s.curvature_batch_size, self.partition.mask(self.source_map.num_examples))])
         count = sum(batch_size_of(b) for b in mine)
         total = int(self._reduce_sum(torch.tensor([float(count)], device=theta.device)).item())
         if total == 0:
             raise RuntimeError(_NO_FINITE_EXAMPLE)
         local = self.curvature(model, theta, mine) if mine else None
-        return shared_operator(local, count, total, self._reduce_sum), self.partition.rank == 0
+        return shared_operator(local, count, total, self._reduce_sum), self.partition.rank == 0, total
+
+    def _column_split(self) -> ColumnSplit | None:
+        """Where the processes share the full-data curvature, they also split the eigenspace finder's ``O(m^2 P)``
+        algebra and memory: each keeps its columns of the Krylov space (:class:`ColumnSplit`)."""
+        if not self._shares_curvature:
+            return None
+        return ColumnSplit(self.dim, self.partition.rank, self.partition.world_size, self._reduce_sum)
 
     def replay(self, model: FunctionalModel, theta: Tensor, data: TrainingData, count: int, step: int) -> list[Any]:
         """``count`` shuffled training batches of ``curvature_batch_size`` (generator ``seed + 1``, finite examples
@@ -370,10 +384,11 @@ class SimulationEngine:
     # ------------------------------------------------------------------ end mode
     def simulate_checkpoint(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str, step: int) -> None:
         """Simulates the owned sources at ``theta`` (end mode or codec ``"eigen"``) and writes this process's
-        part of checkpoint ``name`` (codec ``"eigen"``: rank zero computes and keeps it for :meth:`commit`)."""
+        part of checkpoint ``name`` (codec ``"eigen"``: the processes share the work when they share the curvature, and
+        rank zero keeps the result for :meth:`commit`; without an all-reduce, rank zero computes it alone)."""
         with self.timed():
             if self.settings.codec == "eigen":
-                if self.partition.rank == 0:
+                if self._shares_curvature or self.partition.rank == 0:
                     self._simulate_eigen(model, theta, data, name)
             else:
                 self._simulate_dense(model, theta, data, name, step)
@@ -420,13 +435,12 @@ class SimulationEngine:
         training set at ``theta`` (``rank`` pairs, or with ``rank="auto"`` grown until ``sigma_k <= AUTO_RANK_RATIO
         lam`` within :func:`product_cap`), as a :class:`DeflatedInverse` and its ``step_rule`` record."""
         s = self.settings
-        curvature, tally = self._full_data_operator(model, theta, data)
+        curvature, tally, _ = self._full_data_operator(model, theta, data)
         auto = s.rank == "auto"
         cap = product_cap(self.dim, s.memory_budget_mb) if auto else eigenspace_products(self.dim, min(s.rank, self.dim))
         progress = self._new_progress(name, total=TRACE_PROBES + cap)  # rank="auto": the cap; close() sets what was done
         operator = _Counting(curvature, self, progress, tally)
-        # several processes also split the finder's O(m^2 P) algebra and memory: each keeps its columns of the space
-        split = ColumnSplit(self.dim, self.partition.rank, self.partition.world_size, self._reduce_sum) if self._shares_curvature else None
+        split = self._column_split()
         generator = torch.Generator().manual_seed(s.seed)
         spectrum = estimate_spectrum(operator, self.dim, probes=TRACE_PROBES, power_iterations=0, generator=generator, device=theta.device)
         damping = resolve_damping(s.damping, s.damping_scale, spectrum.mean_eigenvalue)
@@ -473,20 +487,34 @@ class SimulationEngine:
 
     def _simulate_eigen(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> None:
         """Codec ``"eigen"``: the top-``rank`` eigenspace of the GGN over the whole training set, then each source's
-        damped coordinates in it (one pass of per-source gradients)."""
+        damped coordinates in it (one pass of per-source gradients). Several processes (with ``reduce_sum``) share the
+        eigenspace as ``propagation="spectral"`` does (each its block of the examples and its columns of the Krylov
+        space), project the gradients of their own sources, and sum the coordinates: rank zero keeps them for
+        :meth:`commit`."""
         s, source_map = self.settings, self.source_map
-        batches = list(data.in_order(s.curvature_batch_size))
-        curvature = self._full_curvature(model, theta, batches)
+        curvature, tally, examples = self._full_data_operator(model, theta, data)
+        e2s, split = source_map.example_to_source, self._column_split()
+        owned = None  # one process: every source's gradients
+        if split is not None:
+            owned = (e2s >= 0) & self.partition.mask(source_map.num_sources)[e2s.clamp_min(0)]
+        batches = data.in_order(s.curvature_batch_size, owned)
         spectral = s.propagation in ("auto", "spectral")
-        block, finite, info = eigen_responses(
-            model, theta, batches, curvature, source_map.example_to_source, source_map.num_sources,
-            source_map.training_set_size, rank=s.fixed_rank(), sketch=s.sketch, damping=s.damping, damping_scale=s.damping_scale,
-            # "auto" / "spectral": the damped inverse per eigen-direction (the dense default's response restricted to the
-            # space); a step rule: what its `horizon` steps make of each direction
-            horizon=None if spectral else s.horizon, propagation="spectral" if spectral else s.propagation,
-            chunk_size=s.chunk_size, momentum=s.momentum,
-            generator=torch.Generator().manual_seed(s.seed),
-        )  # fmt: skip
+        with self.phases("eigenspace algebra"):
+            block, finite, info = eigen_responses(
+                model, theta, batches, [], source_map.example_to_source, source_map.num_sources,
+                source_map.training_set_size, rank=s.fixed_rank(), sketch=s.sketch, damping=s.damping, damping_scale=s.damping_scale,
+                # "auto" / "spectral": the damped inverse per eigen-direction (the dense default's response restricted to the
+                # space); a step rule: what its `horizon` steps make of each direction
+                horizon=None if spectral else s.horizon, propagation="spectral" if spectral else s.propagation,
+                chunk_size=s.chunk_size, momentum=s.momentum,
+                generator=torch.Generator().manual_seed(s.seed), operator=_Counting(curvature, self, None, tally=False), split=split,
+            )  # fmt: skip
+        info["curvature_examples"] = examples
+        if split is not None:  # each process holds its sources' coordinates (zero rows elsewhere)
+            block = replace(block, coordinates=self._reduce_sum(block.coordinates))
+            finite = self._reduce_sum((~finite).to(torch.float32)) == 0
+        if not tally:
+            return
         self.products += info["curvature_products"]
         zeros = torch.zeros(source_map.num_sources, dtype=torch.long)
         stats = {"valid": finite.cpu(), "shortfall": zeros, "missing_examples": zeros.clone()}

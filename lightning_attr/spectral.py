@@ -594,6 +594,8 @@ def eigen_responses(
     chunk_size: int = 2048,
     sketch: int = 0,
     generator: torch.Generator | None = None,
+    operator: CurvatureOperator | None = None,
+    split: ColumnSplit | None = None,
 ) -> tuple[EigenResponses, Tensor, dict]:
     """Responses of every source in codec ``"eigen"``, at ``theta``, with the GGN of ``curvature_batches``.
 
@@ -610,13 +612,17 @@ def eigen_responses(
         sketch: ``k'``, rows of a random sketch of the complement of the eigenspace appended to the basis
             (:func:`complement_sketch`): the response's part outside the space, ``p(mu) (I - V^T V) grad l_b / n``
             with ``mu`` the mean eigenvalue there, kept in ``k'`` more numbers per source instead of dropped.
+        operator: ``G``'s products when the caller built them (default: the GGN of ``curvature_batches``, in chunks of
+            ``chunk_size`` vectors). Several processes pass the same collective (each its share of the training set, the
+            products summed) with ``split`` (:func:`top_eigenspace`'s, ``method="krylov"``): they find the same basis, and
+            each gets the coordinates of the sources in its ``gradient_batches`` (zero rows for the others: sum them).
 
     Returns:
         ``(block, finite: BoolTensor[S], info)``; ``info`` is JSON-able (damping, products, rank, ...).
         ``S x P`` is never held: each batch's source gradients are projected on the basis at once.
     """
     dim = theta.numel()
-    operator = curvature_operator("ggn", model, theta, curvature_batches, chunk_size)
+    operator = operator or curvature_operator("ggn", model, theta, curvature_batches, chunk_size)
     probes = TRACE_PROBES if damping == "auto" or sketch else 0
     mean_eigenvalue = float("nan")
     if probes:
@@ -624,7 +630,7 @@ def eigen_responses(
     lam = resolve_damping(damping, damping_scale, mean_eigenvalue)
     space = top_eigenspace(
         operator, dim, min(rank, dim), block=block, power_iterations=power_iterations, method=method, products=products,
-        generator=generator, device=theta.device,
+        generator=generator, device=theta.device, split=split,
     )  # fmt: skip
     basis, gains = space.vectors, spectral_filter(space.eigenvalues, lam, horizon, propagation, momentum)
     complement = float("nan")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, random_split
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import blobs, small_mlp  # noqa: E402
@@ -37,7 +37,7 @@ class CrashOnRankOne(L.Callback):
             raise RuntimeError(f"process 1 crashed at step {self.step} (on purpose)")
 
 
-MODES = {"online": {"mode": "online"}, "end": {"mode": "end"}, "end_steps": {"mode": "end", "propagation": "heavy_ball"}, "groups": {"mode": "online", "sources": [i % 10 for i in range(192)]}}
+MODES = {"online": {"mode": "online"}, "end": {"mode": "end"}, "end_steps": {"mode": "end", "propagation": "heavy_ball"}, "groups": {"mode": "online", "sources": [i % 10 for i in range(192)]}, "eigen": {"mode": "end", "codec": "eigen", "rank": 24}, "subset": {"mode": "end"}}
 
 
 def fit_stores(out: str, devices: int, modes: Sequence[str] = tuple(MODES), crash_at: int | None = None) -> None:
@@ -58,7 +58,10 @@ def fit_stores(out: str, devices: int, modes: Sequence[str] = tuple(MODES), cras
             callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, use_distributed_sampler=False,
         )  # fmt: skip
-        loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=GLOBAL_BATCH // devices, sampler=_Interleaved(x.shape[0], devices))
+        train = IndexedDataset(TensorDataset(x, y))
+        if name == "subset":  # 160 of the 192 examples: their indices (up to 191) are not their positions
+            train = random_split(train, [160, 32], generator=torch.Generator().manual_seed(0))[0]
+        loader = DataLoader(train, batch_size=GLOBAL_BATCH // devices, sampler=_Interleaved(len(train), devices))
         trainer.fit(model, loader)
 
 

@@ -42,7 +42,7 @@ def stores(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mode", ["online", "end", "end_steps", "groups"])
+@pytest.mark.parametrize("mode", ["online", "end", "end_steps", "groups", "subset"])
 def test_two_processes_write_the_single_process_store(stores, mode):
     """Each process simulates and writes its half of the sources; rank zero lists them: the store equals the
     single-process one within float tolerance (the same examples per optimizer step, pooled in another order)."""
@@ -50,7 +50,7 @@ def test_two_processes_write_the_single_process_store(stores, mode):
     assert one.checkpoints == two.checkpoints == ["epoch=2", "final"]
     for name in two.checkpoints:
         info = two.checkpoint_info(name)
-        assert info["processes"] == 2 and two.n_sources == (10 if mode == "groups" else 192)
+        assert info["processes"] == 2 and two.n_sources == {"groups": 10, "subset": 160}.get(mode, 192)  # subset: its members
         assert {s["file"].split("/")[1][:13] for s in info["shards"]} == {
             "responses-r0-", "responses-r1-"
         }
@@ -61,6 +61,22 @@ def test_two_processes_write_the_single_process_store(stores, mode):
         assert torch.isfinite(a).all() and bool(two.scorable(name).all())
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
         assert not any(p.name.startswith("part-") for p in (two.path / name).iterdir())  # merged, then removed
+
+
+def test_two_processes_share_the_eigen_codec(stores):
+    """Codec "eigen": both processes find the eigenspace together (their halves of the examples and of the Krylov
+    space's columns) and project their own sources' gradients; rank zero writes the summed coordinates. The responses
+    equal the single-process store's within float tolerance, with the same products counted once."""
+    one, two = ResponseStore.load(stores / "one" / "eigen"), ResponseStore.load(stores / "two" / "eigen")
+    assert one.checkpoints == two.checkpoints == ["epoch=2", "final"]
+    for name in two.checkpoints:
+        info = two.checkpoint_info(name)
+        assert info["codec"] == "eigen" and info["processes"] == 2 and info["rank"] == 24
+        assert info["curvature_products"] == one.checkpoint_info(name)["curvature_products"]
+        assert info["spectral"]["curvature_examples"] == one.checkpoint_info(name)["spectral"]["curvature_examples"] == 192
+        a, b = one.block(name).to_dense(), two.block(name).to_dense()
+        assert torch.isfinite(a).all() and bool(two.scorable(name).all())
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
 
 
 @pytest.mark.parametrize("mode", ["online", "end"])
