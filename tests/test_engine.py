@@ -85,6 +85,26 @@ def test_engine_on_a_bare_module_writes_the_exact_damped_influence(tmp_path, pro
     assert abs(float((ours * exact).sum() / (exact * exact).sum()) - 1) <= 0.05  # least-squares slope
 
 
+def test_the_training_data_reads_only_the_examples_asked_for():
+    """A process reads its own examples alone (not the whole training set, filtered): on a ``random_split`` part of an
+    IndexedDataset, the examples whose indices are asked for, in order, and nothing else is read."""
+    x, y = blobs(n=60, d=6, classes=3)
+    reads = []
+
+    class Counted(torch.utils.data.TensorDataset):
+        def __getitem__(self, i):
+            reads.append(int(i))
+            return super().__getitem__(i)
+
+    part = torch.utils.data.random_split(IndexedDataset(Counted(x, y)), [40, 20], torch.Generator().manual_seed(0))[0]
+    wanted = torch.zeros(60, dtype=torch.bool)
+    wanted[torch.as_tensor(part.indices[::4])] = True
+    batches = list(TrainingData(part, None, "index", torch.device("cpu")).in_order(3, wanted))
+    index = torch.cat([i for _, i in batches])
+    assert index.tolist() == part.indices[::4] and sorted(reads) == sorted(part.indices[::4])
+    torch.testing.assert_close(torch.cat([d[0] for d, _ in batches]), x[index])
+
+
 def test_the_curvature_shared_by_processes_is_the_full_data_curvature():
     """``shared_operator`` (propagation="spectral" on several processes): each process's curvature over its own
     block of examples (unequal blocks, one process with none), weighted by its share; the strategy's sum over the
