@@ -11,8 +11,11 @@ buys when every process has a core of its own), and per process its seconds per 
 :mod:`lightning_attr.phases`). The 2-process fits use Lightning's ``ddp_fork`` strategy (gloo on CPU). Fits alternate
 (1, 2, 1, 2, ...); medians over ``--repeats``. Needs only sklearn's digits (no cache, no download).
 
-    OMP_NUM_THREADS=1 python benchmarks/ddp.py [--repeats 3] [--modes end online] [--out F]
+    OMP_NUM_THREADS=1 python benchmarks/ddp.py [--repeats 3] [--modes end online] [--out F] [--hidden 64]
         -> F (default benchmarks/results/ddp.json)
+
+``--hidden``: the MLP's hidden width (a larger ``P`` against the same Krylov space: the split ``O(m^2 P)`` work grows,
+the replicated ``O(m^3)`` Rayleigh-Ritz steps do not).
 """
 
 from __future__ import annotations
@@ -42,12 +45,12 @@ GLOBAL_BATCH = 64
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ddp.json")
 
 
-def simulate(mode: str, devices: int, out: str) -> dict:
+def simulate(mode: str, devices: int, out: str, hidden: int = 64) -> dict:
     """One fit on ``devices`` processes; the final checkpoint's costs as its manifest records them (every checkpoint
     of the fit together), and each process's phases."""
     digits = load_digits(n_train=1400)
     L.seed_everything(0, verbose=False)
-    model = Classifier(mlp(64, [64], 10), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    model = Classifier(mlp(64, [hidden], 10), lr=0.05, momentum=0.9, weight_decay=1e-3)
     loader = DataLoader(
         IndexedDataset(TensorDataset(digits.x_train, digits.y_train)), batch_size=GLOBAL_BATCH // devices, shuffle=True
     )  # fmt: skip
@@ -101,6 +104,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["end", "online"], choices=["end", "online"])
     parser.add_argument("--out", default=RESULTS, help="the JSON written (default: benchmarks/results/ddp.json)")
+    parser.add_argument("--hidden", type=int, default=64, help="the MLP's hidden width (64: P = 4,810; 256: P = 19,210)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -112,7 +116,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for devices in (1, 2):
                 with tempfile.TemporaryDirectory() as tmp:
-                    runs[devices].append(simulate(mode, devices, os.path.join(tmp, "r")))
+                    runs[devices].append(simulate(mode, devices, os.path.join(tmp, "r"), args.hidden))
                 run = runs[devices][-1]
                 print(mode, devices, {k: v for k, v in run.items() if k != "phases"}, flush=True)
         median = lambda key, devices: statistics.median(r[key] for r in runs[devices])  # noqa: E731
