@@ -34,7 +34,7 @@ from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel
 from lightning_attr.layer_readout import SplitResponses, source_count, source_rows
 from lightning_attr.lowrank import LowRankResponses
-from lightning_attr.readout import paired_readout, score_sources
+from lightning_attr.readout import linear_query_gradients, paired_readout, score_sources
 from lightning_attr.simulation import select_examples
 from lightning_attr.spectral import EigenResponses
 
@@ -100,6 +100,8 @@ class DenseResponses:
 @dataclass(frozen=True)
 class StreamedResponses:
     """Codec ``"dense"`` read shard by shard at every query: at most one shard (``Tensor[S_shard, P]``) in memory.
+    Where the linear readout runs along layer bases (:func:`~lightning_attr.readout.linear_query_gradients`), the query
+    gradients are computed once per query batch and multiplied with each shard.
 
     Args:
         shards: returns a fresh iterator of ``(sources: LongTensor[S_shard], responses: Tensor[S_shard, P])`` that
@@ -117,10 +119,13 @@ class StreamedResponses:
 
     def scores(self, model: FunctionalModel, theta: Tensor, batch: Any, readout: str, chunk_size: int) -> Tensor:
         out = torch.full((batch_size_of(batch), self.num_sources), float("nan"), device=theta.device)
+        gradients = linear_query_gradients(model, theta, batch, self.num_sources, chunk_size) if readout == "linear" else None
         for sources, responses in self.shards():
-            out[:, sources.to(theta.device)] = score_sources(
-                model, theta, responses.to(self.device), batch, readout, chunk_size=chunk_size
-            )
+            responses = responses.to(self.device)
+            out[:, sources.to(theta.device)] = (
+                gradients @ responses.T if gradients is not None
+                else score_sources(model, theta, responses, batch, readout, chunk_size=chunk_size)
+            )  # fmt: skip
         return out
 
     def paired(self, model: FunctionalModel, theta: Tensor, batch: Any, sources: Tensor, readout: str) -> Tensor:

@@ -203,11 +203,8 @@ def score_sources(
     if kind == "gradient":
         return _gradient_scores(model, theta, responses, batch)
     num_sources = source_count(responses)
-    covered = basis_layers(model.module, model.space) if kind == "linear" and layers and basis else None
-    if covered is not None:
-        if chunk_size is None:
-            chunk_size = _chunk_for(activation_floats(model, theta, batch), num_sources)
-        gradients = partial(basis_gradients, layers=covered, num_sources=num_sources, chunk_size=chunk_size)
+    gradients = _basis_path(model, theta, batch, num_sources, chunk_size) if kind == "linear" and layers and basis else None
+    if gradients is not None:
         scores = _gradient_scores(model, theta, responses, batch, gradients)
         if scores is not None:
             return scores
@@ -223,6 +220,27 @@ def score_sources(
     batched = vmap(one) if kind == "linear" or not has_recurrent_layer(model.module) else loop_over(one)
     chunks = [batched(source_rows(responses, slice(s, s + chunk_size))) for s in range(0, num_sources, chunk_size)]
     return torch.cat(chunks, dim=0).T
+
+
+def _basis_path(model: FunctionalModel, theta: Tensor, batch: Any, num_sources: int, chunk_size: int | None) -> Callable | None:
+    """``(model, theta, queries) -> Tensor[Q', P] | None``: the query gradients along layer bases
+    (:func:`~lightning_attr.basis_readout.basis_gradients`) for a model they cover, else ``None``."""
+    covered = basis_layers(model.module, model.space)
+    if covered is None:
+        return None
+    if chunk_size is None:
+        chunk_size = _chunk_for(activation_floats(model, theta, batch), num_sources)
+    return partial(basis_gradients, layers=covered, num_sources=num_sources, chunk_size=chunk_size)
+
+
+def linear_query_gradients(model: FunctionalModel, theta: Tensor, batch: Any, num_sources: int, chunk_size: int | None) -> Tensor | None:
+    """``Tensor[Q, P]``: the query gradients the linear readout multiplies ``num_sources`` responses with, by forward
+    mode along layer bases, when :func:`score_sources` would take that path and the ``Q x P`` float32 numbers fit in one
+    query chunk (``CHUNK_ACTIVATION_MB``); else ``None``. Computed once, they serve every shard of a streamed member."""
+    gradients = _basis_path(model, theta, batch, num_sources, chunk_size)
+    if gradients is None or len(_query_chunks(batch, theta)) > 1:
+        return None
+    return gradients(model, theta, batch)
 
 
 def split_for(responses: Tensor | SplitResponses, model: FunctionalModel, layers: Any = None) -> SplitResponses:

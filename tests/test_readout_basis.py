@@ -15,6 +15,7 @@ from torch.func import jvp
 
 import lightning_attr.basis_readout as basis_readout
 from lightning_attr import ResponseStore
+from lightning_attr.codecs import StreamedResponses
 from lightning_attr.functional import functional_view
 from lightning_attr.models import CNN, CNN1d, Classifier
 from lightning_attr.readout import score_sources, split_for
@@ -222,3 +223,16 @@ def test_attribute_reads_a_trajectory_ensemble_along_the_bases(runs, taken):
         expected = _by_hand(model, [(store, "final", (x, y)), (store, "epoch=2", (x, y))])
         torch.testing.assert_close(model.attribute((x, y), responses=path), expected, rtol=1e-4, atol=1e-7)
     assert taken == [6, 6, 1, 1]
+
+
+def test_a_streamed_member_reads_the_bases_once_for_all_its_shards(taken):
+    model = _model("conv1d")
+    x, y = _data(40)(4)
+    with functional_view(model) as (fm, theta):
+        responses = 1e-2 * torch.randn(200, theta.numel(), generator=torch.Generator().manual_seed(1))
+        shards = [(torch.arange(s, min(s + 70, 200)), responses[s : s + 70]) for s in range(0, 200, 70)]
+        streamed = StreamedResponses(lambda: iter(shards[::-1]), 200, theta.device)
+        for batch in ((x, y), (x[:1], y[:1])):
+            expected = _definition(fm, theta, responses, batch)
+            torch.testing.assert_close(streamed.scores(fm, theta, batch, "linear", 50), expected, rtol=1e-4, atol=1e-7)
+    assert taken == [4, 1]  # once per query batch, not per shard
