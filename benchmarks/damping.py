@@ -19,6 +19,10 @@ Per setting, on the bench's attributed model, reported queries and LDS ground tr
   GGN is cached or ``--build-ggn`` is given (``P = 15,210`` takes minutes and 2 GB per copy).
   ``mean_eigenvalue_full``: ``trace(G)/P`` of the full-data GGN, to compare with the estimate.
 
+Measured before ``lightning_attr.damping`` (results/damping.md): then ``damping_scale=s`` meant ``s x trace(G)/P``; the
+step rules now take ``s x 3 trace(G)/P``, so a rerun's online scales are 3x those of the table (the exact sweep's
+``lambda_1`` is whatever the scale-1 fit resolved). The eigenspace rule's study is ``damping_rules.py``.
+
 If the exact target's LDS peaks where ours does, the damping rule is the limit; if ours peaks at a
 smaller scale than the exact target, the finite horizon already damps. Results accumulate in
 ``--out`` (a rerun skips what it holds); ``<out>.md`` is the table and ``--figure`` the plot.

@@ -47,6 +47,7 @@ from convergence import HERE  # noqa: E402
 
 from lightning_attr._io import atomic_write_json, atomic_write_text  # noqa: E402
 from lightning_attr.curvature import curvature_operator  # noqa: E402
+from lightning_attr.damping import ritz_damping  # noqa: E402
 from lightning_attr.evaluation.exact import ExactInfluence  # noqa: E402
 from lightning_attr.functional import functional_view  # noqa: E402
 from lightning_attr.models import Classifier  # noqa: E402
@@ -152,6 +153,11 @@ def _sigma_at(rec: dict, j: int) -> float | None:
     return e[j - 1] if len(e) >= j else None
 
 
+def _shipped(rec: dict) -> float | None:
+    """``lightning_attr.damping.ritz_damping`` at ``damping_scale=1`` on the setting's spectrum."""
+    return ritz_damping(torch.tensor(rec["eigenvalues"]), 1.0, rec["trace"] / rec["P"])
+
+
 def _sgd_unit(rec: dict) -> float | None:
     """The curvature below which SGD's fit barely moves: ``1 / (eta_eff T) + wd`` with ``eta_eff = lr / (1 - momentum)``
     and ``T`` the fit's optimizer steps (None for Adam)."""
@@ -170,6 +176,7 @@ RULES = {  # name -> (unit of lambda per setting, what it reads)
        for f in (0.5, 0.7, 0.8, 0.9, 0.95)},  # fmt: skip
     "mean of the top 256": (lambda r: sum(r["eigenvalues"][:256]) / min(256, len(r["eigenvalues"])), "Ritz values"),
     "sqrt(trace/P x lambda_max)": (lambda r: math.sqrt(r["trace"] / r["P"] * r["eigenvalues"][0]), "trace, top Ritz value"),
+    "the eigenspace rule shipped (lightning_attr.damping)": (_shipped, "Ritz values, trace"),
     "weight decay (not scale-free)": (lambda r: r["recipe"]["weight_decay"], "the optimizer's weight decay"),
     "1/(lr/(1-momentum) x steps) + weight decay, SGD": (lambda r: _sgd_unit(r), "the optimizer (SGD only)"),
 }  # fmt: skip
@@ -243,7 +250,8 @@ def report(results: dict) -> str:
         rank = r["worst"] if not partial else math.inf
         rows.append((rank, f"| {label} | {reads} | {r['multiplier']:.3g} | {r['worst']:.3f}{partial} | {r['mean']:.3f} | {cells} |"))
     lines += [row for _, row in sorted(rows, key=lambda t: t[0])]
-    for label, unit in (("Today's rule at its default (`3 x trace(G)/P`)", lambda r: 3 * r["trace"] / r["P"]),):
+    for label, unit in (("The step rules' mean rule at damping_scale 1 (`3 x trace(G)/P`, the default before)", lambda r: 3 * r["trace"] / r["P"]),
+                        ("The eigenspace rule shipped at damping_scale 1", _shipped)):  # fmt: skip
         losses = {name: max(rec["lds_by_scale"].values()) - lds_at(rec, unit(rec)) for name, rec in results.items()}
         lines += ["", f"{label}, LDS loss per setting: " + ", ".join(f"{n} {v:.3f}" for n, v in losses.items())
                   + f"; worst {max(losses.values()):.3f}, mean {sum(losses.values()) / len(losses):.3f}."]  # fmt: skip

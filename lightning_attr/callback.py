@@ -49,8 +49,9 @@ class AttributionCallback(Callback):
             ``responses_v1``, ``responses_v2``, ... as Lightning's loggers version their directories:
             nothing is overwritten.
         horizon: ``K``, damped curvature steps each source's perturbation is propagated for.
-        damping: ``"auto"`` (``damping_scale * trace(G)/P``, the GGN's mean eigenvalue, from 32
-            Hutchinson probes) or a float ``lambda``.
+        damping: ``"auto"`` (:mod:`lightning_attr.damping`: with the eigenspace of ``propagation="spectral"`` and
+            codec ``"eigen"``, ``damping_scale x 0.42 sigma_64``, the 64th eigenvalue of the full-data GGN; with a
+            step rule, ``damping_scale x 3 trace(G)/P``, from 32 Hutchinson probes) or a float ``lambda``.
         curvature: ``"ggn"`` (needs ``attribution_outputs``) or ``"hessian"``.
         mode: ``"end"`` (default): after the fit (and after each ``checkpoint_epochs`` entry), at fixed weights:
             with ``propagation="spectral"`` (the default there) the damped inverse in the top eigenspace of the
@@ -97,8 +98,8 @@ class AttributionCallback(Callback):
             each pool's curvature is replaced by the running mean of the window's pools so far
             (:mod:`lightning_attr.curvature_average`; ``k`` products per pool, less minibatch noise;
             docs/propagation.md). 0: off.
-        damping_scale: multiplies the automatic damping (default 3: the exact target's LDS peaks at 1-10x the mean
-            eigenvalue on the bench's settings and 3x is within 0.013 of every peak; docs/propagation.md).
+        damping_scale: multiplies the automatic damping's ``lambda`` (default 1: the rules' factors were measured,
+            ``benchmarks/results/damping-rules.md``; README, "Damping").
         chunk_size: perturbations per vmapped curvature product (bounds the product's activation memory).
         memory_budget_mb: bounds the simulation's ``[C, P]`` blocks (README, "Memory"): end mode simulates
             ``C = floor(memory_budget_mb * 2**20 / (28 P))`` sources at a time and writes each block's shard as soon
@@ -153,7 +154,7 @@ class AttributionCallback(Callback):
         propagation: str = "auto",
         momentum: float = DEFAULT_MOMENTUM,
         averaged_rank: int = DEFAULT_AVERAGED_RANK,
-        damping_scale: float = 3.0,
+        damping_scale: float = 1.0,
         chunk_size: int = 2048,
         store_dtype: str = "float32",
         num_examples: int | None = None,

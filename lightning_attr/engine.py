@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_attr.column_split import ColumnSplit
 from lightning_attr.curvature_average import CurvatureAverage
 from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator, estimate_spectrum, shared_operator
+from lightning_attr.damping import eigenspace_damping, resolve_damping, ritz_damping
 from lightning_attr.deflated import AUTO_RANK_RATIO, COMPLEMENT_WARNING_RATIO, DeflatedInverse
 from lightning_attr.functional import FunctionalModel, to_float32
 from lightning_attr.parameters import ParameterSpace
@@ -61,7 +62,6 @@ from lightning_attr.simulation import (
     finite_examples,
     initial_perturbations,
     propagate,
-    resolve_damping,
     select_examples,
 )
 from lightning_attr.sources import SourceMap, indexed_base, split_batch
@@ -443,7 +443,10 @@ class SimulationEngine:
         split = self._column_split()
         generator = torch.Generator().manual_seed(s.seed)
         spectrum = estimate_spectrum(operator, self.dim, probes=TRACE_PROBES, power_iterations=0, generator=generator, device=theta.device)
-        damping = resolve_damping(s.damping, s.damping_scale, spectrum.mean_eigenvalue)
+        if s.damping == "auto":  # the eigenspace rule (lightning_attr.damping): lam from sigma_64, read as the space grows
+            threshold = partial(_auto_rank_threshold, damping_scale=s.damping_scale, mean_eigenvalue=spectrum.mean_eigenvalue)
+        else:
+            threshold = AUTO_RANK_RATIO * resolve_damping(s.damping, s.damping_scale, spectrum.mean_eigenvalue)
         if auto:
             # cold at every checkpoint, also stopped once the Ritz pairs down to the threshold have converged (residual
             # rule): 25-30% fewer products than 2 per pair on the digits MLP and CNNs, 11% on the MNIST-1D MLP, Pearson to
@@ -453,7 +456,7 @@ class SimulationEngine:
             # converge (benchmarks/eigenspace.py members).
             with self.phases("eigenspace algebra"):
                 space = adaptive_eigenspace(
-                    operator, self.dim, AUTO_RANK_RATIO * damping, max_products=cap, tolerance=DEFAULT_RESIDUAL_TOLERANCE,
+                    operator, self.dim, threshold, max_products=cap, tolerance=DEFAULT_RESIDUAL_TOLERANCE,
                     generator=generator, device=theta.device, split=split,
                 )  # fmt: skip
         else:
@@ -463,6 +466,7 @@ class SimulationEngine:
                 space = top_eigenspace(operator, self.dim, min(s.rank, self.dim), generator=generator, device=theta.device, split=split)
         if progress is not None:
             progress.close()
+        damping, rule = eigenspace_damping(s.damping, s.damping_scale, space.eigenvalues, spectrum.mean_eigenvalue)
         inverse = DeflatedInverse.from_trace(space, damping, spectrum.mean_eigenvalue * self.dim, self.dim)
         ratio, k = inverse.complement_ratio, space.rank
         if space.stop == "cap":
@@ -480,7 +484,7 @@ class SimulationEngine:
                 f"responses fall short of the damped inverse there. Raise rank (cost: about {space.products / k:.0f} "
                 "curvature products over the training set per eigenpair; rank='auto' grows it to the damping) or damping_scale."
             )
-        record = {**inverse.to_json(), "rank_setting": s.rank}
+        record = {**inverse.to_json(), **rule, "mean_eigenvalue": spectrum.mean_eigenvalue, "rank_setting": s.rank}
         if auto:
             record.update(rank_target_ratio=AUTO_RANK_RATIO, product_cap=cap, residual_tolerance=DEFAULT_RESIDUAL_TOLERANCE)
         return inverse, record
@@ -704,6 +708,13 @@ class _Counting:
             self.progress.advance(block.shape[0])
         with self.engine.phases("curvature products"):
             return self.operator(block)
+
+
+def _auto_rank_threshold(ritz_values: Tensor, damping_scale: float, mean_eigenvalue: float) -> float | None:
+    """``rank="auto"``'s threshold ``AUTO_RANK_RATIO x lam``, ``lam`` by the eigenspace rule on the Ritz values found so far
+    (``Tensor[k]``, descending; None while ``k < RITZ_INDEX``)."""
+    lam = ritz_damping(ritz_values, damping_scale, mean_eigenvalue)
+    return None if lam is None else AUTO_RANK_RATIO * lam
 
 
 def _warn_invalid(warn: Callable[[str], None], valid: Tensor) -> None:

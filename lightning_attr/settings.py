@@ -46,7 +46,7 @@ class AttributionSettings:
     propagation: str = "auto"
     momentum: float = DEFAULT_MOMENTUM
     averaged_rank: int = DEFAULT_AVERAGED_RANK
-    damping_scale: float = 3.0
+    damping_scale: float = 1.0
     chunk_size: int = 2048
     store_dtype: str = "float32"
     num_examples: int | None = None

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,9 +38,9 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_map
 
 from lightning_attr.curvature import CurvatureOperator, Spectrum, estimate_spectrum
+from lightning_attr.damping import Damping, resolve_damping
 from lightning_attr.functional import FunctionalModel
 
-Damping = Union[str, float]
 STEP_SAFETY = 2.0  # eta = 1 / (STEP_SAFETY * lambda_max + lam), see resolve_step_rule
 PROPAGATIONS = ("neumann", "chebyshev", "heavy_ball")
 DEFAULT_MOMENTUM = 0.8  # heavy-ball beta; measured in docs/propagation.md
@@ -89,15 +89,6 @@ class StepRule:
         return alpha, gamma
 
 
-def resolve_damping(damping: Damping, damping_scale: float, mean_eigenvalue: float) -> float:
-    """``lam``: ``damping_scale * mean_eigenvalue`` for ``"auto"`` (``trace(G)/P``), else ``float(damping)``;
-    raises unless it is finite and >= 0."""
-    lam = damping_scale * mean_eigenvalue if damping == "auto" else float(damping)
-    if not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"damping resolved to {lam}; it must be finite and >= 0.")
-    return lam
-
-
 def resolve_step_rule(
     spectrum: Spectrum,
     damping: Damping = "auto",
@@ -106,7 +97,7 @@ def resolve_step_rule(
     propagation: str = "neumann",
     momentum: float = DEFAULT_MOMENTUM,
 ) -> StepRule:
-    """``damping="auto"``: ``lam = damping_scale * trace(G)/P`` (the mean eigenvalue, METHOD.md).
+    """``damping="auto"``: ``lam = damping_scale * 3 trace(G)/P`` (the mean rule of :mod:`lightning_attr.damping`).
     ``step_size="auto"``: ``eta = 1 / (2 lambda_max + lam)``, half the largest step that keeps the series
     monotone on the estimation batch: other minibatches' curvature exceeds the one measured (and power
     iteration under-estimates). Measured on digits (online, K=100, batch 64): eta = 1/(lambda_max + lam)

@@ -28,7 +28,7 @@ Pure ``torch`` / ``torch.func``: no Lightning here.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar
 
@@ -40,7 +40,8 @@ from lightning_attr.column_split import ColumnSplit
 from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator, estimate_spectrum
 from lightning_attr.functional import FunctionalModel
 from lightning_attr.readout import check_readout
-from lightning_attr.simulation import DEFAULT_MOMENTUM, STEP_SAFETY, Damping, StepRule, initial_perturbations, propagate, resolve_damping
+from lightning_attr.damping import eigenspace_damping, resolve_damping
+from lightning_attr.simulation import DEFAULT_MOMENTUM, STEP_SAFETY, Damping, StepRule, initial_perturbations, propagate
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ def product_cap(dim: int, memory_mb: float) -> int:
 def adaptive_eigenspace(
     operator: CurvatureOperator,
     dim: int,
-    threshold: float,
+    threshold: float | Callable[[Tensor], float | None],
     *,
     max_products: int,
     min_rank: int = DEFAULT_RANK,
@@ -245,7 +246,11 @@ def adaptive_eigenspace(
     equals ``top_eigenspace(rank=k(m))`` up to rounding); it stops once ``k(m) >= min_rank`` and the ``k(m)``-th
     Ritz value is at most ``threshold`` (``stop="reached"``), at ``max_products`` (``"cap"``, keeping ``k(m)``
     pairs, with ``sigma_k`` above ``threshold``) or when the space is all of ``R^P`` (``"whole space"``, all ``P``
-    pairs, exact). Units of ``threshold``: those of the eigenvalues (loss per squared parameter unit).
+    pairs, exact). Units of ``threshold``: those of the eigenvalues (loss per squared parameter unit). ``threshold`` may
+    also be a function of the Ritz values the budget rule counts as converged (``Tensor[k(m)]``, descending) that returns
+    the threshold, or None while it cannot tell (the callback's eigenspace damping rule reads ``sigma_64``,
+    :mod:`lightning_attr.damping`): it is asked again after every block (Ritz values only grow as the space does), and
+    the space cannot stop at the threshold before it answers.
     Memory: up to ``20 max_products P`` bytes (:func:`product_cap`).
 
     ``tolerance`` (the callback passes :data:`DEFAULT_RESIDUAL_TOLERANCE`): it also stops, keeping ``k`` pairs, once the
@@ -270,8 +275,8 @@ def adaptive_eigenspace(
 
     ``split``: as in :func:`top_eigenspace`, the space's columns split among processes (the same pairs, up to rounding).
     """
-    if not threshold >= 0:
-        raise ValueError(f"threshold must be an eigenvalue >= 0, got {threshold}.")
+    if not (callable(threshold) or threshold >= 0):
+        raise ValueError(f"threshold must be an eigenvalue >= 0 or a function of the Ritz values, got {threshold}.")
     min_rank = min(min_rank, dim)
     need = min(dim, _krylov_budget(min_rank, None, None, None))
     if max_products < need:
@@ -296,7 +301,7 @@ def adaptive_eigenspace(
     return _block_krylov(operator, dim, min_rank, width, max_products, initial, generator, device, rule, growth, width, split)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _ThresholdStop:
     """When :func:`adaptive_eigenspace` stops (``_block_krylov``'s ``enough``), and which Ritz pairs steer its growth.
 
@@ -316,18 +321,24 @@ class _ThresholdStop:
     """
 
     dim: int
-    threshold: float
+    threshold: float | Callable[[Tensor], float | None]
     min_rank: int
     max_products: int
     tolerance: float | None
     krylov: bool
+    level: float | None = field(default=None, init=False)  # the threshold in force (None: a rule that cannot tell yet)
 
     def _wanted(self, values: Tensor) -> int:
         """The pairs down to the first Ritz value at or below the threshold, at least ``min_rank``."""
-        return max(self.min_rank, int((values > self.threshold).sum()) + 1)
+        return self.min_rank if self.level is None else max(self.min_rank, int((values > self.level).sum()) + 1)
 
     def pairs(self, values: Tensor, size: int, step: int) -> int:
-        """How many of the top Ritz pairs (``values``: all of them, descending) are examined and steer the next block."""
+        """How many of the top Ritz pairs (``values``: all of them, descending) are examined and steer the next block;
+        a threshold rule is asked here, with the pairs the budget rule counts as converged."""
+        if callable(self.threshold):
+            self.level = self.threshold(values[: supported_rank(size) if self.krylov else values.numel()])
+        else:
+            self.level = self.threshold
         examined = supported_rank(size + step) if self.krylov else self.min_rank
         if self.tolerance is not None:
             examined = max(examined, self._wanted(values))
@@ -336,14 +347,14 @@ class _ThresholdStop:
     def __call__(self, values: Tensor, residuals: Tensor, size: int, outside: Callable[[int], Tensor]) -> tuple[int, str] | None:
         if size >= self.dim:
             return self.dim, "whole space"
-        supported = supported_rank(size)
-        if self.krylov and supported >= self.min_rank and float(values[supported - 1]) <= self.threshold:
+        supported, level = supported_rank(size), self.level
+        if level is not None and self.krylov and supported >= self.min_rank and float(values[supported - 1]) <= level:
             return supported, "reached"
-        if self.tolerance is not None:
+        if level is not None and self.tolerance is not None:
             wanted = self._wanted(values)
-            if wanted <= values.numel() and float(values[wanted - 1]) <= self.threshold:
-                converged = bool((residuals[:wanted] <= self.tolerance * (values[:wanted] + self.threshold)).all())
-                if converged and float(outside(wanted).max()) <= (1 + self.tolerance) * self.threshold:
+            if wanted <= values.numel() and float(values[wanted - 1]) <= level:
+                converged = bool((residuals[:wanted] <= self.tolerance * (values[:wanted] + level)).all())
+                if converged and float(outside(wanted).max()) <= (1 + self.tolerance) * level:
                     return wanted, "reached"
         if size >= self.max_products:
             return min(size, max(self.min_rank, supported)), "cap"
@@ -605,7 +616,9 @@ def eigen_responses(
             large subsample (each batch weighs by its size).
         num_examples: ``n`` of the ``1/n`` (the training set's size).
         rank: ``k``, eigenpairs kept (at most ``P``).
-        damping: ``"auto"`` = ``damping_scale * trace(G)/P`` (32 Hutchinson probes of ``G``), or a float.
+        damping: ``"auto"``: :mod:`lightning_attr.damping`'s eigenspace rule with ``horizon=None`` (``damping_scale x
+            max(0.42 sigma_64, trace(G)/P)``), its mean rule with a step rule's horizon (``damping_scale x 3 trace(G)/P``,
+            as the dense step rules); ``trace(G)/P`` from 32 Hutchinson probes of ``G``. Or a float.
         horizon, propagation, momentum: the spectral filter (:func:`spectral_filter`): ``horizon=None`` = the
             damped inverse, ``K`` = what ``K`` steps of the dense simulation's rule make of each direction.
         block, power_iterations, method, products: of :func:`top_eigenspace`.
@@ -627,11 +640,14 @@ def eigen_responses(
     mean_eigenvalue = float("nan")
     if probes:
         mean_eigenvalue = estimate_spectrum(operator, dim, probes=probes, power_iterations=0, generator=generator, device=theta.device).mean_eigenvalue
-    lam = resolve_damping(damping, damping_scale, mean_eigenvalue)
     space = top_eigenspace(
         operator, dim, min(rank, dim), block=block, power_iterations=power_iterations, method=method, products=products,
         generator=generator, device=theta.device, split=split,
     )  # fmt: skip
+    if horizon is None:  # the damped inverse: the eigenspace rule, as propagation="spectral"
+        lam, rule = eigenspace_damping(damping, damping_scale, space.eigenvalues, mean_eigenvalue)
+    else:  # what a step rule's horizon makes of each direction: the step rules' damping, as the dense simulation's
+        lam, rule = resolve_damping(damping, damping_scale, mean_eigenvalue), {"damping_rule": "step rules' (3 x trace(G)/P)"}
     basis, gains = space.vectors, spectral_filter(space.eigenvalues, lam, horizon, propagation, momentum)
     complement = float("nan")
     if sketch:
@@ -646,7 +662,7 @@ def eigen_responses(
         "codec": "eigen", "rank": space.rank, "block": space.block, "eigen_method": space.method, "eigen_products": space.products,
         "power_iterations": power_iterations, "reach": space.reach(lam), "damping": lam, "mean_eigenvalue": mean_eigenvalue, "horizon": horizon, "propagation": propagation,
         "lambda_max": float(space.eigenvalues[0]), "curvature_products": space.products + probes,
-        "sketch": sketch, "complement_mean": complement,
+        "sketch": sketch, "complement_mean": complement, **rule,
         "curvature_examples": sum(batch_size_of(b) for b in curvature_batches),
     }  # fmt: skip
     return EigenResponses(basis, space.eigenvalues, lam, coordinates), finite, info

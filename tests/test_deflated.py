@@ -67,22 +67,26 @@ def test_default_end_mode_is_spectral_and_matches_the_explicit_matrix(tmp_path):
 
 def test_a_short_eigenspace_warns_and_stays_close(tmp_path):
     """rank 10 of 163 with a small damping: the 10th eigenvalue is 10x the damping, which is warned about, and
-    the responses fall short of the explicit matrix (measured Pearson 0.76; rank 20 at scale 0.3: 0.997)."""
+    the responses fall short of the explicit matrix (measured Pearson 0.76; rank 20 at scale 0.3: 0.997). Fewer than
+    RITZ_INDEX pairs: lam is the mean rule's, damping_scale x MEAN_FACTOR x trace(G)/P = 0.1 trace(G)/P here."""
+    from lightning_attr.damping import MEAN_FACTOR
+
     x, y = blobs(n=160, d=6, classes=3)
     xq, yq = blobs(n=24, d=6, classes=3, seed=1)
     model = small_mlp(6, 3)
-    cb = AttributionCallback(tmp_path / "r", mode="end", rank=10, damping_scale=0.1, checkpoint_epochs=None)
+    cb = AttributionCallback(tmp_path / "r", mode="end", rank=10, damping_scale=0.1 / MEAN_FACTOR, checkpoint_epochs=None)
     with pytest.warns(UserWarning, match="not resolved.*Raise rank"):
         fit(model, x, y, [cb], epochs=15)
     rule = ResponseStore.load(cb.dirpath).checkpoint_info("final")["step_rule"]
-    assert rule["rank"] == 10 and rule["complement_ratio"] > 1
+    assert rule["rank"] == 10 and rule["complement_ratio"] > 1 and rule["damping_rule"].startswith("3 x trace(G)/P (only 10")
     exact = exact_influence(model, x, y, xq, yq, rule["damping"])
     assert 0.6 <= pearson(model.attribute((xq, yq), responses=cb.dirpath), exact) <= 0.95
 
 
 def test_every_checkpoint_matches_the_explicit_matrix(tmp_path):
     """checkpoint_epochs: each checkpoint finds its own eigenspace (rank 128 of P = 363: a budget of
-    min(P, rank + 256) = P products spans everything) and matches the explicit matrix at the final weights."""
+    min(P, rank + 256) = P products spans everything) and matches the explicit matrix at the final weights. Its GGN has
+    33 eigenvalues above 1e-6 sigma_1 (sigma_64 = 1.6e-11): the damping is the eigenspace rule's floor, trace(G)/P."""
     from test_exactness import small_cnn
 
     x, y = blobs(n=160, d=16, classes=3)
@@ -93,13 +97,17 @@ def test_every_checkpoint_matches_the_explicit_matrix(tmp_path):
     store = ResponseStore.load(cb.dirpath)
     first, final = (store.checkpoint_info(name)["step_rule"] for name in ("epoch=10", "final"))
     assert first["eigenspace_products"] == final["eigenspace_products"] == 363
+    assert final["damping_rule"].startswith("trace(G)/P") and final["damping"] == pytest.approx(final["mean_eigenvalue"])
     exact = exact_influence(model, x, y, xq, yq, final["damping"])
     assert pearson(model.attribute((xq, yq), responses=cb.dirpath, checkpoints="final"), exact) >= 0.99
 
 
+_SMALL_SCALE = 0.005  # lam = 0.005 trace(G)/P = 4.0e-7 on _wide_mlp_fit's model (the floor: trace(G)/P 8.0e-5 > 0.42 sigma_64)
+
+
 def _wide_mlp_fit(callback):
-    """A 16-48-4 MLP (P = 1,012) on 240 blobs, initialized from seed 0: at damping_scale 0.005 its GGN has about 290
-    eigenvalues above 0.5 lam (eigvalsh), more than the least rank 256 and fewer than P."""
+    """A 16-48-4 MLP (P = 1,012) on 240 blobs, initialized from seed 0: at ``_SMALL_SCALE`` (lam = 4.0e-7) its GGN has
+    294 eigenvalues above 0.5 lam (eigvalsh), more than the least rank 256 and fewer than P."""
     x, y = blobs(n=240, d=16, classes=4)
     xq, yq = blobs(n=24, d=16, classes=4, seed=1)
     torch.manual_seed(0)
@@ -122,7 +130,7 @@ def test_auto_rank_grows_to_the_damping_and_matches_the_explicit_matrix_and_the_
     from lightning_attr.spectral import DEFAULT_RESIDUAL_TOLERANCE, supported_rank
 
     def run(name: str, rank):
-        cb = AttributionCallback(tmp_path / name, rank=rank, damping_scale=0.005, checkpoint_epochs=None)
+        cb = AttributionCallback(tmp_path / name, rank=rank, damping_scale=_SMALL_SCALE, checkpoint_epochs=None)
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*(not resolved|stopped at its cap).*")
             model, (x, y), queries = _wide_mlp_fit(cb)
@@ -144,7 +152,7 @@ def test_auto_rank_grows_to_the_damping_and_matches_the_explicit_matrix_and_the_
 def test_auto_rank_at_its_cap_warns_and_records_it(tmp_path):
     """memory_budget_mb=5 caps the finder at 512 products (20 x 512 x P bytes would be 9.9 MB; never fewer than
     rank 256 spends): it stops there with sigma_256 above the damping's target, and says so."""
-    cb = AttributionCallback(tmp_path / "r", rank="auto", damping_scale=0.005, memory_budget_mb=5)
+    cb = AttributionCallback(tmp_path / "r", rank="auto", damping_scale=_SMALL_SCALE, memory_budget_mb=5)
     with pytest.warns(UserWarning, match="rank='auto'.*stopped at its cap of 512.*Raise memory_budget_mb"):
         _wide_mlp_fit(cb)
     rule = ResponseStore.load(cb.dirpath).checkpoint_info("final")["step_rule"]
