@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from lightning_attr.curvature import CurvatureOperator
+from lightning_attr.column_split import ColumnSplit
 from lightning_attr.spectral import top_eigenspace
 
 DEFAULT_AVERAGED_RANK = 32  # measured in docs/propagation.md ("Online: averaging the top of the curvature")
@@ -43,11 +44,13 @@ class CurvatureAverage:
 
     @classmethod
     def of(
-        cls, operator: CurvatureOperator, dim: int, rank: int, generator: torch.Generator, device: torch.device
+        cls, operator: CurvatureOperator, dim: int, rank: int, generator: torch.Generator, device: torch.device,
+        split: ColumnSplit | None = None,
     ) -> CurvatureAverage:
-        """The basis of the top-``min(rank, P)`` eigenvectors of ``operator`` (block Krylov, default budget)."""
+        """The basis of the top-``min(rank, P)`` eigenvectors of ``operator`` (block Krylov, default budget; ``split``:
+        on several processes, :func:`~lightning_attr.spectral.top_eigenspace`'s)."""
         rank = min(rank, dim)
-        space = top_eigenspace(operator, dim, rank, generator=generator, device=device)
+        space = top_eigenspace(operator, dim, rank, generator=generator, device=device, split=split)
         return cls(space.vectors.to(device=device, dtype=torch.float32), space.products)
 
     @property

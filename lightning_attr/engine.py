@@ -586,9 +586,9 @@ class SimulationEngine:
         self._pool.extend(curvature_batches)
         if sum(batch_size_of(b) for b in self._pool) >= pool_size:
             operator = self.curvature(model, theta, self._pool)
-            self._pool = []
+            pool, self._pool = self._pool, []
             for window in active:
-                self._step(window, operator, theta)
+                self._step(window, operator, theta, partial(self._pool_share, model, theta, pool))
                 # every source of the window has spent its horizon (the same step on every process)
                 if epoch > window.injection_epoch and window.steps_since_injection > self.settings.horizon:
                     window.complete = True
@@ -614,13 +614,21 @@ class SimulationEngine:
                 window.averaging = CurvatureAverage.from_state(state["averaging"], theta.device)
         window.progress = self._new_progress(window.name, window.simulation.products)
 
-    def _step(self, window: Window, operator: CurvatureOperator, theta: Tensor) -> None:
+    def _step(
+        self, window: Window, operator: CurvatureOperator, theta: Tensor, shared: Callable[[], CurvatureOperator] | None = None
+    ) -> None:
+        """One propagation step of ``window`` with the pool's ``operator``; ``shared``: the same curvature as a collective
+        (:meth:`_pool_share`), for the window's first pool on several processes."""
         simulation = window.simulation
         before, averaging_before = simulation.products, window.averaging_products
         if simulation.rule is None:  # from the window's first pool: a mid-training window's curvature is its own
             with self.phases("step rule"):
-                simulation.rule = self._step_rule(operator, theta)
-                window.averaging = self._curvature_average(operator, theta)
+                # several processes hold the same (gathered) pool: they share the products and the Krylov algebra of
+                # the step rule's spectrum and of the averaged subspace instead of each repeating them
+                split = self._column_split() if shared is not None else None
+                first = shared() if split is not None else operator
+                simulation.rule = self._step_rule(first, theta)
+                window.averaging = self._curvature_average(first, theta, split)
         if window.averaging is not None:
             operator = window.averaging.wrap(operator)
         with self.phases("curvature products"):  # and the propagation's vector updates
@@ -631,14 +639,25 @@ class SimulationEngine:
             spent += window.averaging_products - averaging_before
         self._count(window.progress, spent)
 
-    def _curvature_average(self, operator: CurvatureOperator, theta: Tensor) -> CurvatureAverage | None:
+    def _curvature_average(self, operator: CurvatureOperator, theta: Tensor, split: ColumnSplit | None = None) -> CurvatureAverage | None:
         """``averaged_rank > 0`` with the GGN: the top subspace of this (first) pool's curvature, in which every
         pool's curvature is replaced by the running mean (:mod:`curvature_average`); None otherwise (the Hessian's
-        top eigenspace by value would miss its negative directions)."""
+        top eigenspace by value would miss its negative directions). ``split``: ``operator`` is a collective and the
+        finder's columns are split among the processes."""
         s = self.settings
         if s.averaged_rank == 0 or s.curvature != "ggn":
             return None
-        return CurvatureAverage.of(operator, theta.numel(), s.averaged_rank, torch.Generator().manual_seed(s.seed + 2), theta.device)
+        return CurvatureAverage.of(operator, theta.numel(), s.averaged_rank, torch.Generator().manual_seed(s.seed + 2), theta.device, split)
+
+    def _pool_share(self, model: FunctionalModel, theta: Tensor, pool: list[Any]) -> CurvatureOperator:
+        """The curvature of a pool every process holds, as a collective: each process takes its contiguous block of
+        every batch's examples, and the products are summed (:func:`shared_operator`)."""
+        rank, world_size = self.partition.rank, self.partition.world_size
+        sizes = [batch_size_of(b) for b in pool]
+        mine = [select_examples(b, torch.arange(n * rank // world_size, n * (rank + 1) // world_size)) for b, n in zip(pool, sizes)]
+        mine = [b for b in mine if batch_size_of(b) > 0]
+        local = self.curvature(model, theta, mine) if mine else None
+        return shared_operator(local, sum(batch_size_of(b) for b in mine), sum(sizes), self._reduce_sum)
 
     def finish_on_replay(self, model: FunctionalModel, theta: Tensor, data: TrainingData, window: Window, step: int) -> None:
         """Propagates what is still live when the fit ends for its remaining steps, at the final weights, on
