@@ -42,11 +42,12 @@ from lightning_attr.layer_readout import _Layer, adding_to_outputs, capture_laye
 from lightning_attr.parameters import ParameterSpace
 
 _BASIS_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # layers whose weight gradient is built from J and their input
-# What one more vmapped jvp pass costs beyond its tangents, in activation numbers carried. Measured at one query
-# (benchmarks/readout.py, one thread): on the digits MLP 64-64-10 (S = 1,400; 74 tangents in 2 passes, about 200
-# activation numbers per query) the basis readout took as long as the layer readout (4.66 vs 4.61 ms per member: 1
-# pass of 1,400 source tangents), on the 64-128-128-10 MLP (266 tangents in 3 passes, about 590) 0.62x its time.
-PASS_FLOATS = 3e5
+# What one more vmapped jvp pass costs beyond its tangents, in activation numbers carried. Measured on the digits MLP
+# 64-64-10 (S = 1,400; 74 tangents in 2 passes, about 200 activation numbers per query; one thread, paired, loaded
+# machine): at one query the bases took 4.2 ms against the layer readout's 6.8 (one pass of 1,400 source tangents), so
+# PASS_FLOATS < 2.7e5; at two queries (each read on its own: vmap over the queries) 9.9 against 8.7, at four 10.1
+# against 12.5.
+PASS_FLOATS = 1e5
 
 
 def basis_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ...] | None:
@@ -93,7 +94,7 @@ def basis_gradients(
     try:
         for i, layer in enumerate(layers):
             if weights[i] <= numbers[i]:  # the parameters' basis: the jvps give the gradient itself
-                flat = _along_parameters(model, params, batch, owned[i], chunk_size)
+                flat = _along_parameters(model, params, batch, layers, owned[i], chunk_size)
                 for name, g in zip(owned[i], flat.split([params[n].numel() for n in owned[i]], dim=1)):
                     accumulate(name, g.view(queries, *params[name].shape))
                 continue
@@ -126,38 +127,53 @@ def _along_output(
     queries, output = batch_size_of(batch), outputs[call[0]][call[1]]
     shape = output.shape if queries == 1 else (1, *output.shape[1:])
 
-    def measure(u: Tensor, example: Any) -> Tensor:
+    def measure(u: Tensor, biases: dict[str, Tensor], example: Any) -> Tensor:
         added: list[list[Tensor | None]] = [[None] * len(calls) for calls in outputs]
         added[call[0]][call[1]] = u.view(shape)
         with adding_to_outputs(layers, added, replace=True):
-            return model.measurement(params, example)
+            return model.measurement({**params, **biases}, example)
 
-    return _forward_jacobian(measure, output.reshape(queries, -1), batch, chunk_size)
+    return _forward_jacobian(measure, output.reshape(queries, -1), batch, chunk_size, _biases(params, layers))
 
 
-def _along_parameters(model: FunctionalModel, params: dict[str, Tensor], batch: Any, names: Sequence[str], chunk_size: int) -> Tensor:
+def _along_parameters(
+    model: FunctionalModel, params: dict[str, Tensor], batch: Any, layers: Sequence[_Layer], names: Sequence[str], chunk_size: int
+) -> Tensor:  # fmt: skip
     """``Tensor[Q, n]``: ``d m_q / d theta_names`` (the parameters ``names`` flattened in that order), by jvps along the
     unit tangents of those parameters."""
     shapes = [params[n].shape for n in names]
 
-    def measure(u: Tensor, example: Any) -> Tensor:
-        moved = dict(params)
+    def measure(u: Tensor, biases: dict[str, Tensor], example: Any) -> Tensor:
+        moved = {**params, **biases}
         moved.update({n: v.view(s) for n, v, s in zip(names, u.split([math.prod(s) for s in shapes]), shapes)})
         return model.measurement(moved, example)
 
-    return _forward_jacobian(measure, torch.cat([params[n].reshape(-1) for n in names]), batch, chunk_size)
+    others = {n: b for n, b in _biases(params, layers).items() if n not in names}
+    return _forward_jacobian(measure, torch.cat([params[n].reshape(-1) for n in names]), batch, chunk_size, others)
 
 
-def _forward_jacobian(measure: Callable[[Tensor, Any], Tensor], values: Tensor, batch: Any, chunk_size: int) -> Tensor:
-    """``Tensor[Q, n]``: ``d measure(u, query q) / d u`` at ``u = values[q]`` (``values: Tensor[Q, n]``) or ``u = values``
-    (``Tensor[n]``, the same for every query), by ``jvp`` along the ``n`` unit vectors, ``chunk_size`` per ``vmap``.
-    ``measure(u, example) -> Tensor[Q']`` for a batch ``example`` of ``Q'`` queries. Several queries: each on its own
-    (``vmap`` over the batch, one example at a time), so a query never sees the others' tangents."""
+def _biases(params: dict[str, Tensor], layers: Sequence[_Layer]) -> dict[str, Tensor]:
+    """The layers' trainable biases. The passes carry them with zero tangents: an output plus a bias without a tangent
+    goes through a decomposition in Python under ``vmap(jvp)`` (a zero tensor's ``add``), one with a zero tangent
+    does not (measured on a Linear 64 -> 10, 64 tangents: 0.37 vs 0.19 ms)."""
+    return {n: params[n] for layer in layers for n in layer.names(("bias",)) if n in params}
+
+
+def _forward_jacobian(
+    measure: Callable[[Tensor, dict[str, Tensor], Any], Tensor], values: Tensor, batch: Any, chunk_size: int,
+    biases: dict[str, Tensor],
+) -> Tensor:  # fmt: skip
+    """``Tensor[Q, n]``: ``d measure(u, biases, query q) / d u`` at ``u = values[q]`` (``values: Tensor[Q, n]``) or
+    ``u = values`` (``Tensor[n]``, the same for every query), by ``jvp`` along the ``n`` unit vectors, ``chunk_size`` per
+    ``vmap``, ``biases`` carried with zero tangents (:func:`_biases`). ``measure(u, biases, example) -> Tensor[Q']`` for a
+    batch ``example`` of ``Q'`` queries. Several queries: each on its own (``vmap`` over the batch, one example at a
+    time), so a query never sees the others' tangents."""
     queries, n = batch_size_of(batch), values.shape[-1]
     basis = torch.eye(n, device=values.device).split(max(1, chunk_size))
+    still = {name: torch.zeros_like(b) for name, b in biases.items()}
 
     def along(example: Any, value: Tensor) -> Tensor:  # [n, Q'] for a batch of Q' queries
-        one = vmap(lambda e: jvp(lambda u: measure(u, example), (value,), (e,))[1])
+        one = vmap(lambda e: jvp(lambda u, b: measure(u, b, example), (value, biases), (e, still))[1])
         return torch.cat([one(rows) for rows in basis])
 
     shared = values.dim() == 1
