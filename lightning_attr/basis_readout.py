@@ -129,7 +129,7 @@ def _along_output(
 
     def measure(u: Tensor, biases: dict[str, Tensor], example: Any) -> Tensor:
         added: list[list[Tensor | None]] = [[None] * len(calls) for calls in outputs]
-        added[call[0]][call[1]] = u.view(shape)
+        added[call[0]][call[1]] = u.view(shape).clone()  # a copy: an in-place op on the output must not reach u
         with adding_to_outputs(layers, added, replace=True):
             return model.measurement({**params, **biases}, example)
 

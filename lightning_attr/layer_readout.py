@@ -318,14 +318,14 @@ def capture_layers(
 
     def enter(i: int) -> Callable:
         def hook(_module: nn.Module, args: tuple) -> None:
-            inputs[i].append(args[0])
+            inputs[i].append(args[0].clone())  # copies: a later in-place op (ReLU(inplace=True), x += ...) keeps them
             mode.inside.append(i)
 
         return hook
 
     def leave(i: int) -> Callable:
         def hook(_module: nn.Module, _args: tuple, output: Tensor) -> None:
-            outputs[i].append(output)
+            outputs[i].append(output.clone())
             mode.inside.pop()
 
         return hook
