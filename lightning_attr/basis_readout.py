@@ -169,12 +169,13 @@ def _forward_jacobian(
     batch ``example`` of ``Q'`` queries. Several queries: each on its own (``vmap`` over the batch, one example at a
     time), so a query never sees the others' tangents."""
     queries, n = batch_size_of(batch), values.shape[-1]
-    basis = torch.eye(n, device=values.device).split(max(1, chunk_size))
+    step = max(1, chunk_size)
+    starts = range(0, n, step)  # the basis one chunk of unit vectors at a time, never n x n
     still = {name: torch.zeros_like(b) for name, b in biases.items()}
 
     def along(example: Any, value: Tensor) -> Tensor:  # [n, Q'] for a batch of Q' queries
         one = vmap(lambda e: jvp(lambda u, b: measure(u, b, example), (value, biases), (e, still))[1])
-        return torch.cat([one(rows) for rows in basis])
+        return torch.cat([one(_unit_rows(start, min(step, n - start), n, values.device)) for start in starts])
 
     shared = values.dim() == 1
     if queries == 1:
@@ -182,6 +183,13 @@ def _forward_jacobian(
     unbatched = lambda example: tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)  # noqa: E731
     in_dims = (tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch), None if shared else 0)
     return vmap(lambda example, value: along(unbatched(example), value)[:, 0], in_dims=in_dims)(batch, values)
+
+
+def _unit_rows(start: int, count: int, n: int, device: torch.device) -> Tensor:
+    """``Tensor[count, n]``: the unit vectors ``start .. start + count - 1`` of ``R^n`` (rows of the identity)."""
+    rows = torch.zeros(count, n, device=device)
+    rows[torch.arange(count, device=device), torch.arange(start, start + count, device=device)] = 1.0
+    return rows
 
 
 def _layer_gradients(module: nn.Module, x: Tensor, j: Tensor, queries: int) -> tuple[Tensor, Tensor]:
