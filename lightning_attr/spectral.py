@@ -507,15 +507,18 @@ def _orthonormalize_against(
 
     Directions that vanish in the projection (below ``_NEGLIGIBLE * scale``, ``scale`` being the size of a
     meaningful row: an invariant space was reached, e.g. the null space of a GGN of rank below ``P``) are
-    replaced by Gaussian rows, so the space keeps growing. Projection and QR run twice (CGS2): rows that were
-    nearly in ``basis`` still come out orthogonal to it.
+    replaced by Gaussian rows, so the space keeps growing; the other rows are kept whole, not their parts orthogonal to
+    the vanished ones (a vanished row's direction is rounding that may hold much of a meaningful row after it: a small
+    CNN's rank-46 GGN kept its top Ritz pair at a residual of 7% of ``sigma_1`` through 320 products that way, and
+    rank="auto" stopped with it, 1 / lam instead of 1 / sigma_1 on the part it missed). Projection and QR run twice
+    (CGS2): rows that were nearly in ``basis`` still come out orthogonal to it.
     """
     rows = _project_out(_project_out(rows, basis, split), basis, split)
-    q, r = split.qr(rows)
+    _, r = split.qr(rows)
     weak = torch.diagonal(r).abs() <= _NEGLIGIBLE * scale  # vanished, or dependent on the rows before them
     if bool(weak.any()):
         fresh = split.local(torch.randn(int(weak.sum()), split.dim, generator=generator, dtype=rows.dtype)).to(rows.device)
-        rows = torch.cat([q[~weak], _project_out(fresh, basis, split)])
+        rows = torch.cat([rows[~weak], _project_out(fresh, basis, split)])
     for _ in range(2):
         rows = _orthonormal_rows(_project_out(rows, basis, split), split)
     return rows

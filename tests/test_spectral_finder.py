@@ -308,7 +308,8 @@ def _deflated_error(space, matrix: torch.Tensor, damping: float) -> float:
 def test_auto_rank_warm_started_from_the_previous_checkpoint_equals_a_cold_start():
     """rank="auto" at a later checkpoint of a tiny MLP: started from the earlier checkpoint's eigenvectors (and a Gaussian
     block), it stops by the Ritz residuals of the NEW curvature at sigma_k <= threshold, and its deflated damped inverse
-    matches the explicit matrix as closely as a cold start does, in fewer products."""
+    matches the explicit matrix as closely as a cold start does. Not in fewer products: 124 against the cold start's 96
+    (before the finder kept its residual rows whole, the cold start took 144)."""
     early, late = _tiny_mlp_ggns()
     dim = late.shape[0]
     lam = 0.01 * float(late.trace()) / dim
@@ -322,7 +323,7 @@ def test_auto_rank_warm_started_from_the_previous_checkpoint_equals_a_cold_start
     first = find(early, threshold=0.5 * 0.01 * float(early.trace()) / dim)
     cold, warm = find(late), find(late, first.vectors)
     assert warm.seeded == first.rank and cold.seeded == 0
-    assert cold.stop == warm.stop == "reached" and warm.products < cold.products < dim
+    assert cold.stop == warm.stop == "reached" and max(cold.products, warm.products) < dim
     for space in (cold, warm):
         assert float(space.eigenvalues[-1]) <= 0.5 * lam  # the threshold, at the new weights
         top = int((values > lam).sum())  # the pairs above the damping: eigh's, to the residual tolerance (measured 1.3%)
@@ -372,3 +373,19 @@ def test_auto_rank_residual_rule_stops_once_the_pairs_down_to_the_threshold_conv
     exact_pairs = Eigenspace(values[:300].float(), torch.linalg.eigh(matrix)[1].flip(1)[:, :300].T.float(), 0)
     floor = _deflated_error(exact_pairs, matrix, 2 * threshold)
     assert _deflated_error(residual, matrix, 2 * threshold) < floor + 0.01
+
+
+def test_a_rank_deficient_spectrum_spanning_many_decades_converges_as_block_krylov():
+    """A GGN of rank 46 whose eigenvalues fall from 1 to 1e-13 (a small CNN's, test_exactness.py's at some inits):
+    three blocks of 32 span its range, so the top pairs must have converged to rounding. While the orthonormalization
+    kept the meaningful residual rows' parts orthogonal to the vanished (rounding) rows before them, the top pair's
+    residual stayed at 6% of sigma_1 here (7% on the CNN after 320 products, where rank="auto" stopped with it: its
+    leak into the complement, inverted by 1/lam, gave Pearson 0.10 to the exact target)."""
+    g = torch.Generator().manual_seed(0)
+    dim, rank = 200, 46
+    values = torch.cat([torch.tensor([1.0, 0.3], dtype=torch.float64), torch.logspace(-2, -13, rank - 2, dtype=torch.float64)])
+    vectors, _ = torch.linalg.qr(torch.randn(dim, rank, generator=g, dtype=torch.float64))
+    matrix = (vectors * values) @ vectors.T
+    found = top_eigenspace(CountingOperator(matrix), dim, 32, block=32, products=128, generator=g)
+    assert float(found.residuals[:8].max()) < 1e-6  # was 1e-3 and more
+    assert subspace_cosine(found.vectors[:8], vectors[:, :8]) > 1 - 1e-6  # float32 vectors
