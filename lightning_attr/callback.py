@@ -50,8 +50,9 @@ class AttributionCallback(Callback):
             nothing is overwritten.
         horizon: ``K``, damped curvature steps each source's perturbation is propagated for.
         damping: ``"auto"`` (:mod:`lightning_attr.damping`: with the eigenspace of ``propagation="spectral"`` and
-            codec ``"eigen"``, ``damping_scale x 0.42 sigma_64``, the 64th eigenvalue of the full-data GGN; with a
-            step rule, ``damping_scale x 3 trace(G)/P``, from 32 Hutchinson probes) or a float ``lambda``.
+            codec ``"eigen"``, ``damping_scale x max(0.27 sigma_64, trace(G)/P)``, ``sigma_64`` the 64th eigenvalue of the
+            full-data GGN; with a step rule, ``damping_scale x 3 trace(G)/P``, from 32 Hutchinson probes) or a float
+            ``lambda``.
         curvature: ``"ggn"`` (needs ``attribution_outputs``) or ``"hessian"``.
         mode: ``"end"`` (default): after the fit (and after each ``checkpoint_epochs`` entry), at fixed weights:
             with ``propagation="spectral"`` (the default there) the damped inverse in the top eigenspace of the

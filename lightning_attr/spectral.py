@@ -620,7 +620,7 @@ def eigen_responses(
         num_examples: ``n`` of the ``1/n`` (the training set's size).
         rank: ``k``, eigenpairs kept (at most ``P``).
         damping: ``"auto"``: :mod:`lightning_attr.damping`'s eigenspace rule with ``horizon=None`` (``damping_scale x
-            max(0.42 sigma_64, trace(G)/P)``), its mean rule with a step rule's horizon (``damping_scale x 3 trace(G)/P``,
+            max(0.27 sigma_64, trace(G)/P)``), its mean rule with a step rule's horizon (``damping_scale x 3 trace(G)/P``,
             as the dense step rules); ``trace(G)/P`` from 32 Hutchinson probes of ``G``. Or a float.
         horizon, propagation, momentum: the spectral filter (:func:`spectral_filter`): ``horizon=None`` = the
             damped inverse, ``K`` = what ``K`` steps of the dense simulation's rule make of each direction.
