@@ -203,15 +203,17 @@ def score_sources(
     if kind == "gradient":
         return _gradient_scores(model, theta, responses, batch)
     num_sources = source_count(responses)
+    floats = activation_floats(model, theta, batch) if chunk_size is None else None  # one forward pass, done once
+    if chunk_size is None:
+        chunk_size = _chunk_for(floats, num_sources)
     gradients = _basis_path(model, theta, batch, num_sources, chunk_size) if kind == "linear" and layers and basis else None
     if gradients is not None:
         scores = _gradient_scores(model, theta, responses, batch, gradients)
         if scores is not None:
             return scores
     handled = handled_layers(model.module, model.space) if kind == "linear" and layers else ()
-    floats = activation_floats(model, theta, batch) if handled or chunk_size is None else 0
-    if chunk_size is None:
-        chunk_size = _chunk_for(floats, num_sources)
+    if handled and floats is None:
+        floats = activation_floats(model, theta, batch)
     if handled and floats <= sum(model.space.numels[model.space.names.index(layer.weight)] for layer in handled):
         scores = linear_scores(model, theta, split_for(responses, model, handled), batch, handled, chunk_size)
         if scores is not None:
