@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,6 +59,32 @@ def basis_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ...]
     return layers if layers and covered >= set(space.names) else None
 
 
+@dataclass(frozen=True)
+class QueryFactors:
+    """Each query's gradient of its measurement at ``theta``, per layer, as the layer-bases readout builds it.
+
+    Attributes:
+        factors: ``{weight name: (J: Tensor[Q, R, out], X: Tensor[Q, R, in])}`` for every Linear layer read along its
+            output basis: ``J`` the measurement's derivative along each of the ``R`` rows of its output (its calls' rows
+            concatenated; ``R = 1`` for one call on a ``[Q, in]`` input), ``X`` those rows' inputs; the weight's gradient
+            is ``J^T X`` (``Tensor[Q, out, in]``), rank ``R``.
+        dense: ``{name: Tensor[Q, *shape]}``, every other covered parameter's gradient (biases, convolutions, layers
+            read along their parameters).
+    """
+
+    factors: dict[str, tuple[Tensor, Tensor]]
+    dense: dict[str, Tensor]
+
+    def gradients(self, space: ParameterSpace, queries: int, like: Tensor) -> Tensor:
+        """``Tensor[Q, P]`` float32: the query gradients laid out as ``space`` (zeros for a parameter not covered)."""
+        parts = dict(self.dense)
+        for name, (j, x) in self.factors.items():
+            parts[name] = j.transpose(1, 2) @ x
+        shapes = dict(zip(space.names, space.shapes))
+        full = {n: parts[n].reshape(queries, *shapes[n]) if n in parts else like.new_zeros(queries, *shapes[n]) for n in space.names}
+        return space.flatten(full, batch_dims=1)
+
+
 def basis_gradients(
     model: FunctionalModel, theta: Tensor, batch: Any, layers: Sequence[_Layer], *, num_sources: int, chunk_size: int
 ) -> Tensor | None:
@@ -71,6 +98,17 @@ def basis_gradients(
         num_sources: ``S``, the tangents the other paths carry.
         chunk_size: basis tangents per vmapped call (each carries one pass's activations per query).
     """
+    parts = query_factors(model, theta, batch, layers, chunk_size=chunk_size, num_sources=num_sources)
+    return None if parts is None else parts.gradients(model.space, batch_size_of(batch), theta)
+
+
+def query_factors(
+    model: FunctionalModel, theta: Tensor, batch: Any, layers: Sequence[_Layer], *, chunk_size: int, num_sources: int | None = None
+) -> QueryFactors | None:
+    """The query gradients of :func:`basis_gradients` per layer, a Linear layer's weight kept as its factors ``(J, X)``
+    (:class:`QueryFactors`): ``R (out + in)`` numbers per query instead of ``out x in``. ``None`` where
+    :func:`basis_gradients` gives ``None``; ``num_sources=None`` skips its cost rule (the caller reads the factors, not
+    ``S`` source tangents)."""
     params = model.space.unflatten(theta)
     captured = capture_layers(model, params, batch, layers, owned=("weight", "bias"))
     if captured is None:
@@ -84,12 +122,13 @@ def basis_gradients(
     numbers = [sum(z.numel() // queries for z in zs) for zs in outputs]
     passes = sum(1 if w <= a else len(zs) for w, a, zs in zip(weights, numbers, outputs))
     floats = sum(t.numel() for ts in [*inputs, *outputs] for t in ts)  # about the activations of the batch
-    if not _cheaper_than_sources(sum(map(min, weights, numbers)), passes, floats // queries, queries, num_sources):
+    if num_sources is not None and not _cheaper_than_sources(sum(map(min, weights, numbers)), passes, floats // queries, queries, num_sources):
         return None
-    gradients: dict[str, Tensor] = {}
+    dense: dict[str, Tensor] = {}
+    factors: dict[str, list[tuple[Tensor, Tensor]]] = {}
 
     def accumulate(name: str, g: Tensor) -> None:
-        gradients[name] = gradients[name] + g if name in gradients else g
+        dense[name] = dense[name] + g if name in dense else g
 
     try:
         for i, layer in enumerate(layers):
@@ -100,14 +139,23 @@ def basis_gradients(
                 continue
             for k, (x, z) in enumerate(zip(inputs[i], outputs[i])):  # the output's basis: J, then the layer's rule
                 j = _along_output(model, params, batch, layers, outputs, (i, k), chunk_size).reshape(z.shape)
-                for name, g in zip(layer.names(), _layer_gradients(layer.module, x, j, queries)):
+                weight, bias = layer.names()
+                if isinstance(layer.module, nn.Linear):  # dW = J^T X, kept as its factors; dc = J summed over rows
+                    rows, js = x.reshape(queries, -1, x.shape[-1]), j.reshape(queries, -1, j.shape[-1])
+                    if weight in params:
+                        factors.setdefault(weight, []).append((js, rows))
+                    if bias in params:
+                        accumulate(bias, js.sum(dim=1))
+                    continue
+                for name, g in zip((weight, bias), _layer_gradients(layer.module, x, j, queries)):
                     if name in params:
                         accumulate(name, g)
     except RuntimeError:  # a kernel without a batching rule for one vmapped example, or another layout per example
         if queries == 1:
             raise
         return None
-    return model.space.flatten({n: gradients.get(n, theta.new_zeros(queries, *params[n].shape)) for n in model.space.names}, batch_dims=1)
+    joined = {n: (torch.cat([j for j, _ in calls], dim=1), torch.cat([x for _, x in calls], dim=1)) for n, calls in factors.items()}
+    return QueryFactors(joined, dense)
 
 
 def _cheaper_than_sources(tangents: int, passes: int, floats: int, queries: int, num_sources: int) -> bool:

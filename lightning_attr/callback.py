@@ -125,7 +125,12 @@ class AttributionCallback(Callback):
             ``"lorif"``: simulated as ``"dense"`` (either mode), each source's response to every Linear / Conv weight
             kept as rank-``rank`` factors ``U (out x c)``, ``V (in x c)`` (truncated SVD), the other parameters
             dense (:mod:`lowrank`); read out with ``U (V^T x)`` added to the layer's output (every readout).
-        rank: ``k``, eigenpairs kept by ``codec="eigen"`` and by ``propagation="spectral"`` (capped at ``P``); ``c``, the rank of every factored
+            ``"factored"`` (end mode, GGN, ``propagation="spectral"``): the spectral default's responses exactly, as
+            the ``rank`` eigen coordinates of the damped inverse's correction plus ``g_s / (mu + damping)`` with each
+            Linear weight's gradient kept as its per-example factors ``delta x^T`` (rank: the source's examples) and
+            the rest dense (:mod:`factored`): ``k + sum_l c (out + in)`` numbers per source; the same scores as
+            ``"dense"`` up to float rounding, ``readout="linear"`` only.
+        rank: ``k``, eigenpairs kept by ``codec="eigen"`` and by ``propagation="spectral"`` (and so ``"factored"``; capped at ``P``); ``c``, the rank of every factored
             weight for ``codec="lorif"`` (capped at ``min(out, in)``: exact there). ``"auto"``: ``propagation="spectral"``
             grows its Krylov space block by block (nothing recomputed) from rank 256 until ``sigma_k <= 0.5 damping``,
             at most ``floor(memory_budget_mb * 2**20 / (20 P))`` curvature products (the finder's memory; never fewer

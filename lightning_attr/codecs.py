@@ -14,6 +14,10 @@ A **codec** names the representation of one response checkpoint:
   response and the other parameters dense (:mod:`lowrank`). Read out like ``"dense"`` (every readout), with the
   factored term added as ``U (V^T x)`` to each layer's output: ``c (out + in)`` per layer and source, not
   ``out * in``.
+- ``"factored"``: the spectral default's responses exactly, as the eigen coordinates ``diag(1/(sigma + lam) - gamma) V g_b``
+  (``k`` numbers) plus ``gamma g_b`` with each Linear weight's gradient as its per-example factors (``delta x^T``) and the
+  rest dense (:mod:`factored`): ``k + sum_l c (out + in)`` numbers per source. Read out (``linear`` only) from the
+  query's layer factors by forward mode; the same scores as ``"dense"`` up to float rounding.
 
 A dense checkpoint too large for memory is read as :class:`StreamedResponses`: its shards one at a
 time at every query, so ``S x P`` is never held (the cost: reading the shards again per query).
@@ -31,6 +35,7 @@ import torch
 from torch import Tensor
 
 from lightning_attr.curvature import batch_size_of
+from lightning_attr.factored import FactoredResponses
 from lightning_attr.functional import FunctionalModel
 from lightning_attr.layer_readout import SplitResponses, source_count, source_rows
 from lightning_attr.lowrank import LowRankResponses
@@ -38,7 +43,7 @@ from lightning_attr.readout import linear_query_gradients, paired_readout, score
 from lightning_attr.simulation import select_examples
 from lightning_attr.spectral import EigenResponses
 
-CODECS = ("dense", "eigen", "lorif")
+CODECS = ("dense", "eigen", "lorif", "factored")
 # attribute() holds a dense member of up to this many MB of responses in memory and streams a larger one from disk at
 # every query; codec "auto" keeps responses dense up to it (:func:`auto_codec`).
 DEFAULT_MEMORY_BUDGET_MB = 1024.0
@@ -141,9 +146,10 @@ class StreamedResponses:
         return out
 
 
-AnyBlock = Union[DenseResponses, EigenResponses, LowRankResponses, StreamedResponses]
+AnyBlock = Union[DenseResponses, EigenResponses, FactoredResponses, LowRankResponses, StreamedResponses]
 
 __all__ = [
-    "CODECS", "DEFAULT_MEMORY_BUDGET_MB", "auto_codec", "AnyBlock", "DenseResponses", "EigenResponses", "LowRankResponses", "ResponseBlock", "SplitResponses",
+    "CODECS", "DEFAULT_MEMORY_BUDGET_MB", "auto_codec", "AnyBlock", "DenseResponses", "EigenResponses", "FactoredResponses",
+    "LowRankResponses", "ResponseBlock", "SplitResponses",
     "StreamedResponses",
 ]

@@ -60,12 +60,14 @@ from lightning_attr.simulation import (
     StepRule,
     estimate_step_rule,
     finite_examples,
+    finite_loss_mask,
     initial_perturbations,
     propagate,
     select_examples,
 )
 from lightning_attr.sources import SourceMap, indexed_base, split_batch
-from lightning_attr.lowrank import encode_lowrank, factored_layers, lowrank_entry
+from lightning_attr.factored import FactoredResponses, FactorPlan, check_factors
+from lightning_attr.lowrank import LowRankResponses, encode_lowrank, factored_layers, lowrank_entry
 from lightning_attr.spectral import DEFAULT_RESIDUAL_TOLERANCE, TRACE_PROBES, adaptive_eigenspace, eigen_responses, eigenspace_products, product_cap, top_eigenspace
 from lightning_attr.store import ResponseStore, ShardWriter, write_part
 
@@ -174,7 +176,7 @@ class _Pending:
 
     rule: dict | None
     key: str  # "step_rule" or "spectral"
-    eigen: Any = None  # codec "eigen": the EigenResponses block, written whole by the committing process
+    eigen: Any = None  # codecs "eigen" / "factored": the block, written whole by the committing process
     stats: dict = field(default_factory=dict)
 
 
@@ -390,6 +392,9 @@ class SimulationEngine:
             if self.settings.codec == "eigen":
                 if self._shares_curvature or self.partition.rank == 0:
                     self._simulate_eigen(model, theta, data, name)
+            elif self.settings.codec == "factored":
+                if self._shares_curvature or self.partition.rank == 0:
+                    self._simulate_factored(model, theta, data, name)
             else:
                 self._simulate_dense(model, theta, data, name, step)
 
@@ -429,6 +434,66 @@ class SimulationEngine:
         with self.phases("write"):
             self._write_part(name, writer, {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()})
         self._pending[name] = _Pending(record, "step_rule")
+
+    def _simulate_factored(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> None:
+        """Codec ``"factored"``: the dense default's responses (the same :meth:`_deflated_inverse`) kept as eigen
+        coordinates and ``gamma g_s`` with each Linear weight's gradient as per-example factors (:mod:`factored`). Each
+        block of owned sources: its dense gradients (for the coordinates and the dense rest) and one more pass for the
+        factors, checked against them. Several processes sharing the curvature each fill their sources' rows and sum
+        them; without an all-reduce rank zero simulates every source. Rank zero keeps the block for :meth:`commit`."""
+        s, source_map, n = self.settings, self.source_map, self.source_map.training_set_size
+        inverse, record = self._deflated_inverse(model, theta, data, name)
+        sources = self.owned if self._shares_curvature else torch.arange(source_map.num_sources)
+        e2s = source_map.example_to_source
+        probe = next(data.in_order(s.curvature_batch_size, (e2s >= 0) if not bool((e2s >= 0).all()) else None))[0]
+        plan = FactorPlan.of(model, theta, probe, e2s)  # one batch shows each layer's rows per example
+        basis, sigma = inverse.eigenspace.vectors, inverse.eigenspace.eigenvalues.to(theta.device)
+        gamma = 1.0 / (inverse.complement + inverse.damping)
+        gains = (1.0 / (sigma + inverse.damping) - gamma) / n
+        count = source_map.num_sources
+        coordinates = theta.new_zeros(count, basis.shape[0])
+        shapes = dict(zip(self.space.names, self.space.shapes))
+        rest = {name_: theta.new_zeros(count, *shape) for name_, shape in shapes.items() if name_ not in plan.ranks}
+        factors = {w: (theta.new_zeros(count, int(shapes[w][0]), c), theta.new_zeros(count, int(shapes[w][1]), c)) for w, c in plan.ranks.items()}
+        valid = torch.ones(count, dtype=torch.bool)
+        for block in sources.split(s.block_size(self.dim)):
+            local = torch.full((count,), -1, dtype=torch.long)
+            local[block] = torch.arange(block.numel())
+            rows = local[e2s.clamp_min(0)].where(e2s >= 0, -1)
+            examples = rows >= 0
+            batches = list(data.in_order(s.curvature_batch_size, None if bool(examples.all()) else examples))
+            with self.phases("gradients"):
+                u0, finite = initial_perturbations(model, theta, batches, rows, block.numel())
+                finite_batches = [(select_examples(d, keep), i[keep]) for d, i in batches for keep in [_finite_rows(model, theta, d)]]
+                found = plan.factors(model, theta, finite_batches, rows, block.numel())
+            parts = self.space.unflatten(u0)
+            check_factors(found, parts, finite)
+            with self.phases("inverse"):
+                coordinates[block] = (u0 @ basis.T) * gains
+            for name_, tensor in rest.items():
+                tensor[block] = parts[name_] * (gamma / n)
+            for name_, (u, v) in found.items():
+                factors[name_][0][block], factors[name_][1][block] = u * (gamma / n), v
+            valid[block] = finite.cpu()
+            del u0, parts
+        if self._shares_curvature:
+            coordinates = self._reduce_sum(coordinates)
+            rest = {k: self._reduce_sum(t) for k, t in rest.items()}
+            factors = {k: (self._reduce_sum(u), self._reduce_sum(v)) for k, (u, v) in factors.items()}
+            valid = self._reduce_sum((~valid).to(torch.float32)) == 0
+        valid = valid.cpu()
+        bad = ~valid.to(theta.device)
+        coordinates[bad] = float("nan")  # non-finite gradients: no reader may take them for zero
+        for u, _ in factors.values():
+            u[bad] = float("nan")
+        for tensor in rest.values():
+            tensor[bad] = float("nan")
+        gradients = LowRankResponses(self.space, factors, rest)
+        block_ = FactoredResponses(basis, sigma, inverse.damping, gamma, coordinates, gradients)
+        zeros = torch.zeros(count, dtype=torch.long)
+        stats = {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()}
+        _warn_invalid(self._warn, valid)
+        self._pending[name] = _Pending(record, "spectral", eigen=block_, stats=stats)
 
     def _deflated_inverse(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> tuple[DeflatedInverse, dict]:
         """``propagation="spectral"``: the damping (Hutchinson trace) and the top eigenspace of the GGN over the whole
@@ -734,6 +799,11 @@ def _auto_rank_threshold(ritz_values: Tensor, damping_scale: float, mean_eigenva
     (``Tensor[k]``, descending; None while ``k < RITZ_INDEX``)."""
     lam = ritz_damping(ritz_values, damping_scale, mean_eigenvalue)
     return None if lam is None else AUTO_RANK_RATIO * lam
+
+
+def _finite_rows(model: FunctionalModel, theta: Tensor, data: Any) -> Tensor:
+    """``LongTensor[B']``: the examples of ``data`` whose loss is finite at ``theta``."""
+    return finite_loss_mask(model, theta, data).nonzero().squeeze(1)
 
 
 def _warn_invalid(warn: Callable[[str], None], valid: Tensor) -> None:

@@ -93,6 +93,13 @@ class AttributionSettings:
             raise ValueError(
                 "codec='eigen' keeps the top eigenspace of the GGN (positive semi-definite); it needs curvature='ggn'."
             )
+        if codec == "factored" and (mode != "end" or curvature != "ggn" or propagation not in ("auto", "spectral")):
+            raise ValueError(
+                f"codec='factored' stores the responses of propagation='spectral' (the damped inverse in the top eigenspace "
+                f"of the full-data GGN, at fixed weights): it needs mode='end', curvature='ggn' and propagation 'auto' or "
+                f"'spectral', got mode={mode!r}, curvature={curvature!r}, propagation={propagation!r}. Change those, or "
+                "use codec='dense' (any mode and rule) or 'lorif'."
+            )
         for name, value, zero in (("averaged_rank", self.averaged_rank, " (0: no averaging)"), ("sketch", self.sketch, "")):
             if not _is_int(value) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0{zero}, got {value!r}.")

@@ -9,6 +9,9 @@ Layout of a store directory::
                                                "__source_index__": LongTensor[S_shard], the shard's sources}
     <checkpoint>/basis.safetensors             codec "eigen": {param name: Tensor[k, *shape]}, the basis V
     <checkpoint>/coordinates-00000.safetensors codec "eigen": {"coordinates": Tensor[S_shard, k]}
+    <checkpoint>/factored-00000.safetensors    codec "factored" (and its basis.safetensors): {"coordinates":
+                                               Tensor[S_shard, k], weight@U / weight@V: the gradient factors,
+                                               param name: the dense rest, "__source_index__"}
 
 Format version 3: a dense shard holds any sources in any order (its ``__source_index__`` says which;
 the simulation writes shards as sources finish, and each process of a distributed fit writes its own,
@@ -37,7 +40,10 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from lightning_attr._io import atomic_save_tensors, atomic_write_bytes
-from lightning_attr.codecs import AnyBlock, DenseResponses, EigenResponses, LowRankResponses, SplitResponses, StreamedResponses
+from lightning_attr.codecs import (
+    AnyBlock, DenseResponses, EigenResponses, FactoredResponses, LowRankResponses, SplitResponses, StreamedResponses,
+)
+from lightning_attr.factored import COORDINATES
 from lightning_attr.lowrank import FACTOR_KEYS
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.sources import SourceMap
@@ -307,6 +313,8 @@ class ResponseStore:
         (self.path / name).mkdir(parents=True, exist_ok=True)
         if isinstance(block, EigenResponses):
             codec_entry, shards = self._write_eigen(name, block, dtype, shard_size)
+        elif isinstance(block, FactoredResponses):
+            codec_entry, shards = self._write_factored(name, block, dtype, shard_size)
         elif isinstance(block, LowRankResponses):
             if block.num_sources != self.n_sources or block.space != self.space:
                 raise ValueError(f"a lorif block needs S={self.n_sources} sources of this store's parameter space.")
@@ -395,8 +403,7 @@ class ResponseStore:
                 f"an eigen block needs basis [k, P={space.size}] and coordinates [S={self.n_sources}, k]; got "
                 f"{list(block.basis.shape)} and {list(block.coordinates.shape)}."
             )
-        basis_file = f"{name}/basis.safetensors"
-        basis_bytes = atomic_save_tensors(self.path / basis_file, space.unflatten(block.basis.to("cpu", _DTYPES[dtype])))
+        basis_file, basis_bytes = self._write_basis(name, block.basis, dtype)
         shards = []
         for i, start in enumerate(range(0, self.n_sources, shard_size)):
             stop = min(start + shard_size, self.n_sources)
@@ -407,6 +414,25 @@ class ResponseStore:
             "eigenvalues": [float(v) for v in block.eigenvalues.cpu()], "damping": float(block.damping),
         }  # fmt: skip
         return entry, shards
+
+    def _write_basis(self, name: str, basis: Tensor, dtype: str) -> tuple[str, int]:
+        """``basis: Tensor[k, P]`` as ``<name>/basis.safetensors`` (one ``Tensor[k, *shape]`` per parameter): its file
+        and size in bytes."""
+        file = f"{name}/basis.safetensors"
+        return file, atomic_save_tensors(self.path / file, self.space.unflatten(basis.to("cpu", _DTYPES[dtype])))
+
+    def _write_factored(self, name: str, block: FactoredResponses, dtype: str, shard_size: int) -> tuple[dict, list]:
+        space, k = self.space, block.rank
+        if block.basis.shape != (k, space.size) or block.num_sources != self.n_sources or block.gradients.space != space:
+            raise ValueError(
+                f"a factored block needs basis [k, P={space.size}], S={self.n_sources} sources and this store's parameter "
+                f"space; got basis {list(block.basis.shape)} and {block.num_sources} sources."
+            )
+        basis_file, basis_bytes = self._write_basis(name, block.basis, dtype)
+        writer = ShardWriter(self.path, name, space, dtype, rows_per_shard=shard_size, stem="factored")
+        writer.add_encoded(torch.arange(self.n_sources), block.tensors())
+        writer.flush()
+        return {**block.entry(), "basis_file": basis_file, "basis_bytes": basis_bytes}, writer.shards
 
     def _write_shard(self, file: str, tensors: dict[str, Tensor], start: int, stop: int) -> dict:
         return {"file": file, "start": start, "stop": stop, "bytes": atomic_save_tensors(self.path / file, tensors)}
@@ -584,7 +610,8 @@ class ResponseStore:
         )
 
     def codec(self, name: str) -> str:
-        """The codec of checkpoint ``name``: ``"dense"``, ``"eigen"`` or ``"lorif"`` (format 1 stores: always dense)."""
+        """The codec of checkpoint ``name``: ``"dense"``, ``"eigen"``, ``"lorif"`` or ``"factored"`` (format 1 stores:
+        always dense)."""
         return self.checkpoint_info(name).get("codec", "dense")
 
     def block(
@@ -597,6 +624,15 @@ class ResponseStore:
         block (:class:`StreamedResponses`) reads its shards one at a time at every query instead.
         ``split``: a dense checkpoint is laid out per parameter (:class:`SplitResponses`, these parameters each on their
         own, read shard by shard: ``S x P`` is held once, not cached by the store)."""  # fmt: skip
+        if self.codec(name) == "factored":
+            key = ("factored", name, str(device))
+            if key not in self._cache:
+                info = self.checkpoint_info(name)
+                self._cache[key] = FactoredResponses.from_tensors(
+                    self.space, self._read_basis(name), torch.tensor(info["eigenvalues"]), float(info["damping"]),
+                    float(info["complement_gain"]), self._read_rows(name, "factored"),
+                ).to(device)  # fmt: skip
+            return self._cache[key]
         if self.codec(name) == "lorif":
             key = ("lorif", name, str(device))
             if key not in self._cache:
@@ -611,33 +647,43 @@ class ResponseStore:
         key = ("eigen", name, str(device))
         if key not in self._cache:
             info = self.checkpoint_info(name)
-            basis = self._read(self.path / info["basis_file"])
-            space = self.space
-            for pname, shape in zip(space.names, space.shapes):
-                got = tuple(basis[pname].shape) if pname in basis else None
-                if got != (info["rank"], *shape):
-                    raise StoreError(f"{info['basis_file']}: tensor {pname!r} is {got}, expected {(info['rank'], *shape)}.")
             coordinates = torch.cat([block for _, block in self._iter_shards(name, "eigen")])
             self._cache[key] = EigenResponses(
-                space.flatten(basis, batch_dims=1).to(device), torch.tensor(info["eigenvalues"], device=device),
+                self._read_basis(name).to(device), torch.tensor(info["eigenvalues"], device=device),
                 float(info["damping"]), coordinates.to(device),
             )  # fmt: skip
         return self._cache[key]
 
-    def _read_lowrank(self, name: str) -> LowRankResponses:
-        """Every shard of a ``"lorif"`` checkpoint, each source's rows put in place (float32)."""
+    def _read_basis(self, name: str) -> Tensor:
+        """``Tensor[k, P]`` float32: the basis of an ``"eigen"`` or ``"factored"`` checkpoint, its shapes checked."""
+        info = self.checkpoint_info(name)
+        basis = self._read(self.path / info["basis_file"])
+        for pname, shape in zip(self.space.names, self.space.shapes):
+            got = tuple(basis[pname].shape) if pname in basis else None
+            if got != (info["rank"], *shape):
+                raise StoreError(f"{info['basis_file']}: tensor {pname!r} is {got}, expected {(info['rank'], *shape)}.")
+        return self.space.flatten(basis, batch_dims=1)
+
+    def _read_rows(self, name: str, codec: str) -> dict[str, Tensor]:
+        """Every shard of a ``"lorif"`` or ``"factored"`` checkpoint, each source's rows put in place (float32):
+        ``{key: Tensor[S, ...]}``."""
         full: dict[str, Tensor] = {}
-        for sources, tensors in self._iter_shards(name, "lorif"):
+        for sources, tensors in self._iter_shards(name, codec):
             for key, t in tensors.items():
                 if key not in full:
                     full[key] = torch.full((self.n_sources, *t.shape[1:]), float("nan"))
                 full[key][sources] = t.float()
-        return LowRankResponses.from_tensors(self.space, full)
+        return full
+
+    def _read_lowrank(self, name: str) -> LowRankResponses:
+        """Every shard of a ``"lorif"`` checkpoint (float32)."""
+        return LowRankResponses.from_tensors(self.space, self._read_rows(name, "lorif"))
 
     def _shard_shapes(self, name: str, rows: int) -> dict[str, tuple[int, ...]]:
         """``{key: shape}`` every shard of checkpoint ``name`` with ``rows`` sources must hold (dense or lorif)."""
-        factored = self.checkpoint_info(name).get("factored", {})
-        shapes = {}
+        info = self.checkpoint_info(name)
+        factored = info.get("factored", {})
+        shapes = {COORDINATES: (rows, info["rank"])} if info.get("codec") == "factored" else {}
         for pname, shape in zip(self.space.names, self.space.shapes):
             if pname in factored:
                 out, inp, c = factored[pname]
@@ -698,5 +744,5 @@ class ResponseStore:
             if sources.numel() and (int(sources.min()) < 0 or int(sources.max()) >= self.n_sources):
                 raise StoreError(f"{shard['file']}: source ids outside [0, {self.n_sources}); the store is damaged.")
             covered.index_add_(0, sources, torch.ones_like(sources))
-            yield sources, tensors if codec == "lorif" else space.flatten(tensors, batch_dims=1)
+            yield sources, space.flatten(tensors, batch_dims=1) if codec == "dense" else tensors
         check_coverage(covered, f"checkpoint {name!r} of {self.path}")

@@ -1,0 +1,169 @@
+"""Codec "factored": the spectral default's responses kept as eigen coordinates plus per-example gradient factors. Its
+scores must equal codec "dense"'s (same fit, same eigenspace) to float32 rounding, and both the explicit damped-GGN
+target where the eigenspace is the whole space."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import blobs, exact_influence, fit, small_mlp
+from torch import nn
+
+from lightning_attr import AttributionCallback, ResponseStore
+from lightning_attr.factored import FactoredResponses, example_slots
+from lightning_attr.models import Classifier
+from lightning_attr.models.nets import CNN
+
+
+def _close(ours: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> bool:
+    return bool(torch.allclose(ours, expected, rtol=rel, atol=rel * float(expected.abs().max())))
+
+
+def _fit_codecs(tmp_path, make_model, x, y, codecs=("dense", "factored"), epochs=4, **options):
+    out = {}
+    for codec in codecs:
+        torch.manual_seed(0)  # the same initial weights and data order: the same fit
+        model = make_model()
+        cb = AttributionCallback(tmp_path / codec, codec=codec, **options)
+        fit(model, x, y, [cb], epochs=epochs)
+        out[codec] = (model, cb.dirpath)
+    return out
+
+
+def test_factored_mlp_equals_dense_and_the_exact_target(tmp_path):
+    x, y = blobs(n=120, d=6, classes=3, seed=4)
+    xq, yq = blobs(n=12, d=6, classes=3, seed=5)
+    # rank above P (6*24 + 24 + 24*3 + 3 = 243): the eigenspace is the whole space, so the target is exact too; a
+    # small memory budget makes several blocks of sources
+    stores = _fit_codecs(tmp_path, lambda: small_mlp(6, 3, hidden=24), x, y, rank=1000, checkpoint_epochs=None, memory_budget_mb=0.02)
+    (model, dense), (_, factored) = stores["dense"], stores["factored"]
+    store = ResponseStore.load(factored)
+    entry = store.checkpoint_info("final")
+    # the first layer (24 x 6): 1 x (24 + 6) = 30 < 144 numbers, factored; the last (3 x 24): 27 = 72? no: 1 x 27 < 72
+    assert entry["codec"] == "factored" and entry["factored"] == {"net.1.weight": [24, 6, 1], "net.3.weight": [3, 24, 1]}
+    assert entry["numbers_per_source"] == entry["rank"] + (24 + 6) + (3 + 24) + 24 + 3
+    block = store.block("final")
+    assert isinstance(block, FactoredResponses)
+    assert torch.allclose(block.to_dense(), ResponseStore.load(dense).responses("final"), atol=1e-6)
+    ours, expected = (model.attribute((xq, yq), responses=path) for path in (factored, dense))
+    assert _close(ours, expected)
+    exact = exact_influence(model, x, y, xq, yq, entry["damping"])
+    assert _close(ours, exact, rel=1e-3)
+    train = (x[:20], y[:20], torch.arange(20))
+    paired = model.self_influence(train, responses=factored)
+    assert _close(paired, model.attribute((x[:20], y[:20]), responses=factored)[:, :20].diagonal())
+    assert _close(paired, model.self_influence(train, responses=dense))
+    with pytest.raises(ValueError, match="codec 'factored'"):
+        model.attribute((xq, yq), responses=factored, readout="central")
+
+
+def test_factored_ensemble_at_reduced_rank_equals_dense(tmp_path):
+    """The default trajectory ensemble and rank='auto' (the eigenspace stops short of P): still the dense scores."""
+    x, y = blobs(n=160, d=8, classes=3, seed=6)
+    xq, yq = blobs(n=9, d=8, classes=3, seed=7)
+    stores = _fit_codecs(tmp_path, lambda: small_mlp(8, 3, hidden=32), x, y, epochs=10)
+    (model, dense), (_, factored) = stores["dense"], stores["factored"]
+    store = ResponseStore.load(factored)
+    assert len(store.checkpoints) == 3 and all(store.codec(c) == "factored" for c in store.checkpoints)
+    assert store.checkpoint_info("final")["rank"] < sum(p.numel() for p in model.parameters())
+    ours, expected = (model.attribute((xq, yq), responses=path) for path in (factored, dense))
+    assert _close(ours, expected)
+    one = model.attribute((xq[:1], yq[:1]), responses=factored)  # Q = 1
+    assert _close(one, expected[:1])
+
+
+class _Tiny2dCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x.view(-1, 1, 4, 4))).flatten(1))
+
+
+def test_factored_cnn_keeps_convolutions_dense_and_equals_dense(tmp_path):
+    x, y = blobs(n=96, d=16, classes=3, seed=8)
+    xq, yq = blobs(n=6, d=16, classes=3, seed=9)
+    make = lambda: Classifier(_Tiny2dCNN(), lr=0.05, momentum=0.9, weight_decay=1e-3)  # noqa: E731
+    stores = _fit_codecs(tmp_path, make, x, y, rank=1000, checkpoint_epochs=None)
+    (model, dense), (_, factored) = stores["dense"], stores["factored"]
+    entry = ResponseStore.load(factored).checkpoint_info("final")
+    assert entry["factored"] == {"net.fc.weight": [3, 64, 1]}  # the convolution is stored dense
+    ours, expected = (model.attribute((xq, yq), responses=path) for path in (factored, dense))
+    assert _close(ours, expected)
+    exact = exact_influence(model, x, y, xq, yq, entry["damping"])
+    assert _close(ours, exact, rel=1e-3)
+
+
+def test_factored_source_groups_factor_each_member_and_equal_dense(tmp_path):
+    """A source of 4 examples: rank 4 per factored weight where that is cheaper than the matrix, dense elsewhere."""
+    x, y = blobs(n=120, d=6, classes=3, seed=10)
+    xq, yq = blobs(n=6, d=6, classes=3, seed=11)
+    groups = (torch.arange(120) // 4).tolist()
+    stores = _fit_codecs(tmp_path, lambda: small_mlp(6, 3, hidden=24), x, y, rank=64, checkpoint_epochs=None, sources=groups)
+    (model, dense), (_, factored) = stores["dense"], stores["factored"]
+    entry = ResponseStore.load(factored).checkpoint_info("final")
+    # first layer 24 x 6: 4 x (24 + 6) = 120 < 144, factored; last 3 x 24: 4 x 27 = 108 >= 72, dense
+    assert entry["factored"] == {"net.1.weight": [24, 6, 4]}
+    ours, expected = (model.attribute((xq, yq), responses=path) for path in (factored, dense))
+    assert ours.shape == (6, 30) and _close(ours, expected)
+
+
+class _LayerNormNet(nn.Module):
+    """A LayerNorm between the Linear layers: the layer bases do not cover it, so the readout takes the tangents."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(6, 16), nn.LayerNorm(16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.norm(self.fc1(x))))
+
+
+def test_factored_without_layer_bases_reads_out_by_tangents_and_equals_dense(tmp_path):
+    x, y = blobs(n=80, d=6, classes=3, seed=12)
+    xq, yq = blobs(n=5, d=6, classes=3, seed=13)
+    make = lambda: Classifier(_LayerNormNet(), lr=0.05, momentum=0.9, weight_decay=1e-3)  # noqa: E731
+    stores = _fit_codecs(tmp_path, make, x, y, rank=48, checkpoint_epochs=None)
+    (model, dense), (_, factored) = stores["dense"], stores["factored"]
+    assert set(ResponseStore.load(factored).checkpoint_info("final")["factored"]) == {"net.fc1.weight", "net.fc2.weight"}
+    ours, expected = (model.attribute((xq, yq), responses=path) for path in (factored, dense))
+    assert _close(ours, expected)
+    train = (x[:6], y[:6], torch.arange(6))
+    assert _close(model.self_influence(train, responses=factored), model.self_influence(train, responses=dense))
+
+
+class _SkipsNonFiniteInputs(Classifier):
+    """Trains only on finite inputs, so the model stays finite while one example's gradient is NaN."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        keep = x.isfinite().all(dim=1)
+        return nn.functional.cross_entropy(self(x[keep]), y[keep])
+
+
+def test_factored_non_finite_source_scores_nan_not_zero(tmp_path):
+    x, y = blobs(n=48)
+    x[5] = float("nan")
+    model = _SkipsNonFiniteInputs(small_mlp(6, 3).net)
+    cb = AttributionCallback(tmp_path / "r", codec="factored", rank=32, checkpoint_epochs=None, curvature_batch_size=16)
+    with pytest.warns(UserWarning, match="non-finite"):
+        fit(model, x, y, [cb], epochs=2, batch_size=16)
+    store = ResponseStore.load(cb.dirpath)
+    assert store.checkpoint_info("final")["n_valid"] == 47
+    scores = model.attribute((x[:3].nan_to_num(), y[:3]), responses=cb.dirpath)
+    assert scores[:, 5].isnan().all() and scores[:, torch.arange(48) != 5].isfinite().all()
+
+
+@pytest.mark.parametrize(
+    "options", [{"mode": "online"}, {"curvature": "hessian"}, {"propagation": "neumann"}, {"propagation": "heavy_ball"}]
+)
+def test_factored_needs_the_spectral_end_mode_pipeline(options):
+    with pytest.raises(Exception, match="codec='factored' stores the responses of propagation='spectral'.*codec='dense'"):
+        AttributionCallback(codec="factored", **options)
+
+
+def test_example_slots_number_each_sources_examples():
+    slot, width = example_slots(torch.tensor([2, 0, 2, -1, 1, 2, 0]))
+    assert slot.tolist() == [0, 0, 1, -1, 0, 2, 1] and width == 3
