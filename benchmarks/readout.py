@@ -16,6 +16,10 @@ first ``--queries`` test points:
   one backward pass per query; the largest difference to the default is recorded), and ``ensemble="collapsed"``
   (the checkpoints folded into one response per source) with either readout (``--variants all`` only; ``default``:
   the two default queries and TRAK-1);
+- ``ours factored, 1 member / ensemble`` (``--factored``): the same fit writes a second store with
+  ``codec="factored"`` (the default's responses kept as eigen coordinates plus per-example gradient factors,
+  :mod:`lightning_attr.factored`), read out the same way; its scores against the default's and every store's bytes
+  (``storage_bytes``, beside TRAK-1's) are recorded;
 - ``TRAK-1 (dattri)``: :class:`~lightning_attr.evaluation.peers.DattriTRAK` (1 model, projection 512) set up on
   the same fitted network and training set;
 - ``memory floor (ensemble)``: one matrix-vector product over each checkpoint's ``[S, P]`` responses, what any
@@ -53,7 +57,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import current_commit, fit, machine, make_net  # noqa: E402
+from bench import current_commit, dir_bytes, fit, machine, make_net  # noqa: E402
 from convergence import HERE as SETTINGS  # noqa: E402  (the bench's settings and the held-out ones)
 
 from lightning_attr import AttributionCallback, ResponseStore  # noqa: E402
@@ -69,8 +73,9 @@ CHECKPOINT_EPOCHS = "auto"  # the default: after 10% and 20% of the epochs, and 
 PREVIOUS_CHUNK = 256  # the readout's default chunk_size before it was chosen from the activations
 
 
-def fitted(setting_name: str, data, store_dir: Path) -> tuple[Classifier, Path, float | None]:
+def fitted(setting_name: str, data, store_dir: Path, factored: bool = False) -> tuple[Classifier, Path, float | None]:
     """The fitted classifier and its store: read from ``store_dir`` when an earlier run left them, else fitted.
+    ``factored``: the same fit also writes a codec ``"factored"`` store (a second callback, :func:`factored_store`).
     Returns (model in eval mode, store path, fit seconds or None when reused)."""
     s = SETTINGS[setting_name]
     root = store_dir / setting_name
@@ -80,14 +85,21 @@ def fitted(setting_name: str, data, store_dir: Path) -> tuple[Classifier, Path, 
     def classifier() -> Classifier:
         return Classifier(make_net(s, data, 0), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay, optimizer=r.optimizer)
 
-    if weights.is_file() and (responses / "manifest.json").is_file():
+    wanted = [responses, factored_store(responses)] if factored else [responses]
+    if weights.is_file() and all((path / "manifest.json").is_file() for path in wanted):
         model = classifier()
         model.load_state_dict(load_file(str(weights)))
         return model.eval(), responses, None
     cb = AttributionCallback(dirpath=str(responses), mode="end", checkpoint_epochs=CHECKPOINT_EPOCHS, overwrite=True)
-    model, seconds = fit(s, data, [cb])
+    also = [AttributionCallback(dirpath=str(factored_store(responses)), codec="factored", checkpoint_epochs=CHECKPOINT_EPOCHS, overwrite=True)]
+    model, seconds = fit(s, data, [cb, *(also if factored else [])])
     atomic_save_tensors(weights, {k: v.detach().contiguous() for k, v in model.state_dict().items()})
     return model.eval(), responses, seconds
+
+
+def factored_store(responses: Path) -> Path:
+    """Where ``--factored`` keeps the codec ``"factored"`` store of the same fit, beside the default's."""
+    return responses.with_name(responses.name + "-factored")
 
 
 def _memory_floor(store: ResponseStore):
@@ -178,7 +190,7 @@ def _median_ms(fn, repeats: int) -> float:
 def run_setting(name: str, args) -> dict:
     torch.manual_seed(0)
     data = SETTINGS[name].load()
-    model, path, fit_s = fitted(name, data, Path(args.store_dir))
+    model, path, fit_s = fitted(name, data, Path(args.store_dir), args.factored)
     store = ResponseStore.load(path)
     xq, yq = data.x_test[: args.queries], data.y_test[: args.queries]
     trak = DattriTRAK(1, proj_dim=512, regularization=0.1)  # the query cost does not depend on the ridge
@@ -197,6 +209,13 @@ def run_setting(name: str, args) -> dict:
         "layer readout (before), 1 member": _reference(model, store, store.checkpoints[-1:], layers=True),
         "layer readout (before), ensemble": _reference(model, store, store.checkpoints, layers=True),
     }
+    storage = {"ours (default store)": dir_bytes(path), "TRAK-1 (dattri)": trak.storage_bytes()}
+    if args.factored:  # the same fit's codec "factored" store: its scores against the default's are recorded below
+        def ours_factored(checkpoints: str):
+            return lambda x, y: model.attribute((x, y), responses=str(factored_store(path)), checkpoints=checkpoints)
+
+        functions = {**functions, "ours factored, 1 member": ours_factored("last"), "ours factored, ensemble": ours_factored("all")}
+        storage["ours factored"] = dir_bytes(factored_store(path))
     if args.variants == "all":
         functions = {
             **functions,
@@ -224,6 +243,10 @@ def run_setting(name: str, args) -> dict:
                          ("gradient", ours(checkpoints, None, readout="gradient")(xq, yq))):  # fmt: skip
             same[f"{checkpoints}, {other}"] = {"bitwise": bool(torch.equal(a, b)), "max_abs_diff": float((a - b).abs().max()),
                                               "max_abs_score": float(a.abs().max())}  # fmt: skip
+    for checkpoints, members in (("last", "1 member"), ("all", "ensemble")) if args.factored else ():
+        a, b = ours(checkpoints, None)(xq, yq), functions[f"ours factored, {members}"](xq, yq)
+        same[f"{checkpoints}, factored"] = {"bitwise": bool(torch.equal(a, b)), "max_abs_diff": float((a - b).abs().max()),
+                                           "max_abs_score": float(a.abs().max())}  # fmt: skip
     if args.save_scores:  # the ensemble's and the last member's scores of 20 queries, to compare library versions
         atomic_save_tensors(Path(args.save_scores) / f"{name}-{args.label}.safetensors", {
             "ensemble": ours("all", None)(xq[:20], yq[:20]).contiguous(), "last": ours("last", None)(xq[:20], yq[:20]).contiguous()
@@ -242,7 +265,7 @@ def run_setting(name: str, args) -> dict:
     record = {
         "setting": name, "label": args.label, "members": len(store.checkpoints), "n_sources": store.n_sources, "n_parameters": store.space.size, "queries": len(xq),
         "checkpoints": store.checkpoints, "propagation": info.get("propagation"), "fit_s": fit_s,
-        "trak1_setup_s": round(trak_setup_s, 2), "q1": q1, "batched": batched, "scores_against_the_default": same,
+        "trak1_setup_s": round(trak_setup_s, 2), "storage_bytes": storage, "q1": q1, "batched": batched, "scores_against_the_default": same,
         "breakdown": split, "rounds": {"q1": args.rounds, "batched": args.batched_rounds},
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)], "torch": torch.__version__,
         "machine": machine(), "commit": current_commit(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -262,6 +285,7 @@ def _print(r: dict) -> None:
               f"(chunk {split['chunk_size']})")  # fmt: skip
         for op in split.get("top_ops", []):
             print(f"    {op['op']:36} {100 * op['share']:5.1f}%  {op['ms_per_call']:9.3f} ms per call")
+    print(f"  storage bytes: {r['storage_bytes']}")
     print(f"  scores against the default readout: {r['scores_against_the_default']}", flush=True)
 
 
@@ -277,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true", help="record torch.profiler's top operators of the ensemble query")
     p.add_argument("--save-scores", default=None, help="folder: write each setting's scores of 20 queries there")
     p.add_argument("--label", default="default", help="names the library version measured (records are kept per setting and label)")
+    p.add_argument("--factored", action="store_true", help="the same fit also writes a codec 'factored' store, read out beside the default")
     p.add_argument("--variants", choices=("default", "all"), default="all", help="default: the two default queries and TRAK-1 only")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

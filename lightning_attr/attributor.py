@@ -304,10 +304,10 @@ class Attributor:
         member = self._members.get(key)
         if member is None or member.entry != entry:
             for name in names:
-                if store.codec(name) != "dense":
+                if store.codec(name) not in ("dense", "factored"):  # "factored": the same responses, rebuilt as rows
                     raise StoreError(
-                        f"ensemble='collapsed' folds dense responses; checkpoint {name!r} of {store.path} holds codec "
-                        f"{store.codec(name)!r}. Use ensemble='paired'."
+                        f"ensemble='collapsed' folds dense responses (codec 'dense', or 'factored' rebuilt as rows); "
+                        f"checkpoint {name!r} of {store.path} holds codec {store.codec(name)!r}. Use ensemble='paired'."
                     )
             if store.n_sources * store.space.size * 4 > self.memory_budget_mb * 2**20:
                 raise StoreError(

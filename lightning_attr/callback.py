@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_map
 
 from lightning_attr import batch_format
 from lightning_attr.engine import DIVERGED, SimulationEngine, SourcePartition, TrainingData, Window
+from lightning_attr.factored import factored_numbers
 from lightning_attr.functional import functional_view, to_float32, uses_output_loss
 from lightning_attr.mixin import AttributionMixin
 from lightning_attr.parameters import ParameterSpace
@@ -129,7 +130,7 @@ class AttributionCallback(Callback):
             the ``rank`` eigen coordinates of the damped inverse's correction plus ``g_s / (mu + damping)`` with each
             Linear weight's gradient kept as its per-example factors ``delta x^T`` (rank: the source's examples) and
             the rest dense (:mod:`factored`): ``k + sum_l c (out + in)`` numbers per source; the same scores as
-            ``"dense"`` up to float rounding, ``readout="linear"`` only.
+            ``"dense"`` up to float rounding (``central`` / ``step`` rebuild dense rows: the dense cost).
         rank: ``k``, eigenpairs kept by ``codec="eigen"`` and by ``propagation="spectral"`` (and so ``"factored"``; capped at ``P``); ``c``, the rank of every factored
             weight for ``codec="lorif"`` (capped at ``min(out, in)``: exact there). ``"auto"``: ``propagation="spectral"``
             grows its Krylov space block by block (nothing recomputed) from rank 256 until ``sigma_k <= 0.5 damping``,
@@ -239,7 +240,9 @@ class AttributionCallback(Callback):
         n, members = (self.num_examples, None) if self.num_examples else _training_examples(trainer)
         self._source_map = SourceMap.build(self.sources, n, members)
         self._space = ParameterSpace.of(pl_module)
-        self.settings = self.settings.for_size(self._source_map.num_sources, self._space.size)
+        rank = self.settings.fixed_rank()  # "auto": the eigenspace's first 256 pairs (it may grow beyond)
+        numbers = factored_numbers(pl_module, self._space, rank) if self._source_map.is_per_example else None
+        self.settings = self.settings.for_size(self._source_map.num_sources, self._space.size, numbers)
         self.codec = self.settings.codec
         self._engine = SimulationEngine(
             self.settings, self._source_map, self._space, self.dirpath,

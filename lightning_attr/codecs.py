@@ -16,8 +16,9 @@ A **codec** names the representation of one response checkpoint:
   ``out * in``.
 - ``"factored"``: the spectral default's responses exactly, as the eigen coordinates ``diag(1/(sigma + lam) - gamma) V g_b``
   (``k`` numbers) plus ``gamma g_b`` with each Linear weight's gradient as its per-example factors (``delta x^T``) and the
-  rest dense (:mod:`factored`): ``k + sum_l c (out + in)`` numbers per source. Read out (``linear`` only) from the
-  query's layer factors by forward mode; the same scores as ``"dense"`` up to float rounding.
+  rest dense (:mod:`factored`): ``k + sum_l c (out + in)`` numbers per source. Read out (``linear``) from the
+  query's layer factors by forward mode; the same scores as ``"dense"`` up to float rounding (``central`` / ``step``:
+  the responses rebuilt as dense rows, a block at a time, at the dense codec's cost).
 
 A dense checkpoint too large for memory is read as :class:`StreamedResponses`: its shards one at a
 time at every query, so ``S x P`` is never held (the cost: reading the shards again per query).
@@ -49,14 +50,24 @@ CODECS = ("dense", "eigen", "lorif", "factored")
 DEFAULT_MEMORY_BUDGET_MB = 1024.0
 
 
-def auto_codec(num_sources: int, num_parameters: int, mode: str, curvature: str, limit_mb: float | None = None) -> str:
+def auto_codec(
+    num_sources: int, num_parameters: int, mode: str, curvature: str, limit_mb: float | None = None, *,
+    propagation: str = "auto", factored_numbers: int | None = None,
+) -> str:  # fmt: skip
     """The codec that ``codec="auto"`` picks for ``num_sources`` sources of ``num_parameters`` parameters.
 
-    ``"dense"`` while one checkpoint's dense responses (``4 S P`` bytes) fit ``limit_mb`` (attribute()'s default
-    memory budget: the member is held in memory and read once per query batch); beyond it ``"eigen"`` (``rank``
-    numbers per source; a query costs ``rank`` tangents whatever ``S``), which simulates at fixed weights on the
-    GGN, so it is picked only in end mode with ``curvature="ggn"`` (``"dense"`` otherwise).
+    - ``"factored"`` where it holds the dense default's responses exactly in fewer than half the numbers: end mode,
+      ``curvature="ggn"``, ``propagation`` ``"auto"`` / ``"spectral"`` (the responses it stores), and
+      ``factored_numbers`` (its numbers per source, :func:`lightning_attr.factored.factored_numbers`: given for
+      per-example sources of a network the layer-bases readout covers, else ``None``) below ``num_parameters / 2``;
+    - else ``"dense"`` while one checkpoint's dense responses (``4 S P`` bytes) fit ``limit_mb`` (attribute()'s default
+      memory budget: the member is held in memory and read once per query batch); beyond it ``"eigen"`` (``rank``
+      numbers per source; a query costs ``rank`` tangents whatever ``S``), which simulates at fixed weights on the
+      GGN, so it is picked only in end mode with ``curvature="ggn"`` (``"dense"`` otherwise).
     """
+    spectral = mode == "end" and curvature == "ggn" and propagation in ("auto", "spectral")
+    if spectral and factored_numbers is not None and 2 * factored_numbers < num_parameters:
+        return "factored"
     limit_mb = DEFAULT_MEMORY_BUDGET_MB if limit_mb is None else limit_mb
     fits = 4 * num_sources * num_parameters <= limit_mb * 2**20
     return "dense" if fits or mode != "end" or curvature != "ggn" else "eigen"

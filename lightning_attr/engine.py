@@ -68,7 +68,7 @@ from lightning_attr.simulation import (
 from lightning_attr.sources import SourceMap, indexed_base, split_batch
 from lightning_attr.factored import FactoredResponses, FactorPlan, check_factors
 from lightning_attr.lowrank import LowRankResponses, encode_lowrank, factored_layers, lowrank_entry
-from lightning_attr.spectral import DEFAULT_RESIDUAL_TOLERANCE, TRACE_PROBES, adaptive_eigenspace, eigen_responses, eigenspace_products, product_cap, top_eigenspace
+from lightning_attr.spectral import DEFAULT_RESIDUAL_TOLERANCE, EigenResponses, TRACE_PROBES, adaptive_eigenspace, eigen_responses, eigenspace_products, product_cap, top_eigenspace
 from lightning_attr.store import ResponseStore, ShardWriter, write_part
 
 CurvatureFactory = Callable[[FunctionalModel, Tensor, Sequence[Any]], CurvatureOperator]
@@ -489,7 +489,7 @@ class SimulationEngine:
         for tensor in rest.values():
             tensor[bad] = float("nan")
         gradients = LowRankResponses(self.space, factors, rest)
-        block_ = FactoredResponses(basis, sigma, inverse.damping, gamma, coordinates, gradients)
+        block_ = FactoredResponses(EigenResponses(basis, sigma, inverse.damping, coordinates), gamma, gradients)
         zeros = torch.zeros(count, dtype=torch.long)
         stats = {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()}
         _warn_invalid(self._warn, valid)

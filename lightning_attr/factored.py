@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -34,12 +34,12 @@ from torch import Tensor, nn
 from lightning_attr.basis_readout import QueryFactors, basis_layers, query_factors
 from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel
-from lightning_attr.layer_readout import _Layer, handled_layers
-from lightning_attr.lowrank import LowRankResponses
+from lightning_attr.layer_readout import _Layer, capture_layers, handled_layers
+from lightning_attr.lowrank import LowRankResponses, paired_diagonals
 from lightning_attr.parameters import ParameterSpace
-from lightning_attr.readout import _query_chunks, check_readout
+from lightning_attr.readout import _query_chunks, check_readout, paired_readout, score_sources
 from lightning_attr.simulation import select_examples
-from lightning_attr.spectral import query_tangents
+from lightning_attr.spectral import EigenResponses
 
 COORDINATES = "coordinates"  # shard key of the eigen coordinates, Tensor[C, k]
 # A factored weight's reconstruction U V^T may differ from the dense per-source gradient by this much (relative to the
@@ -47,73 +47,57 @@ COORDINATES = "coordinates"  # shard key of the eigen coordinates, Tensor[C, k]
 _CONSISTENCY_TOLERANCE = 1e-3
 
 
-def _reject_readout(readout: str) -> None:
-    check_readout(readout)
-    if readout != "linear":
-        raise ValueError(
-            f"readout={readout!r} is not available for responses stored with codec 'factored' (the eigen coordinates "
-            "and gradient factors are read out by forward-mode tangents, the 'linear' readout). Use readout='linear', "
-            "or simulate with codec='dense' for the 'central' / 'step' readouts."
-        )
+_DENSE_ROWS = 1024  # sources rebuilt as dense rows at a time for the central / step readouts
 
 
 @dataclass(frozen=True)
 class FactoredResponses:
-    """Codec ``"factored"``: ``r_s = basis^T coordinates[s] + gradients[s]`` (module docstring).
+    """Codec ``"factored"``: ``r_s = eigen.basis^T eigen.coordinates[s] + gradients[s]`` (module docstring).
 
     Attributes:
-        basis: ``Tensor[k, P]`` float32, the top-k eigenvectors of the GGN (orthonormal rows).
-        eigenvalues: ``Tensor[k]`` float32 ``sigma``, descending (loss per squared parameter unit).
-        damping: ``lam``. complement_gain: ``gamma = 1 / (mu + lam)``, what the response is outside the basis.
-        coordinates: ``Tensor[S, k]`` float32, ``diag(1/(sigma + lam) - gamma) V g_s`` (NaN rows: invalid sources).
+        eigen: the top-k eigenvectors of the GGN (``basis: Tensor[k, P]``, orthonormal rows), their eigenvalues, the
+            damping ``lam`` and per source the coordinates ``diag(1/(sigma + lam) - gamma) V g_s`` (``Tensor[S, k]``
+            float32; NaN rows: invalid sources), as codec ``"eigen"`` holds them.
+        complement_gain: ``gamma = 1 / (mu + lam)``, what the response is outside the basis.
         gradients: ``gamma g_s`` per source (:class:`LowRankResponses`: Linear weights as factors, the rest dense).
     """
 
-    basis: Tensor
-    eigenvalues: Tensor
-    damping: float
+    eigen: EigenResponses
     complement_gain: float
-    coordinates: Tensor
     gradients: LowRankResponses
     codec: ClassVar[str] = "factored"
 
     @property
     def num_sources(self) -> int:
-        return int(self.coordinates.shape[0])
+        return self.eigen.num_sources
 
     @property
     def rank(self) -> int:
-        return int(self.basis.shape[0])
+        return self.eigen.rank
 
     def to(self, device: torch.device | str) -> FactoredResponses:
-        return FactoredResponses(
-            self.basis.to(device), self.eigenvalues.to(device), self.damping, self.complement_gain,
-            self.coordinates.to(device), self.gradients.to(device),
-        )  # fmt: skip
+        return FactoredResponses(self.eigen.to(device), self.complement_gain, self.gradients.to(device))
 
     def select(self, sources: Tensor) -> FactoredResponses:
         """The responses of ``sources: LongTensor[C]`` (in that order)."""
-        return FactoredResponses(
-            self.basis, self.eigenvalues, self.damping, self.complement_gain, self.coordinates[sources], self.gradients.select(sources)
-        )
+        return FactoredResponses(replace(self.eigen, coordinates=self.eigen.coordinates[sources]), self.complement_gain, self.gradients.select(sources))
 
     def to_dense(self) -> Tensor:
         """The same responses as ``Tensor[S, P]`` (``S x P`` floats: for tests and small stores)."""
-        return self.coordinates @ self.basis + self.gradients.to_dense()
+        return self.eigen.to_dense() + self.gradients.to_dense()
 
     def entry(self) -> dict[str, Any]:
         """Its manifest fields besides the basis file: codec, rank, eigenvalues, damping, ``gamma``, the factored weights
         (``{name: [out, in, c]}``) and the numbers stored per source (``numbers_per_source``, of ``P`` dense)."""
-        lowrank = self.gradients.entry()
         return {
-            "codec": "factored", "rank": self.rank, "eigenvalues": [float(v) for v in self.eigenvalues.cpu()],
-            "damping": float(self.damping), "complement_gain": float(self.complement_gain), "factored": lowrank["factored"],
-            "numbers_per_source": self.rank + self.gradients.numel() // max(1, self.num_sources),
+            "codec": "factored", "rank": self.rank, "eigenvalues": [float(v) for v in self.eigen.eigenvalues.cpu()],
+            "damping": float(self.eigen.damping), "complement_gain": float(self.complement_gain),
+            "factored": self.gradients.entry()["factored"], "numbers_per_source": self.rank + self.gradients.numel() // max(1, self.num_sources),
         }  # fmt: skip
 
     def tensors(self) -> dict[str, Tensor]:
         """The shard tensors: ``coordinates`` and the factors / dense rest of ``gradients`` (``Tensor[S, ...]`` each)."""
-        return {COORDINATES: self.coordinates, **self.gradients.tensors()}
+        return {COORDINATES: self.eigen.coordinates, **self.gradients.tensors()}
 
     @classmethod
     def from_tensors(
@@ -121,63 +105,87 @@ class FactoredResponses:
     ) -> FactoredResponses:
         """From shard tensors (:meth:`tensors`) and the basis."""
         tensors = dict(tensors)
-        coordinates = tensors.pop(COORDINATES)
-        return cls(basis, eigenvalues, damping, complement_gain, coordinates, LowRankResponses.from_tensors(space, tensors))
+        eigen = EigenResponses(basis, eigenvalues, damping, tensors.pop(COORDINATES))
+        return cls(eigen, complement_gain, LowRankResponses.from_tensors(space, tensors))
 
     @cached_property
     def _rest(self) -> tuple[tuple[str, ...], Tensor]:
         """The dense part of ``gradients`` as one ``Tensor[S, P_rest]`` (names in the space's order)."""
         names = tuple(n for n in self.gradients.space.names if n in self.gradients.rest)
         rest = [self.gradients.rest[n].reshape(self.num_sources, -1) for n in names]
-        return names, torch.cat(rest, dim=1) if rest else self.coordinates.new_zeros(self.num_sources, 0)
+        return names, torch.cat(rest, dim=1) if rest else self.eigen.coordinates.new_zeros(self.num_sources, 0)
 
     def scores(self, model: FunctionalModel, theta: Tensor, batch: Any, readout: str, chunk_size: int) -> Tensor:
         """``Tensor[B, S]``: predicted rise of each query's measurement if the source were removed (equal to the dense
-        codec's linear readout up to float rounding)."""
-        _reject_readout(readout)
+        codec's up to float rounding). ``central`` / ``step`` move the parameters along ``r_s`` itself: the responses are
+        rebuilt as dense rows, :data:`_DENSE_ROWS` sources at a time, and read out as codec ``"dense"`` reads them."""
+        check_readout(readout)
+        if readout != "linear":
+            rows = range(0, self.num_sources, _DENSE_ROWS)
+            return torch.cat([
+                score_sources(model, theta, self.select(torch.arange(s, min(s + _DENSE_ROWS, self.num_sources))).to_dense(), batch,
+                              readout, chunk_size=chunk_size) for s in rows
+            ], dim=1)  # fmt: skip
         layers = basis_layers(model.module, model.space)
         parts = []
         for rows in _query_chunks(batch, theta) if layers is not None else ():
             queries = select_examples(batch, rows)
             factors = query_factors(model, theta, queries, layers, chunk_size=chunk_size)
-            if factors is None:
+            if factors is None or not set(self.gradients.factors) <= set(factors.factors):  # a factored weight read densely
                 parts = []
                 break
             parts.append(self._factored_scores(model.space, factors, rows.numel(), theta))
         if parts:
             return torch.cat(parts) if len(parts) > 1 else parts[0]
         # not covered by the layer bases: k tangents along the basis, and the gradients' forward hooks (lorif's readout)
-        eigen = query_tangents(model, theta, self.basis, batch, chunk_size) @ self.coordinates.T
-        return eigen + self.gradients.scores(model, theta, batch, "linear", chunk_size)
+        return self.eigen.scores(model, theta, batch, readout, chunk_size) + self.gradients.scores(model, theta, batch, readout, chunk_size)
 
     def _factored_scores(self, space: ParameterSpace, query: QueryFactors, queries: int, theta: Tensor) -> Tensor:
         gradients = query.gradients(space, queries, theta)  # [Q, P]
-        out = (gradients @ self.basis.T) @ self.coordinates.T
+        out = (gradients @ self.eigen.basis.T) @ self.eigen.coordinates.T
         names, rest = self._rest
         if names:
             parts = space.unflatten(gradients) if len(names) < len(space.names) else None
             dense = gradients if parts is None else torch.cat([parts[n].reshape(queries, -1) for n in names], dim=1)
             out = out.addmm_(dense, rest.T)
-        for name, (u, v) in self.gradients.factors.items():  # u: [S, out, c], v: [S, in, c]
-            if name in query.factors:  # sum_{r, c} (J_r . u_c) (x_r . v_c): Q x S x c (out + in)
-                j, x = query.factors[name]
-                left = torch.einsum("qro,soc->qrsc", j, u)
-                right = torch.einsum("qri,sic->qrsc", x, v)
-                out = out + (left * right).sum(dim=(1, 3))
-            else:  # the query's weight gradient is dense here (read along the layer's parameters)
-                g = space.unflatten(gradients)[name].reshape(queries, u.shape[1], v.shape[1])
-                out = out + torch.einsum("qoi,soc,sic->qs", g, u, v)
+        for name, (u, v) in self._factor_columns.items():  # u: [out, S x c], v: [in, S x c]
+            c = u.shape[1] // self.num_sources
+            j, x = query.factors[name]  # sum_{r, c} (J_r . u_c) (x_r . v_c): Q x S x c (out + in)
+            rows = j.shape[1]
+            products = (j.reshape(-1, j.shape[2]) @ u).mul_(x.reshape(-1, x.shape[2]) @ v)  # [Q R, S c]
+            out += products.view(queries, -1) if rows == c == 1 else products.view(queries, rows, -1, c).sum(dim=(1, 3))
         return out
 
+    @cached_property
+    def _factor_columns(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The gradient factors laid out for the readout's products, once: ``{name: (U: Tensor[out, S x c], V: Tensor[in,
+        S x c])}`` (source-major columns)."""
+        return {n: (u.permute(1, 0, 2).reshape(u.shape[1], -1), v.permute(1, 0, 2).reshape(v.shape[1], -1))
+                for n, (u, v) in self.gradients.factors.items()}  # fmt: skip
+
     def paired(self, model: FunctionalModel, theta: Tensor, batch: Any, sources: Tensor, readout: str, block: int = 32) -> Tensor:
-        """``Tensor[B]``: query ``i`` against source ``sources[i]``: diagonals of :meth:`scores` on blocks of queries."""
-        _reject_readout(readout)
-        n, out = batch_size_of(batch), []
-        for start in range(0, n, block):
-            rows = torch.arange(start, min(start + block, n), device=sources.device)
-            part = self.select(sources[rows])
-            out.append(part.scores(model, theta, select_examples(batch, rows), readout, block).diagonal())
-        return torch.cat(out)
+        """``Tensor[B]``: query ``i`` against source ``sources[i]``: diagonals of :meth:`scores` on blocks of queries
+        (``central`` / ``step``: the selected responses rebuilt as dense rows, read out as codec ``"dense"`` reads them)."""
+        check_readout(readout)
+        if readout != "linear":
+            return paired_readout(model, theta, self.select(sources).to_dense(), batch, readout)
+        return paired_diagonals(self, model, theta, batch, sources, readout, block)
+
+
+def factored_numbers(module: nn.Module, space: ParameterSpace, rank: int) -> int | None:
+    """Numbers per per-example source codec ``"factored"`` would store for ``module`` with ``rank`` eigen coordinates
+    (capped at ``P``), if each Linear layer runs once per example on a vector (``out + in`` numbers where that is below
+    ``out x in``; every other parameter dense); ``None`` where the layer-bases readout does not cover the network (its
+    query side would then take ``k`` tangents and a forward-mode pass per source, not the factors)."""
+    if basis_layers(module, space) is None:
+        return None
+    shapes = dict(zip(space.names, space.shapes))
+    factored = {layer.weight for layer in linear_layers(module, space)}
+    total = min(rank, space.size)
+    for name, numel in zip(space.names, space.numels):
+        out, inp = (int(shapes[name][0]), numel // int(shapes[name][0])) if name in factored else (0, 0)
+        total += min(out + inp, numel) if name in factored else numel
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------- simulation side
@@ -272,10 +280,14 @@ class FactorPlan:
 
     @classmethod
     def of(cls, model: FunctionalModel, theta: Tensor, probe: Any, example_to_source: Tensor) -> FactorPlan:
-        """From one batch ``probe`` (rows per example of each layer) and the source map."""
+        """From one batch ``probe`` (rows per example of each layer) and the source map. A weight used outside its
+        layer's call in the forward pass (tied weights; seen by :func:`~lightning_attr.layer_readout.capture_layers`)
+        has more in its gradient than the layer's factors: then no weight is factored (all stored dense)."""
         layers = linear_layers(model.module, model.space)
         slot, width = example_slots(example_to_source)
-        ranks = {}
+        ranks: dict[str, int] = {}
+        if capture_layers(model, model.space.unflatten(theta), probe, layers) is None:
+            return cls(layers, ranks, slot)
         for layer, found in zip(layers, example_factors(model, theta, probe, layers)):
             if found is None or width == 0:
                 continue
@@ -340,4 +352,7 @@ def check_factors(factors: dict[str, tuple[Tensor, Tensor]], dense: dict[str, Te
             )
 
 
-__all__ = ["COORDINATES", "FactorPlan", "FactoredResponses", "check_factors", "example_factors", "example_slots", "linear_layers"]
+__all__ = [
+    "COORDINATES", "FactorPlan", "FactoredResponses", "check_factors", "example_factors", "example_slots", "factored_numbers",
+    "linear_layers",
+]

@@ -156,12 +156,18 @@ class LowRankResponses:
 
     def paired(self, model: FunctionalModel, theta: Tensor, batch: Any, sources: Tensor, readout: str, block: int = 32) -> Tensor:
         """``Tensor[B]``: query ``i`` against source ``sources[i]``: diagonals of :meth:`scores` on blocks of queries."""
-        n, out = batch_size_of(batch), []
-        for start in range(0, n, block):
-            rows = torch.arange(start, min(start + block, n), device=sources.device)
-            part = self.select(sources[rows])
-            out.append(part.scores(model, theta, select_examples(batch, rows), readout, block).diagonal())
-        return torch.cat(out)
+        return paired_diagonals(self, model, theta, batch, sources, readout, block)
+
+
+def paired_diagonals(responses: Any, model: FunctionalModel, theta: Tensor, batch: Any, sources: Tensor, readout: str, block: int) -> Tensor:
+    """``Tensor[B]``: query ``i`` of ``batch`` against source ``sources[i]`` of ``responses`` (a block with ``select`` and
+    ``scores``): the diagonals of its scores on ``block`` queries against their ``block`` sources at a time."""
+    n, out = batch_size_of(batch), []
+    for start in range(0, n, block):
+        rows = torch.arange(start, min(start + block, n), device=sources.device)
+        part = responses.select(sources[rows])
+        out.append(part.scores(model, theta, select_examples(batch, rows), readout, block).diagonal())
+    return torch.cat(out)
 
 
 def _shifted_measurement(model: FunctionalModel, theta: Tensor, batch: Any, shift: dict[str, Any]):
@@ -211,4 +217,4 @@ def _factored_forward(module: nn.Module, factors: dict[str, Any]) -> Iterator[di
             handle.remove()
 
 
-__all__ = ["FACTOR_KEYS", "LowRankResponses", "encode_lowrank", "factored_layers", "lowrank_entry"]
+__all__ = ["FACTOR_KEYS", "LowRankResponses", "encode_lowrank", "factored_layers", "lowrank_entry", "paired_diagonals"]

@@ -142,12 +142,16 @@ class AttributionSettings:
         the store keeps apart, and ``overwrite``)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_IN_MANIFEST}
 
-    def for_size(self, num_sources: int, num_parameters: int) -> AttributionSettings:
+    def for_size(self, num_sources: int, num_parameters: int, factored_numbers: int | None = None) -> AttributionSettings:
         """These settings with ``codec="auto"`` resolved for ``num_sources`` sources of ``num_parameters``
-        parameters (:func:`lightning_attr.codecs.auto_codec`); unchanged for any other codec."""
+        parameters and ``factored_numbers`` per source in codec ``"factored"`` (``None``: not available;
+        :func:`lightning_attr.codecs.auto_codec`); unchanged for any other codec."""
         if self.codec != "auto":
             return self
-        return replace(self, codec=auto_codec(num_sources, num_parameters, self.mode, self.curvature))
+        codec = auto_codec(
+            num_sources, num_parameters, self.mode, self.curvature, propagation=self.propagation, factored_numbers=factored_numbers
+        )
+        return replace(self, codec=codec)
 
     def fixed_rank(self) -> int:
         """``rank`` as a number of eigenpairs or factors: ``"auto"`` grows only ``propagation="spectral"``'s eigenspace

@@ -423,12 +423,13 @@ class ResponseStore:
 
     def _write_factored(self, name: str, block: FactoredResponses, dtype: str, shard_size: int) -> tuple[dict, list]:
         space, k = self.space, block.rank
-        if block.basis.shape != (k, space.size) or block.num_sources != self.n_sources or block.gradients.space != space:
+        basis = block.eigen.basis
+        if basis.shape != (k, space.size) or block.num_sources != self.n_sources or block.gradients.space != space:
             raise ValueError(
                 f"a factored block needs basis [k, P={space.size}], S={self.n_sources} sources and this store's parameter "
-                f"space; got basis {list(block.basis.shape)} and {block.num_sources} sources."
+                f"space; got basis {list(basis.shape)} and {block.num_sources} sources."
             )
-        basis_file, basis_bytes = self._write_basis(name, block.basis, dtype)
+        basis_file, basis_bytes = self._write_basis(name, basis, dtype)
         writer = ShardWriter(self.path, name, space, dtype, rows_per_shard=shard_size, stem="factored")
         writer.add_encoded(torch.arange(self.n_sources), block.tensors())
         writer.flush()
@@ -693,7 +694,7 @@ class ResponseStore:
         return shapes
 
     def responses(self, name: str, device: torch.device | str = "cpu") -> Tensor:
-        """``Tensor[S, P]`` float32 responses of a ``"dense"`` checkpoint ``name`` (cached per device). This holds
+        """``Tensor[S, P]`` float32 responses of a ``"dense"`` (or ``"factored"``, rebuilt) checkpoint ``name`` (cached per device). This holds
         ``S x P`` numbers: the readout streams the shards instead (:meth:`iter_responses`)."""
         key = (name, str(device))
         if key not in self._cache:
@@ -706,8 +707,17 @@ class ResponseStore:
     def iter_responses(self, name: str) -> Iterator[tuple[Tensor, Tensor]]:
         """Yields ``(sources: LongTensor[S_shard], Tensor[S_shard, P])`` float32 per shard of a ``"dense"``
         checkpoint, one shard in memory at a time; every source comes exactly once, in no set order (checked:
-        a :class:`StoreError` after the last shard otherwise)."""
+        a :class:`StoreError` after the last shard otherwise). A ``"factored"`` checkpoint holds the same responses
+        exactly: they are rebuilt as dense rows, ``shard_size`` sources at a time."""
+        if self.codec(name) == "factored":
+            return self._factored_rows(name)
         return self._iter_shards(name, "dense")
+
+    def _factored_rows(self, name: str, shard_size: int = 1024) -> Iterator[tuple[Tensor, Tensor]]:
+        block = self.block(name)
+        for start in range(0, self.n_sources, shard_size):
+            sources = torch.arange(start, min(start + shard_size, self.n_sources))
+            yield sources, block.select(sources).to_dense()
 
     def _iter_shards(self, name: str, codec: str) -> Iterator[tuple[Any, Tensor]]:
         """``(sources LongTensor[S_shard], Tensor[S_shard, P])`` (dense), ``(sources, {key: Tensor[S_shard, ...]})``

@@ -7,7 +7,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from conftest import blobs, fit, small_mlp
+from conftest import SkipsNonFiniteInputs, blobs, fit, small_mlp
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -40,19 +40,10 @@ def test_index_out_of_range(tmp_path):
         _trainer([AttributionCallback(tmp_path / "r", horizon=2, num_examples=32, mode="online")]).fit(small_mlp(6, 3), DataLoader(bad, batch_size=8))
 
 
-class _SkipsNonFiniteInputs(Classifier):
-    """Trains only on finite inputs, so the model stays finite while one example's gradient is NaN."""
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch[0], batch[1]
-        keep = x.isfinite().all(dim=1)
-        return nn.functional.cross_entropy(self(x[keep]), y[keep])
-
-
 def test_non_finite_gradients_are_skipped_and_reported(tmp_path):
     x, y = blobs(n=48)
     x[5] = float("nan")
-    model = _SkipsNonFiniteInputs(nn.Sequential(nn.Linear(6, 3)))
+    model = SkipsNonFiniteInputs(nn.Sequential(nn.Linear(6, 3)))
     cb = AttributionCallback(tmp_path / "r", mode="end", horizon=5, curvature_batch_size=16)
     with pytest.warns(UserWarning, match="non-finite"):
         fit(model, x, y, [cb], epochs=2, batch_size=16)

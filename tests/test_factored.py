@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import blobs, exact_influence, fit, small_mlp
+from conftest import SkipsNonFiniteInputs, blobs, exact_influence, fit, small_mlp
 from torch import nn
 
 from lightning_attr import AttributionCallback, ResponseStore
-from lightning_attr.factored import FactoredResponses, example_slots
+from lightning_attr.factored import FactoredResponses, check_factors, example_slots
 from lightning_attr.models import Classifier
 from lightning_attr.models.nets import CNN
 
@@ -19,15 +19,17 @@ def _close(ours: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> boo
     return bool(torch.allclose(ours, expected, rtol=rel, atol=rel * float(expected.abs().max())))
 
 
-def _fit_codecs(tmp_path, make_model, x, y, codecs=("dense", "factored"), epochs=4, **options):
-    out = {}
-    for codec in codecs:
-        torch.manual_seed(0)  # the same initial weights and data order: the same fit
+def _fit_codecs(tmp_path, make_model, x, y, epochs=4, **options):
+    """The same fit (same initial weights and data order) with codec "dense" and "factored": ``(model, dense store,
+    factored store)``."""
+    paths = []
+    for codec in ("dense", "factored"):
+        torch.manual_seed(0)
         model = make_model()
         cb = AttributionCallback(tmp_path / codec, codec=codec, **options)
         fit(model, x, y, [cb], epochs=epochs)
-        out[codec] = (model, cb.dirpath)
-    return out
+        paths.append(cb.dirpath)
+    return model, *paths
 
 
 def test_factored_mlp_equals_dense_and_the_exact_target(tmp_path):
@@ -35,11 +37,10 @@ def test_factored_mlp_equals_dense_and_the_exact_target(tmp_path):
     xq, yq = blobs(n=12, d=6, classes=3, seed=5)
     # rank above P (6*24 + 24 + 24*3 + 3 = 243): the eigenspace is the whole space, so the target is exact too; a
     # small memory budget makes several blocks of sources
-    stores = _fit_codecs(tmp_path, lambda: small_mlp(6, 3, hidden=24), x, y, rank=1000, checkpoint_epochs=None, memory_budget_mb=0.02)
-    (model, dense), (_, factored) = stores["dense"], stores["factored"]
+    model, dense, factored = _fit_codecs(tmp_path, lambda: small_mlp(6, 3, hidden=24), x, y, rank=1000, checkpoint_epochs=None, memory_budget_mb=0.02)
     store = ResponseStore.load(factored)
     entry = store.checkpoint_info("final")
-    # the first layer (24 x 6): 1 x (24 + 6) = 30 < 144 numbers, factored; the last (3 x 24): 27 = 72? no: 1 x 27 < 72
+    # one example per source: rank 1 per weight, 24 + 6 < 144 and 3 + 24 < 72 numbers: both factored
     assert entry["codec"] == "factored" and entry["factored"] == {"net.1.weight": [24, 6, 1], "net.3.weight": [3, 24, 1]}
     assert entry["numbers_per_source"] == entry["rank"] + (24 + 6) + (3 + 24) + 24 + 3
     block = store.block("final")
@@ -53,16 +54,18 @@ def test_factored_mlp_equals_dense_and_the_exact_target(tmp_path):
     paired = model.self_influence(train, responses=factored)
     assert _close(paired, model.attribute((x[:20], y[:20]), responses=factored)[:, :20].diagonal())
     assert _close(paired, model.self_influence(train, responses=dense))
-    with pytest.raises(ValueError, match="codec 'factored'"):
-        model.attribute((xq, yq), responses=factored, readout="central")
+    for readout in ("central", "step"):  # rebuilt as dense rows: the dense codec's readout
+        ours, expected = (model.attribute((xq, yq), responses=path, readout=readout) for path in (factored, dense))
+        assert _close(ours, expected, rel=1e-3), readout
+        ours, expected = (model.self_influence(train, responses=path, readout=readout) for path in (factored, dense))
+        assert _close(ours, expected, rel=1e-3), readout
 
 
 def test_factored_ensemble_at_reduced_rank_equals_dense(tmp_path):
     """The default trajectory ensemble and rank='auto' (the eigenspace stops short of P): still the dense scores."""
     x, y = blobs(n=160, d=8, classes=3, seed=6)
     xq, yq = blobs(n=9, d=8, classes=3, seed=7)
-    stores = _fit_codecs(tmp_path, lambda: small_mlp(8, 3, hidden=32), x, y, epochs=10)
-    (model, dense), (_, factored) = stores["dense"], stores["factored"]
+    model, dense, factored = _fit_codecs(tmp_path, lambda: small_mlp(8, 3, hidden=32), x, y, epochs=10)
     store = ResponseStore.load(factored)
     assert len(store.checkpoints) == 3 and all(store.codec(c) == "factored" for c in store.checkpoints)
     assert store.checkpoint_info("final")["rank"] < sum(p.numel() for p in model.parameters())
@@ -70,6 +73,9 @@ def test_factored_ensemble_at_reduced_rank_equals_dense(tmp_path):
     assert _close(ours, expected)
     one = model.attribute((xq[:1], yq[:1]), responses=factored)  # Q = 1
     assert _close(one, expected[:1])
+    # the collapsed ensemble folds the responses rebuilt as dense rows: the dense store's fold
+    ours, expected = (model.attribute((xq, yq), responses=path, ensemble="collapsed") for path in (factored, dense))
+    assert _close(ours, expected)
 
 
 class _Tiny2dCNN(nn.Module):
@@ -86,8 +92,7 @@ def test_factored_cnn_keeps_convolutions_dense_and_equals_dense(tmp_path):
     x, y = blobs(n=96, d=16, classes=3, seed=8)
     xq, yq = blobs(n=6, d=16, classes=3, seed=9)
     make = lambda: Classifier(_Tiny2dCNN(), lr=0.05, momentum=0.9, weight_decay=1e-3)  # noqa: E731
-    stores = _fit_codecs(tmp_path, make, x, y, rank=1000, checkpoint_epochs=None)
-    (model, dense), (_, factored) = stores["dense"], stores["factored"]
+    model, dense, factored = _fit_codecs(tmp_path, make, x, y, rank=1000, checkpoint_epochs=None)
     entry = ResponseStore.load(factored).checkpoint_info("final")
     assert entry["factored"] == {"net.fc.weight": [3, 64, 1]}  # the convolution is stored dense
     ours, expected = (model.attribute((xq, yq), responses=path) for path in (factored, dense))
@@ -101,8 +106,7 @@ def test_factored_source_groups_factor_each_member_and_equal_dense(tmp_path):
     x, y = blobs(n=120, d=6, classes=3, seed=10)
     xq, yq = blobs(n=6, d=6, classes=3, seed=11)
     groups = (torch.arange(120) // 4).tolist()
-    stores = _fit_codecs(tmp_path, lambda: small_mlp(6, 3, hidden=24), x, y, rank=64, checkpoint_epochs=None, sources=groups)
-    (model, dense), (_, factored) = stores["dense"], stores["factored"]
+    model, dense, factored = _fit_codecs(tmp_path, lambda: small_mlp(6, 3, hidden=24), x, y, rank=64, checkpoint_epochs=None, sources=groups)
     entry = ResponseStore.load(factored).checkpoint_info("final")
     # first layer 24 x 6: 4 x (24 + 6) = 120 < 144, factored; last 3 x 24: 4 x 27 = 108 >= 72, dense
     assert entry["factored"] == {"net.1.weight": [24, 6, 4]}
@@ -125,8 +129,7 @@ def test_factored_without_layer_bases_reads_out_by_tangents_and_equals_dense(tmp
     x, y = blobs(n=80, d=6, classes=3, seed=12)
     xq, yq = blobs(n=5, d=6, classes=3, seed=13)
     make = lambda: Classifier(_LayerNormNet(), lr=0.05, momentum=0.9, weight_decay=1e-3)  # noqa: E731
-    stores = _fit_codecs(tmp_path, make, x, y, rank=48, checkpoint_epochs=None)
-    (model, dense), (_, factored) = stores["dense"], stores["factored"]
+    model, dense, factored = _fit_codecs(tmp_path, make, x, y, rank=48, checkpoint_epochs=None)
     assert set(ResponseStore.load(factored).checkpoint_info("final")["factored"]) == {"net.fc1.weight", "net.fc2.weight"}
     ours, expected = (model.attribute((xq, yq), responses=path) for path in (factored, dense))
     assert _close(ours, expected)
@@ -134,19 +137,10 @@ def test_factored_without_layer_bases_reads_out_by_tangents_and_equals_dense(tmp
     assert _close(model.self_influence(train, responses=factored), model.self_influence(train, responses=dense))
 
 
-class _SkipsNonFiniteInputs(Classifier):
-    """Trains only on finite inputs, so the model stays finite while one example's gradient is NaN."""
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch[0], batch[1]
-        keep = x.isfinite().all(dim=1)
-        return nn.functional.cross_entropy(self(x[keep]), y[keep])
-
-
 def test_factored_non_finite_source_scores_nan_not_zero(tmp_path):
     x, y = blobs(n=48)
     x[5] = float("nan")
-    model = _SkipsNonFiniteInputs(small_mlp(6, 3).net)
+    model = SkipsNonFiniteInputs(small_mlp(6, 3).net)
     cb = AttributionCallback(tmp_path / "r", codec="factored", rank=32, checkpoint_epochs=None, curvature_batch_size=16)
     with pytest.warns(UserWarning, match="non-finite"):
         fit(model, x, y, [cb], epochs=2, batch_size=16)
@@ -167,3 +161,32 @@ def test_factored_needs_the_spectral_end_mode_pipeline(options):
 def test_example_slots_number_each_sources_examples():
     slot, width = example_slots(torch.tensor([2, 0, 2, -1, 1, 2, 0]))
     assert slot.tolist() == [0, 0, 1, -1, 0, 2, 1] and width == 3
+
+
+class _TiedNet(nn.Module):
+    """``fc1``'s weight is used again outside its layer's call: its gradient is not the layer's factors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(torch.tanh(nn.functional.linear(h, self.fc1.weight)))
+
+
+def test_factored_tied_weights_stay_dense_and_factors_missing_a_use_are_refused(tmp_path):
+    x, y = blobs(n=60, d=6, classes=3, seed=14)
+    make = lambda: Classifier(_TiedNet(), lr=0.05, momentum=0.9, weight_decay=1e-3)  # noqa: E731
+    model, dense, factored = _fit_codecs(tmp_path, make, x, y, rank=32, checkpoint_epochs=None)
+    assert ResponseStore.load(factored).checkpoint_info("final")["factored"] == {}  # the capture saw the second use
+    ours, expected = (model.attribute((x[:5], y[:5]), responses=path) for path in (factored, dense))
+    assert _close(ours, expected)
+    # a use the forward pass does not show (the check after every block): factors that miss part of the gradient
+    u, v = torch.randn(4, 3, 1), torch.randn(4, 6, 1)
+    dense = {"w": u @ v.transpose(1, 2)}
+    check_factors({"w": (u, v)}, dense, torch.ones(4, dtype=torch.bool))
+    dense["w"][2] += 0.01 * dense["w"].abs().max()
+    check_factors({"w": (u, v)}, dense, torch.tensor([True, True, False, True]))  # a non-finite source is not compared
+    with pytest.raises(RuntimeError, match="'w' do not reproduce its per-source gradient.*codec='dense'"):
+        check_factors({"w": (u, v)}, dense, torch.ones(4, dtype=torch.bool))
