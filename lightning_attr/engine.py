@@ -493,7 +493,7 @@ class SimulationEngine:
         zeros = torch.zeros(count, dtype=torch.long)
         stats = {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()}
         _warn_invalid(self._warn, valid)
-        self._pending[name] = _Pending(record, "spectral", eigen=block_, stats=stats)
+        self._pending[name] = _Pending(record, "step_rule", eigen=block_, stats=stats)  # the dense default's record and key
 
     def _deflated_inverse(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> tuple[DeflatedInverse, dict]:
         """``propagation="spectral"``: the damping (Hutchinson trace) and the top eigenspace of the GGN over the whole
