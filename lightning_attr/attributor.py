@@ -40,7 +40,7 @@ from lightning_attr.functional import FunctionalModel, functional_view, to_float
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.codecs import DEFAULT_MEMORY_BUDGET_MB, AnyBlock, DenseResponses, SplitResponses
 from lightning_attr.layer_readout import handled_layers, layer_parameters
-from lightning_attr.readout import auto_chunk_size, check_readout
+from lightning_attr.readout import auto_chunk_size, check_readout, linear_query_gradients
 from lightning_attr.sources import split_batch
 from lightning_attr.store import ResponseStore, StoreError, check_store_path, manifest_stamp
 
@@ -174,7 +174,7 @@ class Attributor:
             several = sum(map(len, names)) > 1
             if chunk_size is None and readout != "gradient":  # "gradient" vmaps nothing over sources
                 chunk_size = self._auto_chunk_size(model, theta, batch, stores[0].n_sources)
-            per_member, live = [], []
+            read: list[tuple[_Member, Tensor]] = []  # every member and the parameters it is read out at
             for i, store in enumerate(stores):
                 if ensemble == "collapsed" and len(names[i]) > 1:
                     latest = max(names[i], key=store.checkpoints.index)
@@ -183,12 +183,15 @@ class Attributor:
                     members = [(name, self._member(i, store, name, theta.device, strict, several)) for name in names[i]]
                 for name, member in members:
                     _warn_incomplete(member)
-                    at = self._read_at(store, name, member, theta, live_digest, strict)
-                    live.append(at is theta)
-                    scores = member.responses.scores(model, at, batch, readout, chunk_size)
-                    per_member.append(scores.masked_fill(~member.valid, float("nan")))
+                    read.append((member, self._read_at(store, name, member, theta, live_digest, strict)))
                 if i == 0:
-                    first_store_last = len(per_member) - 1
+                    first_store_last = len(read) - 1
+            live = [at is theta for _, at in read]
+            gradients = _shared_query_gradients(model, read, batch, readout, chunk_size, stores[0].n_sources)
+            per_member = []
+            for (member, at), g in zip(read, gradients):
+                scores = member.responses.scores(model, at, batch, readout, chunk_size) if g is None else member.responses.gradient_scores(g)
+                per_member.append(scores.masked_fill(~member.valid, float("nan")))
         if len(per_member) == 1:
             return per_member[0]
         return ensemble_mean(per_member, live.index(True) if any(live) else first_store_last)
@@ -381,6 +384,23 @@ def _warn_incomplete(member: _Member) -> None:
     finish: a partial checkpoint written after a crash, or examples that were never injected."""
     if member.incomplete is not None:
         warnings.warn(member.incomplete, UserWarning, stacklevel=4)
+
+
+def _shared_query_gradients(
+    model: FunctionalModel, read: list[tuple[_Member, Tensor]], batch: Any, readout: str, chunk_size: int | None, num_sources: int
+) -> list[Tensor | None]:
+    """Per member, the query gradients ``Tensor[Q, P]`` its linear readout multiplies its responses with, for every
+    member of the dense codec at once (:func:`~lightning_attr.readout.linear_query_gradients`: one capture per member,
+    then the same vmapped jvp passes for all of them); ``None`` for a member that reads its queries another way (another
+    codec or readout, or a network the layer bases do not cover)."""
+    dense = [k for k, (member, _) in enumerate(read) if hasattr(member.responses, "gradient_scores")]
+    out: list[Tensor | None] = [None] * len(read)
+    if readout != "linear" or not dense:
+        return out
+    gradients = linear_query_gradients(model, torch.stack([read[k][1] for k in dense]), batch, num_sources, chunk_size)
+    for k, g in zip(dense, gradients if gradients is not None else ()):
+        out[k] = g
+    return out
 
 
 def ensemble_mean(per_member: list[Tensor], reference: int = -1) -> Tensor:

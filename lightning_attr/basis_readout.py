@@ -28,7 +28,7 @@ kernel that cannot be vmapped per example, sends the batch back to the other pat
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,7 @@ _BASIS_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # layers whose weight gradient
 # 1,400 source tangents), so PASS_FLOATS < 2.7e5; at two queries (each read on its own: vmap over the queries) 9.9
 # against 8.7, at four 10.1 against 12.5.
 PASS_FLOATS = 1e5
+PASS_MACS = 1.5e7  # provisional
 
 
 def basis_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ...] | None:
@@ -88,18 +89,30 @@ class QueryFactors:
 def basis_gradients(
     model: FunctionalModel, theta: Tensor, batch: Any, layers: Sequence[_Layer], *, num_sources: int, chunk_size: int
 ) -> Tensor | None:
-    """``Tensor[Q, P]`` float32: each query's gradient of its measurement at ``theta``, by forward mode along the bases
-    of ``layers``' outputs or parameters (module docstring). ``None`` when the basis path does not apply to this batch:
-    a covered parameter used outside its layer, a cost above that of the ``num_sources`` source tangents it replaces
-    (:func:`_cheaper_than_sources`), or (``Q > 1``) a layer input or output without the batch as first dimension.
+    """``Tensor[Q, P]`` float32: each query's gradient of its measurement at ``theta: Tensor[P]``, by forward mode along
+    the bases of ``layers``' outputs or parameters (module docstring); :func:`member_gradients` for one member."""
+    gradients = member_gradients(model, theta.unsqueeze(0), batch, layers, num_sources=num_sources, chunk_size=chunk_size)
+    return None if gradients is None else gradients[0]
+
+
+def member_gradients(
+    model: FunctionalModel, thetas: Tensor, batch: Any, layers: Sequence[_Layer], *, num_sources: int, chunk_size: int
+) -> Tensor | None:
+    """``Tensor[E, Q, P]`` float32: each query's gradient of its measurement at each of ``E`` parameter vectors
+    ``thetas: Tensor[E, P]`` (the members of an ensemble: one architecture, other weights), by forward mode along the
+    bases of ``layers``' outputs or parameters (module docstring), all members in the same vmapped passes. ``None`` when
+    the basis path does not apply to this batch: a covered parameter used outside its layer, a cost above that of the
+    ``num_sources`` source tangents it replaces (:func:`_cheaper_than_sources`), or (``Q > 1``) a layer input or output
+    without the batch as first dimension.
 
     Args:
         layers: :func:`basis_layers` of the model (they cover every parameter of ``model.space``).
         num_sources: ``S``, the tangents the other paths carry.
-        chunk_size: basis tangents per vmapped call (each carries one pass's activations per query).
+        chunk_size: basis tangents per vmapped call and member (each carries one pass's activations per query).
     """
-    parts = query_factors(model, theta, batch, layers, chunk_size=chunk_size, num_sources=num_sources)
-    return None if parts is None else parts.gradients(model.space, batch_size_of(batch), theta)
+    members, queries = thetas.shape[0], batch_size_of(batch)
+    parts = _member_factors(model, thetas, batch, layers, chunk_size, num_sources)
+    return None if parts is None else parts.gradients(model.space, members * queries, thetas).view(members, queries, -1)
 
 
 def query_factors(
@@ -109,53 +122,119 @@ def query_factors(
     (:class:`QueryFactors`): ``R (out + in)`` numbers per query instead of ``out x in``. ``None`` where
     :func:`basis_gradients` gives ``None``; ``num_sources=None`` skips its cost rule (the caller reads the factors, not
     ``S`` source tangents)."""
-    params = model.space.unflatten(theta)
-    captured = capture_layers(model, params, batch, layers, owned=("weight", "bias"))
-    if captured is None:
+    return _member_factors(model, theta.unsqueeze(0), batch, layers, chunk_size, num_sources)
+
+
+def _member_factors(
+    model: FunctionalModel, thetas: Tensor, batch: Any, layers: Sequence[_Layer], chunk_size: int, num_sources: int | None
+) -> QueryFactors | None:
+    """:class:`QueryFactors` of ``E`` members (``thetas: Tensor[E, P]``) and ``Q`` queries, member-major (``E x Q`` rows:
+    member ``e``'s query ``q`` is row ``e Q + q``), from one capture pass per member and the planned vmapped passes
+    (:func:`_plan_passes`) shared by all members. ``None`` where :func:`member_gradients` gives ``None``;
+    ``num_sources=None`` skips the cost rule."""
+    members, queries = thetas.shape[0], batch_size_of(batch)
+    captured = [capture_layers(model, model.space.unflatten(theta), batch, layers, owned=("weight", "bias")) for theta in thetas]
+    if any(c is None for c in captured):
         return None
-    inputs, outputs = captured
-    queries = batch_size_of(batch)
+    inputs, outputs = captured[0]
     if queries > 1 and any(t.dim() == 0 or t.shape[0] != queries for ts in [*inputs, *outputs] for t in ts):
         return None  # the batch is not the first dimension of every layer input and output
-    owned = [[n for n in layer.names() if n in params] for layer in layers]
-    weights = [sum(params[n].numel() for n in names) for names in owned]
-    numbers = [sum(z.numel() // queries for z in zs) for zs in outputs]
-    passes = sum(1 if w <= a else len(zs) for w, a, zs in zip(weights, numbers, outputs))
+    params = model.space.unflatten(thetas)  # {name: Tensor[E, *shape]}
+    groups = _basis_groups(layers, params, outputs, queries)
+    passes = _plan_passes(groups, members * queries)
     floats = sum(t.numel() for ts in [*inputs, *outputs] for t in ts)  # about the activations of the batch
-    if num_sources is not None and not _cheaper_than_sources(sum(map(min, weights, numbers)), passes, floats // queries, queries, num_sources):
+    tangents = sum(g.size for g in groups)
+    if num_sources is not None and not _cheaper_than_sources(tangents, len(passes), floats // queries, queries, num_sources):
         return None
+    try:
+        jacobians = torch.cat([_pass_jacobian(model, params, batch, layers, outputs, part, chunk_size) for part in passes], dim=2)
+    except RuntimeError:  # a kernel without a batching rule for one vmapped example, or another layout per example
+        if queries == 1:
+            raise
+        return None
+    rows = members * queries
     dense: dict[str, Tensor] = {}
     factors: dict[str, list[tuple[Tensor, Tensor]]] = {}
 
     def accumulate(name: str, g: Tensor) -> None:
         dense[name] = dense[name] + g if name in dense else g
 
-    try:
-        for i, layer in enumerate(layers):
-            if weights[i] <= numbers[i]:  # the parameters' basis: the jvps give the gradient itself
-                flat = _along_parameters(model, params, batch, layers, owned[i], chunk_size)
-                for name, g in zip(owned[i], flat.split([params[n].numel() for n in owned[i]], dim=1)):
-                    accumulate(name, g.view(queries, *params[name].shape))
-                continue
-            for k, (x, z) in enumerate(zip(inputs[i], outputs[i])):  # the output's basis: J, then the layer's rule
-                j = _along_output(model, params, batch, layers, outputs, (i, k), chunk_size).reshape(z.shape)
-                weight, bias = layer.names()
-                if isinstance(layer.module, nn.Linear):  # dW = J^T X, kept as its factors; dc = J summed over rows
-                    rows, js = x.reshape(queries, -1, x.shape[-1]), j.reshape(queries, -1, j.shape[-1])
-                    if weight in params:
-                        factors.setdefault(weight, []).append((js, rows))
-                    if bias in params:
-                        accumulate(bias, js.sum(dim=1))
-                    continue
-                for name, g in zip((weight, bias), _layer_gradients(layer.module, x, j, queries)):
-                    if name in params:
-                        accumulate(name, g)
-    except RuntimeError:  # a kernel without a batching rule for one vmapped example, or another layout per example
-        if queries == 1:
-            raise
-        return None
+    ordered = [g for part in passes for g in part]
+    for group, j in zip(ordered, jacobians.reshape(rows, tangents).split([g.size for g in ordered], dim=1)):
+        if group.call is None:  # the parameters' basis: the jvps gave the gradient itself
+            for name, g in zip(group.names, j.split([params[n][0].numel() for n in group.names], dim=1)):
+                accumulate(name, g.reshape(rows, *params[name].shape[1:]))
+            continue
+        i, k = group.call  # the output's basis: J, then the layer's rule on every member's and query's input
+        x, j = torch.stack([c[0][i][k] for c in captured]), j.reshape(rows, *group.shape)  # [E, *x.shape], [E Q, *z]
+        weight, bias = layers[i].names()
+        if isinstance(layers[i].module, nn.Linear):  # dW = J^T X, kept as its factors; dc = J summed over rows
+            x, j = x.reshape(rows, -1, x.shape[-1]), j.reshape(rows, -1, j.shape[-1])
+            if weight in params:
+                factors.setdefault(weight, []).append((j, x))
+            if bias in params:
+                accumulate(bias, j.sum(dim=1))
+            continue
+        for name, g in zip((weight, bias), _layer_gradients(layers[i].module, x, j, rows)):
+            if name in params:
+                accumulate(name, g)
     joined = {n: (torch.cat([j for j, _ in calls], dim=1), torch.cat([x for _, x in calls], dim=1)) for n, calls in factors.items()}
     return QueryFactors(joined, dense)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The basis tangents of one layer, or of one call of it: ``size`` unit tangents per query, of its parameters
+    ``names`` (``call is None``) or of the output of call ``call = (i, k)`` (call ``k`` of ``layers[i]``; ``shape``:
+    that output's shape per query); ``downstream``: what one tangent costs from where it enters (multiply-adds and
+    activation numbers of the layer calls after it, :func:`_basis_groups`)."""
+
+    size: int
+    names: tuple[str, ...]
+    call: tuple[int, int] | None
+    shape: tuple[int, ...]
+    downstream: float
+
+
+def _basis_groups(layers: Sequence[_Layer], params: dict[str, Tensor], outputs: list[list[Tensor]], queries: int) -> list[_Group]:
+    """Per layer (in ``layers``' order, taken as the forward order), the smaller basis: its trainable parameters (one
+    group) or its outputs (a group per call). A group's ``downstream`` counts, per tangent, the multiply-adds
+    (``numel(z) * fan_in``) and the output numbers of the layer calls it passes through: the layer's own calls for
+    the parameters' basis, the later layers' for both."""
+    def cost(i: int) -> float:
+        fan_in = layers[i].module.weight[0].numel()
+        return sum(z.numel() // queries * (fan_in + 1) for z in outputs[i])
+
+    after = [sum(cost(j) for j in range(i + 1, len(layers))) for i in range(len(layers))]
+    groups = []
+    for i, layer in enumerate(layers):
+        names = tuple(n for n in layer.names() if n in params)
+        weights = sum(params[n][0].numel() for n in names)
+        numbers = sum(z.numel() // queries for z in outputs[i])
+        if weights <= numbers:
+            groups.append(_Group(weights, names, None, (), after[i] + cost(i)))
+        else:
+            groups += [_Group(z.numel() // queries, names, (i, k), tuple(z.shape[1:]) if queries > 1 else tuple(z.shape), after[i])
+                       for k, z in enumerate(outputs[i])]  # fmt: skip
+    return groups
+
+
+def _plan_passes(groups: list[_Group], readings: int) -> list[list[_Group]]:
+    """``groups`` cut into consecutive passes (one vmapped call each) at the least cost: a pass carries all its
+    tangents from where its first group enters, ``readings`` (members x queries) times, plus :data:`PASS_MACS` for the
+    call itself (dynamic programming over the cut points)."""
+    best = [0.0] + [math.inf] * len(groups)  # best[j]: the cost of the first j groups
+    cut = [0] * (len(groups) + 1)
+    for j in range(1, len(groups) + 1):
+        for i in range(j):
+            cost = best[i] + PASS_MACS + readings * groups[i].downstream * sum(g.size for g in groups[i:j])
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    passes, j = [], len(groups)
+    while j:
+        passes.append(groups[cut[j] : j])
+        j = cut[j]
+    return passes[::-1]
 
 
 def _cheaper_than_sources(tangents: int, passes: int, floats: int, queries: int, num_sources: int) -> bool:
@@ -165,72 +244,56 @@ def _cheaper_than_sources(tangents: int, passes: int, floats: int, queries: int,
     return tangents + (passes - 1) * PASS_FLOATS / max(1, queries * floats) < num_sources
 
 
-def _along_output(
+def _pass_jacobian(
     model: FunctionalModel, params: dict[str, Tensor], batch: Any, layers: Sequence[_Layer], outputs: list[list[Tensor]],
-    call: tuple[int, int], chunk_size: int,
+    groups: Sequence[_Group], chunk_size: int,
 ) -> Tensor:  # fmt: skip
-    """``Tensor[Q, A]``: ``d m_q / d z`` for the output ``z = outputs[i][k]`` (``[Q, ...]``) of call ``k`` of ``layers[i]``
-    (``call = (i, k)``), by jvps in which that output is replaced by itself carrying unit tangents. No other tangent
-    enters, so a tangent is carried from that layer on, not through the whole network."""
-    queries, output = batch_size_of(batch), outputs[call[0]][call[1]]
-    shape = output.shape if queries == 1 else (1, *output.shape[1:])
+    """``Tensor[E, Q, n]``: ``d m_q / d u`` of every member (``params``: ``{name: Tensor[E, *shape]}``) along the ``n``
+    basis tangents of ``groups``, by jvps along unit vectors, ``vmap``-ed over the members, the queries (``Q > 1``: each
+    example on its own, so a query never sees the others' tangents) and the tangents (``chunk_size`` per call). A
+    parameter group's tangent moves its parameters; an output group's is added to that call's output (a zero that
+    carries it). The other layers' biases carry zero tangents: an output plus a bias without a tangent goes through a
+    decomposition in Python under ``vmap(jvp)`` (a zero tensor's ``add``), one with a zero tangent does not (an ad hoc
+    timing of a Linear 64 -> 10 with 64 tangents: 0.37 vs 0.19 ms)."""
+    queries, sizes = batch_size_of(batch), [g.size for g in groups]
+    moved = [n for g in groups if g.call is None for n in g.names]
+    moved += [n for layer in layers for n in layer.names(("bias",)) if n in params and n not in moved]
+    # fresh tensors: the tangent of a view would be allocated at its base's size (the members' whole [E, P])
+    moving = {n: params[n].clone() for n in moved}
+    fixed = {n: p for n, p in params.items() if n not in moving}
+    calls = [g.call for g in groups if g.call is not None]
 
-    def measure(u: Tensor, biases: dict[str, Tensor], example: Any) -> Tensor:
-        added: list[list[Tensor | None]] = [[None] * len(calls) for calls in outputs]
-        added[call[0]][call[1]] = u.view(shape).clone()  # a copy: an in-place op on the output must not reach u
-        with adding_to_outputs(layers, added, replace=True):
-            return model.measurement({**params, **biases}, example)
+    def measure(values: dict[str, Tensor], added: list[Tensor], example: Any) -> Tensor:
+        per_call: list[list[Tensor | None]] = [[None] * len(ys) for ys in outputs]
+        for (i, k), a in zip(calls, added):
+            per_call[i][k] = a
+        with adding_to_outputs(layers, per_call):
+            return model.measurement(values, example)
 
-    return _forward_jacobian(measure, output.reshape(queries, -1), batch, chunk_size, _biases(params, layers))
+    def along(unit: Tensor, constant: dict[str, Tensor], values: dict[str, Tensor], zeros: list[Tensor], example: Any) -> Tensor:
+        tangents = {n: torch.zeros_like(v) for n, v in values.items()}
+        added = []
+        for group, part in zip(groups, unit.split(sizes)):
+            if group.call is None:
+                shapes = [values[n].shape for n in group.names]
+                tangents.update({n: t.view(s) for n, t, s in zip(group.names, part.split([math.prod(s) for s in shapes]), shapes)})
+            else:
+                added.append(part.view(zeros[len(added)].shape))
+        return jvp(lambda v, a: measure({**constant, **v}, a, example), (values, zeros), (tangents, added))[1]
 
+    n, step, device = sum(sizes), max(1, chunk_size), next(iter(params.values())).device
 
-def _along_parameters(
-    model: FunctionalModel, params: dict[str, Tensor], batch: Any, layers: Sequence[_Layer], names: Sequence[str], chunk_size: int
-) -> Tensor:  # fmt: skip
-    """``Tensor[Q, n]``: ``d m_q / d theta_names`` (the parameters ``names`` flattened in that order), by jvps along the
-    unit tangents of those parameters."""
-    shapes = [params[n].shape for n in names]
+    def member(constant: dict[str, Tensor], values: dict[str, Tensor], example: Any) -> Tensor:  # [n, Q'] for Q' queries
+        zeros = [torch.zeros(g.shape if queries == 1 else (1, *g.shape), device=device) for g in groups if g.call is not None]
+        one = vmap(lambda u: along(u, constant, values, zeros, example))
+        return torch.cat([one(_unit_rows(start, min(step, n - start), n, device)) for start in range(0, n, step)])
 
-    def measure(u: Tensor, biases: dict[str, Tensor], example: Any) -> Tensor:
-        moved = {**params, **biases}
-        moved.update({n: v.view(s) for n, v, s in zip(names, u.split([math.prod(s) for s in shapes]), shapes)})
-        return model.measurement(moved, example)
-
-    others = {n: b for n, b in _biases(params, layers).items() if n not in names}
-    return _forward_jacobian(measure, torch.cat([params[n].reshape(-1) for n in names]), batch, chunk_size, others)
-
-
-def _biases(params: dict[str, Tensor], layers: Sequence[_Layer]) -> dict[str, Tensor]:
-    """The layers' trainable biases. The passes carry them with zero tangents: an output plus a bias without a tangent
-    goes through a decomposition in Python under ``vmap(jvp)`` (a zero tensor's ``add``), one with a zero tangent
-    does not (an ad hoc timing of a Linear 64 -> 10 with 64 tangents: 0.37 vs 0.19 ms)."""
-    return {n: params[n] for layer in layers for n in layer.names(("bias",)) if n in params}
-
-
-def _forward_jacobian(
-    measure: Callable[[Tensor, dict[str, Tensor], Any], Tensor], values: Tensor, batch: Any, chunk_size: int,
-    biases: dict[str, Tensor],
-) -> Tensor:  # fmt: skip
-    """``Tensor[Q, n]``: ``d measure(u, biases, query q) / d u`` at ``u = values[q]`` (``values: Tensor[Q, n]``) or
-    ``u = values`` (``Tensor[n]``, the same for every query), by ``jvp`` along the ``n`` unit vectors, ``chunk_size`` per
-    ``vmap``, ``biases`` carried with zero tangents (:func:`_biases`). ``measure(u, biases, example) -> Tensor[Q']`` for a
-    batch ``example`` of ``Q'`` queries. Several queries: each on its own (``vmap`` over the batch, one example at a
-    time), so a query never sees the others' tangents."""
-    queries, n = batch_size_of(batch), values.shape[-1]
-    step = max(1, chunk_size)
-    starts = range(0, n, step)  # the basis one chunk of unit vectors at a time, never n x n
-    still = {name: torch.zeros_like(b) for name, b in biases.items()}
-
-    def along(example: Any, value: Tensor) -> Tensor:  # [n, Q'] for a batch of Q' queries
-        one = vmap(lambda e: jvp(lambda u, b: measure(u, b, example), (value, biases), (e, still))[1])
-        return torch.cat([one(_unit_rows(start, min(step, n - start), n, values.device)) for start in starts])
-
-    shared = values.dim() == 1
     if queries == 1:
-        return along(batch, values if shared else values[0]).T
+        return vmap(lambda c, v: member(c, v, batch).T)(fixed, moving)  # [E, 1, n]
     unbatched = lambda example: tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)  # noqa: E731
-    in_dims = (tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch), None if shared else 0)
-    return vmap(lambda example, value: along(unbatched(example), value)[:, 0], in_dims=in_dims)(batch, values)
+    in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch)
+    per_query = lambda c, v: vmap(lambda example: member(c, v, unbatched(example))[:, 0], in_dims=(in_dims,))(batch)  # noqa: E731
+    return vmap(per_query)(fixed, moving)  # [E, Q, n]
 
 
 def _unit_rows(start: int, count: int, n: int, device: torch.device) -> Tensor:
@@ -247,8 +310,7 @@ def _layer_gradients(module: nn.Module, x: Tensor, j: Tensor, queries: int) -> t
     if isinstance(module, nn.Linear):
         rows, js = x.reshape(queries, -1, x.shape[-1]), j.reshape(queries, -1, j.shape[-1])  # [Q, R, in], [Q, R, out]
         return js.transpose(1, 2) @ rows, js.sum(dim=1)
-    batched = x.dim() == module.weight.dim()
-    patches, _ = conv_patches(module, x if batched else x.unsqueeze(0))  # [Q, C_in * k, L']
+    patches, _ = conv_patches(module, x.reshape(queries, *x.shape[1 - module.weight.dim() :]))  # [Q, C_in * k, L']
     js = j.reshape(queries, module.out_channels, -1)  # [Q, out, L']
     return (js @ patches.transpose(1, 2)).view(queries, *module.weight.shape), js.sum(dim=2)
 

@@ -112,6 +112,12 @@ class DenseResponses:
     def paired(self, model: FunctionalModel, theta: Tensor, batch: Any, sources: Tensor, readout: str) -> Tensor:
         return paired_readout(model, theta, source_rows(self.responses, sources), batch, readout)
 
+    def gradient_scores(self, gradients: Tensor) -> Tensor:
+        """``Tensor[Q, S]``: the linear readout's scores from the query gradients ``Tensor[Q, P]`` at this member's
+        parameters (:func:`~lightning_attr.readout.linear_query_gradients`): one matrix product with the responses."""
+        responses = self.responses
+        return responses.times(gradients) if isinstance(responses, SplitResponses) else gradients @ responses.T
+
 
 @dataclass(frozen=True)
 class StreamedResponses:
@@ -134,14 +140,20 @@ class StreamedResponses:
         return StreamedResponses(self.shards, self.num_sources, torch.device(device))
 
     def scores(self, model: FunctionalModel, theta: Tensor, batch: Any, readout: str, chunk_size: int) -> Tensor:
-        out = torch.full((batch_size_of(batch), self.num_sources), float("nan"), device=theta.device)
         gradients = linear_query_gradients(model, theta, batch, self.num_sources, chunk_size) if readout == "linear" else None
+        if gradients is not None:
+            return self.gradient_scores(gradients)
+        out = torch.full((batch_size_of(batch), self.num_sources), float("nan"), device=theta.device)
         for sources, responses in self.shards():
-            responses = responses.to(self.device)
-            out[:, sources.to(theta.device)] = (
-                gradients @ responses.T if gradients is not None
-                else score_sources(model, theta, responses, batch, readout, chunk_size=chunk_size)
-            )  # fmt: skip
+            out[:, sources.to(theta.device)] = score_sources(model, theta, responses.to(self.device), batch, readout, chunk_size=chunk_size)
+        return out
+
+    def gradient_scores(self, gradients: Tensor) -> Tensor:
+        """``Tensor[Q, S]``: the linear readout's scores from the query gradients ``Tensor[Q, P]`` at this member's
+        parameters, multiplied with each shard as it is read."""
+        out = torch.full((gradients.shape[0], self.num_sources), float("nan"), device=gradients.device)
+        for sources, responses in self.shards():
+            out[:, sources.to(gradients.device)] = gradients @ responses.to(self.device).T
         return out
 
     def paired(self, model: FunctionalModel, theta: Tensor, batch: Any, sources: Tensor, readout: str) -> Tensor:

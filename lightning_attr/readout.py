@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
-from lightning_attr.basis_readout import basis_gradients, basis_layers
+from lightning_attr.basis_readout import basis_gradients, basis_layers, member_gradients
 from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel, has_recurrent_layer
 from lightning_attr.layer_readout import SplitResponses, handled_layers, layer_parameters, linear_scores, source_count, source_rows
@@ -235,14 +235,20 @@ def _basis_path(model: FunctionalModel, theta: Tensor, batch: Any, num_sources: 
     return partial(basis_gradients, layers=covered, num_sources=num_sources, chunk_size=chunk_size)
 
 
-def linear_query_gradients(model: FunctionalModel, theta: Tensor, batch: Any, num_sources: int, chunk_size: int | None) -> Tensor | None:
-    """``Tensor[Q, P]``: the query gradients the linear readout multiplies ``num_sources`` responses with, by forward
-    mode along layer bases, when :func:`score_sources` would take that path and the ``Q x P`` float32 numbers fit in one
-    query chunk (``CHUNK_ACTIVATION_MB``); else ``None``. Computed once, they serve every shard of a streamed member."""
-    gradients = _basis_path(model, theta, batch, num_sources, chunk_size)
-    if gradients is None or len(_query_chunks(batch, theta)) > 1:
+def linear_query_gradients(model: FunctionalModel, thetas: Tensor, batch: Any, num_sources: int, chunk_size: int | None) -> Tensor | None:
+    """The query gradients the linear readout multiplies ``num_sources`` responses with, by forward mode along layer
+    bases: ``Tensor[Q, P]`` at ``thetas: Tensor[P]``, or ``Tensor[E, Q, P]`` at each of ``E`` members' parameters
+    ``thetas: Tensor[E, P]`` (read in the same vmapped passes, :func:`~lightning_attr.basis_readout.member_gradients`),
+    when :func:`score_sources` would take that path and the ``E x Q x P`` float32 numbers fit in one query chunk
+    (``CHUNK_ACTIVATION_MB``); else ``None``. Computed once, they serve every shard of a streamed member."""
+    covered = basis_layers(model.module, model.space)
+    if covered is None or len(_query_chunks(batch, thetas)) > 1:
         return None
-    return gradients(model, theta, batch)
+    if chunk_size is None:
+        chunk_size = _chunk_for(activation_floats(model, thetas.view(-1, thetas.shape[-1])[0], batch), num_sources)
+    members = thetas.view(-1, thetas.shape[-1])
+    gradients = member_gradients(model, members, batch, covered, num_sources=num_sources, chunk_size=max(1, chunk_size // members.shape[0]))
+    return None if gradients is None else gradients.view(*thetas.shape[:-1], *gradients.shape[1:])
 
 
 def split_for(responses: Tensor | SplitResponses, model: FunctionalModel, layers: Any = None) -> SplitResponses:

@@ -114,16 +114,19 @@ def _explicit(fm, theta, responses, batch):
 
 
 def _served(monkeypatch) -> list:
-    """The batch sizes the basis path serves from now on (a ``None``: it handed the batch to the other paths)."""
+    """The batch sizes the basis path serves from now on (a ``None``: it handed the batch to the other paths); for
+    several members read in the same passes, ``(members, batch size)``."""
     served = []
-    original = basis_readout.basis_gradients
+    original = basis_readout.member_gradients
 
-    def spy(model, theta, batch, *args, **kwargs):
-        out = original(model, theta, batch, *args, **kwargs)
-        served.append(None if out is None else batch[0].shape[0])
+    def spy(model, thetas, batch, *args, **kwargs):
+        out = original(model, thetas, batch, *args, **kwargs)
+        size = batch[0].shape[0]
+        served.append(None if out is None else size if thetas.shape[0] == 1 else (thetas.shape[0], size))
         return out
 
-    monkeypatch.setattr("lightning_attr.readout.basis_gradients", spy)
+    monkeypatch.setattr(basis_readout, "member_gradients", spy)
+    monkeypatch.setattr("lightning_attr.readout.member_gradients", spy)
     return served
 
 
@@ -155,10 +158,9 @@ def test_the_basis_readout_gives_the_definition_and_the_explicit_target(name, ta
             basis = score_sources(fm, theta, responses, queries)
             for other in ({"basis": False}, {"layers": False}, {"kind": "gradient"}):
                 torch.testing.assert_close(score_sources(fm, theta, responses, queries, **other), basis, **tol)
-    # in-place: the activation cannot overwrite an output whose tangent is vmapped over queries and tangents (torch's
-    # vmap refuses), so a batch takes the other paths; one query takes the bases
-    assert 1 in taken and None not in taken if name != "in-place" else set(taken) == {None, 1}
-    assert (5 in taken) == (name != "in-place")
+    # in-place too: the tangents are added to a layer's output (a new tensor), so the activation overwrites that sum and
+    # neither the captured output nor a tangent shared with another query
+    assert 1 in taken and 5 in taken and None not in taken
 
 
 def test_more_tangents_than_sources_take_the_other_paths(taken):
@@ -203,30 +205,35 @@ def test_the_basis_path_hands_back_what_it_does_not_cover(net, served, taken):
     assert taken == served
 
 
-def test_a_pass_costs_as_many_activation_numbers_as_PASS_FLOATS(monkeypatch):
-    """The 6-16-3 MLP reads 16 + 3 tangents per query in 2 passes, 6 + 16 + 16 + 3 = 41 activation numbers per query
-    (the handled layers' inputs and outputs): against 2,000 sources its second pass (1e5 / 41 = 2,439 numbers' worth)
-    does not pay for one query, and does for 8 (19 + 1e5 / 328 = 324 < 2,000)."""
-    served = _served(monkeypatch)
+@pytest.mark.parametrize("pass_macs, served", [(0.0, [None, 8]), (basis_readout.PASS_MACS, [1, 8])])
+def test_a_pass_costs_as_many_activation_numbers_as_PASS_FLOATS(monkeypatch, pass_macs, served):
+    """The 6-16-3 MLP reads 16 + 3 tangents per query, 6 + 16 + 16 + 3 = 41 activation numbers per query (the handled
+    layers' inputs and outputs). With passes that cost nothing (``PASS_MACS = 0``) the plan reads them in 2 passes
+    (the 16 output tangents of the first layer cost 3 x 17 multiply-adds and outputs each from there, the head's 3
+    nothing): against 2,000 sources the second pass (1e5 / 41 = 2,439 numbers' worth) does not pay for one query, and
+    does for 8 (19 + 1e5 / 328 = 324 < 2,000). At the default ``PASS_MACS`` one pass carries all 19 (3 x 51 more
+    multiply-adds per query than 2 passes), and one query takes the bases too."""
+    monkeypatch.setattr(basis_readout, "PASS_MACS", pass_macs)
+    taken = _served(monkeypatch)
     model = _model("linear")
     with functional_view(model) as (fm, theta):
         responses = 1e-2 * torch.randn(2000, theta.numel(), generator=torch.Generator().manual_seed(1))
         for n in (1, 8):
             batch = _data(6)(n)
             torch.testing.assert_close(score_sources(fm, theta, responses, batch), score_sources(fm, theta, responses, batch, layers=False))
-    assert basis_readout.PASS_FLOATS == 1e5 and served == [None, 8]
+    assert basis_readout.PASS_FLOATS == 1e5 and taken == served
 
 
 def test_attribute_reads_a_trajectory_ensemble_along_the_bases(runs, taken):
-    """``attribute()`` (two checkpoints: a paired ensemble) takes the basis path and gives the hand-computed ensemble of
-    ``vmap(jvp)`` scores, for a batch and for one query."""
+    """``attribute()`` (two checkpoints: a paired ensemble) takes the basis path, both members in the same passes, and
+    gives the hand-computed ensemble of ``vmap(jvp)`` scores, for a batch and for one query."""
     (model, path), _ = runs[0]
     xq, yq = runs[1]
     store = ResponseStore.load(path)
     for x, y in ((xq, yq), (xq[:1], yq[:1])):
         expected = _by_hand(model, [(store, "final", (x, y)), (store, "epoch=2", (x, y))])
         torch.testing.assert_close(model.attribute((x, y), responses=path), expected, rtol=1e-4, atol=1e-7)
-    assert taken == [6, 6, 1, 1]
+    assert taken == [(2, 6), (2, 1)]
 
 
 def test_a_streamed_member_reads_the_bases_once_for_all_its_shards(taken):
