@@ -28,7 +28,7 @@ kernel that cannot be vmapped per example, sends the batch back to the other pat
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,13 @@ class QueryFactors:
 
     factors: dict[str, tuple[Tensor, Tensor]]
     dense: dict[str, Tensor]
+
+    @staticmethod
+    def concatenated(parts: Sequence[QueryFactors]) -> QueryFactors:
+        """The queries of ``parts`` (of the same layers) one after the other."""
+        cat = lambda tensors: torch.cat(list(tensors))  # noqa: E731
+        factors = {n: (cat(p.factors[n][0] for p in parts), cat(p.factors[n][1] for p in parts)) for n in parts[0].factors}
+        return QueryFactors(factors, {n: cat(p.dense[n] for p in parts) for n in parts[0].dense})
 
     def gradients(self, space: ParameterSpace, queries: int, like: Tensor) -> Tensor:
         """``Tensor[Q, P]`` float32: the query gradients laid out as ``space`` (zeros for a parameter not covered)."""
@@ -129,29 +136,52 @@ def _member_factors(
     model: FunctionalModel, thetas: Tensor, batch: Any, layers: Sequence[_Layer], chunk_size: int, num_sources: int | None
 ) -> QueryFactors | None:
     """:class:`QueryFactors` of ``E`` members (``thetas: Tensor[E, P]``) and ``Q`` queries, member-major (``E x Q`` rows:
-    member ``e``'s query ``q`` is row ``e Q + q``), from one capture pass per member and the planned vmapped passes
-    (:func:`_plan_passes`) shared by all members. ``None`` where :func:`member_gradients` gives ``None``;
-    ``num_sources=None`` skips the cost rule."""
-    members, queries = thetas.shape[0], batch_size_of(batch)
-    captured = [capture_layers(model, model.space.unflatten(theta), batch, layers, owned=("weight", "bias")) for theta in thetas]
-    if any(c is None for c in captured):
-        return None
-    inputs, outputs = captured[0]
-    if queries > 1 and any(t.dim() == 0 or t.shape[0] != queries for ts in [*inputs, *outputs] for t in ts):
-        return None  # the batch is not the first dimension of every layer input and output
-    params = model.space.unflatten(thetas)  # {name: Tensor[E, *shape]}
-    groups = _basis_groups(layers, params, outputs, queries)
-    passes = _plan_passes(groups, members * queries)
-    floats = sum(t.numel() for ts in [*inputs, *outputs] for t in ts)  # about the activations of the batch
-    tangents = sum(g.size for g in groups)
-    if num_sources is not None and not _cheaper_than_sources(tangents, len(passes), floats // queries, queries, num_sources):
-        return None
+    member ``e``'s query ``q`` is row ``e Q + q``): one capture pass and the planned passes (:func:`_plan_passes`), each
+    ``vmap``-ed over the members. ``None`` where :func:`member_gradients` gives ``None``; ``num_sources=None`` skips the
+    cost rule. Where the members cannot be vmapped together (a forward whose Python reads its activations' values),
+    each member is read on its own."""
+    queries = batch_size_of(batch)
     try:
-        jacobians = torch.cat([_pass_jacobian(model, params, batch, layers, outputs, part, chunk_size) for part in passes], dim=2)
-    except RuntimeError:  # a kernel without a batching rule for one vmapped example, or another layout per example
+        return _factors(model, thetas, batch, layers, chunk_size, num_sources)
+    except RuntimeError:  # a kernel without a batching rule, another layout per example, values read in Python
+        if thetas.shape[0] > 1:
+            parts = []
+            for theta in thetas:
+                parts.append(_member_factors(model, theta.unsqueeze(0), batch, layers, chunk_size, num_sources))
+                if parts[-1] is None:
+                    return None
+            return QueryFactors.concatenated(parts)
         if queries == 1:
             raise
         return None
+
+
+def _factors(
+    model: FunctionalModel, thetas: Tensor, batch: Any, layers: Sequence[_Layer], chunk_size: int, num_sources: int | None
+) -> QueryFactors | None:
+    """:func:`_member_factors` with the members vmapped together (one member: not vmapped); raises what the passes
+    raise."""
+    members, queries = thetas.shape[0], batch_size_of(batch)
+    params = model.space.unflatten(thetas)  # {name: Tensor[E, *shape]}
+    foreign: list[bool] = []
+
+    def capture(values: dict[str, Tensor]) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
+        captured = capture_layers(model, values, batch, layers, owned=("weight", "bias"))
+        foreign.append(captured is None)
+        return captured if captured is not None else ([], [])
+
+    inputs, outputs = _over_members(capture, members)(params)  # each [E, *shape of one member's]
+    if foreign[0]:
+        return None
+    if queries > 1 and any(t.dim() == 1 or t.shape[1] != queries for ts in [*inputs, *outputs] for t in ts):
+        return None  # the batch is not the first dimension of every layer input and output
+    groups = _basis_groups(layers, params, [[z[0] for z in zs] for zs in outputs], queries)
+    passes = _plan_passes(groups, members * queries)
+    floats = sum(t[0].numel() for ts in [*inputs, *outputs] for t in ts)  # about the activations of the batch
+    tangents = sum(g.size for g in groups)
+    if num_sources is not None and not _cheaper_than_sources(tangents, len(passes), floats // queries, queries, num_sources):
+        return None
+    jacobians = torch.cat([_pass_jacobian(model, params, batch, layers, outputs, part, chunk_size) for part in passes], dim=2)
     rows = members * queries
     dense: dict[str, Tensor] = {}
     factors: dict[str, list[tuple[Tensor, Tensor]]] = {}
@@ -166,7 +196,7 @@ def _member_factors(
                 accumulate(name, g.reshape(rows, *params[name].shape[1:]))
             continue
         i, k = group.call  # the output's basis: J, then the layer's rule on every member's and query's input
-        x, j = torch.stack([c[0][i][k] for c in captured]), j.reshape(rows, *group.shape)  # [E, *x.shape], [E Q, *z]
+        x, j = inputs[i][k], j.reshape(rows, *group.shape)  # [E, *x.shape], [E Q, *z.shape per query]
         weight, bias = layers[i].names()
         if isinstance(layers[i].module, nn.Linear):  # dW = J^T X, kept as its factors; dc = J summed over rows
             x, j = x.reshape(rows, -1, x.shape[-1]), j.reshape(rows, -1, j.shape[-1])
@@ -180,6 +210,16 @@ def _member_factors(
                 accumulate(name, g)
     joined = {n: (torch.cat([j for j, _ in calls], dim=1), torch.cat([x for _, x in calls], dim=1)) for n, calls in factors.items()}
     return QueryFactors(joined, dense)
+
+
+def _over_members(fn: Callable, members: int) -> Callable:
+    """``fn`` mapped over the leading (member) dimension of its tensor arguments and outputs: ``vmap(fn)``, or for one
+    member ``fn`` on that member alone with its outputs given the dimension back (its activations then stay unbatched,
+    as a plain forward's: a Python condition on their values still works)."""
+    if members > 1:
+        return vmap(fn)
+    first = lambda tree: tree_map(lambda t: t[0] if isinstance(t, Tensor) else t, tree)  # noqa: E731
+    return lambda *trees: tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, fn(*map(first, trees)))
 
 
 @dataclass(frozen=True)
@@ -289,11 +329,11 @@ def _pass_jacobian(
         return torch.cat([one(_unit_rows(start, min(step, n - start), n, device)) for start in range(0, n, step)])
 
     if queries == 1:
-        return vmap(lambda c, v: member(c, v, batch).T)(fixed, moving)  # [E, 1, n]
+        return _over_members(lambda c, v: member(c, v, batch).T, len(next(iter(params.values()))))(fixed, moving)  # [E, 1, n]
     unbatched = lambda example: tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)  # noqa: E731
     in_dims = tree_map(lambda t: 0 if isinstance(t, Tensor) else None, batch)
     per_query = lambda c, v: vmap(lambda example: member(c, v, unbatched(example))[:, 0], in_dims=(in_dims,))(batch)  # noqa: E731
-    return vmap(per_query)(fixed, moving)  # [E, Q, n]
+    return _over_members(per_query, len(next(iter(params.values()))))(fixed, moving)  # [E, Q, n]
 
 
 def _unit_rows(start: int, count: int, n: int, device: torch.device) -> Tensor:

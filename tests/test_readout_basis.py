@@ -247,3 +247,58 @@ def test_a_streamed_member_reads_the_bases_once_for_all_its_shards(taken):
             expected = _definition(fm, theta, responses, batch)
             torch.testing.assert_close(streamed.scores(fm, theta, batch, "linear", 50), expected, rtol=1e-4, atol=1e-7)
     assert taken == [4, 1]  # once per query batch, not per shard
+
+
+class _ReadsActivations(nn.Module):
+    """A forward whose Python reads an activation's value (``float(...)``): ``vmap`` over members refuses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inner(x))
+        return self.head(h * 2 if float(h.abs().max()) > 0.5 else h)
+
+
+def _autograd_gradients(fm, thetas, batch) -> torch.Tensor:
+    """``Tensor[E, Q, P]``: each query's gradient at each member's parameters, by autograd (the reference)."""
+    out = []
+    for theta in thetas:
+        th = theta.clone().requires_grad_(True)
+        out.append(torch.stack([torch.autograd.grad(fm.measurement(th, tuple(t[q : q + 1] for t in batch))[0], th)[0]
+                                for q in range(batch[0].shape[0])]))  # fmt: skip
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("pass_macs", [0.0, float("inf")], ids=["a-pass-per-group", "one-pass"])
+@pytest.mark.parametrize("name", ["conv1d", "conv2d", "twice", "convolutions", "reads-activations"])
+def test_members_read_together_give_each_members_gradients(monkeypatch, name, pass_macs):
+    """Three members (one architecture, other weights) read in the same passes, whatever the plan cuts them into (each
+    group its own pass, or one pass for all), give each member's query gradients, for one query and five: those of
+    autograd and of each member read alone. A forward that reads an activation's value in Python cannot be vmapped
+    over members: one query is read one member at a time; a batch (vmapped over its queries) takes the other paths."""
+    monkeypatch.setattr(basis_readout, "PASS_MACS", pass_macs)
+    together = []
+    original = basis_readout._factors
+    monkeypatch.setattr(basis_readout, "_factors", lambda model, thetas, *a: together.append(len(thetas)) or original(model, thetas, *a))
+    torch.manual_seed(0)
+    reads = name == "reads-activations"
+    model = Classifier(_ReadsActivations()).eval() if reads else _model(name)
+    batch = _data(6 if reads else MODELS[name][1])(5)
+    with functional_view(model) as (fm, theta):
+        layers = basis_readout.basis_layers(fm.module, fm.space)
+        thetas = theta * (1 + 0.3 * torch.randn(3, theta.numel(), generator=torch.Generator().manual_seed(2)))
+        for queries in (tuple(t[:1] for t in batch), batch):
+            together.clear()
+            both = basis_readout.member_gradients(fm, thetas, queries, layers, num_sources=10**6, chunk_size=64)
+            if reads and queries is batch:
+                assert both is None and together == [3, 1]
+                continue
+            assert together == ([3, 1, 1, 1] if reads else [3])
+            expected = _autograd_gradients(fm, thetas, queries)
+            tol = {"rtol": 1e-4, "atol": 1e-5 * float(expected.abs().max())}
+            torch.testing.assert_close(both, expected, **tol)
+            alone = [basis_readout.basis_gradients(fm, t, queries, layers, num_sources=10**6, chunk_size=64) for t in thetas]
+            torch.testing.assert_close(both, torch.stack(alone), **tol)
