@@ -16,10 +16,10 @@ first ``--queries`` test points:
   one backward pass per query; the largest difference to the default is recorded), and ``ensemble="collapsed"``
   (the checkpoints folded into one response per source) with either readout (``--variants all`` only; ``default``:
   the two default queries and TRAK-1);
-- ``ours factored, 1 member / ensemble`` (``--factored``): the same fit writes a second store with
-  ``codec="factored"`` (the default's responses kept as eigen coordinates plus per-example gradient factors,
-  :mod:`lightning_attr.factored`), read out the same way; its scores against the default's and every store's bytes
-  (``storage_bytes``, beside TRAK-1's) are recorded;
+- ``ours factored, 1 member / ensemble`` (``--factored``): the same fit writes its first store with ``codec="dense"``
+  (``"auto"`` picks ``"factored"`` on the MLPs) and a second with ``codec="factored"`` (the dense responses kept as
+  eigen coordinates plus per-example gradient factors, :mod:`lightning_attr.factored`), read out the same way; its
+  scores against the dense store's and every store's bytes (``storage_bytes``, beside TRAK-1's) are recorded;
 - ``TRAK-1 (dattri)``: :class:`~lightning_attr.evaluation.peers.DattriTRAK` (1 model, projection 512) set up on
   the same fitted network and training set;
 - ``memory floor (ensemble)``: one matrix-vector product over each checkpoint's ``[S, P]`` responses, what any
@@ -86,11 +86,15 @@ def fitted(setting_name: str, data, store_dir: Path, factored: bool = False) -> 
         return Classifier(make_net(s, data, 0), lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay, optimizer=r.optimizer)
 
     wanted = [responses, factored_store(responses)] if factored else [responses]
-    if weights.is_file() and all((path / "manifest.json").is_file() for path in wanted):
+    cached = weights.is_file() and all((path / "manifest.json").is_file() for path in wanted)
+    if cached and factored:  # the pair is dense against factored (codec "auto" picks "factored" on the MLPs)
+        cached = ResponseStore.load(responses).codec(ResponseStore.load(responses).checkpoints[-1]) == "dense"
+    if cached:
         model = classifier()
         model.load_state_dict(load_file(str(weights)))
         return model.eval(), responses, None
-    cb = AttributionCallback(dirpath=str(responses), mode="end", checkpoint_epochs=CHECKPOINT_EPOCHS, overwrite=True)
+    pinned = {"codec": "dense"} if factored else {}
+    cb = AttributionCallback(dirpath=str(responses), mode="end", checkpoint_epochs=CHECKPOINT_EPOCHS, overwrite=True, **pinned)
     also = [AttributionCallback(dirpath=str(factored_store(responses)), codec="factored", checkpoint_epochs=CHECKPOINT_EPOCHS, overwrite=True)]
     model, seconds = fit(s, data, [cb, *(also if factored else [])])
     atomic_save_tensors(weights, {k: v.detach().contiguous() for k, v in model.state_dict().items()})
@@ -209,7 +213,7 @@ def run_setting(name: str, args) -> dict:
         "layer readout (before), 1 member": _reference(model, store, store.checkpoints[-1:], layers=True),
         "layer readout (before), ensemble": _reference(model, store, store.checkpoints, layers=True),
     }
-    storage = {"ours (default store)": dir_bytes(path), "TRAK-1 (dattri)": trak.storage_bytes()}
+    storage = {f"ours ({store.codec(store.checkpoints[-1])})": dir_bytes(path), "TRAK-1 (dattri)": trak.storage_bytes()}
     if args.factored:  # the same fit's codec "factored" store: its scores against the default's are recorded below
         def ours_factored(checkpoints: str):
             return lambda x, y: model.attribute((x, y), responses=str(factored_store(path)), checkpoints=checkpoints)
