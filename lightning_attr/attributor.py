@@ -39,9 +39,9 @@ from lightning_attr.batch_format import check_batch
 from lightning_attr.functional import FunctionalModel, functional_view, to_float32
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.codecs import DEFAULT_MEMORY_BUDGET_MB, AnyBlock, DenseResponses, SplitResponses
-from lightning_attr.basis_readout import basis_layers
+from lightning_attr.basis_readout import QueryFactors, basis_layers, member_query_factors
 from lightning_attr.layer_readout import handled_layers, layer_parameters
-from lightning_attr.readout import auto_chunk_size, check_readout, linear_query_gradients
+from lightning_attr.readout import auto_chunk_size, check_readout, linear_query_gradients, query_chunks
 from lightning_attr.sources import split_batch
 from lightning_attr.store import ResponseStore, StoreError, check_store_path, manifest_stamp
 
@@ -189,9 +189,15 @@ class Attributor:
                     first_store_last = len(read) - 1
             live = [at is theta for _, at in read]
             gradients = _shared_query_gradients(model, read, batch, readout, chunk_size, stores[0].n_sources)
+            factors = _shared_query_factors(model, read, batch, readout, chunk_size)
             per_member = []
-            for (member, at), g in zip(read, gradients):
-                scores = member.responses.scores(model, at, batch, readout, chunk_size) if g is None else member.responses.gradient_scores(g)
+            for (member, at), g, f in zip(read, gradients, factors):
+                if g is not None:
+                    scores = member.responses.gradient_scores(g)
+                elif f is not None and member.responses.reads(f):
+                    scores = member.responses.factor_scores(model.space, f, at)
+                else:
+                    scores = member.responses.scores(model, at, batch, readout, chunk_size)
                 per_member.append(scores.masked_fill(~member.valid, float("nan")))
         if len(per_member) == 1:
             return per_member[0]
@@ -411,6 +417,24 @@ def _shared_query_gradients(
     gradients = linear_query_gradients(model, torch.stack([read[k][1] for k in dense]), batch, num_sources, chunk_size)
     for k, g in zip(dense, gradients if gradients is not None else ()):
         out[k] = g
+    return out
+
+
+def _shared_query_factors(
+    model: FunctionalModel, read: list[tuple[_Member, Tensor]], batch: Any, readout: str, chunk_size: int | None
+) -> list[QueryFactors | None]:
+    """Per member of codec ``"factored"``, the query's layer factors at its parameters, every such member in the same
+    vmapped passes (:func:`~lightning_attr.basis_readout.member_query_factors`), when the layer bases cover the network
+    and each member's ``Q x P`` query gradients fit one query chunk; ``None`` elsewhere (the member reads its own)."""
+    factored = [k for k, (member, _) in enumerate(read) if hasattr(member.responses, "factor_scores")]
+    out: list[QueryFactors | None] = [None] * len(read)
+    layers = basis_layers(model.module, model.space) if readout == "linear" and len(factored) > 1 else None
+    if layers is None or len(query_chunks(batch, read[0][1])) > 1:
+        return out
+    thetas = torch.stack([read[k][1] for k in factored])
+    chunk = max(1, (chunk_size or auto_chunk_size(model, thetas[0], batch, read[0][0].responses.num_sources)) // len(factored))
+    for k, f in zip(factored, member_query_factors(model, thetas, batch, layers, chunk_size=chunk) or ()):
+        out[k] = f
     return out
 
 

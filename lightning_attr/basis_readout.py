@@ -83,6 +83,15 @@ class QueryFactors:
         factors = {n: (cat(p.factors[n][0] for p in parts), cat(p.factors[n][1] for p in parts)) for n in parts[0].factors}
         return QueryFactors(factors, {n: cat(p.dense[n] for p in parts) for n in parts[0].dense})
 
+    @property
+    def queries(self) -> int:
+        """``Q``, the rows of these factors."""
+        return next(iter(self.dense.values()), next(iter(self.factors.values()), (torch.empty(0),))[0]).shape[0]
+
+    def rows(self, index: slice) -> QueryFactors:
+        """The queries ``index`` of these factors (every tensor's first dimension)."""
+        return QueryFactors({n: (j[index], x[index]) for n, (j, x) in self.factors.items()}, {n: g[index] for n, g in self.dense.items()})
+
     def gradients(self, space: ParameterSpace, queries: int, like: Tensor) -> Tensor:
         """``Tensor[Q, P]`` float32: the query gradients laid out as ``space`` (zeros for a parameter not covered)."""
         parts = dict(self.dense)
@@ -130,6 +139,16 @@ def query_factors(
     :func:`basis_gradients` gives ``None``; ``num_sources=None`` skips its cost rule (the caller reads the factors, not
     ``S`` source tangents)."""
     return _member_factors(model, theta.unsqueeze(0), batch, layers, chunk_size, num_sources)
+
+
+def member_query_factors(
+    model: FunctionalModel, thetas: Tensor, batch: Any, layers: Sequence[_Layer], *, chunk_size: int
+) -> list[QueryFactors] | None:
+    """:func:`query_factors` at each of ``E`` members' parameters ``thetas: Tensor[E, P]``, all members in the same
+    vmapped passes (as :func:`member_gradients`): one :class:`QueryFactors` per member, or ``None``."""
+    parts = _member_factors(model, thetas, batch, layers, chunk_size, None)
+    queries = batch_size_of(batch)
+    return None if parts is None else [parts.rows(slice(e * queries, (e + 1) * queries)) for e in range(thetas.shape[0])]
 
 
 def _member_factors(

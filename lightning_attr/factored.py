@@ -37,7 +37,7 @@ from lightning_attr.functional import FunctionalModel
 from lightning_attr.layer_readout import _Layer, capture_layers, handled_layers
 from lightning_attr.lowrank import LowRankResponses, paired_diagonals
 from lightning_attr.parameters import ParameterSpace
-from lightning_attr.readout import _query_chunks, check_readout, paired_readout, score_sources
+from lightning_attr.readout import query_chunks, check_readout, paired_readout, score_sources
 from lightning_attr.simulation import select_examples
 from lightning_attr.spectral import EigenResponses
 
@@ -128,19 +128,28 @@ class FactoredResponses:
             ], dim=1)  # fmt: skip
         layers = basis_layers(model.module, model.space)
         parts = []
-        for rows in _query_chunks(batch, theta) if layers is not None else ():
+        for rows in query_chunks(batch, theta) if layers is not None else ():
             queries = select_examples(batch, rows)
             factors = query_factors(model, theta, queries, layers, chunk_size=chunk_size)
-            if factors is None or not set(self.gradients.factors) <= set(factors.factors):  # a factored weight read densely
+            if factors is None or not self.reads(factors):
                 parts = []
                 break
-            parts.append(self._factored_scores(model.space, factors, rows.numel(), theta))
+            parts.append(self.factor_scores(model.space, factors, theta))
         if parts:
             return torch.cat(parts) if len(parts) > 1 else parts[0]
         # not covered by the layer bases: k tangents along the basis, and the gradients' forward hooks (lorif's readout)
         return self.eigen.scores(model, theta, batch, readout, chunk_size) + self.gradients.scores(model, theta, batch, readout, chunk_size)
 
-    def _factored_scores(self, space: ParameterSpace, query: QueryFactors, queries: int, theta: Tensor) -> Tensor:
+    def reads(self, query: QueryFactors) -> bool:
+        """Whether :meth:`factor_scores` can read ``query``: it holds the factors of every weight factored here (a layer
+        the query side read along its parameters would not)."""
+        return set(self.gradients.factors) <= set(query.factors)
+
+    def factor_scores(self, space: ParameterSpace, query: QueryFactors, theta: Tensor) -> Tensor:
+        """``Tensor[Q, S]``: the linear readout's scores from the query's layer factors at this member's parameters
+        ``theta`` (:func:`~lightning_attr.basis_readout.query_factors`, :meth:`reads` true): ``(V g_q) . c_s`` plus
+        ``<g_q, gamma g_s>`` as ``sum (J U) * (X V)`` per factored weight and one product with the dense rest."""
+        queries = query.queries
         gradients = query.gradients(space, queries, theta)  # [Q, P]
         out = (gradients @ self.eigen.basis.T) @ self.eigen.coordinates.T
         names, rest = self._rest

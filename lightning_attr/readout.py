@@ -82,7 +82,7 @@ def _gradient_scores(
     gives ``None`` (its path does not apply)."""
     times = responses.times if isinstance(responses, SplitResponses) else lambda g: g @ responses.T
     parts = []
-    for rows in _query_chunks(batch, theta):
+    for rows in query_chunks(batch, theta):
         g = gradients(model, theta, select_examples(batch, rows))
         if g is None:
             return None
@@ -90,7 +90,7 @@ def _gradient_scores(
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _query_chunks(batch: Any, theta: Tensor) -> tuple[Tensor, ...]:
+def query_chunks(batch: Any, theta: Tensor) -> tuple[Tensor, ...]:
     """The query rows in chunks of as many as keep their gradients (``[chunk, P]`` float32) under ``CHUNK_ACTIVATION_MB``."""
     return torch.arange(batch_size_of(batch)).split(max(1, int(CHUNK_ACTIVATION_MB * 2**20 // (4 * theta.numel()))))
 
@@ -242,7 +242,7 @@ def linear_query_gradients(model: FunctionalModel, thetas: Tensor, batch: Any, n
     when :func:`score_sources` would take that path and the ``E x Q x P`` float32 numbers fit in one query chunk
     (``CHUNK_ACTIVATION_MB``); else ``None``. Computed once, they serve every shard of a streamed member."""
     covered = basis_layers(model.module, model.space)
-    if covered is None or len(_query_chunks(batch, thetas)) > 1:
+    if covered is None or len(query_chunks(batch, thetas)) > 1:
         return None
     if chunk_size is None:
         chunk_size = _chunk_for(activation_floats(model, thetas.view(-1, thetas.shape[-1])[0], batch), num_sources)
@@ -287,7 +287,7 @@ def paired_readout(
     if kind == "gradient":
         return torch.cat([
             (query_gradients(model, theta, select_examples(batch, rows)) * responses[rows]).sum(dim=1)
-            for rows in _query_chunks(batch, theta)
+            for rows in query_chunks(batch, theta)
         ])  # fmt: skip
     if block_size is None and not has_recurrent_layer(model.module):
         try:

@@ -37,7 +37,7 @@ class CrashOnRankOne(L.Callback):
             raise RuntimeError(f"process 1 crashed at step {self.step} (on purpose)")
 
 
-MODES = {"online": {"mode": "online"}, "end": {"mode": "end"}, "end_steps": {"mode": "end", "propagation": "heavy_ball"}, "groups": {"mode": "online", "sources": [i % 10 for i in range(192)]}, "eigen": {"mode": "end", "codec": "eigen", "rank": 24}, "subset": {"mode": "end"}}
+MODES = {"online": {"mode": "online"}, "end": {"mode": "end"}, "end_steps": {"mode": "end", "propagation": "heavy_ball"}, "groups": {"mode": "online", "sources": [i % 10 for i in range(192)]}, "eigen": {"mode": "end", "codec": "eigen", "rank": 24}, "factored": {"mode": "end", "codec": "factored", "rank": 24}, "subset": {"mode": "end"}}
 
 
 def fit_stores(out: str, devices: int, modes: Sequence[str] = tuple(MODES), crash_at: int | None = None) -> None:

@@ -79,6 +79,20 @@ def test_two_processes_share_the_eigen_codec(stores):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
 
 
+def test_two_processes_share_the_factored_codec(stores):
+    """Codec "factored": the processes share the eigenspace as the dense default does, each fills its own sources'
+    coordinates and gradient factors, and rank zero writes their sum: the single-process store's responses."""
+    one, two = ResponseStore.load(stores / "one" / "factored"), ResponseStore.load(stores / "two" / "factored")
+    assert one.checkpoints == two.checkpoints == ["epoch=2", "final"]
+    for name in two.checkpoints:
+        info = two.checkpoint_info(name)
+        assert info["codec"] == "factored" and info["processes"] == 2 and info["rank"] == 24 and info["factored"]
+        assert info["curvature_products"] == one.checkpoint_info(name)["curvature_products"]
+        a, b = one.block(name).to_dense(), two.block(name).to_dense()
+        assert torch.isfinite(a).all() and bool(two.scorable(name).all())
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
+
+
 @pytest.mark.parametrize("mode", ["online", "end"])
 def test_each_process_records_its_costs_per_phase(stores, mode):
     """The manifest lists each process's costs; its phases add up to its simulation time, and the checkpoint's

@@ -12,7 +12,7 @@ from torch import nn
 from lightning_attr import AttributionCallback, ResponseStore
 from lightning_attr.factored import FactoredResponses, check_factors, example_slots
 from lightning_attr.models import Classifier
-from lightning_attr.models.nets import CNN
+from lightning_attr.store import StoreError
 
 
 def _close(ours: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> bool:
@@ -112,6 +112,17 @@ def test_factored_source_groups_factor_each_member_and_equal_dense(tmp_path):
     assert entry["factored"] == {"net.1.weight": [24, 6, 4]}
     ours, expected = (model.attribute((xq, yq), responses=path) for path in (factored, dense))
     assert ours.shape == (6, 30) and _close(ours, expected)
+    # a shard whose coordinates lost a column is refused by name, not read as zeros
+    from safetensors.torch import load_file, save_file
+
+    store = ResponseStore.load(factored)
+    shard = store.path / store.checkpoint_info("final")["shards"][0]["file"]
+    tensors = load_file(str(shard))
+    tensors["coordinates"] = tensors["coordinates"][:, :-1].contiguous()
+    save_file(tensors, str(shard))
+    store._check_files = lambda ckpt: None  # the size check would refuse it first; the shape check must too
+    with pytest.raises(StoreError, match=r"'coordinates' is \(30, 63\), expected \(30, 64\)"):
+        store.block("final")
 
 
 class _LayerNormNet(nn.Module):
