@@ -3,7 +3,8 @@
 - **Eigenspace rule** (``propagation="spectral"`` and codec ``"eigen"``: end mode's defaults):
   ``lam = damping_scale x max(RITZ_FACTOR x sigma_j, trace(G)/P)`` with ``sigma_j`` the ``j = RITZ_INDEX``-th largest
   eigenvalue of the full-data GGN, a Ritz value of the eigenspace those propagations find anyway (no extra curvature
-  product), and ``trace(G)/P`` its mean eigenvalue (32 Hutchinson probes, which the complement needs anyway). The top of
+  product), and ``trace(G)/P`` its mean eigenvalue (which the complement needs anyway: with ``rank="auto"`` from the first
+  block of that eigenspace, :attr:`lightning_attr.spectral.Eigenspace.trace`, else 32 Hutchinson probes). The top of
   the spectrum holds the directions the data determine; parameters the loss barely curves along (a wider layer) add
   eigenvalues near 0 and leave ``sigma_j`` where it was, where they pull the mean eigenvalue ``trace(G)/P`` down (4x on a
   64-128-128-10 MLP against 64-64-10). Chosen by measurement (``benchmarks/damping_rules.py``,

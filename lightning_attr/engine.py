@@ -496,43 +496,49 @@ class SimulationEngine:
         self._pending[name] = _Pending(record, "step_rule", eigen=block_, stats=stats)  # the dense default's record and key
 
     def _deflated_inverse(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> tuple[DeflatedInverse, dict]:
-        """``propagation="spectral"``: the damping (Hutchinson trace) and the top eigenspace of the GGN over the whole
-        training set at ``theta`` (``rank`` pairs, or with ``rank="auto"`` grown until ``sigma_k <= AUTO_RANK_RATIO
-        lam`` within :func:`product_cap`), as a :class:`DeflatedInverse` and its ``step_rule`` record."""
+        """``propagation="spectral"``: the top eigenspace of the GGN over the whole training set at ``theta`` (``rank`` pairs,
+        or with ``rank="auto"`` grown until ``sigma_k <= AUTO_RANK_RATIO lam`` within :func:`product_cap`) and the damping
+        (its Ritz values and ``trace(G)``: read from the space's first block with ``rank="auto"``, 32 Hutchinson probes with
+        a fixed rank), as a :class:`DeflatedInverse` and its ``step_rule`` record."""
         s = self.settings
         curvature, tally, _ = self._full_data_operator(model, theta, data)
         auto = s.rank == "auto"
         cap = product_cap(self.dim, s.memory_budget_mb) if auto else eigenspace_products(self.dim, min(s.rank, self.dim))
-        progress = self._new_progress(name, total=TRACE_PROBES + cap)  # rank="auto": the cap; close() sets what was done
+        progress = self._new_progress(name, total=cap if auto else TRACE_PROBES + cap)  # rank="auto": the cap; close() sets what was done
         operator = _Counting(curvature, self, progress, tally)
         split = self._column_split()
         generator = torch.Generator().manual_seed(s.seed)
-        spectrum = estimate_spectrum(operator, self.dim, probes=TRACE_PROBES, power_iterations=0, generator=generator, device=theta.device)
-        if s.damping == "auto":  # the eigenspace rule (lightning_attr.damping): lam from sigma_64, read as the space grows
-            threshold = partial(_auto_rank_threshold, damping_scale=s.damping_scale, mean_eigenvalue=spectrum.mean_eigenvalue)
-        else:
-            threshold = AUTO_RANK_RATIO * resolve_damping(s.damping, s.damping_scale, spectrum.mean_eigenvalue)
         if auto:
+            # the threshold AUTO_RANK_RATIO x lam: lam by the damping rule, from the Ritz values and the mean eigenvalue
+            # the finder reads from its first block as the space grows (adaptive_eigenspace's callable threshold)
+            threshold = (
+                partial(_auto_rank_threshold, damping_scale=s.damping_scale) if s.damping == "auto"
+                else AUTO_RANK_RATIO * resolve_damping(s.damping, s.damping_scale, float("nan"))  # a given float
+            )  # fmt: skip
             # cold at every checkpoint, also stopped once the Ritz pairs down to the threshold have converged (residual
             # rule): 25-30% fewer products than 2 per pair on the digits MLP and CNNs, 11% on the MNIST-1D MLP, Pearson to
             # the exact target >= 0.99. Warm-started from the previous checkpoint's eigenvectors (adaptive_eigenspace's
             # initial=), the trajectory ensemble's later members cost MORE (digits MLP, epochs 3 -> 6 -> 30: 651 and 715
             # products against 448 and 416 cold): the old basis costs a product per row and its lower pairs still have to
-            # converge (benchmarks/eigenspace.py members).
+            # converge (benchmarks/eigenspace.py members). trace(G) comes from the space's first block (its 32 Gaussian
+            # rows): no Hutchinson probes of their own (32 products per checkpoint fewer; benchmarks/auto_rank.py).
             with self.phases("eigenspace algebra"):
                 space = adaptive_eigenspace(
                     operator, self.dim, threshold, max_products=cap, tolerance=DEFAULT_RESIDUAL_TOLERANCE,
                     generator=generator, device=theta.device, split=split,
                 )  # fmt: skip
+            mean_eigenvalue = space.trace / self.dim
         else:
+            spectrum = estimate_spectrum(operator, self.dim, probes=TRACE_PROBES, power_iterations=0, generator=generator, device=theta.device)
+            mean_eigenvalue = spectrum.mean_eigenvalue
             # a fixed rank spends its budget whatever the start: cold (warm-started at the same budget, a small CNN
             # reached Pearson 0.94 to the exact target against 0.97 cold)
             with self.phases("eigenspace algebra"):
                 space = top_eigenspace(operator, self.dim, min(s.rank, self.dim), generator=generator, device=theta.device, split=split)
         if progress is not None:
             progress.close()
-        damping, rule = eigenspace_damping(s.damping, s.damping_scale, space.eigenvalues, spectrum.mean_eigenvalue)
-        inverse = DeflatedInverse.from_trace(space, damping, spectrum.mean_eigenvalue * self.dim, self.dim)
+        damping, rule = eigenspace_damping(s.damping, s.damping_scale, space.eigenvalues, mean_eigenvalue)
+        inverse = DeflatedInverse.from_trace(space, damping, mean_eigenvalue * self.dim, self.dim)
         ratio, k = inverse.complement_ratio, space.rank
         if space.stop == "cap":
             self._warn(
@@ -549,9 +555,9 @@ class SimulationEngine:
                 f"responses fall short of the damped inverse there. Raise rank (cost: about {space.products / k:.0f} "
                 "curvature products over the training set per eigenpair; rank='auto' grows it to the damping) or damping_scale."
             )
-        record = {**inverse.to_json(), **rule, "mean_eigenvalue": spectrum.mean_eigenvalue, "rank_setting": s.rank}
+        record = {**inverse.to_json(), **rule, "mean_eigenvalue": mean_eigenvalue, "rank_setting": s.rank}
         if auto:
-            record.update(rank_target_ratio=AUTO_RANK_RATIO, product_cap=cap, residual_tolerance=DEFAULT_RESIDUAL_TOLERANCE)
+            record.update(rank_target_ratio=AUTO_RANK_RATIO, product_cap=cap, residual_tolerance=DEFAULT_RESIDUAL_TOLERANCE, trace_probes=space.probes)
         return inverse, record
 
     def _simulate_eigen(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> None:
@@ -794,11 +800,11 @@ class _Counting:
             return self.operator(block)
 
 
-def _auto_rank_threshold(ritz_values: Tensor, damping_scale: float, mean_eigenvalue: float) -> float | None:
-    """``rank="auto"``'s threshold ``AUTO_RANK_RATIO x lam``, ``lam`` by the eigenspace rule on the Ritz values found so far
-    (``Tensor[k]``, descending; None while ``k < RITZ_INDEX``)."""
+def _auto_rank_threshold(ritz_values: Tensor, mean_eigenvalue: float, damping_scale: float, ratio: float = AUTO_RANK_RATIO) -> float | None:
+    """``rank="auto"``'s threshold ``ratio x lam`` (default ``AUTO_RANK_RATIO``), ``lam`` by the eigenspace rule on the Ritz
+    values found so far (``Tensor[k]``, descending; None while ``k < RITZ_INDEX``) and ``trace(G) / P``."""
     lam = ritz_damping(ritz_values, damping_scale, mean_eigenvalue)
-    return None if lam is None else AUTO_RANK_RATIO * lam
+    return None if lam is None else ratio * lam
 
 
 def _finite_rows(model: FunctionalModel, theta: Tensor, data: Any) -> Tensor:

@@ -62,6 +62,10 @@ class Eigenspace:
             converged residuals), ``"cap"`` (the product
             cap came first) or ``"whole space"`` (the space is all of ``R^P``: exact).
         seeded: rows of a previous basis the space started from (``initial=``; 0: a cold, Gaussian start).
+        trace: an unbiased estimate of ``trace(G)`` from the first block of a cold Krylov start at no extra product
+            (:func:`_first_block_trace`), exact when that block is all of ``R^P``; NaN after a warm start or for
+            ``method="subspace"``.
+        probes: the rows of the first block ``trace`` was read from (0 when NaN).
     """
 
     eigenvalues: Tensor
@@ -72,6 +76,8 @@ class Eigenspace:
     block: int = 0
     stop: str = "budget"
     seeded: int = 0
+    trace: float = float("nan")
+    probes: int = 0
 
     @property
     def rank(self) -> int:
@@ -226,7 +232,7 @@ def product_cap(dim: int, memory_mb: float) -> int:
 def adaptive_eigenspace(
     operator: CurvatureOperator,
     dim: int,
-    threshold: float | Callable[[Tensor], float | None],
+    threshold: float | Callable[[Tensor, float], float | None],
     *,
     max_products: int,
     min_rank: int = DEFAULT_RANK,
@@ -247,8 +253,9 @@ def adaptive_eigenspace(
     Ritz value is at most ``threshold`` (``stop="reached"``), at ``max_products`` (``"cap"``, keeping ``k(m)``
     pairs, with ``sigma_k`` above ``threshold``) or when the space is all of ``R^P`` (``"whole space"``, all ``P``
     pairs, exact). Units of ``threshold``: those of the eigenvalues (loss per squared parameter unit). ``threshold`` may
-    also be a function of the Ritz values the budget rule counts as converged (``Tensor[k(m)]``, descending) that returns
-    the threshold, or None while it cannot tell (the callback's eigenspace damping rule reads ``sigma_64``,
+    also be a function of the Ritz values the budget rule counts as converged (``Tensor[k(m)]``, descending) and of the
+    mean eigenvalue ``trace(G) / P`` (the returned space's ``trace / P``, read from the first block; NaN after a warm
+    start) that returns the threshold, or None while it cannot tell (the callback's eigenspace damping rule reads ``sigma_64``,
     :mod:`lightning_attr.damping`): it is asked again after every block (Ritz values only grow as the space does), and
     the space cannot stop at the threshold before it answers.
     Memory: up to ``20 max_products P`` bytes (:func:`product_cap`).
@@ -321,12 +328,13 @@ class _ThresholdStop:
     """
 
     dim: int
-    threshold: float | Callable[[Tensor], float | None]
+    threshold: float | Callable[[Tensor, float], float | None]
     min_rank: int
     max_products: int
     tolerance: float | None
     krylov: bool
     level: float | None = field(default=None, init=False)  # the threshold in force (None: a rule that cannot tell yet)
+    mean_eigenvalue: float = field(default=float("nan"), init=False)  # trace(G) / P from the first block (NaN: warm)
 
     def _wanted(self, values: Tensor) -> int:
         """The pairs down to the first Ritz value at or below the threshold, at least ``min_rank``."""
@@ -336,7 +344,7 @@ class _ThresholdStop:
         """How many of the top Ritz pairs (``values``: all of them, descending) are examined and steer the next block;
         a threshold rule is asked here, with the pairs the budget rule counts as converged."""
         if callable(self.threshold):
-            self.level = self.threshold(values[: supported_rank(size) if self.krylov else values.numel()])
+            self.level = self.threshold(values[: supported_rank(size) if self.krylov else values.numel()], self.mean_eigenvalue)
         else:
             self.level = self.threshold
         examined = supported_rank(size + step) if self.krylov else self.min_rank
@@ -440,6 +448,7 @@ def _block_krylov(
     scale = float(torch.linalg.vector_norm(start, dim=1).max())
     current = _orthonormalize_against(split.local(start).to(device), None, generator, scale, split)
     probes = torch.arange(seeded, current.shape[0], device=device)  # the first block's Gaussian rows (after the seed)
+    trace = float("nan")
     space = current[:0]
     images = space.float()  # I = G Q, [m, P]
     small = torch.zeros(0, 0, dtype=torch.float64, device=device)  # T = Q I^T
@@ -450,6 +459,10 @@ def _block_krylov(
         size, new = space.shape[0], image.double()
         grown = split.total(torch.cat([space @ new.T, images.double() @ new.T]))  # [Q; I] I_new^T: one collective
         small, gram = _grow_symmetric(small, grown[:size]), _grow_symmetric(gram, grown[size:])
+        if size == current.shape[0] and not seeded:  # the first block, from a cold start
+            trace = _first_block_trace(small, dim)
+            if enough is not None:
+                enough.mean_eigenvalue = trace / dim
         step = width * max(1, int(growth * size) // width)  # whole blocks of `width`
         all_values, all_vectors = _top_ritz_pairs(small, size)
         pairs = rank if enough is None else max(rank, enough.pairs(all_values, size, step))
@@ -475,7 +488,16 @@ def _block_krylov(
     ritz = vectors[:, :rank].T @ space  # [k, P_r], orthonormal: the rows of Q rotated
     norms = split.total((vectors[:, :rank].T @ images.double() - values[:rank, None] * ritz).square().sum(dim=1)).sqrt()
     ritz = split.gather(ritz.float()).contiguous()
-    return Eigenspace(values[:rank].clamp_min(0).float(), ritz, size, norms.float().cpu(), "krylov", width, stop or "budget", seeded)
+    first = 0 if seeded else int(probes.numel())
+    return Eigenspace(values[:rank].clamp_min(0).float(), ritz, size, norms.float().cpu(), "krylov", width, stop or "budget", seeded, trace, first)
+
+
+def _first_block_trace(small: Tensor, dim: int) -> float:
+    """``trace(G) ~ (P / b) trace(Q_1 G Q_1^T)`` from ``small = Q_1 G Q_1^T: Tensor[b, b]``, the first block's orthonormalized
+    Gaussian rows ``Q_1``: a Haar-random orthonormal frame, so each row's ``q^T G q`` has mean ``trace(G) / P`` (unbiased),
+    and the ``b`` rows being orthogonal, the variance is at most that of ``b`` Gaussian probes (Hutchinson without
+    replacement); exact at ``b = P``. Replaces the callback's 32 Rademacher probes (32 products) under ``rank="auto"``."""
+    return dim * float(torch.diagonal(small).sum()) / small.shape[0]
 
 
 def _probe_curvature(ritz_vectors: Tensor, probes: Tensor, small: Tensor, gram: Tensor, k: int) -> Tensor:

@@ -66,7 +66,7 @@ def test_rank_auto_reads_its_threshold_from_the_ritz_values_as_the_space_grows()
     q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     g = ((q * sigma) @ q.T).float()
 
-    def rule(values):
+    def rule(values, mean_eigenvalue):
         return None if values.numel() < RITZ_INDEX else 0.5 * RITZ_FACTOR * float(values[RITZ_INDEX - 1])
 
     spaces = [

@@ -127,25 +127,29 @@ def test_auto_rank_grows_to_the_damping_and_matches_the_explicit_matrix_and_the_
     import warnings
 
     from lightning_attr.deflated import AUTO_RANK_RATIO
-    from lightning_attr.spectral import DEFAULT_RESIDUAL_TOLERANCE, supported_rank
+    from lightning_attr.spectral import DEFAULT_RESIDUAL_TOLERANCE, TRACE_PROBES, supported_rank
 
     def run(name: str, rank):
         cb = AttributionCallback(tmp_path / name, rank=rank, damping_scale=_SMALL_SCALE, checkpoint_epochs=None)
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*(not resolved|stopped at its cap).*")
             model, (x, y), queries = _wide_mlp_fit(cb)
-        rule = ResponseStore.load(cb.dirpath).checkpoint_info("final")["step_rule"]
+        info = ResponseStore.load(cb.dirpath).checkpoint_info("final")
+        rule = {**info["step_rule"], "curvature_products": info["curvature_products"]}
         scores = model.attribute(queries, responses=cb.dirpath)
         return rule, scores, pearson(scores, exact_influence(model, x, y, *queries, rule["damping"]))
 
     rule, ours, exactness = run("auto", "auto")
     assert rule["rank_setting"] == "auto" and rule["eigenspace_stop"] == "reached"
+    # trace(G) from the finder's first block (32 Gaussian rows): no product besides the eigenspace's
+    assert rule["trace_probes"] == 32 and rule["curvature_products"] == rule["eigenspace_products"]
     assert 256 < rule["rank"] == supported_rank(rule["eigenspace_products"]) and rule["eigenspace_products"] < 1012
     assert rule["complement_ratio"] <= AUTO_RANK_RATIO == rule["rank_target_ratio"]
     assert rule["residual_tolerance"] == DEFAULT_RESIDUAL_TOLERANCE  # the residual rule may stop it first (not here)
     assert exactness >= 0.97
     fixed_rule, fixed, fixed_exactness = run("fixed", rule["rank"])
     assert fixed_rule["eigenspace_products"] == rule["eigenspace_products"] and fixed_rule["eigenspace_stop"] == "budget"
+    assert fixed_rule["curvature_products"] == fixed_rule["eigenspace_products"] + TRACE_PROBES  # a fixed rank: Hutchinson
     assert pearson(ours, fixed) >= 0.95 and fixed_exactness >= 0.95
 
 

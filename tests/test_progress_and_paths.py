@@ -57,15 +57,15 @@ def test_progress_is_logged_and_agrees_with_the_manifest(tmp_path, caplog, mode)
 
 
 def test_a_tqdm_bar_shows_the_total(tmp_path, capsys):
-    """End mode's default propagation 'spectral': 32 trace probes + 163 eigenspace products (P = 163: the Krylov
-    space is all of R^P before its budget of max(2k, k + 256) products is spent)."""
+    """End mode's default propagation 'spectral', rank="auto": 163 eigenspace products (P = 163: the Krylov space is all
+    of R^P before its budget of max(2k, k + 256) products is spent; the trace comes from its first block)."""
     x, y = blobs(64)
     cb = AttributionCallback(tmp_path / "r", horizon=4, mode="end", curvature_batch_size=32)
     trainer = L.Trainer(max_epochs=1, callbacks=[cb, TQDMProgressBar()], logger=False, enable_checkpointing=False,
                         enable_model_summary=False)
     trainer.fit(small_mlp(6, 3), DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=32))
     out = capsys.readouterr().out
-    assert "attribution (final)" in out and "195/195" in out and _products(tmp_path / "r") == 195
+    assert "attribution (final)" in out and "163/163" in out and _products(tmp_path / "r") == 163
 
 
 def test_a_bar_whose_work_stops_early_ends_full(capsys):

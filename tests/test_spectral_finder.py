@@ -389,3 +389,30 @@ def test_a_rank_deficient_spectrum_spanning_many_decades_converges_as_block_kryl
     found = top_eigenspace(CountingOperator(matrix), dim, 32, block=32, products=128, generator=g)
     assert float(found.residuals[:8].max()) < 1e-6  # was 1e-3 and more
     assert subspace_cosine(found.vectors[:8], vectors[:, :8]) > 1 - 1e-6  # float32 vectors
+
+
+def test_the_first_block_estimates_the_trace_as_well_as_hutchinson_at_no_product():
+    """A cold Krylov start reads trace(G) from its first block (``P / b trace(Q_1 G Q_1^T)``, ``b`` orthonormalized Gaussian
+    rows: a Haar frame), which rank="auto" uses instead of 32 Rademacher probes of its own: over 200 starts on an explicit
+    spectrum (random basis, P = 240) the estimate is unbiased (mean within 3 standard errors of the trace) and its RMS
+    error at most 1.2x that of 32 Rademacher probes (measured here: 0.042 vs 0.047; on the bench's GGNs 0.033 vs 0.032 on
+    the digits MLP, 0.062 vs 0.056 on the digits CNN, benchmarks/results/auto-rank.json); exact when the block is all of
+    R^P, NaN after a warm start."""
+    from lightning_attr.curvature import estimate_spectrum
+
+    matrix, values, vectors = known_spectrum()
+    trace, dim = float(values.sum()), matrix.shape[0]
+    first, hutchinson = [], []
+    for seed in range(200):
+        space = top_eigenspace(CountingOperator(matrix), dim, 32, block=32, products=32, generator=torch.Generator().manual_seed(seed))
+        assert space.probes == 32 and space.products == 32
+        first.append(space.trace / trace - 1)
+        probes = estimate_spectrum(CountingOperator(matrix), dim, probes=32, power_iterations=0, generator=torch.Generator().manual_seed(seed))
+        hutchinson.append(probes.mean_eigenvalue * dim / trace - 1)
+    first, hutchinson = torch.tensor(first, dtype=torch.float64), torch.tensor(hutchinson, dtype=torch.float64)
+    assert abs(float(first.mean())) <= 3 * float(first.std()) / 200**0.5
+    assert float(first.square().mean().sqrt()) <= 1.2 * float(hutchinson.square().mean().sqrt())
+    whole = top_eigenspace(CountingOperator(matrix), dim, 8, block=dim, products=dim, generator=torch.Generator().manual_seed(0))
+    assert whole.probes == dim and whole.trace == pytest.approx(trace, rel=1e-5)
+    warm = top_eigenspace(CountingOperator(matrix), dim, 8, initial=vectors[:, :8].T.float(), products=64)
+    assert warm.probes == 0 and warm.trace != warm.trace  # NaN: the rows after a seed are not a Haar frame

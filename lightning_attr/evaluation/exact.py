@@ -70,22 +70,30 @@ class ExactInfluence:
 
     @property
     def ggn(self) -> Tensor:
-        """``Tensor[P, P]`` float64: the full-data cross-entropy GGN ``(1/n) Σ J_iᵀ H_i J_i``."""
+        """``Tensor[P, P]`` float64: the full-data cross-entropy GGN ``(1/n) Σ J_iᵀ H_i J_i`` (built once, kept)."""
         if self._ggn is None:
-            n, p_dim = len(self._x), self.num_parameters
-            ggn = torch.zeros(p_dim, p_dim, dtype=torch.float64)
-            with torch.no_grad():
-                for start in range(0, n, self._chunk):
-                    x = self._x[start : start + self._chunk]
-                    jac = self._flat_jacobian(x)  # [B, C, P]
-                    s = torch.softmax(self._model(x), dim=1).sqrt()  # [B, C]
-                    # A = (I - s sᵀ) diag(s) J = s * J - s (sᵀ (s * J))
-                    sj = s.unsqueeze(2) * jac
-                    a = sj - s.unsqueeze(2) * (s.unsqueeze(1) @ sj)
-                    a = a.reshape(-1, p_dim).float()  # the product in float32 (3x faster), summed in float64
-                    ggn += (a.T @ a).double()
-            self._ggn = ggn / n
+            self._ggn = self.build_ggn()
         return self._ggn
+
+    def build_ggn(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        """``Tensor[P, P]`` in ``dtype``: the GGN as :attr:`ggn`, summed over chunks in ``dtype`` and not kept (float32:
+        half the memory, for a large ``P``)."""
+        n, p_dim = len(self._x), self.num_parameters
+        ggn = torch.zeros(p_dim, p_dim, dtype=dtype)
+        with torch.no_grad():
+            for start in range(0, n, self._chunk):
+                x = self._x[start : start + self._chunk]
+                jac = self._flat_jacobian(x)  # [B, C, P]
+                s = torch.softmax(self._model(x), dim=1).sqrt()  # [B, C]
+                # A = (I - s sᵀ) diag(s) J = s * J - s (sᵀ (s * J))
+                sj = s.unsqueeze(2) * jac
+                a = sj - s.unsqueeze(2) * (s.unsqueeze(1) @ sj)
+                a = a.reshape(-1, p_dim).float()  # the product in float32 (3x faster), summed in `dtype`
+                if dtype == a.dtype:
+                    ggn.addmm_(a.T, a)
+                else:
+                    ggn += (a.T @ a).to(dtype)
+        return ggn.div_(n)
 
     def scores(self, x_query: Tensor, y_query: Tensor, damping: float) -> Tensor:
         """``Tensor[Q, n]``: ``(1/n) ∇f_qᵀ (G + damping·I)⁻¹ ∇ℓ_b`` for every query and training example."""
