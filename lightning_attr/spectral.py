@@ -456,8 +456,8 @@ def _block_krylov(
     while True:
         image = split.local(operator(split.gather(current.float())))
         space, images = torch.cat([space, current]), torch.cat([images, image])
-        size, new = space.shape[0], image.double()
-        grown = split.total(torch.cat([space @ new.T, images.double() @ new.T]))  # [Q; I] I_new^T: one collective
+        size, new, wide = space.shape[0], image.double(), images.double()  # I read in float64 once per block
+        grown = split.total(torch.cat([space @ new.T, wide @ new.T]))  # [Q; I] I_new^T: one collective
         small, gram = _grow_symmetric(small, grown[:size]), _grow_symmetric(gram, grown[size:])
         if size == current.shape[0] and not seeded:  # the first block, from a cold start
             trace = _first_block_trace(small, dim)
@@ -483,10 +483,10 @@ def _block_krylov(
         # the `room` dominant directions of the Ritz residuals R, from the eigenvectors of R R^T
         directions = torch.linalg.eigh(residual_gram)[1][:, -room:].T  # [room, pairs]
         mix = directions @ vectors.T  # [room, m]
-        rows = mix @ images.double() - (directions * values) @ vectors.T @ space
+        rows = mix @ wide - (directions * values) @ vectors.T @ space
         current = _orthonormalize_against(rows, space, generator, float(values[0].abs()), split)
     ritz = vectors[:, :rank].T @ space  # [k, P_r], orthonormal: the rows of Q rotated
-    norms = split.total((vectors[:, :rank].T @ images.double() - values[:rank, None] * ritz).square().sum(dim=1)).sqrt()
+    norms = split.total((vectors[:, :rank].T @ wide - values[:rank, None] * ritz).square().sum(dim=1)).sqrt()
     ritz = split.gather(ritz.float()).contiguous()
     first = 0 if seeded else int(probes.numel())
     return Eigenspace(values[:rank].clamp_min(0).float(), ritz, size, norms.float().cpu(), "krylov", width, stop or "budget", seeded, trace, first)
@@ -532,21 +532,35 @@ def _orthonormalize_against(
     replaced by Gaussian rows, so the space keeps growing; the other rows are kept whole, not their parts orthogonal to
     the vanished ones (a vanished row's direction is rounding that may hold much of a meaningful row after it: a small
     CNN's rank-46 GGN kept its top Ritz pair at a residual of 7% of ``sigma_1`` through 320 products that way, and
-    rank="auto" stopped with it, 1 / lam instead of 1 / sigma_1 on the part it missed). Projection and QR run twice
-    (CGS2): rows that were nearly in ``basis`` still come out orthogonal to it.
+    rank="auto" stopped with it, 1 / lam instead of 1 / sigma_1 on the part it missed). The projection runs twice (CGS2:
+    rows that were nearly in ``basis`` still come out orthogonal to it), then one QR, whose ``q`` is the result; a row
+    left shorter than ``_REORTHONORMALIZE * scale`` is projected and factored once more (the QR divides by its length,
+    which amplifies its rounding along ``basis``). Two projections of ``[C, P]`` against ``basis`` per block, three at most
+    (four and three QRs before: on the 64-128-128-10 digits MLP, P = 26,122, the finder's algebra outweighed its products;
+    one projection where a row kept most of its length, the DGKS criterion, measured no faster there).
     """
-    rows = _project_out(_project_out(rows, basis, split), basis, split)
-    _, r = split.qr(rows)
+    rows = _orthogonal_part(rows, basis, split)
+    q, r = split.qr(rows)
     weak = torch.diagonal(r).abs() <= _NEGLIGIBLE * scale  # vanished, or dependent on the rows before them
     if bool(weak.any()):
         fresh = split.local(torch.randn(int(weak.sum()), split.dim, generator=generator, dtype=rows.dtype)).to(rows.device)
-        rows = torch.cat([rows[~weak], _project_out(fresh, basis, split)])
-    for _ in range(2):
-        rows = _orthonormal_rows(_project_out(rows, basis, split), split)
-    return rows
+        rows = torch.cat([rows[~weak], _orthogonal_part(fresh, basis, split)])
+        q, r = split.qr(rows)
+    if float(torch.diagonal(r).abs().min()) < _REORTHONORMALIZE * scale:  # QR amplified the rounding of a short row
+        q, again = split.qr(_project_out(q, basis, split))
+        r = again @ r  # rows = (again r)^T q
+    return _signed_rows(q, r)
 
 
 _NEGLIGIBLE = 1e-6  # relative size of a direction below which it is float32 rounding of the products
+# a row this short relative to a meaningful one comes out of the QR with its rounding along the basis amplified up to
+# 1 / this (1e-13 in float64 at most below it): projected out and factored once more
+_REORTHONORMALIZE = 1e-3
+
+
+def _orthogonal_part(rows: Tensor, basis: Tensor | None, split: ColumnSplit) -> Tensor:
+    """``rows: Tensor[C, P]`` minus their part in ``basis`` (orthonormal rows), to rounding: projected twice (CGS2)."""
+    return _project_out(_project_out(rows, basis, split), basis, split)
 
 
 def _project_out(rows: Tensor, basis: Tensor | None, split: ColumnSplit) -> Tensor:
@@ -567,7 +581,12 @@ def _top_ritz_pairs(small: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 def _orthonormal_rows(rows: Tensor, split: ColumnSplit | None = None) -> Tensor:
     """An orthonormal basis (rows, float64) of the row space of ``rows: Tensor[C, P]``, ``C <= P``, same order (with
     ``split``: on this process's columns)."""
-    q, r = (split or ColumnSplit(rows.shape[1])).qr(rows.double())
+    return _signed_rows(*(split or ColumnSplit(rows.shape[1])).qr(rows.double()))
+
+
+def _signed_rows(q: Tensor, r: Tensor) -> Tensor:
+    """The rows of ``q`` (of a QR factorization ``rows = r^T q``) with the signs that make ``r``'s diagonal >= 0: a Gaussian
+    block comes out Haar-distributed."""
     signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1
     return (q * signs[:, None]).contiguous()
