@@ -5,18 +5,26 @@ query's gradient. For a network whose every trainable parameter is the weight or
 layer (an MLP, a CNN), ``g_q`` is built here by **forward mode only**, layer by layer, with one of two bases:
 
 - **the layer's output**: ``J_l = d m_q / d z_l`` for its output ``z_l = W_l x_l + c_l`` (Conv: ``W_l * x_l + c_l``),
-  ``A_l`` numbers per query, from one ``vmap(jvp)`` over the ``A_l`` unit tangents of ``z_l`` (the output replaced by
-  itself carrying them, :func:`~lightning_attr.layer_readout.adding_to_outputs`); then the weight's gradient is
-  ``J_l^T x_l`` (Conv: ``J_l`` times the unfolded patches of ``x_l``, :func:`~lightning_attr.layer_readout.conv_patches`)
-  and the bias's ``J_l`` summed over positions: no backward pass, a contraction of the captured input;
-- **the layer's parameters**: one ``vmap(jvp)`` over the ``P_l`` unit tangents of its weight and bias gives that part
-  of ``g_q`` directly.
+  ``A_l`` numbers per query, from jvps along the ``A_l`` unit tangents of ``z_l`` (added to the output by a forward
+  hook, :func:`~lightning_attr.layer_readout.adding_to_outputs`); then the weight's gradient is ``J_l^T x_l`` (Conv:
+  ``J_l`` times the unfolded patches of ``x_l``, :func:`~lightning_attr.layer_readout.conv_patches`) and the bias's
+  ``J_l`` summed over positions: no backward pass, a contraction of the input captured by one plain forward pass;
+- **the layer's parameters**: jvps along the ``P_l`` unit tangents of its weight and bias give that part of ``g_q``
+  directly.
 
 Per layer the smaller basis is taken (the MNIST-1D MLP 40-100-100-10: 100 + 100 + 10 output tangents; its CNN:
-96 parameter tangents for the first convolution, 320 + 10 output tangents after it), and each pass carries its
-tangents from that layer on only. So the scores cost ``sum_l min(A_l, P_l)`` tangents instead of ``S``, and one matrix
-product of the query gradients with the responses (``[Q, P] x [P, S]``: each response read once). Nothing here runs
-reverse mode: jvps along layer bases, then matrix products.
+96 parameter tangents for the first convolution, 320 + 10 output tangents after it). The layers' tangents are carried
+in a few ``vmap(jvp)`` **passes**, consecutive layers together (:func:`_plan_passes`): a pass carries all its
+tangents from where its first layer's enter, so merging saves a pass's fixed cost (:data:`PASS_MACS`) and costs the
+later layers' tangents the network between (the MNIST-1D CNN: 96, then 320 + 10; the digits CNN: one pass of
+160 + 128 + 10). So the scores cost ``sum_l min(A_l, P_l)`` tangents instead of ``S``, and one matrix product of the
+query gradients with the responses (``[Q, P] x [P, S]``: each response read once). Nothing here runs reverse mode:
+jvps along layer bases, then matrix products.
+
+The ``E`` members of an ensemble (one architecture, ``E`` parameter vectors) are read together: the capture pass and
+every jvp pass are ``vmap``-ed over the members too (:func:`member_gradients`), so a query pays each pass's fixed cost
+once, not ``E`` times; a forward that cannot be vmapped over members (its Python reads an activation's value) is read
+one member at a time.
 
 Taken by :func:`readout.score_sources` when every trainable parameter is covered, no covered parameter is used outside
 its layer's forward (the capture pass's check), and the tangents are at most ``S``; else the layer readout /
@@ -49,7 +57,19 @@ _BASIS_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # layers whose weight gradient
 # 1,400 source tangents), so PASS_FLOATS < 2.7e5; at two queries (each read on its own: vmap over the queries) 9.9
 # against 8.7, at four 10.1 against 12.5.
 PASS_FLOATS = 1e5
-PASS_MACS = 1.5e7  # provisional
+# What one more vmapped jvp pass costs beyond its tangents, in multiply-adds carried (all members and queries): the
+# plan merges consecutive layers into one pass while their tangents' extra multiply-adds (through the network between)
+# stay under it. Bracketed on the bench's CNNs (three members, one query, one thread, paired thread-time timings on the
+# loaded machine): on the MNIST-1D CNN one pass of 96 + 320 + 10 tangents took 8.3 ms against 5.4 for two passes (96,
+# then 330), merging would carry 2.8e7 more; on the digits CNN one pass of 160 + 128 + 10 took 5.7-6.1 ms against
+# 6.3 for two, merging carries 8.7e6 more. 1.5e7 sits between (their geometric mean).
+PASS_MACS = 1.5e7
+# The members of an ensemble are vmapped together for at most this many queries, else read one at a time: vmapped over
+# members, queries and tangents, torch's batching rules expand the members' weights over the other two. Measured on the
+# bench's CNNs (three members, thread time, the attributor's chunk): MNIST-1D CNN 8.8 vs 13.1 ms one by one at 1 query,
+# 10.4 vs 16.1 at 2, 16.0 vs 18.5 at 4, 27-31 vs 29 at 8, 100 vs 36 at 16, 2,190 vs 614 at 300; digits CNN 6.7 vs
+# 10.1 at 1, 14 vs 16 at 4, 21-22 vs 23 at 8, 54 vs 31 at 16.
+TOGETHER_MAX_QUERIES = 4
 
 
 def basis_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ...] | None:
@@ -124,7 +144,8 @@ def member_gradients(
     Args:
         layers: :func:`basis_layers` of the model (they cover every parameter of ``model.space``).
         num_sources: ``S``, the tangents the other paths carry.
-        chunk_size: basis tangents per vmapped call and member (each carries one pass's activations per query).
+        chunk_size: basis tangents per vmapped call (each carries one pass's activations per query), shared by the
+            members read together.
     """
     members, queries = thetas.shape[0], batch_size_of(batch)
     parts = _member_factors(model, thetas, batch, layers, chunk_size, num_sources)
@@ -158,21 +179,22 @@ def _member_factors(
     member ``e``'s query ``q`` is row ``e Q + q``): one capture pass and the planned passes (:func:`_plan_passes`), each
     ``vmap``-ed over the members. ``None`` where :func:`member_gradients` gives ``None``; ``num_sources=None`` skips the
     cost rule. Where the members cannot be vmapped together (a forward whose Python reads its activations' values),
-    each member is read on its own."""
+    each member is read on its own; so are more than :data:`TOGETHER_MAX_QUERIES` queries."""
     queries = batch_size_of(batch)
-    try:
-        return _factors(model, thetas, batch, layers, chunk_size, num_sources)
-    except RuntimeError:  # a kernel without a batching rule, another layout per example, values read in Python
-        if thetas.shape[0] > 1:
-            parts = []
-            for theta in thetas:
-                parts.append(_member_factors(model, theta.unsqueeze(0), batch, layers, chunk_size, num_sources))
-                if parts[-1] is None:
-                    return None
-            return QueryFactors.concatenated(parts)
-        if queries == 1:
-            raise
-        return None
+    if thetas.shape[0] == 1 or queries <= TOGETHER_MAX_QUERIES:
+        try:
+            return _factors(model, thetas, batch, layers, chunk_size, num_sources)
+        except RuntimeError:  # a kernel without a batching rule, another layout per example, values read in Python
+            if thetas.shape[0] == 1:
+                if queries == 1:
+                    raise
+                return None
+    parts = []
+    for theta in thetas:
+        parts.append(_member_factors(model, theta.unsqueeze(0), batch, layers, chunk_size, num_sources))
+        if parts[-1] is None:
+            return None
+    return QueryFactors.concatenated(parts)
 
 
 def _factors(
@@ -200,7 +222,8 @@ def _factors(
     tangents = sum(g.size for g in groups)
     if num_sources is not None and not _cheaper_than_sources(tangents, len(passes), floats // queries, queries, num_sources):
         return None
-    jacobians = torch.cat([_pass_jacobian(model, params, batch, layers, outputs, part, chunk_size) for part in passes], dim=2)
+    step = max(1, chunk_size // members)  # the members share a call's activations
+    jacobians = torch.cat([_pass_jacobian(model, params, batch, layers, outputs, part, step) for part in passes], dim=2)
     rows = members * queries
     dense: dict[str, Tensor] = {}
     factors: dict[str, list[tuple[Tensor, Tensor]]] = {}

@@ -247,7 +247,7 @@ def linear_query_gradients(model: FunctionalModel, thetas: Tensor, batch: Any, n
     if chunk_size is None:
         chunk_size = _chunk_for(activation_floats(model, thetas.view(-1, thetas.shape[-1])[0], batch), num_sources)
     members = thetas.view(-1, thetas.shape[-1])
-    gradients = member_gradients(model, members, batch, covered, num_sources=num_sources, chunk_size=max(1, chunk_size // members.shape[0]))
+    gradients = member_gradients(model, members, batch, covered, num_sources=num_sources, chunk_size=chunk_size)
     return None if gradients is None else gradients.view(*thetas.shape[:-1], *gradients.shape[1:])
 
 

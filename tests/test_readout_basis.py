@@ -276,9 +276,10 @@ def _autograd_gradients(fm, thetas, batch) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["conv1d", "conv2d", "twice", "convolutions", "reads-activations"])
 def test_members_read_together_give_each_members_gradients(monkeypatch, name, pass_macs):
     """Three members (one architecture, other weights) read in the same passes, whatever the plan cuts them into (each
-    group its own pass, or one pass for all), give each member's query gradients, for one query and five: those of
-    autograd and of each member read alone. A forward that reads an activation's value in Python cannot be vmapped
-    over members: one query is read one member at a time; a batch (vmapped over its queries) takes the other paths."""
+    group its own pass, or one pass for all), give each member's query gradients, for one query, four (members and
+    queries vmapped together) and five (more than ``TOGETHER_MAX_QUERIES``: one member at a time): those of autograd and
+    of each member read alone. A forward that reads an activation's value in Python cannot be vmapped over members: one
+    query is read one member at a time; a batch (vmapped over its queries) takes the other paths."""
     monkeypatch.setattr(basis_readout, "PASS_MACS", pass_macs)
     together = []
     original = basis_readout._factors
@@ -287,16 +288,19 @@ def test_members_read_together_give_each_members_gradients(monkeypatch, name, pa
     reads = name == "reads-activations"
     model = Classifier(_ReadsActivations()).eval() if reads else _model(name)
     batch = _data(6 if reads else MODELS[name][1])(5)
+    assert basis_readout.TOGETHER_MAX_QUERIES == 4
+    calls = {1: [3, 1, 1, 1] if reads else [3], 4: [3, 1] if reads else [3], 5: [1] if reads else [1, 1, 1]}
     with functional_view(model) as (fm, theta):
         layers = basis_readout.basis_layers(fm.module, fm.space)
         thetas = theta * (1 + 0.3 * torch.randn(3, theta.numel(), generator=torch.Generator().manual_seed(2)))
-        for queries in (tuple(t[:1] for t in batch), batch):
+        for n, expected_calls in calls.items():
+            queries = tuple(t[:n] for t in batch)
             together.clear()
             both = basis_readout.member_gradients(fm, thetas, queries, layers, num_sources=10**6, chunk_size=64)
-            if reads and queries is batch:
-                assert both is None and together == [3, 1]
+            assert together == expected_calls
+            if reads and n > 1:
+                assert both is None
                 continue
-            assert together == ([3, 1, 1, 1] if reads else [3])
             expected = _autograd_gradients(fm, thetas, queries)
             tol = {"rtol": 1e-4, "atol": 1e-5 * float(expected.abs().max())}
             torch.testing.assert_close(both, expected, **tol)
