@@ -247,7 +247,7 @@ def _factors(
             if bias in params:
                 accumulate(bias, j.sum(dim=1))
             continue
-        for name, g in zip((weight, bias), _layer_gradients(layers[i].module, x, j, rows)):
+        for name, g in zip((weight, bias), _conv_gradients(layers[i].module, x, j, rows)):
             if name in params:
                 accumulate(name, g)
     joined = {n: (torch.cat([j for j, _ in calls], dim=1), torch.cat([x for _, x in calls], dim=1)) for n, calls in factors.items()}
@@ -385,14 +385,10 @@ def _unit_rows(start: int, count: int, n: int, device: torch.device) -> Tensor:
     return rows
 
 
-def _layer_gradients(module: nn.Module, x: Tensor, j: Tensor, queries: int) -> tuple[Tensor, Tensor]:
-    """``(d m / d W: Tensor[Q, *W.shape], d m / d c: Tensor[Q, out])`` of one call of a Linear / Conv1d / Conv2d layer
-    from its input ``x`` and ``j = d m / d z`` (the shape of its output ``z``), for ``Q`` queries (the first dimension
-    of ``x`` and ``j``; ``Q = 1``: any layout the layer takes)."""
-    if isinstance(module, nn.Linear):
-        rows, js = x.reshape(queries, -1, x.shape[-1]), j.reshape(queries, -1, j.shape[-1])  # [Q, R, in], [Q, R, out]
-        return js.transpose(1, 2) @ rows, js.sum(dim=1)
+def _conv_gradients(module: nn.Conv1d | nn.Conv2d, x: Tensor, j: Tensor, queries: int) -> tuple[Tensor, Tensor]:
+    """``(d m / d W: Tensor[Q, *W.shape], d m / d c: Tensor[Q, out])`` of one call of a Conv1d / Conv2d layer from its
+    input ``x`` and ``j = d m / d z`` (``Q`` times the shape of its output ``z`` per query), for ``Q`` queries (``x``:
+    their ``[C_in, *L]`` inputs in any leading layout, e.g. ``[E, 1, C_in, *L]``): ``J`` times the unfolded patches."""
     patches, _ = conv_patches(module, x.reshape(queries, *x.shape[1 - module.weight.dim() :]))  # [Q, C_in * k, L']
     js = j.reshape(queries, module.out_channels, -1)  # [Q, out, L']
     return (js @ patches.transpose(1, 2)).view(queries, *module.weight.shape), js.sum(dim=2)
-
