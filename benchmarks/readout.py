@@ -34,8 +34,8 @@ Timing: Q=1 in ``--rounds`` alternating rounds (each round scores query ``k`` wi
 rotated order; round 0 only warms up), and the whole batch in ``--batched-rounds`` alternating rounds. Reported:
 medians (ms per query) and the median over rounds of each function's time divided by TRAK-1's in the same
 round (the paired ratio: the machine's load changes between rounds, not within one). ``breakdown``: the
-readout kernels alone (each member's block scored directly, no store checks, no ensemble step) against the
-whole ``attribute()`` call, per Q (``--profile``: and torch.profiler's operators with the most self CPU time in the
+readout kernels alone (the members' query gradients in the same passes times each member's responses, no store
+checks, no ensemble step) against the whole ``attribute()`` call, per Q (``--profile``: and torch.profiler's operators with the most self CPU time in the
 ensemble query). One JSON record per setting and ``--label`` in ``--out``, written after each setting (a rerun
 replaces the records of the settings and label it runs and keeps the others). Before / after a change of the
 library: run this script with ``PYTHONPATH`` pointing at each version and another ``--label``; each record's
@@ -67,7 +67,8 @@ from lightning_attr.functional import functional_view  # noqa: E402
 from lightning_attr.models import Classifier  # noqa: E402
 from lightning_attr.attributor import ensemble_mean  # noqa: E402
 from lightning_attr.layer_readout import handled_layers, layer_parameters  # noqa: E402
-from lightning_attr.readout import auto_chunk_size, score_sources  # noqa: E402
+from lightning_attr.basis_readout import basis_layers  # noqa: E402
+from lightning_attr.readout import auto_chunk_size, linear_query_gradients, score_sources  # noqa: E402
 
 CHECKPOINT_EPOCHS = "auto"  # the default: after 10% and 20% of the epochs, and the final checkpoint
 PREVIOUS_CHUNK = 256  # the readout's default chunk_size before it was chosen from the activations
@@ -152,15 +153,25 @@ def paired_rounds(functions: dict, batches: list, reference: str) -> dict:
 
 
 def breakdown(model: Classifier, path: Path, batch: tuple, repeats: int) -> dict:
-    """Milliseconds of ``attribute()`` (every checkpoint: the ensemble) against its readout kernels alone: each
-    checkpoint's block scored directly at its parameter snapshot, with the chunk ``attribute()`` chooses."""
+    """Milliseconds of ``attribute()`` (every checkpoint: the ensemble) against its readout kernels alone, with the
+    chunk ``attribute()`` chooses: the members' query gradients along the layer bases in the same passes
+    (:func:`~lightning_attr.readout.linear_query_gradients`) times each checkpoint's responses, held as the attributor
+    holds them (a block that declines: its own readout at its parameter snapshot); no store checks, no ensemble step."""
     store = ResponseStore.load(path)
-    split = layer_parameters(handled_layers(model, store.space))  # held as the attributor holds them
+    split = None if basis_layers(model, store.space) is not None else layer_parameters(handled_layers(model, store.space))
     members = [(store.block(name, split=split), store.theta(name)) for name in store.checkpoints]
+    thetas = torch.stack([at for _, at in members])
     with functional_view(model) as (fm, theta):
         batch = tuple(t.clone() for t in batch)
         chunk = auto_chunk_size(fm, theta, batch, store.n_sources)
-        kernel_ms = _median_ms(lambda: [block.scores(fm, at, batch, "linear", chunk) for block, at in members], repeats)
+
+        def kernels() -> list:
+            gradients = linear_query_gradients(fm, thetas, batch, store.n_sources, chunk)
+            if gradients is None:
+                return [block.scores(fm, at, batch, "linear", chunk) for block, at in members]
+            return [block.gradient_scores(g) for (block, _), g in zip(members, gradients)]
+
+        kernel_ms = _median_ms(kernels, repeats)
     total_ms = _median_ms(lambda: model.attribute(batch, responses=str(path)), repeats)
     return {"queries": len(batch[0]), "chunk_size": chunk, "attribute_ms": round(total_ms, 3), "readout_kernels_ms": round(kernel_ms, 3),
             "rest_ms": round(total_ms - kernel_ms, 3)}  # fmt: skip
