@@ -464,7 +464,7 @@ class SimulationEngine:
             batches = list(data.in_order(s.curvature_batch_size, None if bool(examples.all()) else examples))
             with self.phases("gradients"):
                 u0, finite = initial_perturbations(model, theta, batches, rows, block.numel())
-                finite_batches = [(select_examples(d, keep), i[keep]) for d, i in batches for keep in [_finite_rows(model, theta, d)]]
+                finite_batches = [(select_examples(d, keep), i[keep.to(i.device)]) for d, i in batches for keep in [_finite_rows(model, theta, d)]]
                 found = plan.factors(model, theta, finite_batches, rows, block.numel())
             parts = self.space.unflatten(u0)
             check_factors(found, parts, finite)
