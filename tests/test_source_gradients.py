@@ -47,12 +47,14 @@ def _autograd(module: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: torch.T
 
 
 @pytest.mark.parametrize("net", [lambda: mlp(5, [7], 3), _SqueezingNet, _ValueBranchNet], ids=["mlp", "squeezing", "value-branch"])
-@pytest.mark.parametrize("groups", [False, True], ids=["per-example", "groups"])
-def test_source_gradients_equal_autograd(net, groups, monkeypatch):
+@pytest.mark.parametrize("layout", ["per-example", "many-groups", "few-groups"])
+def test_source_gradients_equal_autograd(net, layout, monkeypatch):
     torch.manual_seed(0)
     module = Classifier(net())
-    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
-    rows, num_rows = (torch.tensor([2, 0, 2, 1, 0, 2]), 3) if groups else (torch.arange(6), 6)
+    n = 24
+    x, y = torch.randn(n, 5), torch.randint(0, 3, (n,))
+    rows = {"per-example": torch.arange(n), "many-groups": torch.arange(n) % 20, "few-groups": torch.arange(n) % 3}[layout]
+    num_rows = int(rows.max()) + 1
     calls = {"per_example": 0, "fallback": 0}
     original = simulation._per_example_gradients
 
@@ -66,7 +68,11 @@ def test_source_gradients_equal_autograd(net, groups, monkeypatch):
         model = FunctionalModel(module)
         theta = torch.cat([p.detach().flatten() for p in module.parameters()])
         got = simulation.source_gradients(model, theta, (x, y), rows, num_rows)
-        expected = _autograd(module.net if hasattr(module, "net") else module, x, y, rows, num_rows)
+        expected = _autograd(module.net, x, y, rows, num_rows)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    # the plain MLP takes the per-example vmap; the squeezing and value-branching nets the whole-batch vjps
-    assert calls == ({"per_example": 1, "fallback": 0} if net is not _SqueezingNet and net is not _ValueBranchNet else {"per_example": 0, "fallback": 1})
+    if layout == "few-groups":  # at most WHOLE_BATCH_MAX_ROWS rows: the whole batch's vjps, no per-example attempt
+        assert num_rows <= simulation.WHOLE_BATCH_MAX_ROWS and calls == {"per_example": 0, "fallback": 0}
+    elif net in (_SqueezingNet, _ValueBranchNet):  # tried, refused, the whole batch's vjps
+        assert calls == {"per_example": 0, "fallback": 1}
+    else:
+        assert num_rows > simulation.WHOLE_BATCH_MAX_ROWS and calls == {"per_example": 1, "fallback": 0}
