@@ -206,7 +206,7 @@ def score_sources(
     floats = activation_floats(model, theta, batch) if chunk_size is None else None  # one forward pass, done once
     if chunk_size is None:
         chunk_size = _chunk_for(floats, num_sources)
-    gradients = _basis_path(model, theta, batch, num_sources, chunk_size) if kind == "linear" and layers and basis else None
+    gradients = _basis_path(model, num_sources, chunk_size) if kind == "linear" and layers and basis else None
     if gradients is not None:
         scores = _gradient_scores(model, theta, responses, batch, gradients)
         if scores is not None:
@@ -224,14 +224,12 @@ def score_sources(
     return torch.cat(chunks, dim=0).T
 
 
-def _basis_path(model: FunctionalModel, theta: Tensor, batch: Any, num_sources: int, chunk_size: int | None) -> Callable | None:
+def _basis_path(model: FunctionalModel, num_sources: int, chunk_size: int) -> Callable | None:
     """``(model, theta, queries) -> Tensor[Q', P] | None``: the query gradients along layer bases
     (:func:`~lightning_attr.basis_readout.basis_gradients`) for a model they cover, else ``None``."""
     covered = basis_layers(model.module, model.space)
     if covered is None:
         return None
-    if chunk_size is None:
-        chunk_size = _chunk_for(activation_floats(model, theta, batch), num_sources)
     return partial(basis_gradients, layers=covered, num_sources=num_sources, chunk_size=chunk_size)
 
 
