@@ -152,7 +152,7 @@ WHOLE_BATCH_MAX_ROWS = 16
 
 
 def source_gradients(
-    model: FunctionalModel, theta: Tensor, batch: Any, rows: Tensor, num_rows: int
+    model: FunctionalModel, theta: Tensor, batch: Any, rows: Tensor, num_rows: int, losses: Tensor | None = None
 ) -> Tensor:
     """Summed per-example loss gradients by group.
 
@@ -166,11 +166,13 @@ def source_gradients(
     Args:
         rows: ``LongTensor[B]``, the output row of each example of ``batch``.
         num_rows: ``R``.
+        losses: ``Tensor[B]``, the batch's per-example losses at ``theta`` where the caller has them
+            (:func:`batch_losses`): the per-example path is checked against them (else it runs that forward itself).
 
     Returns:
         ``Tensor[R, P]`` with row ``r`` = ``sum_{i: rows[i] = r} grad l_i(theta)``.
     """
-    per_example = _per_example_gradients(model, theta, batch) if num_rows > WHOLE_BATCH_MAX_ROWS else None
+    per_example = _per_example_gradients(model, theta, batch, losses) if num_rows > WHOLE_BATCH_MAX_ROWS else None
     if per_example is None:
         _, pullback = vjp(lambda th: model.losses(th, batch), theta)
         selector = torch.zeros(num_rows, rows.numel(), device=theta.device)
@@ -181,17 +183,17 @@ def source_gradients(
     return per_example.new_zeros(num_rows, per_example.shape[1]).index_add_(0, rows.to(per_example.device), per_example)
 
 
-def _per_example_gradients(model: FunctionalModel, theta: Tensor, batch: Any) -> Tensor | None:
+def _per_example_gradients(model: FunctionalModel, theta: Tensor, batch: Any, reference: Tensor | None = None) -> Tensor | None:
     """``Tensor[B, P]``: each example's loss gradient, by ``vmap`` over batches of one; ``None`` where the model's
     forward cannot be vmapped per example (Python control flow on values, an op without a batching rule) or its losses
     on batches of one differ from its per-example losses on the whole batch (a forward that squeezes the batch
-    dimension, or couples the examples): the caller then differentiates the whole batch."""
+    dimension, or couples the examples): the caller then differentiates the whole batch. ``reference``: those batch
+    losses (:func:`batch_losses`) if already computed."""
     try:
         grads, losses = vmap(grad_and_value(partial(_example_loss, model)), in_dims=(None, 0))(theta, batch)
     except Exception:  # noqa: BLE001 -- whatever the per-example vmap refuses, the whole-batch vjps handle
         return None
-    with torch.no_grad():
-        reference = model.losses(theta, batch)
+    reference = batch_losses(model, theta, batch) if reference is None else reference
     return grads if losses.shape == reference.shape and bool(torch.allclose(losses, reference, rtol=1e-4, atol=1e-6)) else None
 
 
@@ -205,10 +207,15 @@ def select_examples(batch: Any, rows: Tensor) -> Any:
     return tree_map(lambda t: t[rows.to(t.device)] if isinstance(t, Tensor) and t.dim() > 0 else t, batch)
 
 
+def batch_losses(model: FunctionalModel, theta: Tensor, batch: Any) -> Tensor:
+    """``Tensor[B]``: the per-example losses of ``batch`` at ``theta`` (one forward pass, no graph)."""
+    with torch.no_grad():
+        return model.losses(theta, batch)
+
+
 def finite_loss_mask(model: FunctionalModel, theta: Tensor, batch: Any) -> Tensor:
     """``BoolTensor[B]``: examples whose loss is finite at ``theta`` (one forward pass)."""
-    with torch.no_grad():
-        return torch.isfinite(model.losses(theta, batch))
+    return torch.isfinite(batch_losses(model, theta, batch))
 
 
 def finite_examples(model: FunctionalModel, theta: Tensor, batch: Any) -> tuple[Any, int]:
@@ -353,14 +360,15 @@ class OnlineSimulation:
         if positions.numel() == 0:
             return True
         sub_batch = select_examples(batch, positions)
-        finite_loss = finite_loss_mask(model, theta, sub_batch)
+        losses = batch_losses(model, theta, sub_batch)
+        finite_loss = torch.isfinite(losses)
         self.valid[self.example_to_source[index[positions[~finite_loss]]]] = False
-        positions, sub_batch = positions[finite_loss], select_examples(sub_batch, finite_loss.nonzero().squeeze(1))
+        positions, sub_batch, losses = positions[finite_loss], select_examples(sub_batch, finite_loss.nonzero().squeeze(1)), losses[finite_loss]
         if positions.numel() == 0:
             return True
         sources = self.example_to_source[index[positions]]
         unique, rows = torch.unique(sources, return_inverse=True)
-        grads = source_gradients(model, theta, sub_batch, rows, unique.numel())
+        grads = source_gradients(model, theta, sub_batch, rows, unique.numel(), losses)
         finite = torch.isfinite(grads).all(dim=1) & self.valid[unique]
         self.valid[unique[~finite]] = False
         unique, grads = unique[finite], grads[finite]
@@ -506,12 +514,13 @@ def initial_perturbations(
     e2s = example_to_source.to(theta.device)
     for data, index in batches:
         index = index.to(theta.device)
-        finite_loss = finite_loss_mask(model, theta, data)
+        losses = batch_losses(model, theta, data)
+        finite_loss = torch.isfinite(losses)
         finite[e2s[index[~finite_loss]]] = False
         keep = finite_loss.nonzero().squeeze(1)
         data, index = select_examples(data, keep), index[keep]
         unique, rows = torch.unique(e2s[index], return_inverse=True)
-        grads = source_gradients(model, theta, data, rows, unique.numel())
+        grads = source_gradients(model, theta, data, rows, unique.numel(), losses[keep])
         ok = torch.isfinite(grads).all(dim=1)
         finite[unique[~ok]] = False
         grads = grads[ok] if basis is None else grads[ok] @ basis.T

@@ -109,8 +109,8 @@ def test_group_is_parked_until_its_last_member(monkeypatch):
     rule = resolve_step_rule(Spectrum(1.0, 0.2), propagation="heavy_ball")
     grads = torch.randn(2, 8, generator=g)
     # the "batch" is the member's gradient itself: one example per injection
-    monkeypatch.setattr(simulation, "source_gradients", lambda model, theta, batch, rows, num_rows: batch)
-    monkeypatch.setattr(simulation, "finite_loss_mask", lambda model, theta, batch: torch.ones(len(batch), dtype=torch.bool))
+    monkeypatch.setattr(simulation, "source_gradients", lambda model, theta, batch, rows, num_rows, losses=None: batch)
+    monkeypatch.setattr(simulation, "batch_losses", lambda model, theta, batch: torch.zeros(len(batch)))  # all finite
     written = []
     sink = lambda sources, rows: written.append((sources, rows))  # noqa: E731
     online = OnlineSimulation(torch.tensor([0, 0]), 1, 8, 3, rule, torch.device("cpu"), sink=sink, num_examples=1)
