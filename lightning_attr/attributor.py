@@ -432,8 +432,8 @@ def _shared_query_factors(
     if layers is None or len(query_chunks(batch, read[0][1])) > 1:
         return out
     thetas = torch.stack([read[k][1] for k in factored])
-    chunk = chunk_size or auto_chunk_size(model, thetas[0], batch, read[0][0].responses.num_sources)  # shared by the members
-    for k, f in zip(factored, member_query_factors(model, thetas, batch, layers, chunk_size=chunk) or ()):
+    # chunk_size: Attributor.scores resolved it (the linear readout), shared by the members read together
+    for k, f in zip(factored, member_query_factors(model, thetas, batch, layers, chunk_size=chunk_size) or ()):
         out[k] = f
     return out
 
