@@ -2,17 +2,19 @@
 
 Setting: sklearn digits, MLP 64-64-10 (P = 4,810), 1,400 per-example sources, SGD, batch 64 per optimizer
 step (32 per process on 2), 20 epochs, the callback's defaults otherwise (end mode: propagation="spectral",
-rank="auto", checkpoint_epochs="auto", i.e. 3 members, after epochs 2, 4 and 20). Each process simulates its half of
-the sources (end mode: after the fit and the checkpoint epochs, at their weights, sharing the eigenspace's curvature
-products and its Krylov algebra; online: alongside the last epochs, the live batches of both processes pooled) and
-writes its shards. Compared, from the store's manifest: ``simulation_seconds`` (wall time of the slowest process,
+rank="auto", checkpoint_epochs="auto", i.e. 3 members, after epochs 2, 4 and 20). End mode on 2 processes: after the
+fit, the members after epochs 2 and 4 go to one process each (every source, at their own weights, no collective) and
+the final one is shared (each process its half of the sources and of the examples, sharing the eigenspace's curvature
+products and its Krylov algebra); ``--checkpoint-epochs none`` measures that shared final checkpoint alone. Online:
+each process simulates its half of the sources alongside the last epochs, the live batches of both processes pooled.
+Every process writes its shards. Compared, from the store's manifest: ``simulation_seconds`` (wall time of the slowest process,
 every checkpoint together) and ``simulation_cpu_seconds`` (CPU time of the slowest process: what the split of the work
 buys when every process has a core of its own), and per process its seconds per phase (``process_costs``:
 :mod:`lightning_attr.phases`). The 2-process fits use Lightning's ``ddp_fork`` strategy (gloo on CPU). Fits alternate
 (1, 2, 1, 2, ...); medians over ``--repeats``. Needs only sklearn's digits (no cache, no download).
 
     OMP_NUM_THREADS=1 python benchmarks/ddp.py [--repeats 3] [--modes end online] [--out F] [--hidden 64]
-        -> F (default benchmarks/results/ddp.json)
+        [--checkpoint-epochs auto|none] -> F (default benchmarks/results/ddp.json)
 
 ``--hidden``: the MLP's hidden width (a larger ``P`` against the same Krylov space: the split ``O(m^2 P)`` work grows,
 the replicated ``O(m^3)`` Rayleigh-Ritz steps do not).
@@ -45,7 +47,7 @@ GLOBAL_BATCH = 64
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ddp.json")
 
 
-def simulate(mode: str, devices: int, out: str, hidden: int = 64) -> dict:
+def simulate(mode: str, devices: int, out: str, hidden: int = 64, checkpoint_epochs: str = "auto") -> dict:
     """One fit on ``devices`` processes; the final checkpoint's costs as its manifest records them (every checkpoint
     of the fit together), and each process's phases."""
     digits = load_digits(n_train=1400)
@@ -55,11 +57,11 @@ def simulate(mode: str, devices: int, out: str, hidden: int = 64) -> dict:
         IndexedDataset(TensorDataset(digits.x_train, digits.y_train)), batch_size=GLOBAL_BATCH // devices, shuffle=True
     )  # fmt: skip
     trainer = L.Trainer(
-        max_epochs=20, callbacks=[AttributionCallback(out, mode=mode, overwrite=True)], logger=False,
+        max_epochs=20, callbacks=[AttributionCallback(out, mode=mode, overwrite=True, checkpoint_epochs=None if checkpoint_epochs == "none" else "auto")], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
         devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
     )  # fmt: skip
-    start = time.perf_counter()
+    start, load = time.perf_counter(), os.getloadavg()[0]
     trainer.fit(model, loader)
     store = ResponseStore.load(out)
     info = store.checkpoint_info("final")
@@ -68,6 +70,7 @@ def simulate(mode: str, devices: int, out: str, hidden: int = 64) -> dict:
         "curvature_products": info["curvature_products"], "checkpoints": store.checkpoints,
         "fit_seconds": round(time.perf_counter() - start, 2), "n_valid": info["n_valid"], "processes": info["processes"],
         "phases": [costs["phases"] for costs in info["process_costs"]],
+        "load_average_before": load,  # the 1-minute load average of the machine when the fit started
     }  # fmt: skip
 
 
@@ -105,6 +108,10 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["end", "online"], choices=["end", "online"])
     parser.add_argument("--out", default=RESULTS, help="the JSON written (default: benchmarks/results/ddp.json)")
     parser.add_argument("--hidden", type=int, default=64, help="the MLP's hidden width (64: P = 4,810; 256: P = 19,210)")
+    parser.add_argument(
+        "--checkpoint-epochs", default="auto", choices=["auto", "none"],
+        help="auto: the default trajectory ensemble (3 checkpoints in end mode); none: the final checkpoint only",
+    )
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -116,7 +123,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for devices in (1, 2):
                 with tempfile.TemporaryDirectory() as tmp:
-                    runs[devices].append(simulate(mode, devices, os.path.join(tmp, "r"), args.hidden))
+                    runs[devices].append(simulate(mode, devices, os.path.join(tmp, "r"), args.hidden, args.checkpoint_epochs))
                 run = runs[devices][-1]
                 print(mode, devices, {k: v for k, v in run.items() if k != "phases"}, flush=True)
         median = lambda key, devices: statistics.median(r[key] for r in runs[devices])  # noqa: E731

@@ -6,10 +6,12 @@ The callback is glue: the maths lives in :mod:`simulation` / :mod:`curvature`, t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -21,7 +23,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from lightning_attr import batch_format
-from lightning_attr.engine import DIVERGED, SimulationEngine, SourcePartition, TrainingData, Window
+from lightning_attr.engine import DIVERGED, SimulationEngine, SourcePartition, TrainingData, Window, checkpoint_owners
 from lightning_attr.factored import factored_numbers
 from lightning_attr.functional import functional_view, to_float32, uses_output_loss
 from lightning_attr.mixin import AttributionMixin
@@ -190,6 +192,7 @@ class AttributionCallback(Callback):
         self._space: ParameterSpace | None = None
         self._engine: SimulationEngine | None = None
         self._end_epochs: list[int] = []
+        self._deferred: list[_Weights] = []  # end mode on several processes: checkpoint epochs simulated after the fit
         self._pending: list[tuple[Any, Tensor]] = []  # this step's live batches (online)
         self._last_step = -1
         self._fit_start = 0.0
@@ -264,6 +267,7 @@ class AttributionCallback(Callback):
             self._engine.plan(self._plan_windows(trainer), self._restored)
         else:
             self._end_epochs = self._plan_end_checkpoints(trainer)
+            self._deferred = [_Weights(**w) for w in (self._restored or {}).get("deferred", [])]
         if trainer.is_global_zero:
             # here, not in setup: a resumed fit has restored this callback's state by now
             resuming = self._restored is not None and has_store(self.dirpath)
@@ -423,11 +427,16 @@ class AttributionCallback(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         if not self._online and epoch in self._end_epochs and epoch != trainer.max_epochs:
-            self._simulate_at_current_weights(trainer, pl_module, f"epoch={epoch}")
+            weights = _Weights.now(trainer, pl_module, self._space, f"epoch={epoch}")
+            if trainer.world_size > 1:  # simulated after the fit, by one process alone (_simulate_end_checkpoints)
+                self._deferred.append(weights)
+            else:
+                self._simulate(trainer, pl_module, weights)
+                self._commit(trainer, weights)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._online:
-            self._simulate_at_current_weights(trainer, pl_module, "final")
+            self._simulate_end_checkpoints(trainer, pl_module)
         else:
             self._write_open_windows(trainer, pl_module)
         fit_seconds = time.perf_counter() - self._fit_start
@@ -441,10 +450,13 @@ class AttributionCallback(Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._engine is not None and not self._online:
             written = self._store.checkpoints if self._store is not None else []
+            deferred = [w.name for w in self._deferred]
             rank_zero_warn(
                 f"The fit stopped ({type(exception).__name__} at global step {trainer.global_step}) before the end-mode "
-                f"simulation at the final weights: no 'final' checkpoint was written; the store in {self.dirpath} keeps "
-                f"the checkpoints it listed before ({written or 'none'}), which describe earlier weights. Re-run the fit."
+                f"simulation at the final weights: no 'final' checkpoint was written"
+                + (f" (nor {deferred}: on several processes they are simulated after the fit)" if deferred else "")
+                + f"; the store in {self.dirpath} keeps the checkpoints it listed before ({written or 'none'}), which "
+                "describe earlier weights. Re-run the fit."
             )
             return
         if self._engine is None or not self._engine.live():
@@ -491,28 +503,47 @@ class AttributionCallback(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, window: Window, stopped_by: str | None = None
     ) -> None:
         self._engine.close_window(window)
-        self._commit(trainer, pl_module, window.name, stopped_by)
+        self._commit(trainer, _Weights.now(trainer, pl_module, self._space, window.name), stopped_by)
 
-    def _simulate_at_current_weights(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
-        """End mode (and codec ``"eigen"``): every process simulates its sources at the current weights."""
-        with functional_view(pl_module, self._space) as (model, theta):
-            data = self._training_data(trainer, theta.device)
-            self._engine.simulate_checkpoint(model, theta, data, name, trainer.global_step)
-        self._commit(trainer, pl_module, name)
+    def _simulate_end_checkpoints(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """End mode (and codecs ``"eigen"`` / ``"factored"``), after the fit: the final checkpoint and, on several
+        processes, the checkpoint epochs deferred to here. Each goes to one process alone while every process gets one
+        (:func:`checkpoint_owners`: a trajectory ensemble's members need no collective and no replicated eigenspace
+        algebra that way), the rest are shared by all; each checkpoint is committed once its processes are done."""
+        checkpoints = [*self._deferred, _Weights.now(trainer, pl_module, self._space, "final")]
+        owners = checkpoint_owners(len(checkpoints), trainer.world_size)
+        alone = [(w, owner) for w, owner in zip(checkpoints, owners) if owner is not None]
+        for weights, owner in alone:
+            if owner == trainer.global_rank:
+                self._simulate(trainer, pl_module, weights, alone=True)
+        for weights, owner in alone:
+            if owner != trainer.global_rank:
+                self._engine.skip_checkpoint(weights.name)
+            self._commit(trainer, weights)
+        for weights, owner in zip(checkpoints, owners):
+            if owner is None:
+                self._simulate(trainer, pl_module, weights)
+                self._commit(trainer, weights)
+        self._deferred = []
 
-    def _commit(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str, stopped_by: str | None = None) -> None:
-        """After every process wrote its part of checkpoint ``name`` (a barrier), rank zero lists it in the
+    def _simulate(self, trainer: L.Trainer, pl_module: L.LightningModule, weights: _Weights, alone: bool = False) -> None:
+        """Simulates this process's sources of a checkpoint (``alone``: every source, :meth:`SimulationEngine.simulate_checkpoint`)
+        at ``weights`` (their parameters and buffers)."""
+        with weights.buffers_in(pl_module), functional_view(pl_module, self._space) as (model, _):
+            data = self._training_data(trainer, weights.theta.device)
+            self._engine.simulate_checkpoint(model, weights.theta, data, weights.name, weights.step, alone=alone)
+
+    def _commit(self, trainer: L.Trainer, weights: _Weights, stopped_by: str | None = None) -> None:
+        """After every process wrote its part of checkpoint ``weights.name`` (a barrier), rank zero lists it in the
         manifest; a second barrier lets no process read the store before."""
         trainer.strategy.barrier()
         if trainer.is_global_zero and self._store is not None:
-            with torch.no_grad():
-                theta = self._space.current(pl_module)
             info = {
-                "epoch": trainer.current_epoch, "global_step": trainer.global_step, "mode": self.mode,
+                "epoch": weights.epoch, "global_step": weights.step, "mode": self.mode,
                 "horizon": self.horizon, "curvature": self.curvature, "complete": stopped_by is None,
                 "stopped_by": stopped_by, "batch_format": self._batch_format, "processes": trainer.world_size,
             }  # fmt: skip
-            self._engine.commit(self._store, name, theta, info, parts=trainer.world_size)
+            self._engine.commit(self._store, weights.name, weights.theta, info, parts=trainer.world_size)
         trainer.strategy.barrier()
 
     # ------------------------------------------------------------------ resume
@@ -522,13 +553,46 @@ class AttributionCallback(Callback):
             return {"dirpath": self.dirpath, "products": 0, "seconds": 0.0, "windows": {}}
         return {
             "dirpath": self.dirpath, "products": engine.products, "seconds": engine.seconds,
-            "cpu_seconds": engine.cpu_seconds, **engine.state_dict(),
+            "cpu_seconds": engine.cpu_seconds, **engine.state_dict(), "deferred": [vars(w) for w in self._deferred],
         }  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict
         if self._default_dirpath:  # a resumed fit continues the store it started, wherever the default put it
             self.dirpath = state_dict.get("dirpath") or self.dirpath
+
+
+@dataclass
+class _Weights:
+    """A checkpoint's weights: its name, parameters ``theta: Tensor[P]`` (float32), the module's buffers (BatchNorm's
+    running statistics, ...) and the 0-based epoch and global step they were taken at."""
+
+    name: str
+    theta: Tensor
+    buffers: dict[str, Tensor]
+    epoch: int
+    step: int
+
+    @classmethod
+    def now(cls, trainer: L.Trainer, module: L.LightningModule, space: ParameterSpace, name: str) -> _Weights:
+        with torch.no_grad():
+            buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+            return cls(name, space.current(module).clone(), buffers, trainer.current_epoch, trainer.global_step)
+
+    @contextlib.contextmanager
+    def buffers_in(self, module: L.LightningModule) -> Iterator[None]:
+        """The module holds these buffers inside the block (its own are put back after)."""
+        live = dict(module.named_buffers())
+        own = {n: live[n].detach().clone() for n in self.buffers}
+        with torch.no_grad():
+            for n, b in self.buffers.items():
+                live[n].copy_(b)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, b in own.items():
+                    live[n].copy_(b)
 
 
 # checkpoint_epochs="auto" in end mode: after these fractions of the epochs. Early members add the most

@@ -37,7 +37,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -95,6 +95,17 @@ class SourcePartition:
         mask = torch.zeros(num_sources, dtype=torch.bool)
         mask[self.owned(num_sources)] = True
         return mask
+
+
+def checkpoint_owners(count: int, world_size: int) -> list[int | None]:
+    """Who simulates each of ``count`` end-mode checkpoints (a trajectory ensemble's members, the final one last) on
+    ``world_size`` processes: process ``i mod W`` alone for the first ``count - count mod W`` (every process then has one
+    at a time), None (all processes together, :class:`SourcePartition`) for the rest. A checkpoint simulated alone
+    costs what it costs on one process, with no collective and no replicated eigenspace algebra, where a shared one
+    splits its products and its Krylov algebra but repeats the ``O(m^3)`` Rayleigh-Ritz steps on every process and
+    waits on its collectives (README, "DDP")."""
+    alone = count - count % world_size if world_size > 1 else 0
+    return [i % world_size if i < alone else None for i in range(count)]
 
 
 class TrainingData:
@@ -170,16 +181,6 @@ class Window:
         return self.averaging.products if self.averaging is not None else 0
 
 
-@dataclass
-class _Pending:
-    """A checkpoint this process has simulated, waiting for :meth:`SimulationEngine.commit`."""
-
-    rule: dict | None
-    key: str  # "step_rule" or "spectral"
-    eigen: Any = None  # codecs "eigen" / "factored": the block, written whole by the committing process
-    stats: dict = field(default_factory=dict)
-
-
 class SimulationEngine:
     """Simulates the responses of the sources a process owns and writes them to a :class:`ResponseStore`.
 
@@ -215,7 +216,6 @@ class SimulationEngine:
         self._progress, self._warn = progress, warn
         self.phases = PhaseClock()  # this process's seconds per phase (the store's cost record)
         self._reduce_sum = None if reduce_sum is None else self._collective(reduce_sum)
-        self.owned = partition.owned(source_map.num_sources)
         self.windows: list[Window] = []
         self.products = 0
         self.seconds = 0.0  # wall time spent simulating (this process)
@@ -224,11 +224,17 @@ class SimulationEngine:
         self.diverged_at: int | None = None
         self._pool: list[Any] = []
         self._warned_non_finite = False
-        self._pending: dict[str, _Pending] = {}
         self._restored: dict[str, Any] = {}
-        self._codec_entries: dict[str, dict] = {}  # checkpoint -> manifest fields of codec "lorif"
+        self._codec_entries: dict[str, dict] = {}  # checkpoint -> manifest fields of codec "lorif" (until its part is written)
+        self._alone = False  # simulating a checkpoint by itself (simulate_checkpoint(alone=True))
 
     # ------------------------------------------------------------------ shared
+    @property
+    def owned(self) -> Tensor:
+        """``LongTensor[S_owned]``: the sources this process simulates now (every source while it simulates a checkpoint
+        alone)."""
+        return torch.arange(self.source_map.num_sources) if self._alone else self.partition.owned(self.source_map.num_sources)
+
     def propagation(self) -> str:
         """The rule ``propagation="auto"`` resolves to: in end mode, ``"spectral"`` with the GGN (the damped inverse
         in the top eigenspace of the full-data curvature, :mod:`deflated`) and Chebyshev with the Hessian (not PSD)
@@ -273,7 +279,7 @@ class SimulationEngine:
     @property
     def _shares_curvature(self) -> bool:
         """Whether the processes share the full-data curvature's work (several of them, and an all-reduce)."""
-        return self.partition.world_size > 1 and self._reduce_sum is not None
+        return self.partition.world_size > 1 and self._reduce_sum is not None and not self._alone
 
     def _full_data_operator(self, model: FunctionalModel, theta: Tensor, data: TrainingData) -> tuple[CurvatureOperator, bool, int]:
         """The curvature over the whole training set at ``theta``, whether this process tallies its products, and the
@@ -375,28 +381,60 @@ class SimulationEngine:
             "simulation_cpu_seconds": round(cpu, 3), "replayed_steps": replayed, "phases": self.phases.to_json(),
         }  # fmt: skip
 
-    def _write_part(self, name: str, writer: ShardWriter, stats: dict[str, Tensor], replayed: int = 0) -> None:
-        """This process's share of checkpoint ``name``: its shards and the bookkeeping of its sources."""
-        writer.flush()
-        owned = self.owned
-        costs = self._cost_info(replayed)
-        write_part(self.store_path, name, self.partition.rank, writer.shards, owned, {k: v[owned] for k, v in stats.items()}, costs)
+    def _write_part(
+        self, name: str, shards: list[dict], stats: dict[str, Tensor] | None, info: dict[str, Any] | None = None,
+        replayed: int = 0, codec_entry: dict[str, Any] | None = None, sources: Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """This process's share of checkpoint ``name``: its shards, the bookkeeping ``stats`` (``Tensor[S]`` each) of the
+        sources it simulated (``sources``, default :attr:`owned`; ``stats`` None: none of them), its costs so far and
+        ``info`` (the checkpoint's ``step_rule`` / ``spectral`` record) for :meth:`commit`."""
+        owned = (self.owned if sources is None else sources) if stats is not None else torch.zeros(0, dtype=torch.long)
+        stats = stats or {k: torch.zeros(self.source_map.num_sources, dtype=torch.long) for k in ("valid", "shortfall", "missing_examples")}
+        codec_entry = self._codec_entries.pop(name, codec_entry)
+        write_part(
+            self.store_path, name, self.partition.rank, shards, owned, {k: v[owned] for k, v in stats.items()},
+            self._cost_info(replayed), info=info, codec_entry=codec_entry,
+        )  # fmt: skip
         _warn_invalid(self._warn, stats["valid"][owned])
 
+    def skip_checkpoint(self, name: str) -> None:
+        """On several processes: checkpoint ``name`` is simulated by another process alone (:meth:`simulate_checkpoint`);
+        this process's part records its costs only."""
+        self._write_part(name, [], None)
+
+    def _write_block(self, name: str, block: Any, record: dict[str, Any], stats: dict[str, Tensor]) -> None:
+        """Codecs ``"eigen"`` / ``"factored"``: the whole block of every source (this process computed or summed it) as
+        the checkpoint's files, and this process's part that lists them; the other processes' parts list no source."""
+        if self._shares_curvature and self.partition.rank != 0:  # every process holds the summed block: rank zero writes it
+            return self.skip_checkpoint(name)
+        with self.phases("write"):
+            codec_entry, shards = ResponseStore.load(self.store_path).write_block(name, block, self.settings.store_dtype)
+            self._write_part(name, shards, stats, record, codec_entry=codec_entry, sources=torch.arange(self.source_map.num_sources))
+
     # ------------------------------------------------------------------ end mode
-    def simulate_checkpoint(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str, step: int) -> None:
-        """Simulates the owned sources at ``theta`` (end mode or codec ``"eigen"``) and writes this process's
-        part of checkpoint ``name`` (codec ``"eigen"``: the processes share the work when they share the curvature, and
-        rank zero keeps the result for :meth:`commit`; without an all-reduce, rank zero computes it alone)."""
-        with self.timed():
-            if self.settings.codec == "eigen":
-                if self._shares_curvature or self.partition.rank == 0:
+    def simulate_checkpoint(
+        self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str, step: int, alone: bool = False
+    ) -> None:  # fmt: skip
+        """Simulates the owned sources at ``theta`` (end mode or codecs ``"eigen"`` / ``"factored"``) and writes this
+        process's part of checkpoint ``name`` (codecs ``"eigen"`` / ``"factored"``: the processes share the work when
+        they share the curvature and rank zero writes the block; without an all-reduce, rank zero computes it alone).
+
+        ``alone``: on several processes, this process simulates every source of the checkpoint by itself, with no
+        collective (the same arithmetic as one process), while the others call :meth:`skip_checkpoint`: a trajectory
+        ensemble's members go to different processes instead of each being shared (callback: ``checkpoint_owners``)."""
+        self._alone = alone
+        try:
+            with self.timed():
+                if self.settings.codec in ("eigen", "factored") and not (self._shares_curvature or alone or self.partition.rank == 0):
+                    self.skip_checkpoint(name)
+                elif self.settings.codec == "eigen":
                     self._simulate_eigen(model, theta, data, name)
-            elif self.settings.codec == "factored":
-                if self._shares_curvature or self.partition.rank == 0:
+                elif self.settings.codec == "factored":
                     self._simulate_factored(model, theta, data, name)
-            else:
-                self._simulate_dense(model, theta, data, name, step)
+                else:
+                    self._simulate_dense(model, theta, data, name, step)
+        finally:
+            self._alone = False
 
     def _simulate_dense(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str, step: int) -> None:
         s, source_map = self.settings, self.source_map
@@ -432,8 +470,8 @@ class SimulationEngine:
             progress.close()
         zeros = torch.zeros(source_map.num_sources, dtype=torch.long)
         with self.phases("write"):
-            self._write_part(name, writer, {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()})
-        self._pending[name] = _Pending(record, "step_rule")
+            writer.flush()
+            self._write_part(name, writer.shards, {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()}, {"step_rule": record})
 
     def _simulate_factored(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> None:
         """Codec ``"factored"``: the dense default's responses (the same :meth:`_deflated_inverse`) kept as eigen
@@ -493,7 +531,7 @@ class SimulationEngine:
         zeros = torch.zeros(count, dtype=torch.long)
         stats = {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()}
         _warn_invalid(self._warn, valid)
-        self._pending[name] = _Pending(record, "step_rule", eigen=block_, stats=stats)  # the dense default's record and key
+        self._write_block(name, block_, {"step_rule": record}, stats)  # the dense default's record and key
 
     def _deflated_inverse(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> tuple[DeflatedInverse, dict]:
         """``propagation="spectral"``: the top eigenspace of the GGN over the whole training set at ``theta`` (``rank`` pairs,
@@ -588,28 +626,19 @@ class SimulationEngine:
         if split is not None:  # each process holds its sources' coordinates (zero rows elsewhere)
             block = replace(block, coordinates=self._reduce_sum(block.coordinates))
             finite = self._reduce_sum((~finite).to(torch.float32)) == 0
-        if not tally:
-            return
+        if not tally:  # rank zero writes the summed block
+            return self.skip_checkpoint(name)
         self.products += info["curvature_products"]
         zeros = torch.zeros(source_map.num_sources, dtype=torch.long)
         stats = {"valid": finite.cpu(), "shortfall": zeros, "missing_examples": zeros.clone()}
         _warn_invalid(self._warn, stats["valid"])
         block.coordinates[~finite] = float("nan")
-        self._pending[name] = _Pending(info, "spectral", eigen=block, stats=stats)
+        self._write_block(name, block, {"spectral": info}, stats)
 
     def commit(self, store: ResponseStore, name: str, theta: Tensor, info: dict[str, Any], parts: int) -> None:
         """Lists checkpoint ``name`` in the manifest once every process wrote its part (call it on one process
         after the others are done). ``info``: the caller's context (epoch, step, mode, ...)."""
-        pending = self._pending.pop(name)
-        info = {**info, pending.key: pending.rule}
-        if pending.eigen is not None:
-            costs = self._cost_info()  # one process computed it: its costs are the checkpoint's (as store.commit lists them)
-            info = {**info, **{k: v for k, v in costs.items() if k != "phases"}, "process_costs": [costs]}
-            store.add_checkpoint(name, theta, pending.eigen, info=info, source_stats=pending.stats, dtype=self.settings.store_dtype)
-        else:
-            store.commit(
-                name, theta, info=info, parts=parts, dtype=self.settings.store_dtype, codec_entry=self._codec_entries.pop(name, None)
-            )
+        store.commit(name, theta, info=info, parts=parts, dtype=self.settings.store_dtype)
 
     # ------------------------------------------------------------------ online windows
     def plan(self, windows: Sequence[tuple[str, int]], restored: dict[str, Any] | None = None) -> None:
@@ -759,10 +788,10 @@ class SimulationEngine:
                 "store, and those sources score NaN."
             )
         stats = {"valid": simulation.valid.cpu(), "shortfall": shortfall, "missing_examples": missing_per_source}
-        self._write_part(window.name, window.writer, stats, window.replayed_steps)
         rule = simulation.rule
         record = None if rule is None else {**rule.to_json(), **(window.averaging.to_json() if window.averaging else {})}
-        self._pending[window.name] = _Pending(record, "step_rule" if rule else "spectral")
+        window.writer.flush()
+        self._write_part(window.name, window.writer.shards, stats, {"step_rule" if rule else "spectral": record}, window.replayed_steps)
         if window.progress is not None:
             window.progress.close()
         window.done, window.simulation, window.writer, window.progress = True, None, None, None

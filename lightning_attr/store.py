@@ -221,13 +221,17 @@ class ShardWriter:
 
 def write_part(
     path: str | os.PathLike, name: str, rank: int, shards: list[dict], sources: Tensor, stats: dict[str, Tensor],
-    costs: dict[str, float],
+    costs: dict[str, float], *, info: dict[str, Any] | None = None, codec_entry: dict[str, Any] | None = None,
 ) -> None:
-    """One process's share of a dense checkpoint: the shards it wrote, and the bookkeeping
+    """One process's share of a checkpoint: the shards it wrote, and the bookkeeping
     (``valid``, ``shortfall``, ``missing_examples``: ``Tensor[S_owned]``) of the ``sources: LongTensor[S_owned]``
-    it simulated. :meth:`ResponseStore.commit` merges the parts of every process."""
+    it simulated (none: a process that simulated no source of it, which records its costs only). ``info``: JSON
+    fields of the checkpoint's manifest entry that the process knows (its step rule or eigenspace record);
+    ``codec_entry``: the codec's manifest fields when the process wrote a codec's files (:meth:`ResponseStore.write_block`).
+    :meth:`ResponseStore.commit` merges the parts of every process."""
     tensors = {"sources": sources.cpu(), **{k: stats[k].cpu().long() for k in _STATS}}
     metadata = {"shards": json.dumps(shards), "costs": json.dumps(costs)}
+    metadata.update({key: json.dumps(value) for key, value in (("info", info), ("codec_entry", codec_entry)) if value is not None})
     atomic_save_tensors(Path(path) / name / f"part-{rank:05d}.safetensors", tensors, metadata)
 
 
@@ -307,44 +311,53 @@ class ResponseStore:
             dtype: storage dtype of responses (codec ``"eigen"``: of the basis and coordinates): ``float32``,
                 ``float16`` or ``bfloat16``.
         """
+        codec_entry, shards = self.write_block(name, responses, dtype, shard_size)
+        self._add_entry(name, theta, shards, codec_entry, info, source_stats, dtype)
+
+    def write_block(
+        self, name: str, responses: Tensor | AnyBlock, dtype: str = "float32", shard_size: int = 4096
+    ) -> tuple[dict[str, Any], list[dict]]:
+        """The files of checkpoint ``name`` for a block of every source (as :meth:`add_checkpoint`), without listing it:
+        ``(codec entry, shards)``, for :meth:`add_checkpoint` or a process's part (:func:`write_part`, :meth:`commit`)."""
         check_checkpoint_name(name)
         _check_dtype(dtype)
         block = DenseResponses(responses) if isinstance(responses, Tensor) else responses
         (self.path / name).mkdir(parents=True, exist_ok=True)
         if isinstance(block, EigenResponses):
-            codec_entry, shards = self._write_eigen(name, block, dtype, shard_size)
-        elif isinstance(block, FactoredResponses):
-            codec_entry, shards = self._write_factored(name, block, dtype, shard_size)
-        elif isinstance(block, LowRankResponses):
+            return self._write_eigen(name, block, dtype, shard_size)
+        if isinstance(block, FactoredResponses):
+            return self._write_factored(name, block, dtype, shard_size)
+        if isinstance(block, LowRankResponses):
             if block.num_sources != self.n_sources or block.space != self.space:
                 raise ValueError(f"a lorif block needs S={self.n_sources} sources of this store's parameter space.")
             writer = ShardWriter(self.path, name, self.space, dtype, rows_per_shard=shard_size, stem="factors")
             writer.add_encoded(torch.arange(self.n_sources), block.tensors())
             writer.flush()
-            codec_entry, shards = block.entry(), writer.shards
-        else:
-            if block.responses.shape != (self.n_sources, self.space.size):
-                raise ValueError(
-                    f"responses must be [S={self.n_sources}, P={self.space.size}], got {list(block.responses.shape)}."
-                )
-            writer = ShardWriter(self.path, name, self.space, dtype, rows_per_shard=shard_size)
-            writer.add(torch.arange(self.n_sources), block.responses)
-            writer.flush()
-            codec_entry, shards = {"codec": "dense"}, writer.shards
-        self._add_entry(name, theta, shards, codec_entry, info, source_stats, dtype)
+            return block.entry(), writer.shards
+        if block.responses.shape != (self.n_sources, self.space.size):
+            raise ValueError(
+                f"responses must be [S={self.n_sources}, P={self.space.size}], got {list(block.responses.shape)}."
+            )
+        writer = ShardWriter(self.path, name, self.space, dtype, rows_per_shard=shard_size)
+        writer.add(torch.arange(self.n_sources), block.responses)
+        writer.flush()
+        return {"codec": "dense"}, writer.shards
 
     def commit(
         self, name: str, theta: Tensor, *, info: dict[str, Any], parts: int, dtype: str = "float32",
         codec_entry: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
-        """Lists a dense (or ``codec_entry``: lorif, :func:`lowrank_entry`) checkpoint whose shards ``parts`` processes wrote (:class:`ShardWriter`,
+        """Lists a checkpoint whose files ``parts`` processes wrote (:class:`ShardWriter`, :meth:`write_block`,
         :func:`write_part`): merges their parts, checks that every source is covered exactly once, writes the
-        per-source bookkeeping and then the manifest. The costs in the parts (``curvature_products``,
+        per-source bookkeeping and then the manifest. The codec's manifest fields are ``codec_entry``, else those a part
+        carries (the first in rank order; none: dense), and so are the parts' ``info`` fields (the first part that has
+        them). The costs in the parts (``curvature_products``,
         ``simulation_seconds``, ``replayed_steps``) are summed (seconds and steps: the maximum) into ``info``, and each
         process's own costs (its seconds per phase included) are listed in rank order as ``info["process_costs"]``.
         A part missing (a process that crashed) is a :class:`StoreError` and the manifest is left as it was."""
         check_checkpoint_name(name)
         shards, stats, costs, per_process = [], {k: torch.zeros(self.n_sources, dtype=torch.long) for k in _STATS}, {}, []
+        known: dict[str, Any] = {}  # the parts' info fields and codec entry, the first in rank order
         covered = torch.zeros(self.n_sources, dtype=torch.long)
         for rank in range(parts):
             file = self.path / name / f"part-{rank:05d}.safetensors"
@@ -361,13 +374,17 @@ class ResponseStore:
             covered[owned] += 1
             shards += json.loads(meta["shards"])
             per_process.append(json.loads(meta["costs"]))
+            for key in ("info", "codec_entry"):
+                if key in meta and key not in known:
+                    known[key] = json.loads(meta[key])
             for key, value in per_process[-1].items():
                 if isinstance(value, (int, float)):
                     costs[key] = max(costs.get(key, value), value) if key != "curvature_products" else costs.get(key, 0) + value
         check_coverage(covered, f"the parts of checkpoint {name!r} in {self.path}")
         stats["valid"] = stats["valid"].bool()
-        info = {**info, **costs, "process_costs": per_process}
-        self._add_entry(name, theta, shards, codec_entry or {"codec": "dense"}, info, stats, dtype)
+        info = {**info, **known.get("info", {}), **costs, "process_costs": per_process}
+        codec_entry = codec_entry or known.get("codec_entry") or {"codec": "dense"}
+        self._add_entry(name, theta, shards, codec_entry, info, stats, dtype)
         for rank in range(parts):
             (self.path / name / f"part-{rank:05d}.safetensors").unlink(missing_ok=True)
 

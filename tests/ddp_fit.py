@@ -37,7 +37,15 @@ class CrashOnRankOne(L.Callback):
             raise RuntimeError(f"process 1 crashed at step {self.step} (on purpose)")
 
 
-MODES = {"online": {"mode": "online"}, "end": {"mode": "end"}, "end_steps": {"mode": "end", "propagation": "heavy_ball"}, "groups": {"mode": "online", "sources": [i % 10 for i in range(192)]}, "eigen": {"mode": "end", "codec": "eigen", "rank": 24}, "factored": {"mode": "end", "codec": "factored", "rank": 24}, "subset": {"mode": "end"}}
+# checkpoint_epochs [2] unless given. End mode on 2 processes: 2 checkpoints go to one process each (the callback's
+# checkpoint_owners); 3 (eigen, factored): two alone, the final one shared; 1 (subset): shared
+MODES = {
+    "online": {"mode": "online"}, "end": {"mode": "end"}, "end_steps": {"mode": "end", "propagation": "heavy_ball"},
+    "groups": {"mode": "online", "sources": [i % 10 for i in range(192)]},
+    "eigen": {"mode": "end", "codec": "eigen", "rank": 24, "checkpoint_epochs": [2, 4]},
+    "factored": {"mode": "end", "codec": "factored", "rank": 24, "checkpoint_epochs": [2, 4]},
+    "subset": {"mode": "end", "checkpoint_epochs": None},
+}
 
 
 def fit_stores(out: str, devices: int, modes: Sequence[str] = tuple(MODES), crash_at: int | None = None) -> None:
@@ -50,7 +58,7 @@ def fit_stores(out: str, devices: int, modes: Sequence[str] = tuple(MODES), cras
         L.seed_everything(0, verbose=False)
         model = small_mlp(6, 3)
         cb = AttributionCallback(
-            os.path.join(out, name), horizon=4, curvature_batch_size=64, checkpoint_epochs=[2], overwrite=True, **MODES[name]
+            os.path.join(out, name), horizon=4, curvature_batch_size=64, overwrite=True, **{"checkpoint_epochs": [2], **MODES[name]}
         )
         callbacks = [cb] + ([CrashOnRankOne(crash_at)] if crash_at is not None else [])
         trainer = L.Trainer(

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from operator import itemgetter
 
 import pytest
 import torch
 
 from ddp_fit import fit_stores
+from lightning_attr.engine import checkpoint_owners
 from lightning_attr.store import ResponseStore, StoreError
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_fit.py")
@@ -42,62 +44,75 @@ def stores(tmp_path_factory):
     return out
 
 
+# end mode: which processes simulated each checkpoint (the callback's checkpoint_owners); online: both, every window
+WRITERS = {
+    "online": {"epoch=2": (0, 1), "final": (0, 1)}, "groups": {"epoch=2": (0, 1), "final": (0, 1)},
+    "end": {"epoch=2": (0,), "final": (1,)}, "end_steps": {"epoch=2": (0,), "final": (1,)}, "subset": {"final": (0, 1)},
+    "eigen": {"epoch=2": (0,), "epoch=4": (1,), "final": (0, 1)}, "factored": {"epoch=2": (0,), "epoch=4": (1,), "final": (0, 1)},
+}
+
+
+def _same_products(one: ResponseStore, two: ResponseStore, name: str) -> None:
+    """A checkpoint's eigenspace spent the same products on 2 processes as on one, and so did the fit up to the
+    checkpoint (its ``curvature_products``: every process's products summed, a shared product counted once; in end mode
+    the checkpoints are committed after the fit, so only the final one's count is the whole fit's on both)."""
+    a, b = one.checkpoint_info(name), two.checkpoint_info(name)
+    for record, key in (("step_rule", "eigenspace_products"), ("spectral", "curvature_products")):
+        if isinstance(a.get(record), dict) and key in a[record]:
+            assert b[record][key] == a[record][key]
+    if name == "final" or a["mode"] == "online":
+        assert b["curvature_products"] == a["curvature_products"]
+
+
 @pytest.mark.parametrize("mode", ["online", "end", "end_steps", "groups", "subset"])
 def test_two_processes_write_the_single_process_store(stores, mode):
-    """Each process simulates and writes its half of the sources; rank zero lists them: the store equals the
-    single-process one within float tolerance (the same examples per optimizer step, pooled in another order)."""
+    """Online, each process simulates and writes its half of the sources of every window. End mode, after the fit, a
+    trajectory ensemble's checkpoints go to one process each (every source, no collective), the rest are shared (each
+    process its half of the sources); rank zero lists them. The store equals the single-process one within float
+    tolerance (the same examples per optimizer step, pooled in another order)."""
     one, two = ResponseStore.load(stores / "one" / mode), ResponseStore.load(stores / "two" / mode)
-    assert one.checkpoints == two.checkpoints == ["epoch=2", "final"]
+    assert one.checkpoints == two.checkpoints == list(WRITERS[mode])
     for name in two.checkpoints:
         info = two.checkpoint_info(name)
         assert info["processes"] == 2 and two.n_sources == {"groups": 10, "subset": 160}.get(mode, 192)  # subset: its members
-        assert {s["file"].split("/")[1][:13] for s in info["shards"]} == {
-            "responses-r0-", "responses-r1-"
-        }
-        # end mode's default propagation="spectral": the processes share the eigenspace's full-data products (each
-        # over its half of the examples, summed by the strategy), so the store counts each product once
-        assert info["curvature_products"] == one.checkpoint_info(name)["curvature_products"]
+        assert {s["file"].split("/")[1][:13] for s in info["shards"]} == {f"responses-r{r}-" for r in WRITERS[mode][name]}
+        if mode in ("end", "end_steps") and name != "final":  # simulated after the fit, at the weights of its epoch
+            assert (info["epoch"], info["global_step"]) == (1, 12) == itemgetter("epoch", "global_step")(one.checkpoint_info(name))
+            torch.testing.assert_close(two.theta(name), one.theta(name))
+            assert not torch.allclose(two.theta(name), two.theta("final"), rtol=1e-2)
+        _same_products(one, two, name)
         a, b = one.responses(name), two.responses(name)
         assert torch.isfinite(a).all() and bool(two.scorable(name).all())
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
         assert not any(p.name.startswith("part-") for p in (two.path / name).iterdir())  # merged, then removed
 
 
-def test_two_processes_share_the_eigen_codec(stores):
-    """Codec "eigen": both processes find the eigenspace together (their halves of the examples and of the Krylov
-    space's columns) and project their own sources' gradients; rank zero writes the summed coordinates. The responses
-    equal the single-process store's within float tolerance, with the same products counted once."""
-    one, two = ResponseStore.load(stores / "one" / "eigen"), ResponseStore.load(stores / "two" / "eigen")
-    assert one.checkpoints == two.checkpoints == ["epoch=2", "final"]
+@pytest.mark.parametrize("codec", ["eigen", "factored"])
+def test_two_processes_share_the_compressed_codecs(stores, codec):
+    """Codecs "eigen" / "factored", three checkpoints: the first two go to one process each, the final one is shared
+    (both find the eigenspace together, their halves of the examples and of the Krylov space's columns, each fills its
+    own sources' rows, and rank zero writes their sum). The responses equal the single-process store's within float
+    tolerance, with the same products; every process lists its costs."""
+    one, two = ResponseStore.load(stores / "one" / codec), ResponseStore.load(stores / "two" / codec)
+    assert one.checkpoints == two.checkpoints == list(WRITERS[codec])
     for name in two.checkpoints:
         info = two.checkpoint_info(name)
-        assert info["codec"] == "eigen" and info["processes"] == 2 and info["rank"] == 24
-        assert info["curvature_products"] == one.checkpoint_info(name)["curvature_products"]
-        assert info["spectral"]["curvature_examples"] == one.checkpoint_info(name)["spectral"]["curvature_examples"] == 192
+        assert info["codec"] == codec and info["processes"] == 2 and info["rank"] == 24 and len(info["process_costs"]) == 2
+        _same_products(one, two, name)
+        if codec == "eigen":
+            assert info["spectral"]["curvature_examples"] == one.checkpoint_info(name)["spectral"]["curvature_examples"] == 192
+        else:
+            assert info["factored"]
         a, b = one.block(name).to_dense(), two.block(name).to_dense()
         assert torch.isfinite(a).all() and bool(two.scorable(name).all())
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
 
 
-def test_two_processes_share_the_factored_codec(stores):
-    """Codec "factored": the processes share the eigenspace as the dense default does, each fills its own sources'
-    coordinates and gradient factors, and rank zero writes their sum: the single-process store's responses."""
-    one, two = ResponseStore.load(stores / "one" / "factored"), ResponseStore.load(stores / "two" / "factored")
-    assert one.checkpoints == two.checkpoints == ["epoch=2", "final"]
-    for name in two.checkpoints:
-        info = two.checkpoint_info(name)
-        assert info["codec"] == "factored" and info["processes"] == 2 and info["rank"] == 24 and info["factored"]
-        assert info["curvature_products"] == one.checkpoint_info(name)["curvature_products"]
-        a, b = one.block(name).to_dense(), two.block(name).to_dense()
-        assert torch.isfinite(a).all() and bool(two.scorable(name).all())
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4 * float(a.abs().max()))
-
-
-@pytest.mark.parametrize("mode", ["online", "end"])
+@pytest.mark.parametrize("mode", ["online", "factored"])
 def test_each_process_records_its_costs_per_phase(stores, mode):
     """The manifest lists each process's costs; its phases add up to its simulation time, and the checkpoint's
-    ``simulation_seconds`` is the slowest process's. End mode: both processes spend time in the shared eigenspace's
-    products, its split Krylov algebra and their collectives."""
+    ``simulation_seconds`` is the slowest process's. End mode: both processes simulated a checkpoint alone and shared
+    the final one (its eigenspace's products, its split Krylov algebra and their collectives)."""
     info = ResponseStore.load(stores / "two" / mode).checkpoint_info("final")
     costs = info["process_costs"]
     assert len(costs) == 2 and info["simulation_seconds"] == max(c["simulation_seconds"] for c in costs)
@@ -106,7 +121,7 @@ def test_each_process_records_its_costs_per_phase(stores, mode):
         # two clocks (the engine's and the phases'), started microseconds apart at each of the many online steps
         assert sum(p["seconds"] for p in phases.values()) == pytest.approx(process["simulation_seconds"], rel=0.02, abs=0.01)
         assert {"curvature products", "collectives", "gradients"} <= set(phases)
-        if mode == "end":
+        if mode == "factored":
             assert {"eigenspace algebra", "inverse", "write"} <= set(phases)
 
 
@@ -135,3 +150,14 @@ def test_resuming_inside_a_window_on_several_processes_is_refused(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"cannot resume there .* or on one process"):
         cb.on_train_start(SimpleNamespace(global_rank=0, world_size=2), small_mlp(6, 3))
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "count, world_size, owners",
+    [(1, 1, [None]), (3, 1, [None] * 3), (1, 2, [None]), (2, 2, [0, 1]), (3, 2, [0, 1, None]), (5, 2, [0, 1, 0, 1, None]),
+     (4, 3, [0, 1, 2, None]), (2, 3, [None, None])],
+)  # fmt: skip
+def test_checkpoint_owners_give_each_process_whole_checkpoints_while_it_can(count, world_size, owners):
+    """End mode's checkpoints after the fit: one process each while every process gets one (no collective), the last
+    ``count mod W`` shared by all (None)."""
+    assert checkpoint_owners(count, world_size) == owners
