@@ -201,6 +201,15 @@ def test_factored_tied_weights_stay_dense_and_factors_missing_a_use_are_refused(
     check_factors({"w": (u, v)}, dense, torch.tensor([True, True, False, True]))  # a non-finite source is not compared
     with pytest.raises(RuntimeError, match="'w' do not reproduce its per-source gradient.*codec='dense'"):
         check_factors({"w": (u, v)}, dense, torch.ones(4, dtype=torch.bool))
+    # the check reads combinations of the rows: one entry of one source of many, 1% off, is still refused
+    u, v = torch.randn(50, 8, 2), torch.randn(50, 5, 2)
+    dense = {"w": u @ v.transpose(1, 2)}
+    check_factors({"w": (u, v)}, dense, torch.ones(50, dtype=torch.bool))
+    for source, row, column in ((37, 5, 3), (0, 0, 0), (49, 7, 4)):
+        wrong = {"w": dense["w"].clone()}
+        wrong["w"][source, row, column] += 0.01 * dense["w"].abs().max()
+        with pytest.raises(RuntimeError, match="'w' do not reproduce"):
+            check_factors({"w": (u, v)}, wrong, torch.ones(50, dtype=torch.bool))
 
 
 def test_factored_bfloat16_store_stays_close_to_float32(tmp_path):
