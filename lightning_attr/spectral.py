@@ -119,7 +119,7 @@ DEFAULT_EXTRA_PRODUCTS = 256
 DEFAULT_RESIDUAL_TOLERANCE = 0.1
 AUTO_BLOCK_GROWTH = 0.125  # adaptive_eigenspace's blocks: m / 8 vectors past the first 256 pairs (3.9x faster, same accuracy)
 DEFAULT_RANK = 256  # rank=256 (and the least rank="auto" keeps): Pearson >= 0.98 to the exact target on 4 of the bench's 5 models
-_FINDER_PEAK_BYTES = 20  # per vector of the Krylov space and parameter: Q (float64) + G Q (float32) + G Q read in float64
+_FINDER_PEAK_BYTES = 20  # per vector of the Krylov space and parameter: Q and G Q (float64), then the Ritz vectors (float32)
 
 
 def top_eigenspace(
@@ -414,17 +414,21 @@ def _block_krylov(
 ) -> Eigenspace:
     """Block Lanczos, full re-orthonormalization, Rayleigh-Ritz over the space; see :func:`top_eigenspace`.
 
-    The space ``Q: [m, P]`` (float64) grows block by block; its products ``I = G Q: [m, P]`` are kept (float32,
-    as the operator returns them), with ``T = Q I^T`` and ``M = I I^T`` (``[m, m]``, float64). The next block
+    The space ``Q: [m, P]`` (float64) grows block by block; its products ``I = G Q: [m, P]`` are kept (the operator's
+    float32 values, held in float64), with ``T = Q I^T`` and ``M = I I^T`` (``[m, m]``, float64). The next block
     is the ``block`` dominant directions of the residuals ``R = S^T I - Theta S^T Q`` of the top
     ``max(rank, block)`` Ritz pairs ``(Theta, S)`` of ``T``, found from their Gram matrix
     ``R R^T = S^T M S - Theta^2`` (so a step costs ``O(block m P)``, as plain block Lanczos), then
-    re-orthonormalized against ``Q`` twice (CGS2). From a Gaussian start this is the block Krylov space (in
+    projected off ``Q`` once more and factored: ``R`` is orthogonal to ``Q`` by the Rayleigh-Ritz (Galerkin) condition,
+    up to the float32 asymmetry of the products, so that projection is the second pass of CGS2 (a third one, as
+    before, changed no product count, Ritz value beyond 1.3e-6 relative or Ritz subspace on the 64-128-128 digits MLP,
+    and cost a quarter of the algebra). From a Gaussian start this is the block Krylov space (in
     exact arithmetic every Ritz residual lies in the span of the last block's residual); from a warm start of
     more than ``block`` rows it keeps the corrections that matter most, and comes back to the ones it left.
-    Memory: ``12 m P`` bytes held for a space of ``m <= products`` vectors, ``20 m P`` at the peak of a step
-    (the products are read in float64); flops ``O(m^2 P)`` over the run besides the products (with ``split``: ``P``
-    is this process's columns, and the ``O(m^3)`` Rayleigh-Ritz steps run on every process).
+    Memory: ``Q`` and ``I`` live in buffers of ``min(P, budget)`` rows, written block by block (no copy of the space per
+    block; on the CPU pages never written are never touched): ``16 m P`` bytes for a space of ``m <= products`` vectors,
+    then the ``4 k P`` of the float32 Ritz vectors; flops ``O(m^2 P)`` over the run besides the products (with
+    ``split``: ``P`` is this process's columns, and the ``O(m^3)`` Rayleigh-Ritz steps run on every process).
 
     ``enough`` (:func:`adaptive_eigenspace`'s :class:`_ThresholdStop`): ``enough.pairs(all Ritz values, m, block)`` top
     pairs are examined; ``enough(their values, their residual norms, m, outside)``, asked after each block, returns
@@ -449,14 +453,19 @@ def _block_krylov(
     current = _orthonormalize_against(split.local(start).to(device), None, generator, scale, split)
     probes = torch.arange(seeded, current.shape[0], device=device)  # the first block's Gaussian rows (after the seed)
     trace = float("nan")
-    space = current[:0]
-    images = space.float()  # I = G Q, [m, P]
+    # Q and I = G Q (float64: the products are read in float64 once, as they come) in buffers of every row the budget
+    # allows, filled block by block: no copy of the space per block (pages never written are never touched)
+    capacity = min(dim, max(budget, current.shape[0]))
+    bases = torch.empty(capacity, current.shape[1], dtype=torch.float64, device=device)
+    products = torch.empty_like(bases)
+    size = 0
     small = torch.zeros(0, 0, dtype=torch.float64, device=device)  # T = Q I^T
     gram = small.clone()  # M = I I^T
     while True:
         image = split.local(operator(split.gather(current.float())))
-        space, images = torch.cat([space, current]), torch.cat([images, image])
-        size, new, wide = space.shape[0], image.double(), images.double()  # I read in float64 once per block
+        old, size = size, size + current.shape[0]
+        bases[old:size], products[old:size] = current, image
+        space, wide, new = bases[:size], products[:size], products[old:size]
         grown = split.total(torch.cat([space @ new.T, wide @ new.T]))  # [Q; I] I_new^T: one collective
         small, gram = _grow_symmetric(small, grown[:size]), _grow_symmetric(gram, grown[size:])
         if size == current.shape[0] and not seeded:  # the first block, from a cold start
@@ -483,13 +492,30 @@ def _block_krylov(
         # the `room` dominant directions of the Ritz residuals R, from the eigenvectors of R R^T
         directions = torch.linalg.eigh(residual_gram)[1][:, -room:].T  # [room, pairs]
         mix = directions @ vectors.T  # [room, m]
+        # R is orthogonal to Q (Rayleigh-Ritz's Galerkin condition: the first pass of CGS2, done by the small matrices up to
+        # the float32 asymmetry of the products), so one more projection makes the rows orthogonal to rounding
         rows = mix @ wide - (directions * values) @ vectors.T @ space
-        current = _orthonormalize_against(rows, space, generator, float(values[0].abs()), split)
-    ritz = vectors[:, :rank].T @ space  # [k, P_r], orthonormal: the rows of Q rotated
-    norms = split.total((vectors[:, :rank].T @ wide - values[:rank, None] * ritz).square().sum(dim=1)).sqrt()
-    ritz = split.gather(ritz.float()).contiguous()
+        current = _orthonormalize_against(rows, space, generator, float(values[0].abs()), split, projected=True)
+    ritz, norms = _ritz_vectors(vectors[:, :rank], values[:rank], space, wide, split)
     first = 0 if seeded else int(probes.numel())
     return Eigenspace(values[:rank].clamp_min(0).float(), ritz, size, norms.float().cpu(), "krylov", width, stop or "budget", seeded, trace, first)
+
+
+_RITZ_ROWS = 256  # Ritz vectors formed in float64 at a time (their float64 rows and residuals: 16 x this x P bytes)
+
+
+def _ritz_vectors(vectors: Tensor, values: Tensor, space: Tensor, images: Tensor, split: ColumnSplit) -> tuple[Tensor, Tensor]:
+    """The Ritz vectors ``S_k^T Q: Tensor[k, P]`` (float32, whole rows) and their residual norms ``||S_k^T I - Theta S_k^T Q||``
+    (``Tensor[k]`` float64) from the Ritz pairs ``(values: Tensor[k], vectors = S_k: Tensor[m, k])``, the space ``Q`` and its
+    products ``I`` (``Tensor[m, P_r]`` float64, this process's columns), :data:`_RITZ_ROWS` rows at a time in float64."""
+    ritz = space.new_empty(vectors.shape[1], space.shape[1], dtype=torch.float32)
+    squares = space.new_zeros(vectors.shape[1])
+    for start in range(0, vectors.shape[1], _RITZ_ROWS):
+        chunk = vectors[:, start : start + _RITZ_ROWS].T  # [c, m]
+        rows = chunk @ space  # orthonormal: the rows of Q rotated
+        squares[start : start + chunk.shape[0]] = (chunk @ images - values[start : start + chunk.shape[0], None] * rows).square().sum(dim=1)
+        ritz[start : start + chunk.shape[0]] = rows
+    return split.gather(ritz).contiguous(), split.total(squares).sqrt()
 
 
 def _first_block_trace(small: Tensor, dim: int) -> float:
@@ -522,7 +548,7 @@ def _grow_symmetric(matrix: Tensor, columns: Tensor) -> Tensor:
 
 
 def _orthonormalize_against(
-    rows: Tensor, basis: Tensor | None, generator: torch.Generator | None, scale: float, split: ColumnSplit
+    rows: Tensor, basis: Tensor | None, generator: torch.Generator | None, scale: float, split: ColumnSplit, projected: bool = False
 ) -> Tensor:
     """Orthonormal rows spanning ``rows: Tensor[C, P]`` (float64) minus their part in ``basis`` (orthonormal rows); with
     ``split``, both hold this process's columns ``[., P_r]`` and so does the result.
@@ -539,7 +565,7 @@ def _orthonormalize_against(
     (four and three QRs before: on the 64-128-128-10 digits MLP, P = 26,122, the finder's algebra outweighed its products;
     one projection where a row kept most of its length, the DGKS criterion, measured no faster there).
     """
-    rows = _orthogonal_part(rows, basis, split)
+    rows = _project_out(rows, basis, split) if projected else _orthogonal_part(rows, basis, split)
     q, r = split.qr(rows)
     weak = torch.diagonal(r).abs() <= _NEGLIGIBLE * scale  # vanished, or dependent on the rows before them
     if bool(weak.any()):
