@@ -137,8 +137,9 @@ class FunctionalModel:
         """Per-example loss ``Tensor[B]`` from outputs (independent of theta)."""
         return self.module.attribution_output_loss(outputs, batch)
 
-    def losses(self, theta: Tensor, batch: Any) -> Tensor:
-        """Per-example training loss ``Tensor[B]`` at ``theta``."""
+    def losses(self, theta: Tensor | dict[str, Tensor], batch: Any) -> Tensor:
+        """Per-example training loss ``Tensor[B]`` at ``theta`` (flat, or a dict by name: differentiating with respect
+        to the dict builds one ``[P]`` gradient, where the flat vector's slices add one zero-filled ``[P]`` per parameter)."""
         if self.has_outputs:
             return self.output_loss(self.outputs(theta, batch), batch)
         return self.call(theta, "attribution_loss", batch)

@@ -174,10 +174,10 @@ def source_gradients(
     """
     per_example = _per_example_gradients(model, theta, batch, losses) if num_rows > WHOLE_BATCH_MAX_ROWS else None
     if per_example is None:
-        _, pullback = vjp(lambda th: model.losses(th, batch), theta)
+        _, pullback = vjp(lambda params: model.losses(params, batch), model.space.unflatten(theta))
         selector = torch.zeros(num_rows, rows.numel(), device=theta.device)
         selector[rows, torch.arange(rows.numel(), device=theta.device)] = 1.0
-        return vmap(pullback)(selector)[0]
+        return model.space.flatten(vmap(pullback)(selector)[0], batch_dims=1)
     if num_rows == rows.numel() and bool((rows == torch.arange(num_rows, device=rows.device)).all()):
         return per_example
     return per_example.new_zeros(num_rows, per_example.shape[1]).index_add_(0, rows.to(per_example.device), per_example)
@@ -190,16 +190,18 @@ def _per_example_gradients(model: FunctionalModel, theta: Tensor, batch: Any, re
     dimension, or couples the examples): the caller then differentiates the whole batch. ``reference``: those batch
     losses (:func:`batch_losses`) if already computed."""
     try:
-        grads, losses = vmap(grad_and_value(partial(_example_loss, model)), in_dims=(None, 0))(theta, batch)
+        grads, losses = vmap(grad_and_value(partial(_example_loss, model)), in_dims=(None, 0))(model.space.unflatten(theta), batch)
     except Exception:  # noqa: BLE001 -- whatever the per-example vmap refuses, the whole-batch vjps handle
         return None
     reference = batch_losses(model, theta, batch) if reference is None else reference
-    return grads if losses.shape == reference.shape and bool(torch.allclose(losses, reference, rtol=1e-4, atol=1e-6)) else None
+    if losses.shape != reference.shape or not bool(torch.allclose(losses, reference, rtol=1e-4, atol=1e-6)):
+        return None
+    return model.space.flatten(grads, batch_dims=1)
 
 
-def _example_loss(model: FunctionalModel, theta: Tensor, example: Any) -> Tensor:
+def _example_loss(model: FunctionalModel, params: dict[str, Tensor], example: Any) -> Tensor:
     """The loss of one example (no batch dimension) as a scalar, through a batch of one."""
-    return model.losses(theta, tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)).sum()
+    return model.losses(params, tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, example)).sum()
 
 
 def select_examples(batch: Any, rows: Tensor) -> Any:
