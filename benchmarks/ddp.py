@@ -71,6 +71,14 @@ def simulate(mode: str, devices: int, out: str, hidden: int = 64, checkpoint_epo
         "fit_seconds": round(time.perf_counter() - start, 2), "n_valid": info["n_valid"], "processes": info["processes"],
         "phases": [costs["phases"] for costs in info["process_costs"]],
         "load_average_before": load,  # the 1-minute load average of the machine when the fit started
+        # per checkpoint, each process's simulation seconds so far when it was committed (one process: cumulative in
+        # checkpoint order; two: the members simulated alone are committed first, both at once)
+        "eigenspace_products": {  # end mode: each checkpoint's eigenspace (online: none)
+            name: store.checkpoint_info(name)["step_rule"].get("eigenspace_products") for name in store.checkpoints
+        } if mode == "end" else None,
+        "seconds_at_commit": {
+            name: [c["simulation_seconds"] for c in store.checkpoint_info(name)["process_costs"]] for name in store.checkpoints
+        },
     }  # fmt: skip
 
 

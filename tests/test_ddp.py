@@ -11,11 +11,15 @@ import subprocess
 import sys
 from operator import itemgetter
 
+import lightning as L
 import pytest
 import torch
 
 from ddp_fit import fit_stores
+from lightning_attr import AttributionCallback
+from lightning_attr.callback import _Weights
 from lightning_attr.engine import checkpoint_owners
+from lightning_attr.parameters import ParameterSpace
 from lightning_attr.store import ResponseStore, StoreError
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_fit.py")
@@ -161,3 +165,40 @@ def test_checkpoint_owners_give_each_process_whole_checkpoints_while_it_can(coun
     """End mode's checkpoints after the fit: one process each while every process gets one (no collective), the last
     ``count mod W`` shared by all (None)."""
     assert checkpoint_owners(count, world_size) == owners
+
+
+class _KeepWeights(L.Callback):
+    """Keeps the weights after epoch 2 as the callback defers them on several processes (parameters and buffers)."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            self.kept = _Weights.now(trainer, pl_module, ParameterSpace.of(pl_module), "epoch=2")
+
+
+def test_a_deferred_checkpoint_resumed_from_the_callback_state_is_simulated_at_its_own_weights(tmp_path):
+    """A checkpoint deferred to the end of a multi-process fit rides in the callback's state (a Lightning checkpoint,
+    read with weights_only=True); a fit resumed with it simulates it at its own parameters and buffers (BatchNorm's
+    running statistics, which move on until the end): the store equals one whose checkpoint was simulated on time."""
+    from conftest import blobs, fit
+    from test_no_side_effects import dropout_bn_model as model
+
+    x, y = blobs(n=96, d=6, classes=3)
+    keep = _KeepWeights()
+    settings = {"horizon": 4, "curvature_batch_size": 48, "rank": 24, "codec": "dense"}
+    on_time = AttributionCallback(tmp_path / "on_time", checkpoint_epochs=[2], **settings)
+    L.seed_everything(0, verbose=False)
+    fit(model(), x, y, [on_time, keep], epochs=4, batch_size=16)
+    deferred = AttributionCallback(tmp_path / "deferred", checkpoint_epochs=None, **settings)
+    state = {"dirpath": None, "products": 0, "seconds": 0.0, "windows": {}, "deferred": [vars(keep.kept)]}
+    torch.save(state, tmp_path / "state.pt")
+    deferred.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    L.seed_everything(0, verbose=False)
+    fit(model(), x, y, [deferred], epochs=4, batch_size=16)
+    a, b = ResponseStore.load(tmp_path / "on_time"), ResponseStore.load(tmp_path / "deferred")
+    assert a.checkpoints == b.checkpoints == ["epoch=2", "final"]
+    for name in b.checkpoints:
+        assert itemgetter("epoch", "global_step", "weights_digest")(b.checkpoint_info(name)) == itemgetter(
+            "epoch", "global_step", "weights_digest"
+        )(a.checkpoint_info(name))
+        torch.testing.assert_close(b.responses(name), a.responses(name))
+    assert not torch.allclose(b.responses("epoch=2"), b.responses("final"), rtol=0.1)
