@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -32,11 +33,12 @@ class ParameterSpace:
             tuple(str(p.dtype).removeprefix("torch.") for _, p in named),
         )
 
-    @property
+    @cached_property
     def numels(self) -> tuple[int, ...]:
+        """Each parameter's number of scalars (computed once: the read path asks at every query)."""
         return tuple(int(torch.Size(s).numel()) for s in self.shapes)
 
-    @property
+    @cached_property
     def size(self) -> int:
         """P, the number of trainable scalars."""
         return sum(self.numels)
