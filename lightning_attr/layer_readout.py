@@ -323,35 +323,60 @@ def _tensors_in(*groups: Iterable[Any]) -> Iterator[Tensor]:
 def capture_layers(
     model: FunctionalModel, params: dict[str, Tensor], batch: Any, layers: Sequence[_Layer], owned: Sequence[str] = ("weight",)
 ) -> tuple[list[list[Tensor]], list[list[Tensor]]] | None:
-    """One forward pass at ``params`` (no gradients): per layer and per call, its input and its output. ``None`` when a parameter ``owned`` by a layer (its attributes of these names that are parameters of the
-    space) is used outside that layer's forward (:class:`_ForeignUses`)."""
-    inputs: list[list[Tensor]] = [[] for _ in layers]
-    outputs: list[list[Tensor]] = [[] for _ in layers]
+    """One forward pass at ``params`` (no gradients): per layer and per call, its input and its output. ``None`` when a
+    parameter ``owned`` by a layer (its attributes of these names that are parameters of the space) is used outside
+    that layer's forward (:class:`_ForeignUses`)."""
+    with capturing(params, layers, owned) as seen, torch.no_grad():
+        model.measurement(params, batch)
+    return None if seen.foreign else (seen.inputs, seen.outputs)
+
+
+@dataclass
+class Captured:
+    """What :func:`capturing` saw of one forward pass, per layer (in ``layers``' order) and per call of it.
+
+    Attributes:
+        inputs: each call's input (a copy: a later in-place op, ``ReLU(inplace=True)`` or ``x += ...``, keeps it).
+        outputs: each call's output (a copy), or its shape where only shapes were asked for.
+        foreign: whether a parameter owned by a layer entered a torch call outside that layer's forward.
+    """
+
+    inputs: list[list[Tensor]]
+    outputs: list[list[Tensor | torch.Size]]
+    foreign: bool = False
+
+
+@contextlib.contextmanager
+def capturing(
+    params: dict[str, Tensor], layers: Sequence[_Layer], owned: Sequence[str] = ("weight",), shapes_only: bool = False
+) -> Iterator[Captured]:
+    """Hooks on ``layers`` and a :class:`_ForeignUses` mode around the forward pass the caller runs with the tensors
+    ``params`` (the very objects its module sees: parameters are told apart by identity); yields the
+    :class:`Captured` record, complete on exit. ``shapes_only``: the outputs' shapes, not copies."""
+    seen = Captured([[] for _ in layers], [[] for _ in layers])
     mode = _ForeignUses({id(params[name]): i for i, layer in enumerate(layers) for name in layer.names(owned) if name in params})
 
     def enter(i: int) -> Callable:
         def hook(_module: nn.Module, args: tuple) -> None:
-            inputs[i].append(args[0].clone())  # copies: a later in-place op (ReLU(inplace=True), x += ...) keeps them
+            seen.inputs[i].append(args[0].clone())
             mode.inside.append(i)
 
         return hook
 
     def leave(i: int) -> Callable:
         def hook(_module: nn.Module, _args: tuple, output: Tensor) -> None:
-            outputs[i].append(output.clone())
+            seen.outputs[i].append(output.shape if shapes_only else output.clone())
             mode.inside.pop()
 
         return hook
 
-    with contextlib.ExitStack() as stack, torch.no_grad():
+    with contextlib.ExitStack() as stack:
         for i, layer in enumerate(layers):
             stack.callback(layer.module.register_forward_pre_hook(enter(i)).remove)
             stack.callback(layer.module.register_forward_hook(leave(i)).remove)
         with mode:
-            model.measurement(params, batch)
-    if mode.foreign:
-        return None
-    return inputs, outputs
+            yield seen
+    seen.foreign = bool(mode.foreign)
 
 
 @contextlib.contextmanager

@@ -306,3 +306,68 @@ def test_members_read_together_give_each_members_gradients(monkeypatch, name, pa
             torch.testing.assert_close(both, expected, **tol)
             alone = [basis_readout.basis_gradients(fm, t, queries, layers, num_sources=10**6, chunk_size=64) for t in thetas]
             torch.testing.assert_close(both, torch.stack(alone), **tol)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_planned_query_skips_the_capture_pass_and_gives_the_same_gradients(monkeypatch, name):
+    """Single queries of one layout are planned once per number of members (one capture pass); the later ones record
+    the layers' inputs in their first pass (spread over several vmapped calls here: 64 tangents per call) and give
+    autograd's gradients, also at other weights of the same shapes."""
+    captures = []
+    original = basis_readout._captured
+    monkeypatch.setattr(basis_readout, "_captured", lambda *args: captures.append(len(args[1])) or original(*args))
+    model = _model(name)
+    batch = _data(MODELS[name][1])(3)
+    with functional_view(model) as (fm, theta):
+        layers = basis_readout.basis_layers(fm.module, fm.space)
+        thetas = theta * (1 + 0.3 * torch.randn(3, theta.numel(), generator=torch.Generator().manual_seed(2)))
+        for members in (thetas, thetas[:1], 1.1 * thetas, 0.9 * thetas[1:2]):
+            for q in range(3):
+                query = tuple(t[q : q + 1] for t in batch)
+                got = basis_readout.member_gradients(fm, members, query, layers, num_sources=10**6, chunk_size=64)
+                expected = _autograd_gradients(fm, members, query)
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    assert len(captures) == 2  # one per number of members
+
+
+class _Branches(nn.Module):
+    """A forward that branches on its input: ``inner`` runs again where the first feature is positive, and its weight
+    is read outside its layer where the second is below -1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inner(x))
+        if bool((x[..., 0] > 0).all()):
+            h = torch.tanh(self.inner(h))
+        if bool((x[..., 1] < -1).all()):
+            h = h @ self.inner.weight
+        return self.head(h)
+
+
+def test_a_query_whose_forward_leaves_the_plan_is_read_as_if_unplanned(monkeypatch):
+    """A planned query whose layers run otherwise than the plan's (a forward that branches on its data) is planned
+    again from a capture pass; one that reads a covered weight outside its layer hands the query to the other paths."""
+    captures = []
+    original = basis_readout._captured
+    monkeypatch.setattr(basis_readout, "_captured", lambda *args: captures.append(1) or original(*args))
+    torch.manual_seed(0)
+    model = Classifier(_Branches()).eval()
+    plain, twice, foreign = torch.zeros(1, 6), torch.zeros(1, 6), torch.zeros(1, 6)
+    plain[0, :2], twice[0, :2], foreign[0, :2] = torch.tensor([-0.5, 0.2]), torch.tensor([0.5, 0.2]), torch.tensor([-0.5, -2.0])
+    label = torch.zeros(1, dtype=torch.long)
+    with functional_view(model) as (fm, theta):
+        layers = basis_readout.basis_layers(fm.module, fm.space)
+        thetas = theta * (1 + 0.3 * torch.randn(3, theta.numel(), generator=torch.Generator().manual_seed(2)))
+        for x, capture in ((plain, True), (plain, False), (twice, True), (twice, False), (foreign, None), (plain, True)):
+            captures.clear()
+            got = basis_readout.member_gradients(fm, thetas, (x, label), layers, num_sources=10**6, chunk_size=64)
+            if capture is None:  # seen in the planned first pass: no capture pass needed to decline
+                assert got is None and captures == []
+                continue
+            assert captures == ([1] if capture else [])
+            expected = _autograd_gradients(fm, thetas, (x, label))
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
