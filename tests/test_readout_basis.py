@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import blobs
 from test_attributor import _by_hand, runs  # noqa: F401  (runs: the fixture of two fitted runs)
+from test_readout_layers import _Tied
 from torch import nn
 from torch.func import jvp
 
@@ -330,14 +331,9 @@ def test_a_planned_query_skips_the_capture_pass_and_gives_the_same_gradients(mon
     assert len(captures) == 2  # one per number of members
 
 
-class _Branches(nn.Module):
+class _Branches(_Tied):
     """A forward that branches on its input: ``inner`` runs again where the first feature is positive, and its weight
-    is read outside its layer where the second is below -1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 3)
+    is read outside its layer (tied) where the second is below -1."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.inner(x))
