@@ -15,7 +15,9 @@ first ``--queries`` test points:
 - the same two with ``readout="gradient"`` (query gradients times the responses: the linear readout's scores by
   one backward pass per query; the largest difference to the default is recorded), and ``ensemble="collapsed"``
   (the checkpoints folded into one response per source) with either readout (``--variants all`` only; ``default``:
-  the two default queries and TRAK-1);
+  the two default queries, TRAK-1, the memory floor and the layer readout below; ``queries``: the two default queries,
+  TRAK-1 and the memory floor, for before / after runs of the default's query cost: the layer readout's batched calls
+  take most of a ``default`` run's time);
 - ``ours factored, 1 member / ensemble`` (``--factored``): the same fit writes its first store with ``codec="dense"``
   (``"auto"`` picks ``"factored"`` on the MLPs) and a second with ``codec="factored"`` (the dense responses kept as
   eigen coordinates plus per-example gradient factors, :mod:`lightning_attr.factored`), read out the same way; its
@@ -221,9 +223,10 @@ def run_setting(name: str, args) -> dict:
         "ours, ensemble": ours("all", None),
         "TRAK-1 (dattri)": trak.score,
         "memory floor (ensemble)": _memory_floor(store),
-        "layer readout (before), 1 member": _reference(model, store, store.checkpoints[-1:], layers=True),
-        "layer readout (before), ensemble": _reference(model, store, store.checkpoints, layers=True),
     }
+    if args.variants != "queries":
+        functions["layer readout (before), 1 member"] = _reference(model, store, store.checkpoints[-1:], layers=True)
+        functions["layer readout (before), ensemble"] = _reference(model, store, store.checkpoints, layers=True)
     storage = {f"ours ({store.codec(store.checkpoints[-1])})": dir_bytes(path), "TRAK-1 (dattri)": trak.storage_bytes()}
     if args.factored:  # the same fit's codec "factored" store: its scores against the default's are recorded below
         def ours_factored(checkpoints: str):
@@ -317,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save-scores", default=None, help="folder: write each setting's scores of 20 queries there")
     p.add_argument("--label", default="default", help="names the library version measured (records are kept per setting and label)")
     p.add_argument("--factored", action="store_true", help="the same fit also writes a codec 'factored' store, read out beside the default")
-    p.add_argument("--variants", choices=("default", "all"), default="all", help="default: the two default queries and TRAK-1 only")
+    p.add_argument("--variants", choices=("queries", "default", "all"), default="all",
+                   help="queries: the two default queries, TRAK-1 and the memory floor; default: and the layer readout (module docstring)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
