@@ -1,7 +1,7 @@
 """Simulation wall and CPU time on 2 processes of one thread each against 1 process of one thread, in the same run.
 
 Setting: sklearn digits, MLP 64-64-10 (P = 4,810), 1,400 per-example sources, SGD, batch 64 per optimizer
-step (32 per process on 2), 20 epochs, the callback's defaults otherwise (end mode: propagation="spectral",
+step (32 per process on 2: the same 64 examples as one process, ``_SameBatches``), 20 epochs, the callback's defaults otherwise (end mode: propagation="spectral",
 rank="auto", checkpoint_epochs="auto", i.e. 3 members, after epochs 2, 4 and 20). End mode on 2 processes: after the
 fit, the members after epochs 2 and 4 go to one process each (every source, at their own weights, no collective) and
 the final one is shared (each process its half of the sources and of the examples, sharing the eigenspace's curvature
@@ -47,19 +47,41 @@ GLOBAL_BATCH = 64
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ddp.json")
 
 
+class _SameBatches(torch.utils.data.Sampler):
+    """Every optimizer step trains on the same examples on 1 or ``W`` processes: each epoch a permutation of the
+    training set from ``Generator(epoch)``, of which process ``r`` reads positions ``r, r + W, ...`` (in batches of
+    ``GLOBAL_BATCH / W``: its share of each global batch). Lightning's ``DistributedSampler`` would give the processes
+    other batches than one process gets, hence other weights and, by chance, other eigenspace sizes (1,216 against
+    1,280 products at ``7325dc3``): the ratio would then compare two different simulations. Lightning calls
+    ``set_epoch``; the process rank is read when the loader is iterated, inside the process."""
+
+    def __init__(self, n: int, world_size: int) -> None:
+        self.n, self.world_size, self.epoch = n, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        rank = torch.distributed.get_rank() if self.world_size > 1 else 0
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.epoch))
+        return iter(order[rank :: self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self.n // self.world_size
+
+
 def simulate(mode: str, devices: int, out: str, hidden: int = 64, checkpoint_epochs: str = "auto") -> dict:
     """One fit on ``devices`` processes; the final checkpoint's costs as its manifest records them (every checkpoint
     of the fit together), and each process's phases."""
     digits = load_digits(n_train=1400)
     L.seed_everything(0, verbose=False)
     model = Classifier(mlp(64, [hidden], 10), lr=0.05, momentum=0.9, weight_decay=1e-3)
-    loader = DataLoader(
-        IndexedDataset(TensorDataset(digits.x_train, digits.y_train)), batch_size=GLOBAL_BATCH // devices, shuffle=True
-    )  # fmt: skip
+    train = IndexedDataset(TensorDataset(digits.x_train, digits.y_train))
+    loader = DataLoader(train, batch_size=GLOBAL_BATCH // devices, sampler=_SameBatches(len(train), devices))
     trainer = L.Trainer(
         max_epochs=20, callbacks=[AttributionCallback(out, mode=mode, overwrite=True, checkpoint_epochs=None if checkpoint_epochs == "none" else "auto")], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-        devices=devices, strategy="ddp_fork" if devices > 1 else "auto",
+        devices=devices, strategy="ddp_fork" if devices > 1 else "auto", use_distributed_sampler=False,
     )  # fmt: skip
     start, load = time.perf_counter(), os.getloadavg()[0]
     trainer.fit(model, loader)

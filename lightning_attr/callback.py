@@ -75,7 +75,8 @@ class AttributionCallback(Callback):
             is unknown (no ``max_epochs`` / ``max_steps``), none, with a warning. ``None``: the final checkpoint
             only. A list: online, one more simulation window per entry, injecting during that epoch, written
             ``horizon`` steps later with the weights of that moment; end, an end-mode simulation at the weights
-            after that epoch. An entry the fit cannot honour (too late for a window to finish before the end) is
+            after that epoch (on several processes, after the fit: each of those checkpoints on one process alone
+            while every process gets one, :func:`~lightning_attr.engine.checkpoint_owners`). An entry the fit cannot honour (too late for a window to finish before the end) is
             dropped with a warning.
         curvature_batch_size: examples per curvature batch. ``mode="end"``: the replayed batches. Online:
             consecutive live batches are pooled until they hold this many examples (at most the training set),
