@@ -345,6 +345,12 @@ class SimulationEngine:
             stem="factors" if encode else "responses",
         )  # fmt: skip
 
+    def _sum_together(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The sums over the processes of ``tensors`` (of one dtype and device), by one all-reduce of them laid end to
+        end (one wait for the other processes instead of one per tensor)."""
+        summed = self._reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
+        return [part.view(t.shape) for part, t in zip(summed.split([t.numel() for t in tensors]), tensors)]
+
     def _collective(self, reduce_sum: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
         """``reduce_sum`` with its time (the transfer and the wait for the other processes) charged to the
         ``"collectives"`` phase."""
@@ -514,11 +520,12 @@ class SimulationEngine:
                 factors[name_][0][block], factors[name_][1][block] = u * (gamma / n), v
             valid[block] = finite.cpu()
             del u0, parts
-        if self._shares_curvature:
-            coordinates = self._reduce_sum(coordinates)
-            rest = {k: self._reduce_sum(t) for k, t in rest.items()}
-            factors = {k: (self._reduce_sum(u), self._reduce_sum(v)) for k, (u, v) in factors.items()}
-            valid = self._reduce_sum((~valid).to(torch.float32)) == 0
+        if self._shares_curvature:  # each process filled its sources' rows: one all-reduce sums them all
+            invalid = (~valid).to(theta.device, theta.dtype)
+            coordinates, *summed, invalid = self._sum_together([coordinates, *rest.values(), *itertools.chain(*factors.values()), invalid])
+            rest = dict(zip(rest, summed[: len(rest)]))
+            factors = {k: (summed[len(rest) + 2 * i], summed[len(rest) + 2 * i + 1]) for i, k in enumerate(factors)}
+            valid = invalid == 0
         valid = valid.cpu()
         bad = ~valid.to(theta.device)
         coordinates[bad] = float("nan")  # non-finite gradients: no reader may take them for zero
