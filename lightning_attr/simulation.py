@@ -215,6 +215,17 @@ def batch_losses(model: FunctionalModel, theta: Tensor, batch: Any) -> Tensor:
         return model.losses(theta, batch)
 
 
+def finite_rows(rows: Tensor) -> Tensor:
+    """``BoolTensor[C]``: the rows of ``rows: Tensor[C, P]`` with no NaN or infinite entry. Read from each row's sum (a NaN
+    or infinity makes it non-finite), the rows whose sum is not finite checked entry by entry (a sum of finite entries can
+    overflow): one reduction instead of a ``[C, P]`` mask (18 -> 1 ms for 256 x 26,122 floats here)."""
+    finite = torch.isfinite(rows.sum(dim=1))
+    if not bool(finite.all()):
+        suspect = (~finite).nonzero().squeeze(1)
+        finite[suspect] = torch.isfinite(rows[suspect]).all(dim=1)
+    return finite
+
+
 def finite_loss_mask(model: FunctionalModel, theta: Tensor, batch: Any) -> Tensor:
     """``BoolTensor[B]``: examples whose loss is finite at ``theta`` (one forward pass)."""
     return torch.isfinite(batch_losses(model, theta, batch))
@@ -371,7 +382,7 @@ class OnlineSimulation:
         sources = self.example_to_source[index[positions]]
         unique, rows = torch.unique(sources, return_inverse=True)
         grads = source_gradients(model, theta, sub_batch, rows, unique.numel(), losses)
-        finite = torch.isfinite(grads).all(dim=1) & self.valid[unique]
+        finite = finite_rows(grads) & self.valid[unique]
         self.valid[unique[~finite]] = False
         unique, grads = unique[finite], grads[finite]
         is_live = torch.isin(unique, self.live_sources)
@@ -426,7 +437,7 @@ class OnlineSimulation:
         self.iteration += 1
         self.remaining -= 1
         d.mul_(self._alpha[self.iteration].unsqueeze(1)).add_(self.residual * self._gamma[self.iteration].unsqueeze(1))
-        finite = torch.isfinite(self.residual).all(dim=1) & torch.isfinite(d).all(dim=1)
+        finite = finite_rows(self.residual) & finite_rows(d)
         if not bool(finite.all()):
             self.valid[self.live_sources[~finite]] = False
             self._keep(finite)
@@ -523,7 +534,7 @@ def initial_perturbations(
         data, index = select_examples(data, keep), index[keep]
         unique, rows = torch.unique(e2s[index], return_inverse=True)
         grads = source_gradients(model, theta, data, rows, unique.numel(), losses[keep])
-        ok = torch.isfinite(grads).all(dim=1)
+        ok = finite_rows(grads)
         finite[unique[~ok]] = False
         grads = grads[ok] if basis is None else grads[ok] @ basis.T
         u0.index_add_(0, unique[ok], grads)

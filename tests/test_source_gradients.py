@@ -76,3 +76,11 @@ def test_source_gradients_equal_autograd(net, layout, monkeypatch):
         assert calls == {"per_example": 0, "fallback": 1}
     else:
         assert num_rows > simulation.WHOLE_BATCH_MAX_ROWS and calls == {"per_example": 1, "fallback": 0}
+
+
+def test_finite_rows_flags_nan_and_infinite_entries_but_not_a_sum_that_overflows():
+    rows = torch.randn(6, 1000)
+    rows[1, 17], rows[3, 999], rows[4, 0] = float("nan"), float("inf"), -float("inf")
+    rows[5] = 3e38  # every entry finite, the row's sum is not
+    assert simulation.finite_rows(rows).tolist() == [True, False, True, False, False, True]
+    assert simulation.finite_rows(rows[:0]).shape == (0,)
