@@ -161,7 +161,9 @@ def source_gradients(
     comes from a ``vmap`` of ``grad`` over the examples, a batch of one each (``O(B P)``;
     :func:`_per_example_gradients`), summed into its row; where that does not hold, the whole-batch vjps. On the digits
     64-128-128 MLP (1,400 single-example sources) the gradients phase of one default fit took 3.55 s the whole-batch
-    way and 1.90 s per example.
+    way and 1.90 s per example. Both differentiate with respect to the parameters as a dict, flattened once: through
+    slices of the flat ``theta`` the backward zero-fills and adds a ``[B, P]`` per parameter (that MLP's per-example
+    gradients of a batch of 256: 112 ms of CPU that way, 29 ms by the dict).
 
     Args:
         rows: ``LongTensor[B]``, the output row of each example of ``batch``.
