@@ -6,7 +6,7 @@
 
 One fit per (round, code) of the bench setting's model (``bench.fit``, the model cached under ``--cache-dir``) with
 ``AttributionCallback(**options)``, each in its own process (``OMP_NUM_THREADS`` as given), the reference's and this
-tree's alternated round by round so that both see the same machine load. Per fit: the simulation's wall and CPU
+tree's alternated (and which goes first, round by round) so that both see the same machine load. Per fit: the simulation's wall and CPU
 seconds (the store's ``simulation_seconds`` / ``simulation_cpu_seconds``, every checkpoint), the training seconds of
 the same fit (fit minus simulation) and their ratio (the bench's ``setup_ratio``), curvature products, and the CPU
 seconds per phase (``process_costs``). Printed per code: the medians; with ``--reference``: the median of the paired
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     fits: list[dict] = []
     for setting in args.settings:
         for round_ in range(args.rounds):
-            for label, code in codes.items():
+            for label, code in list(codes.items())[:: 1 if round_ % 2 == 0 else -1]:  # who goes first alternates too
                 row = {"setting": setting, "round": round_, "code": label, **_run(code, setting, options, args.cache_dir)}
                 fits.append(row)
                 print(json.dumps(row), flush=True)
