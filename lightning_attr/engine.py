@@ -46,6 +46,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Subset
 
+from lightning_attr.allocator import retain_freed_memory
 from lightning_attr.column_split import ColumnSplit
 from lightning_attr.curvature_average import CurvatureAverage
 from lightning_attr.curvature import CurvatureOperator, batch_size_of, curvature_operator, estimate_spectrum, shared_operator
@@ -210,6 +211,7 @@ class SimulationEngine:
         warn: Callable[[str], None] = warnings.warn,
     ) -> None:
         self.settings, self.source_map, self.space, self.store_path = settings, source_map, space, store_path
+        retain_freed_memory()  # the curvature products' temporaries reuse the heap instead of fresh mappings (allocator.py)
         self.dim = space.size
         self.partition = partition
         self.curvature = curvature or partial(curvature_operator, settings.curvature, chunk_size=settings.chunk_size)
