@@ -344,13 +344,12 @@ class ResponseStore:
         return {"codec": "dense"}, writer.shards
 
     def commit(
-        self, name: str, theta: Tensor, *, info: dict[str, Any], parts: int, dtype: str = "float32",
-        codec_entry: dict[str, Any] | None = None,
+        self, name: str, theta: Tensor, *, info: dict[str, Any], parts: int, dtype: str = "float32"
     ) -> None:  # fmt: skip
         """Lists a checkpoint whose files ``parts`` processes wrote (:class:`ShardWriter`, :meth:`write_block`,
         :func:`write_part`): merges their parts, checks that every source is covered exactly once, writes the
-        per-source bookkeeping and then the manifest. The codec's manifest fields are ``codec_entry``, else those a part
-        carries (the first in rank order; none: dense), and so are the parts' ``info`` fields (the first part that has
+        per-source bookkeeping and then the manifest. The codec's manifest fields are those a part carries (the first in
+        rank order; none: dense), and so are the parts' ``info`` fields (the first part that has
         them). The costs in the parts (``curvature_products``,
         ``simulation_seconds``, ``replayed_steps``) are summed (seconds and steps: the maximum) into ``info``, and each
         process's own costs (its seconds per phase included) are listed in rank order as ``info["process_costs"]``.
@@ -383,7 +382,7 @@ class ResponseStore:
         check_coverage(covered, f"the parts of checkpoint {name!r} in {self.path}")
         stats["valid"] = stats["valid"].bool()
         info = {**info, **known.get("info", {}), **costs, "process_costs": per_process}
-        codec_entry = codec_entry or known.get("codec_entry") or {"codec": "dense"}
+        codec_entry = known.get("codec_entry") or {"codec": "dense"}
         self._add_entry(name, theta, shards, codec_entry, info, stats, dtype)
         for rank in range(parts):
             (self.path / name / f"part-{rank:05d}.safetensors").unlink(missing_ok=True)
