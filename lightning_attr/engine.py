@@ -633,8 +633,8 @@ class SimulationEngine:
             )  # fmt: skip
         info["curvature_examples"] = examples
         if split is not None:  # each process holds its sources' coordinates (zero rows elsewhere)
-            block = replace(block, coordinates=self._reduce_sum(block.coordinates))
-            finite = self._reduce_sum((~finite).to(torch.float32)) == 0
+            coordinates, invalid = self._sum_together([block.coordinates, (~finite).to(block.coordinates)])
+            block, finite = replace(block, coordinates=coordinates), invalid == 0
         if not tally:  # rank zero writes the summed block
             return self.skip_checkpoint(name)
         self.products += info["curvature_products"]
