@@ -544,6 +544,7 @@ class SettingBench:
         rec["config"]["plain_fit"] = {"seconds": self.plain_fit_all_s, "test_accuracy": self.test_accuracy, "recipe": recipe_key(s.recipe)}
         if r.method.startswith("ours"):  # on a slow peer's queries too (targets.lds_on_queries)
             rec["config"]["lds_on_first_queries"] = lds_on_first_queries(lds, self.args)
+            rec["config"]["lds_per_query"] = [round(float(v), 4) for v in lds]  # reported queries, in order
         assert tuple(rec) == FIELDS
         print(f"  => {s.name:14s} {regime:8s} {r.method:44s} LDS {rec['lds']:.3f}  corr {corr:.3f}  setup {_fmt(r.setup_s)}s  "
               f"Q=1 {_fmt(r.query_ms_single)}ms  batched {_fmt(r.query_ms_batched, 4)}ms/q", flush=True)  # fmt: skip

@@ -48,7 +48,7 @@ from bench import SettingBench, ci95, lds_on_first_queries, nanmean, run_ours  #
 from convergence import HERE  # noqa: E402
 
 from lightning_attr._io import atomic_write_json, atomic_write_text  # noqa: E402
-from lightning_attr.evaluation.targets import check  # noqa: E402
+from lightning_attr.evaluation.targets import check, lds_on_queries  # noqa: E402
 
 SETTINGS = ["digits-mlp", "mnist1d-mlp", "mnist1d-cnn1d", "digits01-mlp", "digits-cnn-adam"]
 EXTRA_SETTINGS = [  # convergence.HERE's settings held out from the defaults' choice (results/heldout-extra.*)
@@ -187,7 +187,7 @@ def _provenance(anchor: dict, row: dict) -> str:
     n = anchor["n_queries"]
     if n == row["n_queries"]:
         return mark
-    ours = (row["config"].get("lds_on_first_queries") or {}).get(str(n))
+    ours = lds_on_queries(row, n)
     return mark + f" ({n} q; ours {'–' if ours is None else format(ours, '.3f')})"
 
 

@@ -43,6 +43,11 @@ def test_an_anchor_on_fewer_queries_is_compared_with_ours_on_the_same_queries():
     assert check(ours, a, None)["lds_vs_ifcg"] == PASS
     assert check(_rec("ours (default)", lds=0.70), a, None)["lds_vs_ifcg"] == NA  # not on the same queries: no verdict
     assert "on the first 2 reported queries" in markdown([PEERS[1], slow_ifcg, ours], {"s": None})
+    # a row recorded for other slow queries (bench.py ran with another --slow-queries) falls back to its per-query LDS
+    other = _rec("ours (default)", lds=0.70, lds_on_first_queries={"1": 0.5}, lds_per_query=[0.70, float("nan"), 0.71])
+    assert check(other, a, None)["lds_vs_ifcg"] == PASS  # 0.70 over the 2 (one NaN) >= 0.63
+    other["config"]["lds_per_query"] = [0.60, 0.62, 0.99]
+    assert check(other, a, None)["lds_vs_ifcg"] == FAIL  # 0.61 < 0.63 although 0.70 over all three
 
 
 def test_checks_pass_fail_at_the_boundaries_and_na_without_an_anchor():

@@ -6,7 +6,7 @@ Every pass/fail below is computed from the records' numbers; nothing is typed by
 - ``lds_vs_trak10``: ours' LDS >= the best *tuned* TRAK-10 LDS of the same setting and regime + 0.02;
 - ``lds_vs_ifcg``: ours' LDS >= the tuned IF-CG LDS of the same setting and regime;
 - both on the anchor's queries: a slow peer scored only the first ``n`` reported queries, so ours is
-  taken on those (``config.lds_on_first_queries``), ``n/a`` if the row lacks them;
+  taken on those (``config.lds_on_first_queries``, or the row's per-query LDS), ``n/a`` if the row lacks both;
 - ``setup``: ours' setup ratio (simulation seconds / training seconds of the same fit) <= the
   setting's limit (10x digits MLP, 30x the Adam CNN; no limit elsewhere: ``n/a``);
 - ``query_q1``: ours' query milliseconds at Q=1 <= TRAK-1's. Where the row holds a paired timing
@@ -56,10 +56,17 @@ def anchors(records: Sequence[Mapping], setting: str, regime: str) -> dict:
 
 def lds_on_queries(record: Mapping, n_queries: int | None) -> float | None:
     """Our LDS on the queries an anchor was scored on: the first ``n_queries`` reported queries. Where they
-    are fewer than ours, the row's ``config.lds_on_first_queries[str(n)]`` (None if it lacks them)."""
+    are fewer than ours, the row's ``config.lds_on_first_queries[str(n)]``, else the mean of the first ``n`` finite
+    values of its per-query LDS (``lds_per_query``, in the row or its config), else None."""
     if n_queries is None or n_queries == record.get("n_queries"):
         return record.get("lds")
-    return ((record.get("config") or {}).get("lds_on_first_queries") or {}).get(str(n_queries))
+    config = record.get("config") or {}
+    found = (config.get("lds_on_first_queries") or {}).get(str(n_queries))
+    per_query = record.get("lds_per_query") or config.get("lds_per_query")
+    if found is None and per_query is not None and n_queries <= len(per_query):
+        finite = [v for v in per_query[:n_queries] if _finite(v)]
+        found = round(sum(finite) / len(finite), 4) if finite else None
+    return found
 
 
 def check(record: Mapping, anchor: Mapping[str, float | None], setup_limit: float | None) -> dict[str, str]:
