@@ -441,10 +441,11 @@ class AttributionCallback(Callback):
         else:
             self._write_open_windows(trainer, pl_module)
         fit_seconds = time.perf_counter() - self._fit_start
-        engine = self._engine
+        products, seconds = _fit_totals(trainer, pl_module, self._engine)
+        where = f" on {trainer.world_size} processes (seconds: the slowest)" if trainer.world_size > 1 else ""
         rank_zero_info(
-            f"lightning_attr: {self._source_map.num_sources} sources, {engine.products} curvature-vector products "
-            f"in {engine.seconds:.1f}s ({100 * engine.seconds / max(fit_seconds, 1e-9):.0f}% of the fit's "
+            f"lightning_attr: {self._source_map.num_sources} sources, {products} curvature-vector products "
+            f"in {seconds:.1f}s{where} ({100 * seconds / max(fit_seconds, 1e-9):.0f}% of the fit's "
             f"{fit_seconds:.1f}s) -> {self.dirpath}"
         )
 
@@ -668,6 +669,16 @@ def _sum_over_processes(trainer: L.Trainer) -> Callable[[Tensor], Tensor]:
         return tensor
 
     return reduce_sum
+
+
+def _fit_totals(trainer: L.Trainer, pl_module: L.LightningModule, engine: SimulationEngine) -> tuple[int, float]:
+    """The fit's curvature-vector products over every process (each tallies its own; a shared checkpoint's on the
+    process that writes it) and the slowest process's simulation seconds."""
+    if trainer.world_size == 1:
+        return engine.products, engine.seconds
+    mine = torch.tensor([float(engine.products), engine.seconds], dtype=torch.float64, device=pl_module.device)
+    every = trainer.strategy.all_gather(mine).reshape(-1, 2).cpu()
+    return int(every[:, 0].sum()), float(every[:, 1].max())
 
 
 def _all_gathered(trainer: L.Trainer, batch: tuple[Any, Tensor]) -> tuple[Any, Tensor]:

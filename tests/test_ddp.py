@@ -7,6 +7,7 @@ The fits are in ``tests/ddp_fit.py``: on one process here, on two in a script of
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from operator import itemgetter
@@ -45,6 +46,7 @@ def stores(tmp_path_factory):
     fit_stores(str(out / "one"), 1)
     done = _run(out / "two", "--devices", "2", "--crash-at", "20")
     assert "the crashed fit failed as planned" in done.stdout
+    (out / "two.log").write_text(done.stdout + done.stderr)
     return out
 
 
@@ -127,6 +129,17 @@ def test_each_process_records_its_costs_per_phase(stores, mode):
         assert {"curvature products", "collectives", "gradients"} <= set(phases)
         if mode == "factored":
             assert {"eigenspace algebra", "inverse", "write"} <= set(phases)
+
+
+def test_the_end_of_fit_line_counts_every_processs_products(stores):
+    """The callback's closing log line on 2 processes counts the products of both (a shared checkpoint's once): the
+    one-process fit's total, its last checkpoint's cumulative ``curvature_products``."""
+    lines = re.findall(r"lightning_attr: \d+ sources, (\d+) curvature-vector products in [\d.]+s on 2 processes .*?-> \S+/two/(\w+)",
+                       (stores / "two.log").read_text())  # fmt: skip
+    assert sorted(mode for _, mode in lines) == sorted(WRITERS)
+    for products, mode in lines:
+        one = ResponseStore.load(stores / "one" / mode)
+        assert int(products) == one.checkpoint_info(one.checkpoints[-1])["curvature_products"], mode
 
 
 def test_a_crashed_process_leaves_no_corrupt_store(stores):
