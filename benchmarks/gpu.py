@@ -8,7 +8,8 @@ For each bench setting (``bench.SETTINGS``; the bench's data, network and traini
   own wall time (``simulation_seconds`` of its last checkpoint, cumulative) over the plain fit;
 - Q=1 milliseconds of ``attribute()`` and of dattri's TRAK-1 (proj_dim 512) on the same model and device,
   alternated query by query (medians, ``--rounds``), and the batched ms per query over ``--queries`` queries;
-- the same store and model read on the CPU: Pearson and the largest difference relative to the largest score.
+- the same store and model read on the CPU: Pearson and the largest difference relative to the largest score;
+- the peak CUDA memory allocated (MiB) by the plain fit and by the fit with the callback.
 
 Every timing synchronizes the device. Usage (on a machine with a GPU; TRAK-1 needs ``dattri``)::
 
@@ -47,6 +48,17 @@ def _synced(fn, device: torch.device):
     return 1e3 * (time.perf_counter() - start), out
 
 
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_mb(device: torch.device) -> float | None:
+    """The largest CUDA memory allocated since :func:`_reset_peak`, in MiB (None on the CPU)."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+
+
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.flatten().double(), b.flatten().double()
     a, b = a - a.mean(), b - b.mean()
@@ -58,11 +70,15 @@ def measure(name: str, device: torch.device, args) -> dict:
     data = setting.load()
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     fit(setting, data, [], accelerator=accelerator)  # warm-up
+    _reset_peak(device)
     _, plain_s = fit(setting, data, [], accelerator=accelerator)
+    plain_peak = _peak_mb(device)
     workdir = Path(tempfile.mkdtemp(prefix=f"gpu-{name}-"))
     try:
         cb = AttributionCallback(dirpath=str(workdir / "responses"))
+        _reset_peak(device)
         model, fit_s = fit(setting, data, [cb], accelerator=accelerator)
+        callback_peak = _peak_mb(device)
         model = model.to(device).eval()
         store = ResponseStore.load(cb.dirpath)
         info = store.checkpoint_info(store.checkpoints[-1])
@@ -106,6 +122,7 @@ def measure(name: str, device: torch.device, args) -> dict:
             "sources": store.n_sources, "parameters": store.space.size, "checkpoints": store.checkpoints,
             "plain_fit_s": round(plain_s, 3), "fit_with_callback_s": round(fit_s, 3), "simulation_s": round(sim_s, 3),
             "simulation_over_plain_fit": round(sim_s / plain_s, 2),
+            "peak_device_mb_plain_fit": plain_peak, "peak_device_mb_fit_with_callback": callback_peak,
             "q1_ms_ours": round(statistics.median(ours_q1), 3),
             "q1_ms_trak1_dattri": round(statistics.median(trak_q1), 3) if trak_q1 else None,
             "batched_ms_per_query_ours": round(statistics.median(batched[1:]), 4),
