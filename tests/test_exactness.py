@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+
+import lightning as L
 import pytest
 import torch
 from conftest import blobs, exact_influence, fit, logistic, pearson, small_mlp
 from torch import nn
+from torch.func import functional_call, jacrev
 
 from lightning_attr.models import CNN, Classifier
 
-from lightning_attr import AttributionCallback, ResponseStore
+from lightning_attr import AttributionCallback, AttributionMixin, ResponseStore
 
 
 @pytest.mark.parametrize("make_model", [logistic, small_mlp], ids=["logistic", "mlp"])
@@ -90,3 +94,53 @@ def test_scores_predict_leave_one_out_retraining(tmp_path):
     assert pearson(scores, actual) >= 0.99
     slope = float((scores * actual).sum() / (scores * scores).sum())
     assert 0.9 <= slope <= 1.1, slope
+
+
+class _Regressor(AttributionMixin, L.LightningModule):
+    """A user's own module with a squared-error loss (a regression head of one output)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, 64), nn.Tanh(), nn.Linear(64, 1))
+
+    def attribution_outputs(self, batch):
+        return self.net(batch[0]).squeeze(-1)
+
+    def attribution_output_loss(self, outputs, batch):
+        return (outputs - batch[1]) ** 2
+
+    def training_step(self, batch, _):
+        return self.attribution_output_loss(self.attribution_outputs(batch[:2]), batch[:2]).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+
+def test_squared_error_regression_matches_exact_influence(tmp_path):
+    """Another loss than cross-entropy (``H_out = 2``): the defaults (spectral propagation, the codec ``"auto"`` picks)
+    against the explicit damped GGN ``2 J^T J / n`` of a regression MLP."""
+    x, _ = blobs(n=160, d=6, classes=3)
+    w = torch.randn(6, generator=torch.Generator().manual_seed(2))
+    y = torch.sin(x @ w) + 0.1 * torch.randn(160, generator=torch.Generator().manual_seed(3))
+    xq = blobs(n=24, d=6, classes=3, seed=1)[0]
+    yq = torch.sin(xq @ w)
+    torch.manual_seed(0)
+    model = _Regressor(6)
+    cb = AttributionCallback(tmp_path / "r", curvature_batch_size=512, checkpoint_epochs=None)
+    fit(model, x, y, [cb], epochs=15)
+    damping = ResponseStore.load(cb.dirpath).checkpoint_info("final")["step_rule"]["damping"]
+
+    net = copy.deepcopy(model.net).double()
+    theta = {k: v.detach() for k, v in net.named_parameters()}
+    flat = lambda g: torch.cat([t.reshape(t.shape[0], -1) for t in g.values()], dim=1)  # noqa: E731
+    out = lambda p, xs: functional_call(net, p, (xs.double(),)).squeeze(-1)  # noqa: E731
+    jac = flat(jacrev(out)(theta, x))  # [n, P]
+    ggn = 2 * jac.T @ jac / len(x)
+    g_train = flat(jacrev(lambda p: (out(p, x) - y.double()) ** 2)(theta))
+    g_query = flat(jacrev(lambda p: (out(p, xq) - yq.double()) ** 2)(theta))
+    exact = (g_query @ torch.linalg.solve(ggn + damping * torch.eye(len(ggn), dtype=ggn.dtype), g_train.T) / len(x)).float()
+
+    ours = model.attribute((xq, yq), responses=cb.dirpath)
+    assert pearson(ours, exact) >= 0.99
+    scale = float((ours * exact).sum() / (exact * exact).sum())
+    assert abs(scale - 1) <= 0.05, scale
