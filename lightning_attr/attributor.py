@@ -63,6 +63,13 @@ class _Member:
     valid: Tensor  # [S] bool: the source has a complete response (ResponseStore.scorable); else NaN
     incomplete: str | None  # why some finite sources score NaN (ResponseStore.incomplete_reason), warned per query
 
+    def __post_init__(self) -> None:
+        self.all_valid = bool(self.valid.all())  # no NaN to write into its scores (a [B, S] pass saved per query)
+
+    def masked(self, scores: Tensor) -> Tensor:
+        """``scores: Tensor[B, S]`` with NaN for the sources this member cannot score."""
+        return scores if self.all_valid else scores.masked_fill(~self.valid, float("nan"))
+
 
 class _OpenStore:
     """A store and the manifest stamp it was opened at (``None`` for a store passed as an object)."""
@@ -198,7 +205,7 @@ class Attributor:
                     scores = member.responses.factor_scores(model.space, f, at)
                 else:
                     scores = member.responses.scores(model, at, batch, readout, chunk_size)
-                per_member.append(scores.masked_fill(~member.valid, float("nan")))
+                per_member.append(member.masked(scores))
         if len(per_member) == 1:
             return per_member[0]
         return ensemble_mean(per_member, live.index(True) if any(live) else first_store_last)
@@ -441,10 +448,24 @@ def _shared_query_factors(
 def ensemble_mean(per_member: list[Tensor], reference: int = -1) -> Tensor:
     """Ensemble of ``E`` members' scores, ``Tensor[B, S]`` each: the mean of the per-query std-normalized
     scores (std over sources, NaN counted as 0), put back on the per-query std of ``per_member[reference]``.
-    A source NaN in any member is NaN."""
-    unit = lambda s: s / s.nan_to_num(0.0).std(dim=1, keepdim=True).clamp_min(1e-30)  # noqa: E731
-    mean = torch.stack([unit(s) for s in per_member]).mean(dim=0)
-    return unit(mean) * per_member[reference].nan_to_num(0.0).std(dim=1, keepdim=True)
+    A source NaN in any member is NaN.
+
+    Computed as ``sum_e s_e / d_e`` rescaled by ``d_ref / d_sum`` (``d``: :func:`_deviation_norm`, the std times
+    ``sqrt(S - 1)``; the mean's ``1 / E`` and the ``sqrt(S - 1)`` cancel in the rescaling), accumulated in one ``[B, S]``
+    buffer: on the MNIST-1D MLP's batch (three members, ``[300, 4000]`` each, one thread) 46 ms -> 7 ms."""
+    norms = [_deviation_norm(s).clamp_min_(1e-30) for s in per_member]  # [B, 1] each
+    total = per_member[0] / norms[0]
+    for scores, norm in zip(per_member[1:], norms[1:]):
+        total.addcdiv_(scores, norm)
+    return total.mul_(_deviation_norm(per_member[reference]) / _deviation_norm(total).clamp_min_(1e-30))
+
+
+def _deviation_norm(scores: Tensor) -> Tensor:
+    """``Tensor[B, 1]``: the norm over sources (dimension 1) of ``scores: Tensor[B, S]`` minus its mean, NaN counted
+    as 0: the std over sources times ``sqrt(S - 1)``, in two passes (the mean, then the deviations). ``Tensor.std``'s
+    kernel took 6.6 ms on one ``[300, 4000]`` block against 0.5-0.8 ms for this (one thread)."""
+    deviations = scores.nan_to_num(0.0)
+    return torch.linalg.vector_norm(deviations.sub_(deviations.mean(dim=1, keepdim=True)), dim=1, keepdim=True)
 
 
 def cached_attributor(

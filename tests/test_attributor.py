@@ -13,6 +13,7 @@ from conftest import blobs, fit, small_mlp
 from safetensors.torch import load_file
 
 from lightning_attr import AttributionCallback, ResponseStore, StoreError
+from lightning_attr.attributor import ensemble_mean
 from lightning_attr.functional import functional_view
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.readout import score_sources
@@ -70,6 +71,21 @@ def test_ensemble_of_runs_is_the_paired_normalized_mean(runs):
     members = [(s, n, (xq, yq)) for s in (s0, s1) for n in ("epoch=2", "final")]
     expected4 = _by_hand(model0, [members[1], members[0], members[2], members[3]])
     torch.testing.assert_close(four, expected4, rtol=1e-4, atol=1e-7)
+
+
+def test_ensemble_mean_is_the_normalized_mean_of_its_definition():
+    """ensemble_mean (one buffer, norms of the deviations) equals the definition written with Tensor.std: members
+    on other scales and offsets, a row with a large mean, a NaN in one member (NaN out, counted as 0 elsewhere)."""
+    torch.manual_seed(0)
+    members = [torch.randn(5, 300) * scale + offset for scale, offset in ((1.0, 0.0), (30.0, 2.0), (0.01, -1.0))]
+    members[1][2] += 1e3  # a query whose scores sit far from zero: the deviations, not the raw squares
+    members[2][1, 7] = float("nan")
+    unit = lambda s: s / s.nan_to_num(0.0).std(dim=1, keepdim=True)  # noqa: E731
+    for reference in (0, 2):
+        expected = unit(torch.stack([unit(s) for s in members]).mean(0)) * members[reference].nan_to_num(0.0).std(dim=1, keepdim=True)
+        got = ensemble_mean(members, reference)
+        assert torch.isnan(got[1, 7]) and int(torch.isnan(got).sum()) == 1
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 def test_a_second_ensemble_query_reads_nothing_from_disk(runs, monkeypatch):
