@@ -110,11 +110,20 @@ class FactoredResponses:
         return cls(eigen, complement_gain, LowRankResponses.from_tensors(space, tensors))
 
     @cached_property
-    def _rest(self) -> tuple[tuple[str, ...], Tensor]:
-        """The dense part of ``gradients`` as one ``Tensor[S, P_rest]`` (names in the space's order)."""
-        names = tuple(n for n in self.gradients.space.names if n in self.gradients.rest)
-        rest = [self.gradients.rest[n].reshape(self.num_sources, -1) for n in names]
-        return names, torch.cat(rest, dim=1) if rest else self.eigen.coordinates.new_zeros(self.num_sources, 0)
+    def _source_rows(self) -> tuple[Tensor, Tensor]:
+        """``(columns: LongTensor[r], rows: Tensor[k + r, S])``, laid out once for :meth:`factor_scores`: the positions in
+        ``P`` of the parameters ``gradients`` keeps dense (the rest: biases, ...; in the space's order) and, one source
+        per column, the eigen coordinates over the rest (``S (k + r)`` floats beside the blocks' own). One product of
+        ``[V g_q, g_q[columns]]`` with it scores both terms; a source's numbers in a column rather than a row make the
+        single query's matrix-vector product stream long rows: ``[1400, 256]`` coordinates of three members 0.60 ms
+        as rows, 0.33 ms as columns (cache flushed, one thread)."""
+        space = self.gradients.space
+        starts = torch.tensor([0, *space.numels]).cumsum(0).tolist()
+        kept = [i for i, n in enumerate(space.names) if n in self.gradients.rest]
+        coordinates = self.eigen.coordinates
+        columns = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in kept]) if kept else torch.zeros(0, dtype=torch.long)
+        rest = [self.gradients.rest[space.names[i]].reshape(self.num_sources, -1) for i in kept]
+        return columns.to(coordinates.device), torch.cat([coordinates, *rest], dim=1).T.contiguous()
 
     def scores(self, model: FunctionalModel, theta: Tensor, batch: Any, readout: str, chunk_size: int) -> Tensor:
         """``Tensor[B, S]``: predicted rise of each query's measurement if the source were removed (equal to the dense
@@ -149,15 +158,15 @@ class FactoredResponses:
     def factor_scores(self, space: ParameterSpace, query: QueryFactors, theta: Tensor) -> Tensor:
         """``Tensor[Q, S]``: the linear readout's scores from the query's layer factors at this member's parameters
         ``theta`` (:func:`~lightning_attr.basis_readout.query_factors`, :meth:`reads` true): ``(V g_q) . c_s`` plus
-        ``<g_q, gamma g_s>`` as ``sum (J U) * (X V)`` per factored weight and one product with the dense rest."""
+        ``<g_q, gamma g_s>`` as ``sum (J U) * (X V)`` per factored weight; the first term and the dense rest's in one product
+        (:attr:`_source_rows`)."""
         queries = query.queries
         gradients = query.gradients(space, queries, theta)  # [Q, P]
-        out = (gradients @ self.eigen.basis.T) @ self.eigen.coordinates.T
-        names, rest = self._rest
-        if names:
-            parts = space.unflatten(gradients) if len(names) < len(space.names) else None
-            dense = gradients if parts is None else torch.cat([parts[n].reshape(queries, -1) for n in names], dim=1)
-            out = out.addmm_(dense, rest.T)
+        columns, rows = self._source_rows
+        coefficients = gradients @ self.eigen.basis.T  # [Q, k]: V g_q
+        if columns.numel():
+            coefficients = torch.cat([coefficients, gradients[:, columns]], dim=1)  # [Q, k + r]: and g_q's dense rest
+        out = coefficients @ rows
         for name, (u, v) in self._factor_columns.items():  # u: [out, S x c], v: [in, S x c]
             c = u.shape[1] // self.num_sources
             j, x = query.factors[name]  # sum_{r, c} (J_r . u_c) (x_r . v_c): Q x S x c (out + in)
