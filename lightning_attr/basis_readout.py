@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel
-from lightning_attr.layer_readout import Captured, _Layer, adding_to_outputs, capture_layers, capturing, conv_patches, handled_layers
+from lightning_attr.layer_readout import Captured, _Layer, adding_to_outputs, capture_layers, capturing, handled_layers, weight_rows
 from lightning_attr.parameters import ParameterSpace
 
 _BASIS_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # layers whose weight gradient is built from J and their input
@@ -87,12 +87,14 @@ class QueryFactors:
     """Each query's gradient of its measurement at ``theta``, per layer, as the layer-bases readout builds it.
 
     Attributes:
-        factors: ``{weight name: (J: Tensor[Q, R, out], X: Tensor[Q, R, in])}`` for every Linear layer read along its
-            output basis: ``J`` the measurement's derivative along each of the ``R`` rows of its output (its calls' rows
-            concatenated; ``R = 1`` for one call on a ``[Q, in]`` input), ``X`` those rows' inputs; the weight's gradient
-            is ``J^T X`` (``Tensor[Q, out, in]``), rank ``R``.
-        dense: ``{name: Tensor[Q, *shape]}``, every other covered parameter's gradient (biases, convolutions, layers
-            read along their parameters).
+        factors: ``{weight name: (J: Tensor[Q, R, out], X: Tensor[Q, R, in])}`` for every Linear / Conv layer read
+            along its output basis: ``J`` the measurement's derivative along each of the ``R`` rows of its output (its
+            calls' rows concatenated; ``R = 1`` for one call of a Linear layer on a ``[Q, in]`` input; a convolution's
+            output positions), ``X`` those rows' inputs (a convolution's unfolded patches, ``in = C_in x`` the kernel's
+            size: :func:`~lightning_attr.layer_readout.weight_rows`); the weight's gradient is ``J^T X``
+            (``Tensor[Q, out, in]``, a convolution's ``W.view(out, C_in k)``), rank ``R``.
+        dense: ``{name: Tensor[Q, *shape]}``, every other covered parameter's gradient (biases, layers read along their
+            parameters).
     """
 
     factors: dict[str, tuple[Tensor, Tensor]]
@@ -157,8 +159,9 @@ def member_gradients(
 def query_factors(
     model: FunctionalModel, theta: Tensor, batch: Any, layers: Sequence[_Layer], *, chunk_size: int, num_sources: int | None = None
 ) -> QueryFactors | None:
-    """The query gradients of :func:`basis_gradients` per layer, a Linear layer's weight kept as its factors ``(J, X)``
-    (:class:`QueryFactors`): ``R (out + in)`` numbers per query instead of ``out x in``. ``None`` where
+    """The query gradients of :func:`basis_gradients` per layer, the weight of a Linear / Conv layer read along its
+    outputs kept as its factors ``(J, X)`` (:class:`QueryFactors`): ``R (out + in)`` numbers per query instead of
+    ``out x in``. ``None`` where
     :func:`basis_gradients` gives ``None``; ``num_sources=None`` skips its cost rule (the caller reads the factors, not
     ``S`` source tangents)."""
     return _member_factors(model, theta.unsqueeze(0), batch, layers, chunk_size, num_sources)
@@ -255,16 +258,11 @@ def _factors(
         i, k = group.call  # the output's basis: J, then the layer's rule on every member's and query's input
         x, j = inputs[i][k], j.reshape(rows, *group.shape)  # [E, *x.shape], [E Q, *z.shape per query]
         weight, bias = layers[i].names()
-        if isinstance(layers[i].module, nn.Linear):  # dW = J^T X, kept as its factors; dc = J summed over rows
-            x, j = x.reshape(rows, -1, x.shape[-1]), j.reshape(rows, -1, j.shape[-1])
-            if weight in params:
-                factors.setdefault(weight, []).append((j, x))
-            if bias in params:
-                accumulate(bias, j.sum(dim=1))
-            continue
-        for name, g in zip((weight, bias), _conv_gradients(layers[i].module, x, j, rows)):
-            if name in params:
-                accumulate(name, g)
+        j, x = weight_rows(layers[i].module, j, x, rows)  # dW = J^T X, kept as its factors; dc = J summed over rows
+        if weight in params:
+            factors.setdefault(weight, []).append((j, x))
+        if bias in params:
+            accumulate(bias, j.sum(dim=1))
     joined = {n: (torch.cat([j for j, _ in calls], dim=1), torch.cat([x for _, x in calls], dim=1)) for n, calls in factors.items()}
     return QueryFactors(joined, dense)
 
@@ -516,12 +514,3 @@ def _unit_rows(start: int, count: int, n: int, device: torch.device) -> Tensor:
     rows = torch.zeros(count, n, device=device)
     rows[torch.arange(count, device=device), torch.arange(start, start + count, device=device)] = 1.0
     return rows
-
-
-def _conv_gradients(module: nn.Conv1d | nn.Conv2d, x: Tensor, j: Tensor, queries: int) -> tuple[Tensor, Tensor]:
-    """``(d m / d W: Tensor[Q, *W.shape], d m / d c: Tensor[Q, out])`` of one call of a Conv1d / Conv2d layer from its
-    input ``x`` and ``j = d m / d z`` (``Q`` times the shape of its output ``z`` per query), for ``Q`` queries (``x``:
-    their ``[C_in, *L]`` inputs in any leading layout, e.g. ``[E, 1, C_in, *L]``): ``J`` times the unfolded patches."""
-    patches, _ = conv_patches(module, x.reshape(queries, *x.shape[1 - module.weight.dim() :]))  # [Q, C_in * k, L']
-    js = j.reshape(queries, module.out_channels, -1)  # [Q, out, L']
-    return (js @ patches.transpose(1, 2)).view(queries, *module.weight.shape), js.sum(dim=2)

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_map
 
 from lightning_attr import batch_format
 from lightning_attr.engine import DIVERGED, SimulationEngine, SourcePartition, TrainingData, Window, checkpoint_owners
-from lightning_attr.factored import factored_numbers
+from lightning_attr.factored import example_rows, factor_layers, factored_numbers
 from lightning_attr.functional import functional_view, to_float32, uses_output_loss
 from lightning_attr.mixin import AttributionMixin
 from lightning_attr.parameters import ParameterSpace
@@ -131,8 +131,8 @@ class AttributionCallback(Callback):
             dense (:mod:`lowrank`); read out with ``U (V^T x)`` added to the layer's output (every readout).
             ``"factored"`` (end mode, GGN, ``propagation="spectral"``): the spectral default's responses exactly, as
             the ``rank`` eigen coordinates of the damped inverse's correction plus ``g_s / (mu + damping)`` with each
-            Linear weight's gradient kept as its per-example factors ``delta x^T`` (rank: the source's examples) and
-            the rest dense (:mod:`factored`): ``k + sum_l c (out + in)`` numbers per source; the same scores as
+            Linear / Conv1d / Conv2d weight's gradient kept as its per-example factors ``sum_t delta_t x_t^T`` (rank:
+            its output rows, a convolution's positions, times the source's examples) where smaller, and the rest dense (:mod:`factored`): ``k + sum_l c (out + in)`` numbers per source; the same scores as
             ``"dense"`` up to float rounding (``central`` / ``step`` rebuild dense rows: the dense cost).
         rank: ``k``, eigenpairs kept by ``codec="eigen"`` and by ``propagation="spectral"`` (and so ``"factored"``; capped at ``P``); ``c``, the rank of every factored
             weight for ``codec="lorif"`` (capped at ``min(out, in)``: exact there). ``"auto"``: ``propagation="spectral"``
@@ -245,7 +245,7 @@ class AttributionCallback(Callback):
         self._source_map = SourceMap.build(self.sources, n, members)
         self._space = ParameterSpace.of(pl_module)
         rank = self.settings.fixed_rank()  # "auto": the eigenspace's first 256 pairs (it may grow beyond)
-        numbers = factored_numbers(pl_module, self._space, rank) if self._source_map.is_per_example else None
+        numbers = factored_numbers(pl_module, self._space, rank, self._example_rows(trainer, pl_module)) if self._source_map.is_per_example else None
         self.settings = self.settings.for_size(self._source_map.num_sources, self._space.size, numbers)
         self.codec = self.settings.codec
         self._engine = SimulationEngine(
@@ -284,6 +284,19 @@ class AttributionCallback(Callback):
                     self.dirpath, self._space, self._source_map, self.settings.to_manifest(), overwrite=True
                 )
         trainer.strategy.barrier()
+
+    def _example_rows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int] | None:
+        """For ``codec="auto"``'s count (:func:`~lightning_attr.factored.factored_numbers`) in end mode: the rows per
+        example of each layer codec ``"factored"`` could factor (a convolution's output positions), read from the
+        training set's first example (:func:`~lightning_attr.factored.example_rows`); ``None`` (Linear layers once
+        per example, convolutions dense) for another codec or mode, or a network without a convolution to factor."""
+        if self.settings.codec != "auto" or self.settings.mode != "end":
+            return None
+        if all(isinstance(layer.module, torch.nn.Linear) for layer in factor_layers(pl_module, self._space)):
+            return None
+        with functional_view(pl_module, self._space) as (model, theta):  # the RNG forked: training draws the same
+            probe, _ = next(self._training_data(trainer, theta.device).in_order(1))
+            return example_rows(model, theta, probe)
 
     @property
     def _online(self) -> bool:

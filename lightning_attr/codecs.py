@@ -15,8 +15,9 @@ A **codec** names the representation of one response checkpoint:
   factored term added as ``U (V^T x)`` to each layer's output: ``c (out + in)`` per layer and source, not
   ``out * in``.
 - ``"factored"``: the spectral default's responses exactly, as the eigen coordinates ``diag(1/(sigma + lam) - gamma) V g_b``
-  (``k`` numbers) plus ``gamma g_b`` with each Linear weight's gradient as its per-example factors (``delta x^T``) and the
-  rest dense (:mod:`factored`): ``k + sum_l c (out + in)`` numbers per source. Read out (``linear``) from the
+  (``k`` numbers) plus ``gamma g_b`` with each Linear / Conv weight's gradient as its per-example factors
+  (``sum_t delta_t x_t^T`` over its output rows: a convolution's positions and patches) where smaller, and the rest
+  dense (:mod:`factored`): ``k + sum_l c (out + in)`` numbers per source. Read out (``linear``) from the
   query's layer factors by forward mode; the same scores as ``"dense"`` up to float rounding (``central`` / ``step``:
   the responses rebuilt as dense rows, a block at a time, at the dense codec's cost).
 

@@ -483,7 +483,7 @@ class SimulationEngine:
 
     def _simulate_factored(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> None:
         """Codec ``"factored"``: the dense default's responses (the same :meth:`_deflated_inverse`) kept as eigen
-        coordinates and ``gamma g_s`` with each Linear weight's gradient as per-example factors (:mod:`factored`). Each
+        coordinates and ``gamma g_s`` with each Linear / Conv weight's gradient as per-example factors (:mod:`factored`). Each
         block of owned sources: its dense gradients (for the coordinates and the dense rest) and one more pass for the
         factors, checked against them. Several processes sharing the curvature each fill their sources' rows and sum
         them; without an all-reduce rank zero simulates every source. Rank zero keeps the block for :meth:`commit`."""
@@ -500,7 +500,7 @@ class SimulationEngine:
         coordinates = theta.new_zeros(count, basis.shape[0])
         shapes = dict(zip(self.space.names, self.space.shapes))
         rest = {name_: theta.new_zeros(count, *shape) for name_, shape in shapes.items() if name_ not in plan.ranks}
-        factors = {w: (theta.new_zeros(count, int(shapes[w][0]), c), theta.new_zeros(count, int(shapes[w][1]), c)) for w, c in plan.ranks.items()}
+        factors = plan.zeros(self.space, count, theta)
         valid = torch.ones(count, dtype=torch.bool)
         for block in sources.split(s.block_size(self.dim)):
             local = torch.full((count,), -1, dtype=torch.long)

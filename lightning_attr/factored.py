@@ -6,24 +6,28 @@
 
 (``V: Tensor[k, P]`` the top-k eigenvectors of the GGN, ``mu`` the mean eigenvalue outside them). Its score against a
 query gradient ``g_q`` is ``<g_q, r_s> = (V g_q) . c_s + <g_q, gamma g_s>`` with ``c_s = diag(1/(sigma + lam) - gamma)
-V g_s`` (``k`` numbers). And ``g_s`` is cheap to keep exactly: for one call of a Linear layer on one example the weight
-gradient is rank one, ``delta_s x_s^T`` (``delta`` the loss's gradient at the layer's output, ``x`` its input), so
-``gamma g_s`` is stored as the factors of codec ``"lorif"`` (:class:`~lightning_attr.lowrank.LowRankResponses`,
-``U = gamma delta / n``, ``V = x``; rank ``c`` = rows per example times the largest source's examples) and every other
-parameter dense (biases, convolutions, a Linear layer where ``c (out + in) >= out x in``). Nothing is approximated:
-the scores equal the dense codec's up to float rounding (tested).
+V g_s`` (``k`` numbers). And ``g_s`` is cheap to keep exactly: for one call of a layer on one example the weight
+gradient is a sum of outer products over its output rows, ``sum_t delta_t x_t^T`` (``delta_t`` the loss's gradient at
+output row ``t``, ``x_t`` that row's input): one row for a Linear layer on a vector; for a Conv1d / Conv2d
+(``groups=1``, zero padding) its ``T`` output positions, ``x_t`` the unfolded input patch (``C_in x`` the kernel's size;
+the weight seen as ``W.view(out, C_in k)``). So ``gamma g_s`` is stored as the factors of codec ``"lorif"``
+(:class:`~lightning_attr.lowrank.LowRankResponses`, ``U = gamma delta / n``, ``V = x``; rank ``c`` = rows per example
+times the largest source's examples) where ``c (out + in) < out x in``, and every other parameter dense (biases, a
+convolution with many positions, Conv3d, grouped convolutions, ...). Nothing is approximated: the scores equal the
+dense codec's up to float rounding (tested).
 
-At query time :func:`~lightning_attr.basis_readout.query_factors` gives, by forward mode, each Linear layer's ``J``
-(``dm/dz``) and input ``X``: ``<J^T X, U V^T> = sum (J U) * (X V)`` costs ``Q x S x c (out + in)`` instead of
-``Q x S x out x in``, and ``t_q = V g_q`` one ``[Q, P] x [P, k]`` product whatever ``S``. A model the layer bases do
-not cover is read with ``k`` tangents along ``V`` and the factored layers' hooks (:class:`LowRankResponses`), forward
-mode too.
+At query time :func:`~lightning_attr.basis_readout.query_factors` gives, by forward mode, each layer's ``J``
+(``dm/dz`` at its output rows) and their input ``X``: ``<J^T X, U V^T> = sum (J U) * (X V)`` costs
+``Q x R x S x c (out + in)`` instead of ``Q x S x out x in``, or, for many queries of a convolution, the sources'
+matrices rebuilt once (``S out in (c + Q)``; :func:`factor_products` takes the cheaper), and ``t_q = V g_q`` one
+``[Q, P] x [P, k]`` product whatever ``S``. A model the layer bases do not cover is read with ``k`` tangents along
+``V`` and the factored layers' hooks (:class:`LowRankResponses`), forward mode too.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, ClassVar
@@ -34,7 +38,7 @@ from torch import Tensor, nn
 from lightning_attr.basis_readout import QueryFactors, basis_layers, query_factors
 from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel
-from lightning_attr.layer_readout import _Layer, capture_layers, handled_layers
+from lightning_attr.layer_readout import _Layer, capture_layers, handled_layers, weight_rows
 from lightning_attr.lowrank import LowRankResponses, paired_diagonals
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.readout import query_chunks, check_readout, paired_readout, score_sources
@@ -60,7 +64,8 @@ class FactoredResponses:
             damping ``lam`` and per source the coordinates ``diag(1/(sigma + lam) - gamma) V g_s`` (``Tensor[S, k]``
             float32; NaN rows: invalid sources), as codec ``"eigen"`` holds them.
         complement_gain: ``gamma = 1 / (mu + lam)``, what the response is outside the basis.
-        gradients: ``gamma g_s`` per source (:class:`LowRankResponses`: Linear weights as factors, the rest dense).
+        gradients: ``gamma g_s`` per source (:class:`LowRankResponses`: Linear / Conv weights as factors, the rest
+            dense).
     """
 
     eigen: EigenResponses
@@ -151,15 +156,15 @@ class FactoredResponses:
         return self.eigen.scores(model, theta, batch, readout, chunk_size) + self.gradients.scores(model, theta, batch, readout, chunk_size)
 
     def reads(self, query: QueryFactors) -> bool:
-        """Whether :meth:`factor_scores` can read ``query``: it holds the factors of every weight factored here (a layer
-        the query side read along its parameters would not)."""
-        return set(self.gradients.factors) <= set(query.factors)
+        """Whether :meth:`factor_scores` can read ``query``: it holds the gradient of every weight factored here, as
+        factors or dense."""
+        return all(name in query.factors or name in query.dense for name in self.gradients.factors)
 
     def factor_scores(self, space: ParameterSpace, query: QueryFactors, theta: Tensor) -> Tensor:
         """``Tensor[Q, S]``: the linear readout's scores from the query's layer factors at this member's parameters
         ``theta`` (:func:`~lightning_attr.basis_readout.query_factors`, :meth:`reads` true): ``(V g_q) . c_s`` plus
-        ``<g_q, gamma g_s>`` as ``sum (J U) * (X V)`` per factored weight; the first term and the dense rest's in one product
-        (:attr:`_source_rows`)."""
+        ``<g_q, gamma g_s>`` per factored weight by :func:`factor_products`; the first term and the dense rest's in one
+        product (:attr:`_source_rows`)."""
         queries = query.queries
         gradients = query.gradients(space, queries, theta)  # [Q, P]
         columns, rows = self._source_rows
@@ -167,18 +172,17 @@ class FactoredResponses:
         if columns.numel():
             coefficients = torch.cat([coefficients, gradients[:, columns]], dim=1)  # [Q, k + r]: and g_q's dense rest
         out = coefficients @ rows
-        for name, (u, v) in self._factor_columns.items():  # u: [out, S x c], v: [in, S x c]
-            c = u.shape[1] // self.num_sources
-            j, x = query.factors[name]  # sum_{r, c} (J_r . u_c) (x_r . v_c): Q x S x c (out + in)
-            rows = j.shape[1]
-            products = (j.reshape(-1, j.shape[2]) @ u).mul_(x.reshape(-1, x.shape[2]) @ v)  # [Q R, S c]
-            out += products.view(queries, -1) if rows == c == 1 else products.view(queries, rows, -1, c).sum(dim=(1, 3))
+        for name, (u, v) in self.gradients.factors.items():
+            if name in query.factors:
+                out += factor_products(*query.factors[name], u, v, self._factor_columns[name])
+            else:  # read along its parameters: the dense gradient, J = G and X = I in effect
+                out += _rebuilt_products(query.dense[name].reshape(queries, u.shape[1], v.shape[1]), u, v)
         return out
 
     @cached_property
     def _factor_columns(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """The gradient factors laid out for the readout's products, once: ``{name: (U: Tensor[out, S x c], V: Tensor[in,
-        S x c])}`` (source-major columns)."""
+        """The gradient factors laid out for :func:`factor_products`, once: ``{name: (U: Tensor[out, S x c], V:
+        Tensor[in, S x c])}`` (source-major columns)."""
         return {n: (u.permute(1, 0, 2).reshape(u.shape[1], -1), v.permute(1, 0, 2).reshape(v.shape[1], -1))
                 for n, (u, v) in self.gradients.factors.items()}  # fmt: skip
 
@@ -191,27 +195,80 @@ class FactoredResponses:
         return paired_diagonals(self, model, theta, batch, sources, readout, block)
 
 
-def factored_numbers(module: nn.Module, space: ParameterSpace, rank: int) -> int | None:
+# numbers of one intermediate [Q R, sources x c] product of factor_products (16 MiB of float32): sources in chunks beyond
+_PRODUCT_NUMBERS = 2**22
+
+
+def factor_products(j: Tensor, x: Tensor, u: Tensor, v: Tensor, columns: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``Tensor[Q, S]``: ``<J_q^T X_q, U_s V_s^T>`` for query factors ``j: Tensor[Q, R, out]``, ``x: Tensor[Q, R, in]``
+    and source factors ``u: Tensor[S, out, c]``, ``v: Tensor[S, in, c]`` (``columns``: the same as ``Tensor[out, S c]``,
+    ``Tensor[in, S c]``, source-major, if the caller keeps them laid out), in the cheaper of two orders:
+
+    - ``sum_{r, c} (J_r . U_c) (X_r . V_c)``: ``Q R S c (out + in)`` multiply-adds, reading each factor once (the
+      single query: rank-one Linear rows, ``R = 1``; a convolution's ``R`` positions against ``c`` of the source's);
+    - the sources' gradients rebuilt, ``U_s V_s^T``, then one product with the queries' ``J^T X``: ``S out in (c + Q)``
+      (many queries of a convolution: the rebuild is paid once for all of them)."""
+    queries, rows, outs = j.shape
+    sources, ins, c = u.shape[0], v.shape[1], u.shape[2]
+    if queries * rows * (outs + ins) * c > outs * ins * (c + queries):
+        return _rebuilt_products(j.transpose(1, 2) @ x, u, v)
+    cu, cv = columns if columns is not None else (u.permute(1, 0, 2).reshape(outs, -1), v.permute(1, 0, 2).reshape(ins, -1))
+    j, x = j.reshape(-1, outs), x.reshape(-1, ins)
+    step = max(1, _PRODUCT_NUMBERS // (queries * rows * c))
+    parts = []
+    for start in range(0, sources, step):
+        cols = slice(start * c, min(start + step, sources) * c)
+        products = (j @ cu[:, cols]).mul_(x @ cv[:, cols])  # [Q R, n c]
+        parts.append(products.view(queries, -1) if rows == c == 1 else products.view(queries, rows, -1, c).sum(dim=(1, 3)))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def _rebuilt_products(gradients: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """``Tensor[Q, S]``: ``<G_q, U_s V_s^T>`` for query gradients ``gradients: Tensor[Q, out, in]``, the sources'
+    matrices rebuilt from ``u: Tensor[S, out, c]``, ``v: Tensor[S, in, c]`` a chunk of sources at a time."""
+    sources, outs, ins = u.shape[0], u.shape[1], v.shape[1]
+    flat = gradients.reshape(gradients.shape[0], -1)
+    step = max(1, _PRODUCT_NUMBERS // (outs * ins))
+    parts = [flat @ (u[s : s + step] @ v[s : s + step].transpose(1, 2)).view(-1, outs * ins).T for s in range(0, sources, step)]
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def factored_numbers(module: nn.Module, space: ParameterSpace, rank: int, rows: Mapping[str, int] | None = None) -> int | None:
     """Numbers per per-example source codec ``"factored"`` would store for ``module`` with ``rank`` eigen coordinates
-    (capped at ``P``), if each Linear layer runs once per example on a vector (``out + in`` numbers where that is below
-    ``out x in``; every other parameter dense); ``None`` where the layer-bases readout does not cover the network (its
-    query side would then take ``k`` tangents and a forward-mode pass per source, not the factors)."""
+    (capped at ``P``): ``c (out + in)`` for each weight of :func:`factor_layers` with ``c = rows[weight]`` rows per
+    example where that is below ``out x in``, every other parameter dense. ``rows``: :func:`example_rows` of one
+    example; ``None`` counts each Linear layer as run once per example on a vector (``c = 1``) and every convolution
+    dense (its rows are its output positions, which only an input shows). ``None`` where the layer-bases readout does
+    not cover the network (its query side would then take ``k`` tangents and a forward-mode pass per source, not the
+    factors)."""
     if basis_layers(module, space) is None:
         return None
-    shapes = dict(zip(space.names, space.shapes))
-    factored = {layer.weight for layer in linear_layers(module, space)}
+    if rows is None:
+        rows = {layer.weight: 1 for layer in factor_layers(module, space) if type(layer.module) is nn.Linear}
     total = min(rank, space.size)
-    for name, numel in zip(space.names, space.numels):
-        out, inp = (int(shapes[name][0]), numel // int(shapes[name][0])) if name in factored else (0, 0)
-        total += min(out + inp, numel) if name in factored else numel
+    for name, shape, numel in zip(space.names, space.shapes, space.numels):
+        out = int(shape[0])
+        total += min(rows[name] * (out + numel // out), numel) if name in rows else numel
     return total
 
 
 # ---------------------------------------------------------------------------------------------------- simulation side
-def linear_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ...]:
-    """The layers whose weight gradient codec ``"factored"`` may keep as factors: modules of type exactly ``nn.Linear``
-    with a trainable weight and their class's own forward (:func:`~lightning_attr.layer_readout.handled_layers`)."""
-    return tuple(layer for layer in handled_layers(module, space) if type(layer.module) is nn.Linear)
+_FACTOR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # whose per-example weight gradient is a sum of row outer products
+
+
+def factor_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ...]:
+    """The layers whose weight gradient codec ``"factored"`` may keep as factors: modules of type exactly
+    ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` with a trainable weight, their class's own forward, and for a
+    convolution ``groups=1`` and zero padding (:func:`~lightning_attr.layer_readout.handled_layers`). Every other
+    parameter (``nn.Conv3d``, grouped or reflect-padded convolutions, subclasses, ...) is stored dense."""
+    return tuple(layer for layer in handled_layers(module, space) if type(layer.module) in _FACTOR_TYPES)
+
+
+def weight_matrix(space: ParameterSpace, name: str) -> tuple[int, int]:
+    """``(out, in)``: the weight ``name`` seen as a matrix, ``in`` = its input features times the kernel's size
+    (a convolution's ``[out, C_in, *kernel]`` as ``W.view(out, C_in * k)``, what its unfolded patches multiply)."""
+    shape = space.shapes[space.names.index(name)]
+    return int(shape[0]), int(torch.Size(shape[1:]).numel())
 
 
 @contextlib.contextmanager
@@ -251,18 +308,28 @@ def example_factors(model: FunctionalModel, theta: Tensor, data: Any, layers: tu
         flat = [p for calls in probes for p in calls]
         grads = iter(torch.autograd.grad(losses.sum(), flat, allow_unused=True) if flat else ())
     out: list[tuple[Tensor, Tensor] | None] = []
-    for calls, xs in zip(probes, inputs):
+    for layer, calls, xs in zip(layers, probes, inputs):
         deltas = [next(grads) for _ in calls]
-        batch_first = all(x.dim() >= 2 and x.shape[0] == examples and p.shape[0] == examples for x, p in zip(xs, calls))
+        least = 2 if isinstance(layer.module, nn.Linear) else layer.module.weight.dim()  # a convolution: [B, C_in, *L]
+        batch_first = all(x.dim() >= least and x.shape[0] == examples and p.shape[0] == examples for x, p in zip(xs, calls))
         if not calls or not batch_first:
             out.append(None)
             continue
-        deltas = [torch.zeros_like(p) if d is None else d for d, p in zip(deltas, calls)]
-        out.append((
-            torch.cat([d.reshape(examples, -1, d.shape[-1]) for d in deltas], dim=1),
-            torch.cat([x.reshape(examples, -1, x.shape[-1]) for x in xs], dim=1),
-        ))  # fmt: skip
+        found = [weight_rows(layer.module, torch.zeros_like(p) if d is None else d, x, examples) for d, p, x in zip(deltas, calls, xs)]
+        out.append((torch.cat([d for d, _ in found], dim=1), torch.cat([x for _, x in found], dim=1)))
     return out
+
+
+def example_rows(model: FunctionalModel, theta: Tensor, probe: Any) -> dict[str, int]:
+    """``{weight name: R}``: the rows per example (:func:`~lightning_attr.layer_readout.weight_rows`) of each layer of :func:`factor_layers` on the
+    batch ``probe`` (e.g. one training example): 1 for a Linear layer run once on a vector, the output positions of a
+    convolution. Empty where a weight is used outside its layer's call (tied weights; seen by
+    :func:`~lightning_attr.layer_readout.capture_layers`): its gradient is more than the layer's factors; a layer
+    whose input or output does not have the batch as first dimension, or that never ran, is left out."""
+    layers = factor_layers(model.module, model.space)
+    if capture_layers(model, model.space.unflatten(theta), probe, layers) is None:
+        return {}
+    return {layer.weight: found[0].shape[1] for layer, found in zip(layers, example_factors(model, theta, probe, layers)) if found is not None}
 
 
 def example_slots(example_to_source: Tensor) -> tuple[Tensor, int]:
@@ -284,12 +351,14 @@ def example_slots(example_to_source: Tensor) -> tuple[Tensor, int]:
 
 @dataclass(frozen=True)
 class FactorPlan:
-    """Which Linear weights codec ``"factored"`` keeps as factors, and their rank.
+    """Which weights codec ``"factored"`` keeps as factors (Linear, Conv1d, Conv2d: :func:`factor_layers`), and their
+    rank.
 
     Attributes:
-        layers: the candidate layers (:func:`linear_layers`), in the order :func:`example_factors` reads them.
-        ranks: ``{weight name: c}`` of the factored weights, ``c = R x`` the largest source's examples, kept only where
-            ``c (out + in) < out x in``; the other weights are stored dense.
+        layers: the candidate layers (:func:`factor_layers`), in the order :func:`example_factors` reads them.
+        ranks: ``{weight name: c}`` of the factored weights, ``c = R x`` the largest source's examples (``R``: rows per
+            example, :func:`example_rows`; a convolution's output positions), kept only where ``c (out + in) < out x
+            in`` (:func:`weight_matrix`); the other weights are stored dense.
         slot: ``LongTensor[n]``, each example's factor column within its source (:func:`example_slots`).
     """
 
@@ -299,33 +368,34 @@ class FactorPlan:
 
     @classmethod
     def of(cls, model: FunctionalModel, theta: Tensor, probe: Any, example_to_source: Tensor) -> FactorPlan:
-        """From one batch ``probe`` (rows per example of each layer) and the source map. A weight used outside its
-        layer's call in the forward pass (tied weights; seen by :func:`~lightning_attr.layer_readout.capture_layers`)
-        has more in its gradient than the layer's factors: then no weight is factored (all stored dense)."""
-        layers = linear_layers(model.module, model.space)
+        """From one batch ``probe`` (rows per example of each layer, :func:`example_rows`) and the source map. A weight
+        used outside its layer's call in the forward pass (tied weights) has more in its gradient than the layer's
+        factors: then no weight is factored (all stored dense)."""
+        layers = factor_layers(model.module, model.space)
         slot, width = example_slots(example_to_source)
         ranks: dict[str, int] = {}
-        if capture_layers(model, model.space.unflatten(theta), probe, layers) is None:
-            return cls(layers, ranks, slot)
-        for layer, found in zip(layers, example_factors(model, theta, probe, layers)):
-            if found is None or width == 0:
-                continue
-            out, inp = (int(d) for d in model.space.shapes[model.space.names.index(layer.weight)])
-            c = found[0].shape[1] * width
-            if c * (out + inp) < out * inp:
-                ranks[layer.weight] = c
+        for name, rows in example_rows(model, theta, probe).items() if width else ():
+            out, inp = weight_matrix(model.space, name)
+            if rows * width * (out + inp) < out * inp:
+                ranks[name] = rows * width
         return cls(layers, ranks, slot)
+
+    def zeros(self, space: ParameterSpace, count: int, like: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{weight name: (U: Tensor[count, out, c], V: Tensor[count, in, c])}`` of zeros, ``like``'s dtype and device."""
+        out = {}
+        for name, c in self.ranks.items():
+            rows, columns = weight_matrix(space, name)
+            out[name] = (like.new_zeros(count, rows, c), like.new_zeros(count, columns, c))
+        return out
 
     def factors(
         self, model: FunctionalModel, theta: Tensor, batches: Iterable[tuple[Any, Tensor]], local: Tensor, count: int
     ) -> dict[str, tuple[Tensor, Tensor]]:
         """``{weight name: (U: Tensor[C, out, c], V: Tensor[C, in, c])}``: the summed loss gradient of each of ``count``
         sources (``local: LongTensor[n]``, each example's row, -1 for examples of other sources) as ``U V^T``, one factor
-        column per row of each of its examples. ``batches``: ``(data, example index)``, finite examples only."""
-        space = model.space
-        shapes = {name: space.shapes[space.names.index(name)] for name in self.ranks}
-        u = {n: theta.new_zeros(count, int(s[0]), c) for (n, c), s in zip(self.ranks.items(), shapes.values())}
-        v = {n: theta.new_zeros(count, int(s[1]), c) for (n, c), s in zip(self.ranks.items(), shapes.values())}
+        column per row of each of its examples (a convolution's weight as ``W.view(out, C_in x k)``). ``batches``:
+        ``(data, example index)``, finite examples only."""
+        factors = self.zeros(model.space, count, theta)
         layers = tuple(layer for layer in self.layers if layer.weight in self.ranks)
         for data, index in batches:
             index = index.to(theta.device)
@@ -350,9 +420,10 @@ class FactorPlan:
                         "showed. Use codec='dense' for this model (its rows per example vary)."
                     )
                 columns = slots[:, None] * per + torch.arange(per, device=theta.device)  # [B, R]
-                u[name][rows[:, None], :, columns] = delta
-                v[name][rows[:, None], :, columns] = x
-        return {n: (u[n], v[n]) for n in self.ranks}
+                u, v = factors[name]
+                u[rows[:, None], :, columns] = delta
+                v[rows[:, None], :, columns] = x
+        return factors
 
 
 def check_factors(factors: dict[str, tuple[Tensor, Tensor]], dense: dict[str, Tensor], finite: Tensor) -> None:
@@ -383,6 +454,6 @@ def check_factors(factors: dict[str, tuple[Tensor, Tensor]], dense: dict[str, Te
 
 
 __all__ = [
-    "COORDINATES", "FactorPlan", "FactoredResponses", "check_factors", "example_factors", "example_slots", "factored_numbers",
-    "linear_layers",
+    "COORDINATES", "FactorPlan", "FactoredResponses", "check_factors", "example_factors", "example_rows", "example_slots",
+    "factor_layers", "factored_numbers", "weight_matrix",
 ]

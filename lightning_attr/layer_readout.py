@@ -124,6 +124,19 @@ def conv_patches(m: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int
     return patches, spatial
 
 
+def weight_rows(module: nn.Module, delta: Tensor, x: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """``(D: Tensor[rows, R, out], X: Tensor[rows, R, in])`` of one call of an ``nn.Linear`` / ``nn.Conv1d`` /
+    ``nn.Conv2d`` layer on ``rows`` examples, so that example ``i``'s weight gradient is ``D_i^T X_i`` (a convolution's
+    as ``W.view(out, C_in x k)``): ``delta`` is the gradient at the layer's output (``rows`` times one example's output
+    shape), ``x`` its input (``rows`` inputs in any leading layout, e.g. ``[E, Q, *shape]``). A Linear layer's rows are
+    its input's leading dimensions after the example's (``R = 1`` on a vector); a convolution's are its ``R`` output
+    positions, ``X`` their unfolded input patches (:func:`conv_patches`)."""
+    if isinstance(module, nn.Linear):
+        return delta.reshape(rows, -1, delta.shape[-1]), x.reshape(rows, -1, x.shape[-1])
+    patches, _ = conv_patches(module, x.reshape(rows, *x.shape[1 - module.weight.dim() :]))  # [rows, C_in k, R]
+    return delta.reshape(rows, module.out_channels, -1).transpose(1, 2).contiguous(), patches.transpose(1, 2).contiguous()
+
+
 def handled_layers(module: nn.Module, space: ParameterSpace) -> tuple[_Layer, ...]:
     """The layers of ``module`` whose weight tangents :func:`linear_scores` applies as matrix products: modules of
     type exactly ``nn.Linear`` / ``nn.ConvNd`` (``groups=1``, zero padding) whose weight is a parameter of the space,
