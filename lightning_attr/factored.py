@@ -172,12 +172,38 @@ class FactoredResponses:
         if columns.numel():
             coefficients = torch.cat([coefficients, gradients[:, columns]], dim=1)  # [Q, k + r]: and g_q's dense rest
         out = coefficients @ rows
+        parts = space.unflatten(gradients) if self.gradients.factors else {}
         for name, (u, v) in self.gradients.factors.items():
-            if name in query.factors:
+            rows = query.factors[name][0].shape[1] if name in query.factors else None  # None: read along its parameters
+            c, outs, ins = u.shape[2], u.shape[1], v.shape[1]
+            rebuilt = self._rebuilt(name) if rows is None or not _factors_cheaper(queries, rows, c, outs, ins) else None
+            if rebuilt is not None:  # the sources' matrices, rebuilt once: one product with the query gradients
+                out += parts[name].reshape(queries, -1) @ rebuilt
+            elif rows is not None and _factors_cheaper(queries, rows, c, outs, ins, cached=False):
                 out += factor_products(*query.factors[name], u, v, self._factor_columns[name])
-            else:  # read along its parameters: the dense gradient, J = G and X = I in effect
-                out += _rebuilt_products(query.dense[name].reshape(queries, u.shape[1], v.shape[1]), u, v)
+            else:
+                out += rebuilt_products(parts[name].reshape(queries, u.shape[1], v.shape[1]), u, v)
         return out
+
+    def _rebuilt(self, name: str) -> Tensor | None:
+        """``Tensor[out x in, S]``: the factored weight ``name``'s per-source matrices ``U_s V_s^T`` rebuilt, one source
+        per column (the single query's product streams long rows, as :attr:`_source_rows`), kept for later queries;
+        ``None`` where they would take more than attribute()'s default memory budget (the dense codec's limit)."""
+        from lightning_attr.codecs import DEFAULT_MEMORY_BUDGET_MB  # codecs imports this module
+
+        cache = self._rebuilt_weights
+        if name not in cache:
+            u, v = self.gradients.factors[name]
+            if 4 * u.shape[0] * u.shape[1] * v.shape[1] > DEFAULT_MEMORY_BUDGET_MB * 2**20:
+                return None
+            step = max(1, _PRODUCT_NUMBERS // (u.shape[1] * v.shape[1]))
+            cache[name] = torch.cat([(u[s : s + step] @ v[s : s + step].transpose(1, 2)).flatten(1).T for s in range(0, u.shape[0], step)], dim=1)
+        return cache[name]
+
+    @cached_property
+    def _rebuilt_weights(self) -> dict[str, Tensor]:
+        """The matrices :meth:`_rebuilt` has built, by weight name."""
+        return {}
 
     @cached_property
     def _factor_columns(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -199,19 +225,24 @@ class FactoredResponses:
 _PRODUCT_NUMBERS = 2**22
 
 
-def factor_products(j: Tensor, x: Tensor, u: Tensor, v: Tensor, columns: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """``Tensor[Q, S]``: ``<J_q^T X_q, U_s V_s^T>`` for query factors ``j: Tensor[Q, R, out]``, ``x: Tensor[Q, R, in]``
-    and source factors ``u: Tensor[S, out, c]``, ``v: Tensor[S, in, c]`` (``columns``: the same as ``Tensor[out, S c]``,
-    ``Tensor[in, S c]``, source-major, if the caller keeps them laid out), in the cheaper of two orders:
+def _factors_cheaper(queries: int, rows: int, c: int, outs: int, ins: int, cached: bool = True) -> bool:
+    """Whether :func:`factor_products` (``Q R S c (out + in)`` multiply-adds) costs less than one product with the
+    sources' rebuilt ``out x in`` matrices (``Q S out in``, plus ``S out in c`` to rebuild them unless ``cached``), for
+    ``Q`` queries of ``R`` rows and sources of rank ``c``. A Linear layer (``R = 1``) of a source of
+    a few examples reads its factors; a convolution's ``R`` positions against the source's ``c`` make its factors
+    dearer than the matrix they hold (the MNIST-1D CNN's second convolution: ``10 x 10 x (32 + 80)`` against ``32 x 80``
+    per source and query), so it is rebuilt once and read as the dense codec reads it."""
+    return queries * rows * c * (outs + ins) <= outs * ins * (queries + (0 if cached else c))
 
-    - ``sum_{r, c} (J_r . U_c) (X_r . V_c)``: ``Q R S c (out + in)`` multiply-adds, reading each factor once (the
-      single query: rank-one Linear rows, ``R = 1``; a convolution's ``R`` positions against ``c`` of the source's);
-    - the sources' gradients rebuilt, ``U_s V_s^T``, then one product with the queries' ``J^T X``: ``S out in (c + Q)``
-      (many queries of a convolution: the rebuild is paid once for all of them)."""
+
+def factor_products(j: Tensor, x: Tensor, u: Tensor, v: Tensor, columns: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``Tensor[Q, S]``: ``<J_q^T X_q, U_s V_s^T> = sum_{r, c} (J_r . U_c) (X_r . V_c)`` for query factors ``j: Tensor[Q,
+    R, out]``, ``x: Tensor[Q, R, in]`` and source factors ``u: Tensor[S, out, c]``, ``v: Tensor[S, in, c]``
+    (``columns``: the same as ``Tensor[out, S c]``, ``Tensor[in, S c]``, source-major, if the caller keeps them laid
+    out): ``Q R S c (out + in)`` multiply-adds, each factor read once, sources in chunks of at most
+    :data:`_PRODUCT_NUMBERS` intermediate numbers."""
     queries, rows, outs = j.shape
     sources, ins, c = u.shape[0], v.shape[1], u.shape[2]
-    if queries * rows * (outs + ins) * c > outs * ins * (c + queries):
-        return _rebuilt_products(j.transpose(1, 2) @ x, u, v)
     cu, cv = columns if columns is not None else (u.permute(1, 0, 2).reshape(outs, -1), v.permute(1, 0, 2).reshape(ins, -1))
     j, x = j.reshape(-1, outs), x.reshape(-1, ins)
     step = max(1, _PRODUCT_NUMBERS // (queries * rows * c))
@@ -223,9 +254,10 @@ def factor_products(j: Tensor, x: Tensor, u: Tensor, v: Tensor, columns: tuple[T
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
-def _rebuilt_products(gradients: Tensor, u: Tensor, v: Tensor) -> Tensor:
+def rebuilt_products(gradients: Tensor, u: Tensor, v: Tensor) -> Tensor:
     """``Tensor[Q, S]``: ``<G_q, U_s V_s^T>`` for query gradients ``gradients: Tensor[Q, out, in]``, the sources'
-    matrices rebuilt from ``u: Tensor[S, out, c]``, ``v: Tensor[S, in, c]`` a chunk of sources at a time."""
+    matrices rebuilt from ``u: Tensor[S, out, c]``, ``v: Tensor[S, in, c]`` a chunk of sources at a time
+    (``S out in (c + Q)`` multiply-adds, nothing kept)."""
     sources, outs, ins = u.shape[0], u.shape[1], v.shape[1]
     flat = gradients.reshape(gradients.shape[0], -1)
     step = max(1, _PRODUCT_NUMBERS // (outs * ins))
@@ -455,5 +487,5 @@ def check_factors(factors: dict[str, tuple[Tensor, Tensor]], dense: dict[str, Te
 
 __all__ = [
     "COORDINATES", "FactorPlan", "FactoredResponses", "check_factors", "example_factors", "example_rows", "example_slots",
-    "factor_layers", "factored_numbers", "weight_matrix",
+    "factor_layers", "factor_products", "factored_numbers", "rebuilt_products", "weight_matrix",
 ]

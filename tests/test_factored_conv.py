@@ -5,15 +5,17 @@ factors, the forward hooks without them, and the rebuilt order agree; a corrupte
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import blobs, exact_influence, fit
 from test_factored import _close, _fit_codecs
 from torch import nn
 
-from lightning_attr import AttributionCallback, ResponseStore
+from lightning_attr import AttributionCallback, ResponseStore, codecs
 from lightning_attr.basis_readout import basis_layers, query_factors
-from lightning_attr.factored import FactoredResponses, check_factors, factor_products, factored_numbers
+from lightning_attr.factored import FactoredResponses, check_factors, factor_products, factored_numbers, rebuilt_products
 from lightning_attr.functional import functional_view
 from lightning_attr.layer_readout import weight_rows
 from lightning_attr.models import Classifier
@@ -53,7 +55,7 @@ def _classifier(net: type[nn.Module], **options):
     return lambda: Classifier(net(**options), lr=0.05, momentum=0.9, weight_decay=1e-3)
 
 
-def test_factored_conv1d_equals_dense_and_the_exact_target(tmp_path):
+def test_factored_conv1d_equals_dense_and_the_exact_target(tmp_path, monkeypatch):
     x, y = blobs(n=96, d=16, classes=3, seed=20)
     xq, yq = blobs(n=6, d=16, classes=3, seed=21)
     # rank above P: the eigenspace is the whole space, so the scores are the exact target too
@@ -79,6 +81,13 @@ def test_factored_conv1d_equals_dense_and_the_exact_target(tmp_path):
     with functional_view(model) as (fm, theta):
         query = query_factors(fm, theta, (xq, yq), basis_layers(fm.module, fm.space), chunk_size=64)
         assert set(query.factors) == {"net.conv2.weight", "net.fc.weight"} and block.reads(query)  # conv1: its parameters
+        # conv2's 4 x 4 x (12 + 15) numbers per query and source exceed its 180: rebuilt once and kept; without the
+        # memory for that, rebuilt a chunk at a time (or its factors read, for one query)
+        assert _close(block.scores(fm, theta, (xq, yq), "linear", 64), expected) and set(block._rebuilt_weights) == {"net.conv2.weight"}
+        monkeypatch.setattr(codecs, "DEFAULT_MEMORY_BUDGET_MB", 0.0)
+        for rows in (slice(0, 1), slice(None)):
+            fresh = dataclasses.replace(block)  # nothing rebuilt yet
+            assert _close(fresh.scores(fm, theta, (xq[rows], yq[rows]), "linear", 64), expected[rows]) and not fresh._rebuilt_weights
         hooked = block.eigen.scores(fm, theta, (xq, yq), "linear", 64) + block.gradients.scores(fm, theta, (xq, yq), "linear", 64)
     assert _close(hooked, expected)
 
@@ -98,14 +107,14 @@ def test_factored_conv2d_sources_of_two_examples_equal_dense_and_the_exact_targe
 
 
 def test_factor_products_orders_agree():
-    """Both contraction orders of <J^T X, U V^T>: the factors' (few queries) and the rebuilt matrices' (many)."""
+    """Both contraction orders of <J^T X, U V^T>: the factors' and the rebuilt matrices'."""
     g = torch.Generator().manual_seed(0)
     u, v = torch.randn(7, 12, 6, generator=g), torch.randn(7, 20, 6, generator=g)
     truth = lambda j, x: torch.einsum("qro,qri,soc,sic->qs", j, x, u, v)  # noqa: E731
-    few = torch.randn(1, 4, 12, generator=g), torch.randn(1, 4, 20, generator=g)  # 1 x 4 x 32 x 6 < 240 x 7: factors
-    many = torch.randn(40, 4, 12, generator=g), torch.randn(40, 4, 20, generator=g)  # 40 x 4 x 32 x 6 > 240 x 46: rebuilt
-    for j, x in (few, many):
+    for queries in (1, 40):
+        j, x = torch.randn(queries, 4, 12, generator=g), torch.randn(queries, 4, 20, generator=g)
         assert torch.allclose(factor_products(j, x, u, v), truth(j, x), rtol=1e-4, atol=1e-4)
+        assert torch.allclose(rebuilt_products(j.transpose(1, 2) @ x, u, v), truth(j, x), rtol=1e-4, atol=1e-4)
 
 
 def test_conv_weight_rows_rebuild_the_per_example_gradient():
