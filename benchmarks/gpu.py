@@ -119,7 +119,7 @@ def measure(name: str, device: torch.device, args) -> dict:
         on_gpu = scores[:n_check].cpu()
         row = {
             "setting": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "sources": store.n_sources, "parameters": store.space.size, "checkpoints": store.checkpoints,
+            "sources": store.n_sources, "parameters": store.space.size, "checkpoints": store.checkpoints, "codec": info.get("codec"),
             "plain_fit_s": round(plain_s, 3), "fit_with_callback_s": round(fit_s, 3), "simulation_s": round(sim_s, 3),
             "simulation_over_plain_fit": round(sim_s / plain_s, 2),
             "peak_device_mb_plain_fit": plain_peak, "peak_device_mb_fit_with_callback": callback_peak,
