@@ -166,3 +166,26 @@ def test_auto_picks_factored_on_a_cnn(tmp_path):
     fit(model, x, y, [cb], epochs=2)
     store = ResponseStore.load(cb.dirpath)
     assert cb.codec == "factored" and store.checkpoint_info("final")["factored"]["net.conv2.weight"] == [32, 15, 4]
+
+
+class _UnsupportedConvNet(nn.Module):
+    """A grouped convolution and a reflect-padded one (their weights stay dense), then a Linear head (factored)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grouped = nn.Conv1d(2, 4, 3, stride=2, padding=1, groups=2)
+        self.reflect = nn.Conv1d(4, 8, 3, stride=2, padding=1, padding_mode="reflect")
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.reflect(torch.tanh(self.grouped(x.view(-1, 2, 8)))))
+        return self.fc(h.flatten(1))
+
+
+def test_grouped_and_reflect_padded_convolutions_stay_dense_and_equal_dense(tmp_path):
+    x, y = blobs(n=64, d=16, classes=3, seed=25)
+    xq, yq = blobs(n=4, d=16, classes=3, seed=26)
+    model, dense, factored = _fit_codecs(tmp_path, _classifier(_UnsupportedConvNet), x, y, epochs=2, rank=32, checkpoint_epochs=None)
+    assert ResponseStore.load(factored).checkpoint_info("final")["factored"] == {"net.fc.weight": [3, 16, 1]}
+    ours, expected = (model.attribute((xq, yq), responses=path) for path in (factored, dense))
+    assert _close(ours, expected)
