@@ -163,8 +163,9 @@ class FactoredResponses:
     def factor_scores(self, space: ParameterSpace, query: QueryFactors, theta: Tensor) -> Tensor:
         """``Tensor[Q, S]``: the linear readout's scores from the query's layer factors at this member's parameters
         ``theta`` (:func:`~lightning_attr.basis_readout.query_factors`, :meth:`reads` true): ``(V g_q) . c_s`` plus
-        ``<g_q, gamma g_s>`` per factored weight by :func:`factor_products`; the first term and the dense rest's in one
-        product (:attr:`_source_rows`)."""
+        ``<g_q, gamma g_s>``: the first term and the dense rest's in one product (:attr:`_source_rows`); per factored
+        weight the cheaper of :func:`factor_products` and one product with its rebuilt matrices (:meth:`_rebuilt`,
+        kept; or :func:`rebuilt_products` a chunk at a time where they would not fit), by :func:`_factors_cheaper`."""
         queries = query.queries
         gradients = query.gradients(space, queries, theta)  # [Q, P]
         columns, rows = self._source_rows
@@ -174,12 +175,13 @@ class FactoredResponses:
         out = coefficients @ rows
         parts = space.unflatten(gradients) if self.gradients.factors else {}
         for name, (u, v) in self.gradients.factors.items():
-            rows = query.factors[name][0].shape[1] if name in query.factors else None  # None: read along its parameters
+            positions = query.factors[name][0].shape[1] if name in query.factors else None  # None: read as parameters
             c, outs, ins = u.shape[2], u.shape[1], v.shape[1]
-            rebuilt = self._rebuilt(name) if rows is None or not _factors_cheaper(queries, rows, c, outs, ins) else None
+            cheaper = positions is not None and _factors_cheaper(queries, positions, c, outs, ins)
+            rebuilt = None if cheaper else self._rebuilt(name)
             if rebuilt is not None:  # the sources' matrices, rebuilt once: one product with the query gradients
                 out += parts[name].reshape(queries, -1) @ rebuilt
-            elif rows is not None and _factors_cheaper(queries, rows, c, outs, ins, cached=False):
+            elif positions is not None and _factors_cheaper(queries, positions, c, outs, ins, cached=False):
                 out += factor_products(*query.factors[name], u, v, self._factor_columns[name])
             else:
                 out += rebuilt_products(parts[name].reshape(queries, u.shape[1], v.shape[1]), u, v)
@@ -188,13 +190,15 @@ class FactoredResponses:
     def _rebuilt(self, name: str) -> Tensor | None:
         """``Tensor[out x in, S]``: the factored weight ``name``'s per-source matrices ``U_s V_s^T`` rebuilt, one source
         per column (the single query's product streams long rows, as :attr:`_source_rows`), kept for later queries;
-        ``None`` where they would take more than attribute()'s default memory budget (the dense codec's limit)."""
+        ``None`` where they would take this block's rebuilt matrices beyond attribute()'s default memory budget (the
+        dense codec's limit for a member held in memory)."""
         from lightning_attr.codecs import DEFAULT_MEMORY_BUDGET_MB  # codecs imports this module
 
         cache = self._rebuilt_weights
         if name not in cache:
             u, v = self.gradients.factors[name]
-            if 4 * u.shape[0] * u.shape[1] * v.shape[1] > DEFAULT_MEMORY_BUDGET_MB * 2**20:
+            held = sum(t.numel() for t in cache.values())
+            if 4 * (held + u.shape[0] * u.shape[1] * v.shape[1]) > DEFAULT_MEMORY_BUDGET_MB * 2**20:
                 return None
             step = max(1, _PRODUCT_NUMBERS // (u.shape[1] * v.shape[1]))
             cache[name] = torch.cat([(u[s : s + step] @ v[s : s + step].transpose(1, 2)).flatten(1).T for s in range(0, u.shape[0], step)], dim=1)
