@@ -51,12 +51,8 @@ class SkipsNonFiniteInputs(Classifier):
         return nn.functional.cross_entropy(self(x[keep]), y[keep])
 
 
-def exact_influence(model: nn.Module, x_train, y_train, x_query, y_query, damping: float) -> torch.Tensor:
-    """Dense ``(1/n) grad f_q^T (G + damping I)^{-1} grad l_b`` with the full-data cross-entropy GGN.
-
-    Independent of the package's own machinery: explicit Jacobians (jacrev), ``H_out = diag(p) - p p^T``.
-    Returns ``Tensor[Q, n]``.
-    """
+def _flat_functions(model: nn.Module):
+    """``(theta, logits(vec, x), losses(vec, x, y))`` of a float64 copy of ``model`` over its flat parameters."""
     import copy
 
     model = copy.deepcopy(model).eval().double()
@@ -78,12 +74,29 @@ def exact_influence(model: nn.Module, x_train, y_train, x_query, y_query, dampin
     def losses(vec, x, y):
         return nn.functional.cross_entropy(logits(vec, x), y, reduction="none")
 
+    return theta, logits, losses
+
+
+def explicit_ggn(model: nn.Module, x_train) -> torch.Tensor:
+    """``Tensor[P, P]`` float64: the full-data cross-entropy GGN from explicit Jacobians (jacrev), ``H_out = diag(p) - p p^T``."""
+    theta, logits, _ = _flat_functions(model)
     n = x_train.shape[0]
     # [n, C, P], in blocks of examples: jacrev over all n at once peaks at several GB on digits
     jac = torch.cat([jacrev(logits)(theta, x_train[i : i + 200]) for i in range(0, n, 200)])
     p = torch.softmax(logits(theta, x_train), dim=1)
     h_out = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)  # [n, C, C]
-    ggn = torch.einsum("ncp,ncd,ndq->pq", jac, h_out, jac) / n
+    return torch.einsum("ncp,ncd,ndq->pq", jac, h_out, jac) / n
+
+
+def exact_influence(model: nn.Module, x_train, y_train, x_query, y_query, damping: float) -> torch.Tensor:
+    """Dense ``(1/n) grad f_q^T (G + damping I)^{-1} grad l_b`` with the full-data cross-entropy GGN.
+
+    Independent of the package's own machinery: explicit Jacobians (jacrev), ``H_out = diag(p) - p p^T``.
+    Returns ``Tensor[Q, n]``.
+    """
+    theta, _, losses = _flat_functions(model)
+    n = x_train.shape[0]
+    ggn = explicit_ggn(model, x_train)
     g_train = jacrev(losses)(theta, x_train.double(), y_train)  # [n, P]
     g_query = jacrev(losses)(theta, x_query.double(), y_query)  # [Q, P]
     solved = torch.linalg.solve(ggn + damping * torch.eye(ggn.shape[0], dtype=ggn.dtype), g_train.T)
