@@ -367,3 +367,35 @@ def test_a_query_whose_forward_leaves_the_plan_is_read_as_if_unplanned(monkeypat
             assert captures == ([1] if capture else [])
             expected = _autograd_gradients(fm, thetas, (x, label))
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("queries", [1, 5])
+@pytest.mark.parametrize("bias", [True, False], ids=["biases", "no-bias"])
+def test_factor_scores_equal_the_dense_responses_times_the_query_gradients(bias, queries):
+    """Codec "factored"'s readout (eigen coordinates and the dense rest in one product, factored weights as ``(J U) (X
+    V)``) equals its responses rebuilt dense times each query's autograd gradient: random orthonormal basis and
+    coordinates (one source NaN), one weight factored with rank 2 and one kept dense; with biases (in the dense rest) or
+    none."""
+    from lightning_attr.factored import FactoredResponses
+    from lightning_attr.lowrank import LowRankResponses
+    from lightning_attr.spectral import EigenResponses
+
+    torch.manual_seed(0)
+    model = Classifier(nn.Sequential(nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.Linear(8, 3, bias=bias)))
+    x, y = blobs(n=queries, d=6, classes=3, seed=3)
+    sources, k = 7, 5
+    with functional_view(model) as (fm, theta):
+        space = fm.space
+        basis = torch.linalg.qr(torch.randn(space.size, k)).Q.T.contiguous()  # [k, P], orthonormal rows
+        coordinates = torch.randn(sources, k)
+        coordinates[4] = float("nan")
+        factors = {"net.0.weight": (torch.randn(sources, 8, 2), torch.randn(sources, 6, 2))}
+        rest = {n: torch.randn(sources, *s) for n, s in zip(space.names, space.shapes) if n not in factors}
+        block = FactoredResponses(EigenResponses(basis, torch.ones(k), 0.1, coordinates), 2.0, LowRankResponses(space, factors, rest))
+        layers = basis_readout.basis_layers(fm.module, space)
+        query = basis_readout.query_factors(fm, theta, (x, y), layers, chunk_size=64)
+        assert block.reads(query)
+        got = block.factor_scores(space, query, theta)
+        expected = _autograd_gradients(fm, theta[None], (x, y))[0] @ block.to_dense().T
+    assert got.shape == (queries, sources) and bool(got[:, 4].isnan().all()) and bool(got[:, [0, 1, 2, 3, 5, 6]].isfinite().all())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.nan_to_num(0.0).abs().max()), equal_nan=True)
