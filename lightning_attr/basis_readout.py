@@ -71,6 +71,12 @@ PASS_MACS = 1.5e7
 # 10.4 vs 16.1 at 2, 16.0 vs 18.5 at 4, 27-31 vs 29 at 8, 100 vs 36 at 16, 2,190 vs 614 at 300; digits CNN 6.7 vs
 # 10.1 at 1, 14 vs 16 at 4, 21-22 vs 23 at 8, 54 vs 31 at 16.
 TOGETHER_MAX_QUERIES = 4
+# Tangent numbers per vmapped call past which a pass of output tangents leaves the other layers' biases without a zero
+# tangent (:func:`_tangents_spread`). Bracketed on the bench's MLPs (three members read one by one, paired in-process
+# timings of the query factors against the zero tangents, one thread): digits 64-64-10 at 64 queries (3.0e5 numbers)
+# 1.11x slower without them, at 128 (6.1e5) 0.89x, at 300 (1.4e6) 0.78x; MNIST-1D 40-100-100-10 at 64 (6.4e5) 1.02x, at
+# 128 (1.3e6) 0.80x, at 300 (1.8e6) 0.98-1.01x; at 8 to 32 queries 1.15-1.18x.
+SPREAD_NUMBERS = 5e5
 _KEPT_PLANS = 16  # per module: the plans (:class:`_Plan`) of the last few networks, member counts and query layouts
 
 
@@ -406,7 +412,7 @@ def _cheaper_than_sources(tangents: int, passes: int, floats: int, queries: int,
 
 def _pass_jacobian(
     model: FunctionalModel, params: dict[str, Tensor], batch: Any, layers: Sequence[_Layer], calls: Sequence[int],
-    groups: Sequence[_Group], chunk_size: int, record: bool = False,
+    groups: Sequence[_Group], chunk_size: int, record: bool = False, bias_tangents: bool | None = None,
 ) -> Tensor | tuple[Tensor, list[list[Tensor]], Captured]:  # fmt: skip
     """``Tensor[E, Q, n]``: ``d m_q / d u`` of every member (``params``: ``{name: Tensor[E, *shape]}``) along the ``n``
     basis tangents of ``groups``, by jvps along unit vectors, ``vmap``-ed over the members, the queries (``Q > 1``: each
@@ -414,15 +420,26 @@ def _pass_jacobian(
     parameter group's tangent moves its parameters; an output group's is added to that call's output (a zero that
     carries it; ``calls``: how many times each layer runs). The other layers' biases carry zero tangents: an output plus
     a bias without a tangent goes through a decomposition in Python under ``vmap(jvp)`` (a zero tensor's ``add``), one
-    with a zero tangent does not (an ad hoc timing of a Linear 64 -> 10 with 64 tangents: 0.37 vs 0.19 ms).
+    with a zero tangent does not (an ad hoc timing of a Linear 64 -> 10 with 64 tangents: 0.37 vs 0.19 ms); but where
+    the tangents are many numbers per call (:func:`_tangents_spread`), the zero tangent is paid as a full add that spreads
+    the output's tangents over every query, and the biases carry none (``bias_tangents=False``; tried first there, and
+    the pass run again with them where vmap refuses it, e.g. an in-place activation on an output without a tangent).
 
     ``record`` (one query): the pass also does the capture pass's work (:func:`~lightning_attr.layer_readout.capturing`
     in its first call): returns ``(jacobian, inputs, seen)``, ``inputs`` per layer and call ``Tensor[E, *shape of one
     member's]`` (the primal values, handed out of ``jvp`` and ``vmap`` as auxiliary outputs), ``seen`` with the
     outputs' shapes and whether a covered parameter was used outside its layer (its inputs emptied)."""
     queries, sizes = batch_size_of(batch), [g.size for g in groups]
+    if bias_tangents is None:
+        if _tangents_spread(groups, queries, chunk_size):
+            try:
+                return _pass_jacobian(model, params, batch, layers, calls, groups, chunk_size, record, bias_tangents=False)
+            except RuntimeError:  # e.g. an in-place activation on an output that carries no tangent: vmap refuses it
+                pass
+        bias_tangents = True
     moved = [n for g in groups if g.call is None for n in g.names]
-    moved += [n for layer in layers for n in layer.names(("bias",)) if n in params and n not in moved]
+    if bias_tangents:
+        moved += [n for layer in layers for n in layer.names(("bias",)) if n in params and n not in moved]
     # fresh tensors: the tangent of a view would be allocated at its base's size (the members' whole [E, P])
     moving = {n: params[n].clone() for n in moved}
     fixed = {n: p for n, p in params.items() if n not in moving}
@@ -487,6 +504,17 @@ def _pass_jacobian(
         return jacobian
     flat = iter(inputs)
     return jacobian, [[next(flat) for _ in zs] for zs in seen[0].outputs], seen[0]
+
+
+def _tangents_spread(groups: Sequence[_Group], queries: int, chunk_size: int) -> bool:
+    """Whether a pass of output tangents only (``groups``) on ``queries > 1`` queries carries more than
+    :data:`SPREAD_NUMBERS` tangent numbers per call at its first layer (queries x tangents per call x that output's
+    numbers): then a zero tangent on the biases of the layers after it costs a full add per biased layer (it spreads the
+    added tangents, the same for every query, over all the queries before anything needs them spread), more than
+    :func:`_pass_jacobian`'s Python decomposition of a bias add without a tangent that it avoids."""
+    if queries == 1 or any(g.call is None for g in groups):
+        return False
+    return queries * min(max(1, chunk_size), sum(g.size for g in groups)) * math.prod(groups[0].shape) > SPREAD_NUMBERS
 
 
 @contextlib.contextmanager

@@ -399,3 +399,29 @@ def test_factor_scores_equal_the_dense_responses_times_the_query_gradients(bias,
         expected = _autograd_gradients(fm, theta[None], (x, y))[0] @ block.to_dense().T
     assert got.shape == (queries, sources) and bool(got[:, 4].isnan().all()) and bool(got[:, [0, 1, 2, 3, 5, 6]].isfinite().all())
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.nan_to_num(0.0).abs().max()), equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["twice", "in-place", "conv1d", "convolutions"])
+def test_spread_output_passes_leave_the_biases_without_tangents_and_give_the_same_gradients(monkeypatch, name):
+    """Passes of output tangents whose tangents are many numbers per call (``SPREAD_NUMBERS`` set to 0: every one with
+    several queries; a pass per layer group) carry no zero tangent on the biases; the members' query gradients still
+    equal autograd's, read together (4 queries) and one by one (5). "in-place" (an activation that overwrites a layer's
+    output) is refused by vmap without them: its passes run again with them."""
+    monkeypatch.setattr(basis_readout, "SPREAD_NUMBERS", 0.0)
+    monkeypatch.setattr(basis_readout, "PASS_MACS", 0.0)
+    spread = []
+    original = basis_readout._tangents_spread
+    monkeypatch.setattr(basis_readout, "_tangents_spread", lambda *a: spread.append(original(*a)) or spread[-1])
+    torch.manual_seed(0)
+    model = _model(name)
+    batch = _data(MODELS[name][1])(5)
+    with functional_view(model) as (fm, theta):
+        layers = basis_readout.basis_layers(fm.module, fm.space)
+        thetas = theta * (1 + 0.3 * torch.randn(3, theta.numel(), generator=torch.Generator().manual_seed(2)))
+        for n in (4, 5):
+            queries = tuple(t[:n] for t in batch)
+            spread.clear()
+            got = basis_readout.member_gradients(fm, thetas, queries, layers, num_sources=10**6, chunk_size=64)
+            assert True in spread
+            expected = _autograd_gradients(fm, thetas, queries)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
