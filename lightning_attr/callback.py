@@ -132,7 +132,8 @@ class AttributionCallback(Callback):
             ``"factored"`` (end mode, GGN, ``propagation="spectral"``): the spectral default's responses exactly, as
             the ``rank`` eigen coordinates of the damped inverse's correction plus ``g_s / (mu + damping)`` with each
             Linear / Conv1d / Conv2d weight's gradient kept as its per-example factors ``sum_t delta_t x_t^T`` (rank:
-            its output rows, a convolution's positions, times the source's examples) where smaller, and the rest dense (:mod:`factored`): ``k + sum_l c (out + in)`` numbers per source; the same scores as
+            its output rows, a convolution's positions, times the source's examples) where smaller, and the rest dense
+            (:mod:`factored`): ``k + sum_l c (out + in)`` numbers per source; the same scores as
             ``"dense"`` up to float rounding (``central`` / ``step`` rebuild dense rows: the dense cost).
         rank: ``k``, eigenpairs kept by ``codec="eigen"`` and by ``propagation="spectral"`` (and so ``"factored"``; capped at ``P``); ``c``, the rank of every factored
             weight for ``codec="lorif"`` (capped at ``min(out, in)``: exact there). ``"auto"``: ``propagation="spectral"``
@@ -245,7 +246,8 @@ class AttributionCallback(Callback):
         self._source_map = SourceMap.build(self.sources, n, members)
         self._space = ParameterSpace.of(pl_module)
         rank = self.settings.fixed_rank()  # "auto": the eigenspace's first 256 pairs (it may grow beyond)
-        numbers = factored_numbers(pl_module, self._space, rank, self._example_rows(trainer, pl_module)) if self._source_map.is_per_example else None
+        per_example = self._source_map.is_per_example
+        numbers = factored_numbers(pl_module, self._space, rank, self._example_rows(trainer, pl_module)) if per_example else None
         self.settings = self.settings.for_size(self._source_map.num_sources, self._space.size, numbers)
         self.codec = self.settings.codec
         self._engine = SimulationEngine(

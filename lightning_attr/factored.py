@@ -201,7 +201,8 @@ class FactoredResponses:
             if 4 * (held + u.shape[0] * u.shape[1] * v.shape[1]) > DEFAULT_MEMORY_BUDGET_MB * 2**20:
                 return None
             step = max(1, _PRODUCT_NUMBERS // (u.shape[1] * v.shape[1]))
-            cache[name] = torch.cat([(u[s : s + step] @ v[s : s + step].transpose(1, 2)).flatten(1).T for s in range(0, u.shape[0], step)], dim=1)
+            blocks = [(u[s : s + step] @ v[s : s + step].transpose(1, 2)).flatten(1).T for s in range(0, u.shape[0], step)]
+            cache[name] = torch.cat(blocks, dim=1)
         return cache[name]
 
     @cached_property
@@ -351,21 +352,23 @@ def example_factors(model: FunctionalModel, theta: Tensor, data: Any, layers: tu
         if not calls or not batch_first:
             out.append(None)
             continue
-        found = [weight_rows(layer.module, torch.zeros_like(p) if d is None else d, x, examples) for d, p, x in zip(deltas, calls, xs)]
+        deltas = [torch.zeros_like(p) if d is None else d for d, p in zip(deltas, calls)]
+        found = [weight_rows(layer.module, d, x, examples) for d, x in zip(deltas, xs)]
         out.append((torch.cat([d for d, _ in found], dim=1), torch.cat([x for _, x in found], dim=1)))
     return out
 
 
 def example_rows(model: FunctionalModel, theta: Tensor, probe: Any) -> dict[str, int]:
-    """``{weight name: R}``: the rows per example (:func:`~lightning_attr.layer_readout.weight_rows`) of each layer of :func:`factor_layers` on the
-    batch ``probe`` (e.g. one training example): 1 for a Linear layer run once on a vector, the output positions of a
-    convolution. Empty where a weight is used outside its layer's call (tied weights; seen by
+    """``{weight name: R}``: the rows per example (:func:`~lightning_attr.layer_readout.weight_rows`) of each layer of
+    :func:`factor_layers` on the batch ``probe`` (e.g. one training example): 1 for a Linear layer run once on a
+    vector, the output positions of a convolution. Empty where a weight is used outside its layer's call (tied weights; seen by
     :func:`~lightning_attr.layer_readout.capture_layers`): its gradient is more than the layer's factors; a layer
     whose input or output does not have the batch as first dimension, or that never ran, is left out."""
     layers = factor_layers(model.module, model.space)
     if capture_layers(model, model.space.unflatten(theta), probe, layers) is None:
         return {}
-    return {layer.weight: found[0].shape[1] for layer, found in zip(layers, example_factors(model, theta, probe, layers)) if found is not None}
+    found = example_factors(model, theta, probe, layers)
+    return {layer.weight: rows[0].shape[1] for layer, rows in zip(layers, found) if rows is not None}
 
 
 def example_slots(example_to_source: Tensor) -> tuple[Tensor, int]:
