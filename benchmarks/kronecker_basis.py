@@ -58,11 +58,12 @@ from lightning_attr._io import atomic_write_json, atomic_write_text  # noqa: E40
 from lightning_attr.attributor import ensemble_mean  # noqa: E402
 from lightning_attr.evaluation.exact import ExactInfluence  # noqa: E402
 from lightning_attr.kronecker import KroneckerBasis, fit_basis, kronecker_scores, loss_factors, projected_ggn, subspace_scores  # noqa: E402
+from lightning_attr.spectral import top_eigenspace  # noqa: E402
 
 TRAK_DIM = 512  # TRAK-1's projection: floats per source, and per parameter at query time
 LDS_MARGIN = 0.01  # issue 8: the compressed default's LDS within this of the dense responses'
-_DETAILED = {("projected", "eigenvalue"), ("ekfac", "eigenvalue")}  # variants whose every k the .md lists (all: the JSON)
-SCORERS = ("projected", "ekfac", "ekfac-empirical", "kfac")
+_DETAILED = {("projected", "eigenvalue"), ("ekfac", "eigenvalue"), ("eigen", "eigenvalue")}  # variants whose every k the .md lists (all: the JSON)
+SCORERS = ("projected", "ekfac", "ekfac-empirical", "kfac", "eigen")
 MASKS = ("eigenvalue", "weight")
 
 
@@ -86,8 +87,10 @@ class Member:
         self.basis_s = round(time.perf_counter() - t, 2)
         self.sources = self.basis.coordinates(loss_factors(self.net, x, y)).float()  # [n, P]
         self.queries = self.basis.coordinates(loss_factors(self.net, b.x_rep.double(), b.y_rep)).float()  # [Q, P]
-        g_query = ExactInfluence(self.net, x, y).gradients(b.x_rep, b.y_rep).float()  # [Q, P], parameter order
-        self.dense = g_query @ store.responses(name).T  # [Q, S]: the linear readout of the dense responses
+        exact = ExactInfluence(self.net, x, y)
+        self.g_query = exact.gradients(b.x_rep, b.y_rep).float()  # [Q, P], parameter order
+        self.dense = self.g_query @ store.responses(name).T  # [Q, S]: the linear readout of the dense responses
+        self._exact = exact
         self.n = len(x)
         self.moments = self.sources.double().square().mean(dim=0)  # [P]: the loss gradients' second moments
         self._projected: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # mask rule -> (its largest mask, D G D^T there)
@@ -124,6 +127,35 @@ class Member:
             return subspace_scores(self.queries[:, mask], self.sources[:, mask], curvature[at][:, at], self.damping, self.n)
         lam = self.eigenvalues(kind)[mask].float()
         return kronecker_scores(self.queries[:, mask], self.sources[:, mask], lam, self.damping, self.n)
+
+
+def eigen_rows(run: SettingRun, member: Member, ks: list[int], peer: dict) -> list[dict]:
+    """Codec ``"eigen"``'s directions at the same ``k`` (the reference the Kronecker directions are cheaper than): the
+    top-``k`` eigenvectors ``V`` of the member's explicit GGN (the bench's cache; the finder the callback runs,
+    :func:`~lightning_attr.spectral.top_eigenspace`, on it), scored ``(1/n) sum_j (V g_q)_j (V g_s)_j / (sigma_j +
+    damping)`` (the codec's default filter, no complement). Storage ``k (P + S) + k`` numbers (the basis is ``k x P``),
+    a query ``P + k P + k S`` multiply-adds (``k`` tangents along ``V``)."""
+    b = run.bench
+    ggn = b.explicit_ggn().float()
+    n, dim = member.sources.shape
+    space = top_eigenspace(lambda v: v @ ggn, dim, max(ks), generator=torch.Generator().manual_seed(0))
+    del ggn
+    g_train = member._exact.gradients(b.data.x_train, b.data.y_train).float()
+    exact = b.exact_scores(member.damping)[0]
+    rows = []
+    for k in ks:
+        v, sigma = space.vectors[:k], space.eigenvalues[:k]
+        scores = kronecker_scores(member.g_query @ v.T, g_train @ v.T, sigma, member.damping, n)
+        storage, macs = 4 * (k * (dim + n) + k), dim + k * dim + k * n
+        lds, ci = run.lds(scores)
+        rows.append({
+            "scope": "final", "scorer": "eigen", "mask": "eigenvalue", "k": k, "k_total": k, "lds": lds, "lds_ci95": ci,
+            "pearson_dense": _pearson(scores, member.dense), "pearson_exact": _pearson(scores, exact), "storage_bytes": storage,
+            "storage_vs_trak1": round(storage / peer["storage_bytes"], 3), "macs_per_query": macs,
+            "macs": {"passes": dim + k * dim, "rotation": 0, "scores": k * n}, "macs_vs_trak1": round(macs / peer["macs"], 3),
+        })  # fmt: skip
+        print(json.dumps({key: rows[-1][key] for key in ("scope", "scorer", "k", "lds", "pearson_dense", "pearson_exact", "storage_vs_trak1", "macs_vs_trak1")}), flush=True)
+    return rows
 
 
 def _layer_shapes(basis: KroneckerBasis) -> list[tuple[int, int]]:
@@ -198,7 +230,10 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         head["exact"] = {"damping": last.damping, "lds": run.lds(exact)[0], "pearson_dense_final": _pearson(last.dense, exact)}
     print(json.dumps(head), flush=True)
     rows = []
-    for kind in args.scorers:
+    if "eigen" in args.scorers and exact is not None:
+        parity = (peer["storage_bytes"] // 4) // (dim + n + 1)  # k (P + S) + k numbers within TRAK-1's bytes
+        rows += eigen_rows(run, last, sorted({k for k in args.ks if k <= args.eigen_max_k} | {parity}), peer)
+    for kind in (kind for kind in args.scorers if kind != "eigen"):
         for rule in args.masks:
             for scope, group in (("final", [last]), ("ensemble", members)):
                 if scope == "ensemble" and (rule != args.masks[0] or kind not in args.ensemble_scorers):
@@ -305,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--projected-max-k", type=int, default=2048, help="largest k of the projected scorer (k tangents over the training set)")
     p.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "kronecker-basis.json"))
+    p.add_argument("--eigen-max-k", type=int, default=512, help="largest k of the eigen reference (its finder's Rayleigh-Ritz grows as k^3)")
     p.add_argument("--report-only", action="store_true", help="rewrite the .md from --out's JSON")
     args = p.parse_args(argv)
     out = Path(args.out)
