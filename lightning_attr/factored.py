@@ -213,8 +213,9 @@ class FactoredResponses:
     @cached_property
     def _factor_columns(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The gradient factors laid out for :func:`factor_products`, once: ``{name: (U: Tensor[out, S x c], V:
-        Tensor[in, S x c])}`` (source-major columns)."""
-        return {n: (u.permute(1, 0, 2).reshape(u.shape[1], -1), v.permute(1, 0, 2).reshape(v.shape[1], -1))
+        Tensor[in, S x c])}`` (source-major columns), contiguous: with ``c = 1`` the reshape is a transposed view, whose
+        single-query product runs at half the bandwidth."""
+        return {n: (u.permute(1, 0, 2).reshape(u.shape[1], -1).contiguous(), v.permute(1, 0, 2).reshape(v.shape[1], -1).contiguous())
                 for n, (u, v) in self.gradients.factors.items()}  # fmt: skip
 
     def paired(self, model: FunctionalModel, theta: Tensor, batch: Any, sources: Tensor, readout: str, block: int = 32) -> Tensor:
