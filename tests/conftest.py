@@ -51,7 +51,7 @@ class SkipsNonFiniteInputs(Classifier):
         return nn.functional.cross_entropy(self(x[keep]), y[keep])
 
 
-def _flat_functions(model: nn.Module):
+def flat_functions(model: nn.Module):
     """``(theta, logits(vec, x), losses(vec, x, y))`` of a float64 copy of ``model`` over its flat parameters."""
     import copy
 
@@ -79,7 +79,7 @@ def _flat_functions(model: nn.Module):
 
 def explicit_ggn(model: nn.Module, x_train) -> torch.Tensor:
     """``Tensor[P, P]`` float64: the full-data cross-entropy GGN from explicit Jacobians (jacrev), ``H_out = diag(p) - p p^T``."""
-    theta, logits, _ = _flat_functions(model)
+    theta, logits, _ = flat_functions(model)
     n = x_train.shape[0]
     # [n, C, P], in blocks of examples: jacrev over all n at once peaks at several GB on digits
     jac = torch.cat([jacrev(logits)(theta, x_train[i : i + 200]) for i in range(0, n, 200)])
@@ -94,7 +94,7 @@ def exact_influence(model: nn.Module, x_train, y_train, x_query, y_query, dampin
     Independent of the package's own machinery: explicit Jacobians (jacrev), ``H_out = diag(p) - p p^T``.
     Returns ``Tensor[Q, n]``.
     """
-    theta, _, losses = _flat_functions(model)
+    theta, _, losses = flat_functions(model)
     n = x_train.shape[0]
     ggn = explicit_ggn(model, x_train)
     g_train = jacrev(losses)(theta, x_train.double(), y_train)  # [n, P]

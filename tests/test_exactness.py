@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-
 import lightning as L
 import pytest
 import torch
-from conftest import blobs, exact_influence, fit, logistic, pearson, small_mlp
+from conftest import blobs, exact_influence, fit, flat_functions, logistic, pearson, small_mlp
 from torch import nn
-from torch.func import functional_call, jacrev
+from torch.func import jacrev
 
 from lightning_attr.models import CNN, Classifier
 
@@ -130,14 +128,12 @@ def test_squared_error_regression_matches_exact_influence(tmp_path):
     fit(model, x, y, [cb], epochs=15)
     damping = ResponseStore.load(cb.dirpath).checkpoint_info("final")["step_rule"]["damping"]
 
-    net = copy.deepcopy(model.net).double()
-    theta = {k: v.detach() for k, v in net.named_parameters()}
-    flat = lambda g: torch.cat([t.reshape(t.shape[0], -1) for t in g.values()], dim=1)  # noqa: E731
-    out = lambda p, xs: functional_call(net, p, (xs.double(),)).squeeze(-1)  # noqa: E731
-    jac = flat(jacrev(out)(theta, x))  # [n, P]
+    theta, outputs, _ = flat_functions(model.net)  # float64, over the flat parameters
+    out = lambda vec, xs: outputs(vec, xs).squeeze(-1)  # noqa: E731
+    jac = jacrev(out)(theta, x)  # [n, P]
     ggn = 2 * jac.T @ jac / len(x)
-    g_train = flat(jacrev(lambda p: (out(p, x) - y.double()) ** 2)(theta))
-    g_query = flat(jacrev(lambda p: (out(p, xq) - yq.double()) ** 2)(theta))
+    g_train = jacrev(lambda vec: (out(vec, x) - y.double()) ** 2)(theta)
+    g_query = jacrev(lambda vec: (out(vec, xq) - yq.double()) ** 2)(theta)
     exact = (g_query @ torch.linalg.solve(ggn + damping * torch.eye(len(ggn), dtype=ggn.dtype), g_train.T) / len(x)).float()
 
     ours = model.attribute((xq, yq), responses=cb.dirpath)
