@@ -200,9 +200,7 @@ class FactoredResponses:
             held = sum(t.numel() for t in cache.values())
             if 4 * (held + u.shape[0] * u.shape[1] * v.shape[1]) > DEFAULT_MEMORY_BUDGET_MB * 2**20:
                 return None
-            step = max(1, _PRODUCT_NUMBERS // (u.shape[1] * v.shape[1]))
-            blocks = [(u[s : s + step] @ v[s : s + step].transpose(1, 2)).flatten(1).T for s in range(0, u.shape[0], step)]
-            cache[name] = torch.cat(blocks, dim=1)
+            cache[name] = torch.cat(list(_rebuilt_blocks(u, v)), dim=1)
         return cache[name]
 
     @cached_property
@@ -212,11 +210,8 @@ class FactoredResponses:
 
     @cached_property
     def _factor_columns(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """The gradient factors laid out for :func:`factor_products`, once: ``{name: (U: Tensor[out, S x c], V:
-        Tensor[in, S x c])}`` (source-major columns), contiguous: with ``c = 1`` the reshape is a transposed view, whose
-        single-query product runs at half the bandwidth."""
-        return {n: (u.permute(1, 0, 2).reshape(u.shape[1], -1).contiguous(), v.permute(1, 0, 2).reshape(v.shape[1], -1).contiguous())
-                for n, (u, v) in self.gradients.factors.items()}  # fmt: skip
+        """The gradient factors laid out for :func:`factor_products` once, by weight name (:func:`factor_columns`)."""
+        return {n: factor_columns(u, v) for n, (u, v) in self.gradients.factors.items()}
 
     def paired(self, model: FunctionalModel, theta: Tensor, batch: Any, sources: Tensor, readout: str, block: int = 32) -> Tensor:
         """``Tensor[B]``: query ``i`` against source ``sources[i]``: diagonals of :meth:`scores` on blocks of queries
@@ -241,15 +236,29 @@ def _factors_cheaper(queries: int, rows: int, c: int, outs: int, ins: int, cache
     return queries * rows * c * (outs + ins) <= outs * ins * (queries + (0 if cached else c))
 
 
+def factor_columns(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(U: Tensor[out, S x c], V: Tensor[in, S x c])``: source factors ``u: Tensor[S, out, c]``, ``v: Tensor[S, in, c]``
+    in source-major columns, as :func:`factor_products` reads them; contiguous: with ``c = 1`` the reshape is a
+    transposed view, whose single-query product runs at half the bandwidth."""
+    return u.permute(1, 0, 2).reshape(u.shape[1], -1).contiguous(), v.permute(1, 0, 2).reshape(v.shape[1], -1).contiguous()
+
+
+def _rebuilt_blocks(u: Tensor, v: Tensor) -> Iterator[Tensor]:
+    """The sources' matrices ``U_s V_s^T`` (``u: Tensor[S, out, c]``, ``v: Tensor[S, in, c]``) rebuilt a chunk of sources
+    at a time, each chunk as ``Tensor[out x in, n]`` (one source per column, at most :data:`_PRODUCT_NUMBERS` numbers)."""
+    step = max(1, _PRODUCT_NUMBERS // (u.shape[1] * v.shape[1]))
+    for s in range(0, u.shape[0], step):
+        yield (u[s : s + step] @ v[s : s + step].transpose(1, 2)).flatten(1).T
+
+
 def factor_products(j: Tensor, x: Tensor, u: Tensor, v: Tensor, columns: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``Tensor[Q, S]``: ``<J_q^T X_q, U_s V_s^T> = sum_{r, c} (J_r . U_c) (X_r . V_c)`` for query factors ``j: Tensor[Q,
     R, out]``, ``x: Tensor[Q, R, in]`` and source factors ``u: Tensor[S, out, c]``, ``v: Tensor[S, in, c]``
-    (``columns``: the same as ``Tensor[out, S c]``, ``Tensor[in, S c]``, source-major, if the caller keeps them laid
-    out): ``Q R S c (out + in)`` multiply-adds, each factor read once, sources in chunks of at most
+    (``columns``: the same laid out by :func:`factor_columns`, if the caller keeps them): ``Q R S c (out + in)`` multiply-adds, each factor read once, sources in chunks of at most
     :data:`_PRODUCT_NUMBERS` intermediate numbers."""
     queries, rows, outs = j.shape
     sources, ins, c = u.shape[0], v.shape[1], u.shape[2]
-    cu, cv = columns if columns is not None else (u.permute(1, 0, 2).reshape(outs, -1), v.permute(1, 0, 2).reshape(ins, -1))
+    cu, cv = columns if columns is not None else factor_columns(u, v)
     j, x = j.reshape(-1, outs), x.reshape(-1, ins)
     step = max(1, _PRODUCT_NUMBERS // (queries * rows * c))
     parts = []
@@ -264,10 +273,8 @@ def rebuilt_products(gradients: Tensor, u: Tensor, v: Tensor) -> Tensor:
     """``Tensor[Q, S]``: ``<G_q, U_s V_s^T>`` for query gradients ``gradients: Tensor[Q, out, in]``, the sources'
     matrices rebuilt from ``u: Tensor[S, out, c]``, ``v: Tensor[S, in, c]`` a chunk of sources at a time
     (``S out in (c + Q)`` multiply-adds, nothing kept)."""
-    sources, outs, ins = u.shape[0], u.shape[1], v.shape[1]
     flat = gradients.reshape(gradients.shape[0], -1)
-    step = max(1, _PRODUCT_NUMBERS // (outs * ins))
-    parts = [flat @ (u[s : s + step] @ v[s : s + step].transpose(1, 2)).view(-1, outs * ins).T for s in range(0, sources, step)]
+    parts = [flat @ block for block in _rebuilt_blocks(u, v)]
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
