@@ -426,7 +426,9 @@ def _block_krylov(
     exact arithmetic every Ritz residual lies in the span of the last block's residual); from a warm start of
     more than ``block`` rows it keeps the corrections that matter most, and comes back to the ones it left.
     Memory: ``Q`` and ``I`` live in buffers of ``min(P, budget)`` rows, written block by block (no copy of the space per
-    block; on the CPU pages never written are never touched): ``16 m P`` bytes for a space of ``m <= products`` vectors,
+    block; on the CPU pages never written are never touched; on other devices the buffers double as the space grows,
+    :func:`_space_rows`): ``16 m P`` bytes for a space of ``m <= products`` vectors (on a device, at most the same
+    ``16 products P``, but 1.5 times a buffer while it is copied),
     then the ``4 k P`` of the float32 Ritz vectors; flops ``O(m^2 P)`` over the run besides the products (with
     ``split``: ``P`` is this process's columns, and the ``O(m^3)`` Rayleigh-Ritz steps run on every process).
 
@@ -453,10 +455,10 @@ def _block_krylov(
     current = _orthonormalize_against(split.local(start).to(device), None, generator, scale, split)
     probes = torch.arange(seeded, current.shape[0], device=device)  # the first block's Gaussian rows (after the seed)
     trace = float("nan")
-    # Q and I = G Q (float64: the products are read in float64 once, as they come) in buffers of every row the budget
-    # allows, filled block by block: no copy of the space per block (pages never written are never touched)
+    # Q and I = G Q (float64: the products are read in float64 once, as they come) in buffers filled block by block:
+    # no copy of the space per block (:func:`_space_rows`)
     capacity = min(dim, max(budget, current.shape[0]))
-    bases = torch.empty(capacity, current.shape[1], dtype=torch.float64, device=device)
+    bases = torch.empty(_space_rows(capacity, current.shape[0], current.device), current.shape[1], dtype=torch.float64, device=device)
     products = torch.empty_like(bases)
     size = 0
     small = torch.zeros(0, 0, dtype=torch.float64, device=device)  # T = Q I^T
@@ -464,6 +466,8 @@ def _block_krylov(
     while True:
         image = split.local(operator(split.gather(current.float())))
         old, size = size, size + current.shape[0]
+        if size > bases.shape[0]:
+            bases, products = _grown(bases, size, capacity), _grown(products, size, capacity)
         bases[old:size], products[old:size] = current, image
         space, wide, new = bases[:size], products[:size], products[old:size]
         grown = split.total(torch.cat([space @ new.T, wide @ new.T]))  # [Q; I] I_new^T: one collective
@@ -499,6 +503,25 @@ def _block_krylov(
     ritz, norms = _ritz_vectors(vectors[:, :rank], values[:rank], space, wide, split)
     first = 0 if seeded else int(probes.numel())
     return Eigenspace(values[:rank].clamp_min(0).float(), ritz, size, norms.float().cpu(), "krylov", width, stop or "budget", seeded, trace, first)
+
+
+# Rows a non-CPU buffer of the space starts with. CUDA allocates every row of an empty tensor at once, so a buffer of
+# the whole budget held 470-1,072 MiB on an H100 where the space used a fraction (benchmarks/results/gpu-h100.json)
+_DEVICE_FIRST_ROWS = 256
+
+
+def _space_rows(capacity: int, first: int, device: torch.device) -> int:
+    """Rows to allocate for a Krylov space that may grow to ``capacity`` vectors, its first block ``first``: all of them
+    on the CPU (pages never written are never touched), else at least ``first`` and :data:`_DEVICE_FIRST_ROWS`, the
+    buffer doubled as the space grows (:func:`_grown`)."""
+    return capacity if device.type == "cpu" else min(capacity, max(first, _DEVICE_FIRST_ROWS))
+
+
+def _grown(buffer: Tensor, rows: int, capacity: int) -> Tensor:
+    """``buffer: Tensor[m, P]`` copied into a buffer of at least ``rows`` rows: twice ``m``, at most ``capacity``."""
+    grown = buffer.new_empty(min(capacity, max(rows, 2 * buffer.shape[0])), buffer.shape[1])
+    grown[: buffer.shape[0]] = buffer
+    return grown
 
 
 _RITZ_ROWS = 256  # Ritz vectors formed in float64 at a time (their float64 rows and residuals: 16 x this x P bytes)

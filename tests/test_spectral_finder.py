@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import blobs, fit, small_mlp
 
+from lightning_attr import spectral
 from lightning_attr.models import CNN, Classifier
 
 from lightning_attr.curvature import curvature_operator
@@ -278,6 +279,32 @@ def test_auto_rank_with_growing_blocks_stops_in_fewer_steps_at_the_same_accuracy
     # 1.5% here, against 0.1% in blocks of 32), the top as well
     assert torch.allclose(growing.eigenvalues.double(), values[: growing.rank], rtol=3e-2)
     assert torch.allclose(growing.eigenvalues[:250].double(), values[:250], rtol=1e-3)
+
+
+def test_a_space_grown_in_doubling_buffers_equals_one_allocated_whole(monkeypatch):
+    """Off the CPU the finder's buffers start at one block and double (CUDA allocates an empty tensor's every row at once);
+    forced here on the CPU: the same products, eigenvalues and vectors, to the bit, as the buffer of the whole budget."""
+    matrix, _, _ = slow_decay()
+    run = lambda: adaptive_eigenspace(  # noqa: E731
+        CountingOperator(matrix), 800, 0.05, max_products=800, generator=torch.Generator().manual_seed(0)
+    )
+    whole = run()
+    allocated = []
+
+    def first_block_only(capacity, first, device):
+        allocated.append((capacity, first))
+        return first
+
+    grown_rows = []
+    real_grown, real_rows = spectral._grown, spectral._space_rows
+    monkeypatch.setattr(spectral, "_space_rows", first_block_only)
+    monkeypatch.setattr(spectral, "_grown", lambda buffer, rows, capacity: grown_rows.append(rows) or real_grown(buffer, rows, capacity))
+    grown = run()
+    assert allocated == [(800, 32)] and len(grown_rows) >= 2 * 3  # both buffers, 32 -> 64 -> 128 -> ...
+    assert grown.products == whole.products and grown.rank == whole.rank and grown.stop == whole.stop
+    assert torch.equal(grown.eigenvalues, whole.eigenvalues) and torch.equal(grown.vectors, whole.vectors)
+    assert real_rows(800, 32, torch.device("cpu")) == 800
+    assert real_rows(800, 32, torch.device("meta")) == 256 and real_rows(100, 32, torch.device("meta")) == 100
 
 
 def _tiny_mlp_ggns() -> tuple[torch.Tensor, torch.Tensor]:
