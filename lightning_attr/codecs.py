@@ -17,7 +17,9 @@ A **codec** names the representation of one response checkpoint:
 - ``"factored"``: the spectral default's responses exactly, as the eigen coordinates ``diag(1/(sigma + lam) - gamma) V g_b``
   (``k`` numbers) plus ``gamma g_b`` with each Linear / Conv weight's gradient as its per-example factors
   (``sum_t delta_t x_t^T`` over its output rows: a convolution's positions and patches) where smaller, and the rest
-  dense (:mod:`factored`): ``k + sum_l c (out + in)`` numbers per source. Read out (``linear``) from the
+  dense (:mod:`factored`): ``k + sum_l c (out + in)`` numbers per source in memory; stored, ``sum_l c (out + in)`` and
+  the rest but the factored layers' biases (each its ``U`` summed over columns), the coordinates derived from the
+  factors and the basis when read. Read out (``linear``) from the
   query's layer factors by forward mode; the same scores as ``"dense"`` up to float rounding (``central`` / ``step``:
   the responses rebuilt as dense rows, a block at a time, at the dense codec's cost).
 

@@ -67,7 +67,7 @@ from lightning_attr.simulation import (
     select_examples,
 )
 from lightning_attr.sources import SourceMap, indexed_base, split_batch
-from lightning_attr.factored import FactoredResponses, FactorPlan, check_factors
+from lightning_attr.factored import FactoredResponses, FactorPlan, bias_agreement, check_factors
 from lightning_attr.lowrank import LowRankResponses, encode_lowrank, factored_layers, lowrank_entry
 from lightning_attr.spectral import DEFAULT_RESIDUAL_TOLERANCE, EigenResponses, TRACE_PROBES, adaptive_eigenspace, eigen_responses, eigenspace_products, product_cap, top_eigenspace
 from lightning_attr.store import ResponseStore, ShardWriter, write_part
@@ -484,9 +484,12 @@ class SimulationEngine:
     def _simulate_factored(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> None:
         """Codec ``"factored"``: the dense default's responses (the same :meth:`_deflated_inverse`) kept as eigen
         coordinates and ``gamma g_s`` with each Linear / Conv weight's gradient as per-example factors (:mod:`factored`). Each
-        block of owned sources: its dense gradients (for the coordinates and the dense rest) and one more pass for the
-        factors, checked against them. Several processes sharing the curvature each fill their sources' rows and sum
-        them; without an all-reduce rank zero simulates every source. Rank zero keeps the block for :meth:`commit`."""
+        block of owned sources: its dense gradients (for the dense rest and the checks) and one more pass for the factors,
+        checked against them (:func:`check_factors`; each factored layer's bias against its ``U`` summed over columns,
+        :func:`bias_agreement`: folded where every block agrees). Several processes sharing the curvature each fill their
+        sources' rows and sum them; without an all-reduce rank zero simulates every source. The eigen coordinates are then
+        computed from the summed gradients as the store derives them when it reads them
+        (:meth:`FactoredResponses.derived`). Rank zero keeps the block for :meth:`commit`."""
         s, source_map, n = self.settings, self.source_map, self.source_map.training_set_size
         inverse, record = self._deflated_inverse(model, theta, data, name)
         sources = self.owned if self._shares_curvature else torch.arange(source_map.num_sources)
@@ -495,9 +498,9 @@ class SimulationEngine:
         plan = FactorPlan.of(model, theta, probe, e2s)  # one batch shows each layer's rows per example
         basis, sigma = inverse.eigenspace.vectors, inverse.eigenspace.eigenvalues.to(theta.device)
         gamma = 1.0 / (inverse.complement + inverse.damping)
-        gains = (1.0 / (sigma + inverse.damping) - gamma) / n
         count = source_map.num_sources
-        coordinates = theta.new_zeros(count, basis.shape[0])
+        biases = plan.biases(self.space)  # folded into their weight's factors where every block agrees
+        agree = torch.ones(len(biases), dtype=torch.bool)
         shapes = dict(zip(self.space.names, self.space.shapes))
         rest = {name_: theta.new_zeros(count, *shape) for name_, shape in shapes.items() if name_ not in plan.ranks}
         factors = plan.zeros(self.space, count, theta)
@@ -514,8 +517,7 @@ class SimulationEngine:
                 found = plan.factors(model, theta, finite_batches, rows, block.numel())
             parts = self.space.unflatten(u0)
             check_factors(found, parts, finite)
-            with self.phases("inverse"):
-                coordinates[block] = (u0 @ basis.T) * gains
+            agree &= bias_agreement(found, parts, finite, biases)
             for name_, tensor in rest.items():
                 tensor[block] = parts[name_] * (gamma / n)
             for name_, (u, v) in found.items():
@@ -523,20 +525,22 @@ class SimulationEngine:
             valid[block] = finite.cpu()
             del u0, parts
         if self._shares_curvature:  # each process filled its sources' rows: one all-reduce sums them all
-            invalid = (~valid).to(theta.device, theta.dtype)
-            coordinates, *summed, invalid = self._sum_together([coordinates, *rest.values(), *itertools.chain(*factors.values()), invalid])
+            invalid, disagree = (~valid).to(theta.device, theta.dtype), (~agree).to(theta.device, theta.dtype)
+            *summed, invalid, disagree = self._sum_together([*rest.values(), *itertools.chain(*factors.values()), invalid, disagree])
             rest = dict(zip(rest, summed[: len(rest)]))
             factors = {k: (summed[len(rest) + 2 * i], summed[len(rest) + 2 * i + 1]) for i, k in enumerate(factors)}
-            valid = invalid == 0
+            valid, agree = invalid == 0, (disagree == 0).cpu()
         valid = valid.cpu()
         bad = ~valid.to(theta.device)
-        coordinates[bad] = float("nan")  # non-finite gradients: no reader may take them for zero
         for u, _ in factors.values():
-            u[bad] = float("nan")
+            u[bad] = float("nan")  # non-finite gradients: no reader may take them for zero
         for tensor in rest.values():
             tensor[bad] = float("nan")
-        gradients = LowRankResponses(self.space, factors, rest)
-        block_ = FactoredResponses(EigenResponses(basis, sigma, inverse.damping, coordinates), gamma, gradients)
+        folded = {b: w for (b, w), ok in zip(biases.items(), agree.tolist()) if ok}
+        for bias, weight in folded.items():  # exactly what the store rebuilds from U
+            rest[bias] = factors[weight][0].sum(dim=2).reshape(rest[bias].shape)
+        with self.phases("inverse"):  # the eigen coordinates, from the stored gradients as the store derives them
+            block_ = FactoredResponses.derived(basis, sigma, inverse.damping, gamma, LowRankResponses(self.space, factors, rest), folded)
         zeros = torch.zeros(count, dtype=torch.long)
         stats = {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()}
         _warn_invalid(self._warn, valid)

@@ -1,4 +1,4 @@
-"""Codec ``"factored"``: the spectral default's responses kept exactly in ``k + sum_l c (out_l + in_l)`` numbers per source.
+"""Codec ``"factored"``: the spectral default's responses held exactly in ``k + sum_l c (out_l + in_l)`` numbers per source (stored in fewer).
 
 ``propagation="spectral"`` (:mod:`deflated`) gives each source the response
 
@@ -16,6 +16,13 @@ times the largest source's examples) where ``c (out + in) < out x in``, and ever
 convolution with many positions, Conv3d, grouped convolutions, ...). Nothing is approximated: the scores equal the
 dense codec's up to float rounding (tested).
 
+What the store keeps is less (format 4, :mod:`store`): ``c_s`` is a function of ``gamma g_s`` and ``V``
+(:func:`eigen_coordinates`, ``S P (k + c)`` multiply-adds when the store is read), and a factored layer's bias gradient
+is ``sum_t delta_t``, its ``U`` summed over columns (``[W | b]`` is the factored matrix ``U [V; 1]^T``;
+:func:`bias_agreement` checks it per source in the simulation, and a bias it fails stays dense). Per source and
+checkpoint the shards hold ``sum_l c (out + in)`` numbers and the parameters kept dense but those biases; the basis,
+``k x P``, is stored once per checkpoint.
+
 At query time :func:`~lightning_attr.basis_readout.query_factors` gives, by forward mode, each layer's ``J``
 (``dm/dz`` at its output rows) and their input ``X``: ``<J^T X, U V^T> = sum (J U) * (X V)`` costs
 ``Q x R x S x c (out + in)`` instead of ``Q x S x out x in``, or, for many queries of a convolution, the sources'
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, ClassVar
 
@@ -39,7 +46,7 @@ from lightning_attr.basis_readout import QueryFactors, basis_layers, query_facto
 from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel
 from lightning_attr.layer_readout import _Layer, capture_layers, handled_layers, weight_rows
-from lightning_attr.lowrank import LowRankResponses, paired_diagonals
+from lightning_attr.lowrank import FACTOR_KEYS, LowRankResponses, paired_diagonals
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.readout import query_chunks, check_readout, paired_readout, score_sources
 from lightning_attr.simulation import select_examples
@@ -53,6 +60,23 @@ _CHECK_PROBES = 4  # random combinations of a weight's rows that check_factors c
 
 
 _DENSE_ROWS = 1024  # sources rebuilt as dense rows at a time for the central / step readouts
+_DERIVE_NUMBERS = 2**22  # numbers of the sources' dense rows (16 MiB of float32) eigen_coordinates rebuilds at a time
+
+
+def eigen_coordinates(basis: Tensor, eigenvalues: Tensor, damping: float, complement_gain: float, gradients: LowRankResponses) -> Tensor:
+    """``Tensor[S, k]``: the eigen coordinates ``c_s = diag(1/(sigma + lam) - gamma) V g_s`` from what the store keeps,
+    ``gamma g_s`` (``gradients``) and ``V`` (``basis: Tensor[k, P]``, ``eigenvalues: Tensor[k]`` ``sigma``, ``damping``
+    ``lam``, ``complement_gain`` ``gamma > 0``): ``(V (gamma g_s)) (1/(sigma + lam) - gamma) / gamma``, the sources' dense
+    rows rebuilt :data:`_DERIVE_NUMBERS` numbers at a time (``S P (k + c)`` multiply-adds, on the tensors' device). A
+    source with NaN factors (an invalid source) gets a NaN row."""
+    count, k = gradients.num_sources, basis.shape[0]
+    gains = (1.0 / (eigenvalues.to(basis) + damping) - complement_gain) / complement_gain  # [k]
+    step = max(1, _DERIVE_NUMBERS // max(1, basis.shape[1]))
+    parts = [
+        (gradients.select(torch.arange(s, min(s + step, count), device=basis.device)).to_dense() @ basis.T).mul_(gains)
+        for s in range(0, count, step)
+    ]  # fmt: skip
+    return torch.cat(parts) if parts else basis.new_zeros(0, k)
 
 
 @dataclass(frozen=True)
@@ -66,12 +90,30 @@ class FactoredResponses:
         complement_gain: ``gamma = 1 / (mu + lam)``, what the response is outside the basis.
         gradients: ``gamma g_s`` per source (:class:`LowRankResponses`: Linear / Conv weights as factors, the rest
             dense).
+        folded_biases: ``{bias name: weight name}``: biases whose ``gamma g_s`` is their layer's ``U_s`` summed over its
+            ``c`` columns (the bias gradient is ``sum_t delta_t`` over the output rows: ``[W | b]`` is the factored
+            matrix ``U [V; 1]^T``). ``gradients.rest`` holds them (for the readout) and the store does not
+            (:meth:`tensors`, :meth:`from_tensors` rebuilds them).
+        derived_coordinates: ``eigen.coordinates`` are :func:`eigen_coordinates` of ``gradients`` (:meth:`derived`), so the
+            store does not keep them; ``False`` (a block built from given coordinates): it does.
     """
 
     eigen: EigenResponses
     complement_gain: float
     gradients: LowRankResponses
+    folded_biases: Mapping[str, str] = field(default_factory=dict)
+    derived_coordinates: bool = False
     codec: ClassVar[str] = "factored"
+
+    @classmethod
+    def derived(
+        cls, basis: Tensor, eigenvalues: Tensor, damping: float, complement_gain: float, gradients: LowRankResponses,
+        folded_biases: Mapping[str, str] | None = None,
+    ) -> FactoredResponses:  # fmt: skip
+        """The block whose eigen coordinates are computed from ``gradients`` and the basis (:func:`eigen_coordinates`)."""
+        coordinates = eigen_coordinates(basis, eigenvalues, damping, complement_gain, gradients)
+        eigen = EigenResponses(basis, eigenvalues, damping, coordinates)
+        return cls(eigen, complement_gain, gradients, dict(folded_biases or {}), derived_coordinates=True)
 
     @property
     def num_sources(self) -> int:
@@ -82,11 +124,11 @@ class FactoredResponses:
         return self.eigen.rank
 
     def to(self, device: torch.device | str) -> FactoredResponses:
-        return FactoredResponses(self.eigen.to(device), self.complement_gain, self.gradients.to(device))
+        return replace(self, eigen=self.eigen.to(device), gradients=self.gradients.to(device))
 
     def select(self, sources: Tensor) -> FactoredResponses:
         """The responses of ``sources: LongTensor[C]`` (in that order)."""
-        return FactoredResponses(replace(self.eigen, coordinates=self.eigen.coordinates[sources]), self.complement_gain, self.gradients.select(sources))
+        return replace(self, eigen=replace(self.eigen, coordinates=self.eigen.coordinates[sources]), gradients=self.gradients.select(sources))
 
     def to_dense(self) -> Tensor:
         """The same responses as ``Tensor[S, P]`` (``S x P`` floats: for tests and small stores)."""
@@ -94,25 +136,38 @@ class FactoredResponses:
 
     def entry(self) -> dict[str, Any]:
         """Its manifest fields besides the basis file: codec, rank, eigenvalues, damping, ``gamma``, the factored weights
-        (``{name: [out, in, c]}``) and the numbers stored per source (``numbers_per_source``, of ``P`` dense)."""
+        (``{name: [out, in, c]}``), the folded biases (``{bias: weight}``), whether the coordinates are ``"derived"`` or
+        ``"stored"``, and the numbers stored per source (``numbers_per_source``, of ``P`` dense)."""
+        stored = sum(t[0].numel() for t in self.tensors().values()) if self.num_sources else 0
         return {
             "codec": "factored", "rank": self.rank, "eigenvalues": [float(v) for v in self.eigen.eigenvalues.cpu()],
             "damping": float(self.eigen.damping), "complement_gain": float(self.complement_gain),
-            "factored": self.gradients.entry()["factored"], "numbers_per_source": self.rank + self.gradients.numel() // max(1, self.num_sources),
+            "factored": self.gradients.entry()["factored"], "folded_biases": dict(self.folded_biases),
+            "coordinates": "derived" if self.derived_coordinates else "stored", "numbers_per_source": stored,
         }  # fmt: skip
 
     def tensors(self) -> dict[str, Tensor]:
-        """The shard tensors: ``coordinates`` and the factors / dense rest of ``gradients`` (``Tensor[S, ...]`` each)."""
-        return {COORDINATES: self.eigen.coordinates, **self.gradients.tensors()}
+        """The shard tensors (``Tensor[S, ...]`` each): the factors and dense rest of ``gradients`` but the folded
+        biases, and ``coordinates`` unless they are derived."""
+        out = {k: t for k, t in self.gradients.tensors().items() if k not in self.folded_biases}
+        return out if self.derived_coordinates else {COORDINATES: self.eigen.coordinates, **out}
 
     @classmethod
     def from_tensors(
-        cls, space: ParameterSpace, basis: Tensor, eigenvalues: Tensor, damping: float, complement_gain: float, tensors: dict[str, Tensor]
-    ) -> FactoredResponses:
-        """From shard tensors (:meth:`tensors`) and the basis."""
-        tensors = dict(tensors)
-        eigen = EigenResponses(basis, eigenvalues, damping, tensors.pop(COORDINATES))
-        return cls(eigen, complement_gain, LowRankResponses.from_tensors(space, tensors))
+        cls, space: ParameterSpace, basis: Tensor, eigenvalues: Tensor, damping: float, complement_gain: float,
+        tensors: dict[str, Tensor], folded_biases: Mapping[str, str] | None = None,
+    ) -> FactoredResponses:  # fmt: skip
+        """From shard tensors (:meth:`tensors`) and the basis: the folded biases rebuilt from their weight's ``U``, and
+        the coordinates derived (:meth:`derived`) where the shards do not hold them (``S k P`` multiply-adds)."""
+        tensors, folded = dict(tensors), dict(folded_biases or {})
+        coordinates = tensors.pop(COORDINATES, None)
+        for bias, weight in folded.items():
+            u = tensors[weight + FACTOR_KEYS[0]]
+            tensors[bias] = u.sum(dim=2).reshape(u.shape[0], *space.shapes[space.names.index(bias)])
+        gradients = LowRankResponses.from_tensors(space, tensors)
+        if coordinates is None:
+            return cls.derived(basis, eigenvalues, damping, complement_gain, gradients, folded)
+        return cls(EigenResponses(basis, eigenvalues, damping, coordinates), complement_gain, gradients, folded)
 
     @cached_property
     def _source_rows(self) -> tuple[Tensor, Tensor]:
@@ -279,8 +334,9 @@ def rebuilt_products(gradients: Tensor, u: Tensor, v: Tensor) -> Tensor:
 
 
 def factored_numbers(module: nn.Module, space: ParameterSpace, rank: int, rows: Mapping[str, int] | None = None) -> int | None:
-    """Numbers per per-example source codec ``"factored"`` would store for ``module`` with ``rank`` eigen coordinates
-    (capped at ``P``): ``c (out + in)`` for each weight of :func:`factor_layers` with ``c = rows[weight]`` rows per
+    """Numbers per per-example source codec ``"factored"`` would hold in memory for ``module`` with ``rank`` eigen
+    coordinates (capped at ``P``; the store keeps fewer: no coordinates, the factored layers' biases folded):
+    ``c (out + in)`` for each weight of :func:`factor_layers` with ``c = rows[weight]`` rows per
     example where that is below ``out x in``, every other parameter dense. ``rows``: :func:`example_rows` of one
     example; ``None`` counts each Linear layer as run once per example on a vector (``c = 1``) and every convolution
     dense (its rows are its output positions, which only an input shows). ``None`` where the layer-bases readout does
@@ -427,6 +483,16 @@ class FactorPlan:
                 ranks[name] = rows * width
         return cls(layers, ranks, slot)
 
+    def biases(self, space: ParameterSpace) -> dict[str, str]:
+        """``{bias name: weight name}``: the trainable biases of the factored weights' layers, which codec ``"factored"``
+        folds into the weight's factors where :func:`bias_agreement` holds (``[W | b] = U [V; 1]^T``)."""
+        out = {}
+        for layer in self.layers:
+            bias = layer.names(("bias",))[0]
+            if layer.weight in self.ranks and bias in space.names and getattr(layer.module, "bias", None) is not None:
+                out[bias] = layer.weight
+        return out
+
     def zeros(self, space: ParameterSpace, count: int, like: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """``{weight name: (U: Tensor[count, out, c], V: Tensor[count, in, c])}`` of zeros, ``like``'s dtype and device."""
         out = {}
@@ -473,6 +539,17 @@ class FactorPlan:
         return factors
 
 
+def _largest_error(predicted: Tensor, expected: Tensor, finite: Tensor) -> tuple[float, float]:
+    """``(largest |predicted - expected|, largest |expected|)`` over the finite sources (``finite: BoolTensor[C]``, some
+    true) of two ``Tensor[C, ...]`` blocks."""
+    error = (predicted - expected).abs().flatten(1).amax(dim=1)[finite].max()
+    return float(error), float(expected.abs().flatten(1).amax(dim=1)[finite].max())
+
+
+def _reproduces(error: float, scale: float) -> bool:
+    return error <= _CONSISTENCY_TOLERANCE * scale + 1e-12
+
+
 def check_factors(factors: dict[str, tuple[Tensor, Tensor]], dense: dict[str, Tensor], finite: Tensor) -> None:
     """Raises unless ``U V^T`` equals the dense gradient block (``dense[name]: Tensor[C, out, in]``) of every finite
     source up to float rounding: a weight that enters the loss outside its layer's call (tied weights, a penalty) has
@@ -488,11 +565,8 @@ def check_factors(factors: dict[str, tuple[Tensor, Tensor]], dense: dict[str, Te
         if not bool(finite.any()):
             continue
         probes = torch.randn(_CHECK_PROBES, u.shape[1], generator=torch.Generator().manual_seed(0)).to(u)
-        expected = probes @ target  # [C, p, in]
-        error = ((probes @ u) @ v.transpose(1, 2) - expected).abs().amax(dim=(1, 2))[finite].max()
-        scale = expected.abs().amax(dim=(1, 2))[finite].max()
-        error, scale = float(error), float(scale)
-        if not error <= _CONSISTENCY_TOLERANCE * scale + 1e-12:
+        error, scale = _largest_error((probes @ u) @ v.transpose(1, 2), probes @ target, finite)  # [C, p, in]
+        if not _reproduces(error, scale):
             raise RuntimeError(
                 f"codec='factored': the factors of {name!r} do not reproduce its per-source gradient (largest error "
                 f"{error:.3g} of {scale:.3g}, along {_CHECK_PROBES} random combinations of its rows): the weight is used "
@@ -500,7 +574,23 @@ def check_factors(factors: dict[str, tuple[Tensor, Tensor]], dense: dict[str, Te
             )
 
 
+def bias_agreement(factors: dict[str, tuple[Tensor, Tensor]], dense: dict[str, Tensor], finite: Tensor, biases: Mapping[str, str]) -> Tensor:
+    """``BoolTensor[len(biases)]``: for each ``{bias name: weight name}`` of ``biases`` (:meth:`FactorPlan.biases`),
+    whether the weight's ``U`` summed over its ``c`` columns equals the bias's dense gradient block (``dense[bias]:
+    Tensor[C, out]``) of every finite source up to float rounding, as :func:`check_factors` compares the weights: the
+    bias gradient of one call is ``sum_t delta_t`` over the layer's output rows, which a bias used outside its layer's
+    call (or penalized in the loss) breaks. Where it holds, the bias is folded into the factors (not stored)."""
+    agree = []
+    for bias, weight in biases.items():
+        u = factors[weight][0]
+        if bool(finite.any()):
+            agree.append(_reproduces(*_largest_error(u.sum(dim=2), dense[bias].reshape(u.shape[0], -1), finite)))
+        else:
+            agree.append(True)
+    return torch.tensor(agree, dtype=torch.bool)
+
+
 __all__ = [
-    "COORDINATES", "FactorPlan", "FactoredResponses", "check_factors", "example_factors", "example_rows", "example_slots",
-    "factor_layers", "factor_products", "factored_numbers", "rebuilt_products", "weight_matrix",
+    "COORDINATES", "FactorPlan", "FactoredResponses", "bias_agreement", "check_factors", "eigen_coordinates", "example_factors",
+    "example_rows", "example_slots", "factor_layers", "factor_products", "factored_numbers", "rebuilt_products", "weight_matrix",
 ]

@@ -9,11 +9,15 @@ Layout of a store directory::
                                                "__source_index__": LongTensor[S_shard], the shard's sources}
     <checkpoint>/basis.safetensors             codec "eigen": {param name: Tensor[k, *shape]}, the basis V
     <checkpoint>/coordinates-00000.safetensors codec "eigen": {"coordinates": Tensor[S_shard, k]}
-    <checkpoint>/factored-00000.safetensors    codec "factored" (and its basis.safetensors): {"coordinates":
-                                               Tensor[S_shard, k], weight@U / weight@V: the gradient factors,
-                                               param name: the dense rest, "__source_index__"}
+    <checkpoint>/factored-00000.safetensors    codec "factored" (and its basis.safetensors): {weight@U / weight@V:
+                                               the gradient factors, param name: the dense rest but the folded
+                                               biases, "__source_index__"; "coordinates": Tensor[S_shard, k] only
+                                               where the manifest says "coordinates": "stored"}
 
-Format version 3: a dense shard holds any sources in any order (its ``__source_index__`` says which;
+Format version 4: a codec ``"factored"`` checkpoint may leave out what its other numbers determine (manifest fields
+``"coordinates": "derived"``, the eigen coordinates computed from the factors and the basis when read, and
+``"folded_biases": {bias: weight}``, each the weight's ``U`` summed over its columns; :mod:`factored`); version 3
+factored checkpoints stored both and are read as they are. Version 3: a dense shard holds any sources in any order (its ``__source_index__`` says which;
 the simulation writes shards as sources finish, and each process of a distributed fit writes its own,
 :class:`ShardWriter`). Version 2 named each checkpoint's codec (``"dense"`` or ``"eigen"``, see
 :mod:`codecs`) with contiguous shards ``[start, stop)``; version 1 stores (dense only, no codec field)
@@ -49,8 +53,9 @@ from lightning_attr.parameters import ParameterSpace
 from lightning_attr.sources import SourceMap
 
 FORMAT = "lightning_attr.responses"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # 1: dense responses only, no "codec" field; 2: contiguous shards
+FORMAT_VERSION = 4
+# 1: dense responses only, no "codec" field; 2: contiguous shards; 3: codec "factored" keeps its coordinates and biases
+READABLE_VERSIONS = (1, 2, 3, 4)
 SOURCE_INDEX = "__source_index__"  # a dense shard's LongTensor[S_shard] of source ids (format 3)
 _STATS = ("valid", "shortfall", "missing_examples")
 MANIFEST = "manifest.json"
@@ -645,10 +650,11 @@ class ResponseStore:
             key = ("factored", name, str(device))
             if key not in self._cache:
                 info = self.checkpoint_info(name)
+                tensors = {k: t.to(device) for k, t in self._read_rows(name, "factored").items()}
                 self._cache[key] = FactoredResponses.from_tensors(
-                    self.space, self._read_basis(name), torch.tensor(info["eigenvalues"]), float(info["damping"]),
-                    float(info["complement_gain"]), self._read_rows(name, "factored"),
-                ).to(device)  # fmt: skip
+                    self.space, self._read_basis(name).to(device), torch.tensor(info["eigenvalues"], device=device),
+                    float(info["damping"]), float(info["complement_gain"]), tensors, info.get("folded_biases"),
+                )  # fmt: skip
             return self._cache[key]
         if self.codec(name) == "lorif":
             key = ("lorif", name, str(device))
@@ -697,17 +703,38 @@ class ResponseStore:
         return LowRankResponses.from_tensors(self.space, self._read_rows(name, "lorif"))
 
     def _shard_shapes(self, name: str, rows: int) -> dict[str, tuple[int, ...]]:
-        """``{key: shape}`` every shard of checkpoint ``name`` with ``rows`` sources must hold (dense or lorif)."""
+        """``{key: shape}`` every shard of checkpoint ``name`` with ``rows`` sources must hold (dense, lorif or factored:
+        its coordinates unless derived, its folded biases left out; :meth:`_factored_fields`)."""
         info = self.checkpoint_info(name)
         factored = info.get("factored", {})
-        shapes = {COORDINATES: (rows, info["rank"])} if info.get("codec") == "factored" else {}
+        folded, derived = self._factored_fields(name) if info.get("codec") == "factored" else ({}, True)
+        shapes = {} if derived else {COORDINATES: (rows, info["rank"])}
         for pname, shape in zip(self.space.names, self.space.shapes):
             if pname in factored:
                 out, inp, c = factored[pname]
                 shapes[pname + FACTOR_KEYS[0]], shapes[pname + FACTOR_KEYS[1]] = (rows, out, c), (rows, inp, c)
-            else:
+            elif pname not in folded:
                 shapes[pname] = (rows, *shape)
         return shapes
+
+    def _factored_fields(self, name: str) -> tuple[dict[str, str], bool]:
+        """``(folded biases {bias: weight}, coordinates derived)`` of a ``"factored"`` checkpoint (format 3: none, stored),
+        checked against the parameter space and the factored weights: a :class:`StoreError` names what is inconsistent."""
+        info = self.checkpoint_info(name)
+        folded, coordinates = info.get("folded_biases", {}), info.get("coordinates", "stored")
+        where = f"checkpoint {name!r} of {self.path}"
+        if coordinates not in ("stored", "derived") or not isinstance(folded, dict):
+            raise StoreError(f"{where}: manifest fields coordinates={coordinates!r} / folded_biases are not a codec 'factored' "
+                             "layout this version reads; the store is damaged. Re-run the simulation.")  # fmt: skip
+        shapes = dict(zip(self.space.names, self.space.shapes))
+        for bias, weight in folded.items():
+            factors = info.get("factored", {}).get(weight)
+            if factors is None or bias not in shapes or tuple(shapes[bias]) != (factors[0],):
+                raise StoreError(
+                    f"{where}: the manifest folds bias {bias!r} into weight {weight!r}, which is not a factored weight "
+                    f"with {bias!r} as its [out] bias: the store is damaged. Re-run the simulation."
+                )
+        return folded, coordinates == "derived"
 
     def responses(self, name: str, device: torch.device | str = "cpu") -> Tensor:
         """``Tensor[S, P]`` float32 responses of a ``"dense"`` (or ``"factored"``, rebuilt) checkpoint ``name`` (cached per device). This holds
@@ -762,10 +789,17 @@ class ResponseStore:
                     raise StoreError(f"{shard['file']}: {SOURCE_INDEX} is missing or not [{expected}]; the store is damaged.")
             else:
                 sources, expected = torch.arange(shard["start"], shard["stop"]), shard["stop"] - shard["start"]
-            for key, shape in self._shard_shapes(name, expected).items():
+            shapes = self._shard_shapes(name, expected)
+            for key, shape in shapes.items():
                 got = tuple(tensors[key].shape) if key in tensors else None
                 if got != shape:
                     raise StoreError(f"{shard['file']}: tensor {key!r} is {got}, expected {shape}.")
+            unexpected = sorted(set(tensors) - set(shapes)) if codec == "factored" else []
+            if unexpected:
+                raise StoreError(
+                    f"{shard['file']}: tensors {unexpected[:4]} are not in checkpoint {name!r}'s layout (the manifest "
+                    "derives or folds them): the shard and the manifest disagree, the store is damaged. Re-run the simulation."
+                )
             sources = sources.long()
             if sources.numel() and (int(sources.min()) < 0 or int(sources.max()) >= self.n_sources):
                 raise StoreError(f"{shard['file']}: source ids outside [0, {self.n_sources}); the store is damaged.")

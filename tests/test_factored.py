@@ -42,7 +42,9 @@ def test_factored_mlp_equals_dense_and_the_exact_target(tmp_path):
     entry = store.checkpoint_info("final")
     # one example per source: rank 1 per weight, 24 + 6 < 144 and 3 + 24 < 72 numbers: both factored
     assert entry["codec"] == "factored" and entry["factored"] == {"net.1.weight": [24, 6, 1], "net.3.weight": [3, 24, 1]}
-    assert entry["numbers_per_source"] == entry["rank"] + (24 + 6) + (3 + 24) + 24 + 3
+    # the coordinates are derived from the factors and the basis, and each bias is its weight's U summed: not stored
+    assert entry["coordinates"] == "derived" and entry["folded_biases"] == {"net.1.bias": "net.1.weight", "net.3.bias": "net.3.weight"}
+    assert entry["numbers_per_source"] == (24 + 6) + (3 + 24)
     block = store.block("final")
     assert isinstance(block, FactoredResponses)
     assert torch.allclose(block.to_dense(), ResponseStore.load(dense).responses("final"), atol=1e-6)
@@ -113,16 +115,16 @@ def test_factored_source_groups_factor_each_member_and_equal_dense(tmp_path):
     assert entry["factored"] == {"net.1.weight": [24, 6, 4]}
     ours, expected = (model.attribute((xq, yq), responses=path) for path in (factored, dense))
     assert ours.shape == (6, 30) and _close(ours, expected)
-    # a shard whose coordinates lost a column is refused by name, not read as zeros
+    # a shard whose factors lost a column is refused by name, not read as zeros
     from safetensors.torch import load_file, save_file
 
     store = ResponseStore.load(factored)
     shard = store.path / store.checkpoint_info("final")["shards"][0]["file"]
     tensors = load_file(str(shard))
-    tensors["coordinates"] = tensors["coordinates"][:, :-1].contiguous()
+    tensors["net.1.weight@V"] = tensors["net.1.weight@V"][:, :, :-1].contiguous()
     save_file(tensors, str(shard))
     store._check_files = lambda ckpt: None  # the size check would refuse it first; the shape check must too
-    with pytest.raises(StoreError, match=r"'coordinates' is \(30, 63\), expected \(30, 64\)"):
+    with pytest.raises(StoreError, match=r"'net.1.weight@V' is \(30, 6, 3\), expected \(30, 6, 4\)"):
         store.block("final")
 
 

@@ -64,7 +64,9 @@ def test_factored_conv1d_equals_dense_and_the_exact_target(tmp_path, monkeypatch
     entry = store.checkpoint_info("final")
     # conv2: its 4 output positions per example; conv1 (8 x (3 + 3) = 48 > 9) stays dense
     assert entry["factored"] == {"net.conv2.weight": [12, 15, 4], "net.fc.weight": [3, 48, 1]}
-    assert entry["numbers_per_source"] == entry["rank"] + 4 * (12 + 15) + (3 + 48) + 9 + 3 + 12 + 3
+    # the coordinates derived, the factored layers' biases folded (U summed over positions); conv1's weight and bias dense
+    assert entry["coordinates"] == "derived" and entry["folded_biases"] == {"net.conv2.bias": "net.conv2.weight", "net.fc.bias": "net.fc.weight"}
+    assert entry["numbers_per_source"] == 4 * (12 + 15) + (3 + 48) + 9 + 3
     block = store.block("final")
     assert isinstance(block, FactoredResponses)
     assert torch.allclose(block.to_dense(), ResponseStore.load(dense).responses("final"), atol=1e-6)
@@ -100,6 +102,9 @@ def test_factored_conv2d_sources_of_two_examples_equal_dense_and_the_exact_targe
     entry = ResponseStore.load(factored).checkpoint_info("final")
     # 2 examples x 4 positions = rank 8 for conv2 (stride, padding and dilation as the readout unfolds them)
     assert entry["factored"] == {"net.conv2.weight": [16, 27, 8], "net.fc.weight": [3, 64, 2]}
+    # each bias folded: U summed over the 2 examples' 4 positions (conv2) and the 2 examples (fc); conv1 stays dense
+    assert entry["folded_biases"] == {"net.conv2.bias": "net.conv2.weight", "net.fc.bias": "net.fc.weight"}
+    assert entry["numbers_per_source"] == 8 * (16 + 27) + 2 * (3 + 64) + 27 + 3
     ours, expected = (model.attribute((xq, yq), responses=path) for path in (factored, dense))
     assert ours.shape == (5, 40) and _close(ours, expected)
     exact = exact_influence(model, x, y, xq, yq, entry["damping"]).view(5, 40, 2).sum(dim=2)  # a source: its two examples

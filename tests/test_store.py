@@ -28,7 +28,7 @@ def test_round_trip_gives_identical_scores(trained, tmp_path):
     assert reopened.checkpoints == ["epoch=2", "final"]
     assert torch.equal(first, model.attribute((xq, yq), responses=reopened))
     m = reopened.manifest
-    assert m["format_version"] == 3 and m["checkpoints"][0]["codec"] == "dense" and m["n_sources"] == 96 and len(m["parameters"]) == 4
+    assert m["format_version"] == 4 and m["checkpoints"][0]["codec"] == "dense" and m["n_sources"] == 96 and len(m["parameters"]) == 4
     assert m["settings"]["horizon"] == 20 and m["checkpoints"][-1]["step_rule"]["damping"] > 0
     # the parameter snapshot of the final checkpoint is the model's weights
     assert reopened.space.digest(reopened.theta("final")) == m["checkpoints"][-1]["weights_digest"]
