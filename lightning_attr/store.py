@@ -11,8 +11,9 @@ Layout of a store directory::
     <checkpoint>/coordinates-00000.safetensors codec "eigen": {"coordinates": Tensor[S_shard, k]}
     <checkpoint>/factored-00000.safetensors    codec "factored" (and its basis.safetensors): {weight@U / weight@V:
                                                the gradient factors, param name: the dense rest but the folded
-                                               biases, "__source_index__"; "coordinates": Tensor[S_shard, k] only
-                                               where the manifest says "coordinates": "stored"}
+                                               biases; "coordinates": Tensor[S_shard, k] only where the manifest
+                                               says "coordinates": "stored"}; sources [start, stop) (format 3:
+                                               "__source_index__")
 
 Format version 4: a codec ``"factored"`` checkpoint may leave out what its other numbers determine (manifest fields
 ``"coordinates": "derived"``, the eigen coordinates computed from the factors and the basis when read, and
@@ -425,11 +426,7 @@ class ResponseStore:
                 f"{list(block.basis.shape)} and {list(block.coordinates.shape)}."
             )
         basis_file, basis_bytes = self._write_basis(name, block.basis, dtype)
-        shards = []
-        for i, start in enumerate(range(0, self.n_sources, shard_size)):
-            stop = min(start + shard_size, self.n_sources)
-            tensors = {"coordinates": block.coordinates[start:stop].to("cpu", _DTYPES[dtype])}
-            shards.append(self._write_shard(f"{name}/coordinates-{i:05d}.safetensors", tensors, start, stop))
+        shards = self._write_contiguous(name, "coordinates", {"coordinates": block.coordinates}, dtype, shard_size)
         entry = {
             "codec": "eigen", "rank": k, "basis_file": basis_file, "basis_bytes": basis_bytes,
             "eigenvalues": [float(v) for v in block.eigenvalues.cpu()], "damping": float(block.damping),
@@ -451,13 +448,19 @@ class ResponseStore:
                 f"space; got basis {list(basis.shape)} and {block.num_sources} sources."
             )
         basis_file, basis_bytes = self._write_basis(name, basis, dtype)
-        writer = ShardWriter(self.path, name, space, dtype, rows_per_shard=shard_size, stem="factored")
-        writer.add_encoded(torch.arange(self.n_sources), block.tensors())
-        writer.flush()
-        return {**block.entry(), "basis_file": basis_file, "basis_bytes": basis_bytes}, writer.shards
+        shards = self._write_contiguous(name, "factored", block.tensors(), dtype, shard_size)
+        return {**block.entry(), "basis_file": basis_file, "basis_bytes": basis_bytes}, shards
 
-    def _write_shard(self, file: str, tensors: dict[str, Tensor], start: int, stop: int) -> dict:
-        return {"file": file, "start": start, "stop": stop, "bytes": atomic_save_tensors(self.path / file, tensors)}
+    def _write_contiguous(self, name: str, stem: str, tensors: dict[str, Tensor], dtype: str, shard_size: int) -> list[dict]:
+        """``tensors: {key: Tensor[S, ...]}`` of every source, in order, as shards ``<name>/<stem>-<i>.safetensors`` of
+        ``shard_size`` sources ``[start, stop)`` each (the manifest says which: no per-row source index)."""
+        shards = []
+        for i, start in enumerate(range(0, self.n_sources, shard_size)):
+            stop = min(start + shard_size, self.n_sources)
+            part = {k: t[start:stop].to("cpu", _DTYPES[dtype]).contiguous() for k, t in tensors.items()}
+            file = f"{name}/{stem}-{i:05d}.safetensors"
+            shards.append({"file": file, "start": start, "stop": stop, "bytes": atomic_save_tensors(self.path / file, part)})
+        return shards
 
     # ------------------------------------------------------------------ load / validate
     @classmethod

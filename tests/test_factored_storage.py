@@ -22,7 +22,7 @@ from lightning_attr.factored import COORDINATES, bias_agreement, eigen_coordinat
 from lightning_attr.lowrank import LowRankResponses
 from lightning_attr.models import Classifier
 from lightning_attr.parameters import ParameterSpace
-from lightning_attr.store import StoreError
+from lightning_attr.store import ShardWriter, StoreError
 
 
 def _mlp(bias_last: bool = False, reuse_bias: bool = False):
@@ -55,7 +55,7 @@ def test_linear_with_and_without_bias_sources_of_two_fold_and_derive_exactly(tmp
     entry = store.checkpoint_info("final")
     assert entry["factored"] == {"net.fc1.weight": [24, 6, 2], "net.fc2.weight": [3, 24, 2]}
     assert entry["folded_biases"] == {"net.fc1.bias": "net.fc1.weight"} and entry["coordinates"] == "derived"
-    assert set(load_file(str(_shard(store)))) == {"__source_index__", "net.fc1.weight@U", "net.fc1.weight@V", "net.fc2.weight@U", "net.fc2.weight@V"}
+    assert set(load_file(str(_shard(store)))) == {"net.fc1.weight@U", "net.fc1.weight@V", "net.fc2.weight@U", "net.fc2.weight@V"}
     assert entry["numbers_per_source"] == 2 * (24 + 6) + 2 * (3 + 24)
     assert torch.allclose(store.block("final").to_dense(), ResponseStore.load(dense).responses("final"), atol=1e-6)
     ours, expected = (model.attribute((xq, yq), responses=path) for path in (factored, dense))
@@ -89,13 +89,15 @@ def test_a_format_3_store_with_stored_coordinates_and_biases_reads_as_before(tmp
     block = new.block("final")
 
     def write_format3(coordinates: torch.Tensor) -> ResponseStore:
-        old = ResponseStore.load(old_path)
+        """As format 3 wrote it: the shards of every tensor with a source index (ShardWriter), the basis as it is."""
         layout3 = replace(block, eigen=replace(block.eigen, coordinates=coordinates), folded_biases={}, derived_coordinates=False)
-        entry, shards = old.write_block("final", layout3)
+        writer = ShardWriter(old_path, "final", new.space, stem="factored")
+        writer.add_encoded(torch.arange(new.n_sources), layout3.tensors())
+        writer.flush()
         manifest = json.loads((old_path / "manifest.json").read_text())
         manifest["format_version"] = 3
         checkpoint = manifest["checkpoints"][0]
-        checkpoint.update({**entry, "shards": shards})
+        checkpoint.update({**layout3.entry(), "shards": writer.shards})
         for key in ("folded_biases", "coordinates"):
             del checkpoint[key]
         (old_path / "manifest.json").write_text(json.dumps(manifest))
@@ -104,7 +106,7 @@ def test_a_format_3_store_with_stored_coordinates_and_biases_reads_as_before(tmp
     marked = block.eigen.coordinates.clone()
     marked[0] += 1.0  # stored coordinates that are not the derived ones: the reader must take them as stored
     old = write_format3(marked)
-    assert {COORDINATES, "net.fc1.bias", "net.fc2.bias"} <= set(load_file(str(_shard(old))))
+    assert {COORDINATES, "net.fc1.bias", "net.fc2.bias", "__source_index__"} <= set(load_file(str(_shard(old))))
     read = old.block("final")
     assert torch.equal(read.eigen.coordinates, marked) and not read.derived_coordinates and not read.folded_biases
     assert torch.equal(read.gradients.rest["net.fc2.bias"], block.gradients.rest["net.fc2.bias"])
