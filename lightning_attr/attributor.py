@@ -36,12 +36,13 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_attr.batch_format import check_batch
+from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel, functional_view, to_float32
 from lightning_attr.parameters import ParameterSpace
 from lightning_attr.codecs import DEFAULT_MEMORY_BUDGET_MB, AnyBlock, DenseResponses, SplitResponses
 from lightning_attr.basis_readout import QueryFactors, basis_layers, member_query_factors
 from lightning_attr.layer_readout import handled_layers, layer_parameters
-from lightning_attr.readout import auto_chunk_size, check_readout, linear_query_gradients, query_chunks
+from lightning_attr.readout import auto_chunk_size, check_readout, linear_query_gradients, query_chunk_rows
 from lightning_attr.sources import split_batch
 from lightning_attr.store import ResponseStore, StoreError, check_store_path, manifest_stamp
 
@@ -436,11 +437,14 @@ def _shared_query_factors(
     factored = [k for k, (member, _) in enumerate(read) if hasattr(member.responses, "factor_scores")]
     out: list[QueryFactors | None] = [None] * len(read)
     layers = basis_layers(model.module, model.space) if readout == "linear" and len(factored) > 1 else None
-    if layers is None or len(query_chunks(batch, read[0][1])) > 1:
+    rows = query_chunk_rows(read[0][1])
+    if layers is None or batch_size_of(batch) > rows:
         return out
     thetas = torch.stack([read[k][1] for k in factored])
-    # chunk_size: Attributor.scores resolved it (the linear readout), shared by the members read together
-    for k, f in zip(factored, member_query_factors(model, thetas, batch, layers, chunk_size=chunk_size) or ()):
+    # chunk_size: Attributor.scores resolved it (the linear readout), shared by the members read together; the members'
+    # query gradients are laid out at once where they fit one query chunk together
+    laid_out = len(factored) * batch_size_of(batch) <= rows
+    for k, f in zip(factored, member_query_factors(model, thetas, batch, layers, chunk_size=chunk_size, laid_out=laid_out) or ()):
         out[k] = f
     return out
 

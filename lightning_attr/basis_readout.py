@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -101,17 +101,21 @@ class QueryFactors:
             (``Tensor[Q, out, in]``, a convolution's ``W.view(out, C_in k)``), rank ``R``.
         dense: ``{name: Tensor[Q, *shape]}``, every other covered parameter's gradient (biases, layers read along their
             parameters).
+        flat: ``None``, or :meth:`gradients` computed once (for several members' queries at a time, then split by
+            :meth:`rows`: one product per layer for all of them).
     """
 
     factors: dict[str, tuple[Tensor, Tensor]]
     dense: dict[str, Tensor]
+    flat: Tensor | None = None
 
     @staticmethod
     def concatenated(parts: Sequence[QueryFactors]) -> QueryFactors:
         """The queries of ``parts`` (of the same layers) one after the other."""
         cat = lambda tensors: torch.cat(list(tensors))  # noqa: E731
         factors = {n: (cat(p.factors[n][0] for p in parts), cat(p.factors[n][1] for p in parts)) for n in parts[0].factors}
-        return QueryFactors(factors, {n: cat(p.dense[n] for p in parts) for n in parts[0].dense})
+        flat = cat(p.flat for p in parts) if all(p.flat is not None for p in parts) else None
+        return QueryFactors(factors, {n: cat(p.dense[n] for p in parts) for n in parts[0].dense}, flat)
 
     @property
     def queries(self) -> int:
@@ -120,10 +124,17 @@ class QueryFactors:
 
     def rows(self, index: slice) -> QueryFactors:
         """The queries ``index`` of these factors (every tensor's first dimension)."""
-        return QueryFactors({n: (j[index], x[index]) for n, (j, x) in self.factors.items()}, {n: g[index] for n, g in self.dense.items()})
+        factors = {n: (j[index], x[index]) for n, (j, x) in self.factors.items()}
+        return QueryFactors(factors, {n: g[index] for n, g in self.dense.items()}, None if self.flat is None else self.flat[index])
+
+    def with_gradients(self, space: ParameterSpace, like: Tensor) -> QueryFactors:
+        """The same factors holding :meth:`gradients` (``flat``), computed here for all their queries at once."""
+        return replace(self, flat=self.gradients(space, self.queries, like))
 
     def gradients(self, space: ParameterSpace, queries: int, like: Tensor) -> Tensor:
         """``Tensor[Q, P]`` float32: the query gradients laid out as ``space`` (zeros for a parameter not covered)."""
+        if self.flat is not None:
+            return self.flat
         parts = dict(self.dense)
         for name, (j, x) in self.factors.items():
             parts[name] = j.transpose(1, 2) @ x
@@ -174,13 +185,18 @@ def query_factors(
 
 
 def member_query_factors(
-    model: FunctionalModel, thetas: Tensor, batch: Any, layers: Sequence[_Layer], *, chunk_size: int
+    model: FunctionalModel, thetas: Tensor, batch: Any, layers: Sequence[_Layer], *, chunk_size: int, laid_out: bool = False
 ) -> list[QueryFactors] | None:
     """:func:`query_factors` at each of ``E`` members' parameters ``thetas: Tensor[E, P]``, all members in the same
-    vmapped passes (as :func:`member_gradients`): one :class:`QueryFactors` per member, or ``None``."""
+    vmapped passes (as :func:`member_gradients`): one :class:`QueryFactors` per member, or ``None``. ``laid_out``: each
+    holds its query gradients ``Tensor[Q, P]`` too (:attr:`QueryFactors.flat`), laid out for all members at once
+    (``E Q P`` floats held together)."""
     parts = _member_factors(model, thetas, batch, layers, chunk_size, None)
-    queries = batch_size_of(batch)
-    return None if parts is None else [parts.rows(slice(e * queries, (e + 1) * queries)) for e in range(thetas.shape[0])]
+    if parts is None:
+        return None
+    members, queries = thetas.shape[0], batch_size_of(batch)
+    parts = parts.with_gradients(model.space, thetas) if laid_out else parts
+    return [parts.rows(slice(e * queries, (e + 1) * queries)) for e in range(members)]
 
 
 def _member_factors(

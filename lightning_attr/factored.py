@@ -228,12 +228,14 @@ class FactoredResponses:
         if columns.numel():
             coefficients = torch.cat([coefficients, gradients[:, columns]], dim=1)  # [Q, k + r]: and g_q's dense rest
         out = coefficients @ rows
-        parts = space.unflatten(gradients) if self.gradients.factors else {}
+        parts: dict[str, Tensor] = {}  # the query gradients per parameter, laid out where a weight is read from them
         for name, (u, v) in self.gradients.factors.items():
             positions = query.factors[name][0].shape[1] if name in query.factors else None  # None: read as parameters
             c, outs, ins = u.shape[2], u.shape[1], v.shape[1]
             cheaper = positions is not None and _factors_cheaper(queries, positions, c, outs, ins)
             rebuilt = None if cheaper else self._rebuilt(name)
+            if positions is None or not cheaper:
+                parts = parts or space.unflatten(gradients)
             if rebuilt is not None:  # the sources' matrices, rebuilt once: one product with the query gradients
                 out += parts[name].reshape(queries, -1) @ rebuilt
             elif positions is not None and _factors_cheaper(queries, positions, c, outs, ins, cached=False):

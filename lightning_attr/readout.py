@@ -92,7 +92,13 @@ def _gradient_scores(
 
 def query_chunks(batch: Any, theta: Tensor) -> tuple[Tensor, ...]:
     """The query rows in chunks of as many as keep their gradients (``[chunk, P]`` float32) under ``CHUNK_ACTIVATION_MB``."""
-    return torch.arange(batch_size_of(batch)).split(max(1, int(CHUNK_ACTIVATION_MB * 2**20 // (4 * theta.numel()))))
+    return torch.arange(batch_size_of(batch)).split(query_chunk_rows(theta))
+
+
+def query_chunk_rows(theta: Tensor) -> int:
+    """Query rows per chunk of :func:`query_chunks`: as many gradients ``Tensor[P]`` (``P = theta.numel()``) float32 as
+    fit ``CHUNK_ACTIVATION_MB``, at least 1."""
+    return max(1, int(CHUNK_ACTIVATION_MB * 2**20 // (4 * theta.numel())))
 
 
 def loop_over(one: Any) -> Any:

@@ -309,6 +309,27 @@ def test_members_read_together_give_each_members_gradients(monkeypatch, name, pa
             torch.testing.assert_close(both, torch.stack(alone), **tol)
 
 
+@pytest.mark.parametrize("queries", [1, 4])
+@pytest.mark.parametrize("name", ["conv1d", "twice"])
+def test_members_query_factors_laid_out_at_once_hold_each_members_gradients(name, queries):
+    """``member_query_factors(laid_out=True)`` lays out the query gradients of every member at once (one product per
+    layer for all of them) and hands each member its rows (``QueryFactors.flat``): they equal that member's autograd
+    gradients and what ``gradients()`` builds from the member's own factors."""
+    model = _model(name)
+    batch = tuple(t[:queries] for t in _data(MODELS[name][1])(queries))
+    with functional_view(model) as (fm, theta):
+        layers = basis_readout.basis_layers(fm.module, fm.space)
+        thetas = theta * (1 + 0.3 * torch.randn(3, theta.numel(), generator=torch.Generator().manual_seed(2)))
+        laid = basis_readout.member_query_factors(fm, thetas, batch, layers, chunk_size=64, laid_out=True)
+        own = basis_readout.member_query_factors(fm, thetas, batch, layers, chunk_size=64)
+        expected = _autograd_gradients(fm, thetas, batch)
+    assert all(f.flat is not None for f in laid) and all(f.flat is None for f in own)
+    tol = {"rtol": 1e-4, "atol": 1e-5 * float(expected.abs().max())}
+    for e, (f, g) in enumerate(zip(laid, own)):
+        torch.testing.assert_close(f.gradients(fm.space, queries, theta), expected[e], **tol)
+        torch.testing.assert_close(f.gradients(fm.space, queries, theta), g.gradients(fm.space, queries, theta), **tol)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_a_planned_query_skips_the_capture_pass_and_gives_the_same_gradients(monkeypatch, name):
     """Single queries of one layout are planned once per number of members (one capture pass); the later ones record
