@@ -6,24 +6,26 @@ float32 and bfloat16 (``store_dtype``: the basis, the factors and the dense rest
 
     OMP_NUM_THREADS=1 python benchmarks/storage.py \\
         --stores digits-mlp=/tmp/compact/stores/digits-mlp/responses-factored ... \\
-        --out benchmarks/results/storage-compact.json
+        --readout-stores /tmp/compact/stores --out benchmarks/results/storage-compact.json
 
 Per store (``NAME=PATH``, a codec ``"factored"`` store of either format, e.g. ``benchmarks/readout.py --factored``'s)
 and checkpoint: its block is read (:meth:`ResponseStore.block`) and written again by :meth:`ResponseStore.write_block`
 into a scratch directory in each layout and dtype, and the files' bytes are counted:
 
 - ``fixed``: the basis (``k x P``) and the parameter snapshot (``P``), once per member;
-- ``per source``: the shard bytes over ``S`` (the stored numbers, ``numbers_per_source``, and the 8-byte source index
-  of each row) plus the per-source bookkeeping file (``valid``, ``shortfall``, ``missing_examples``) over ``S``.
+- ``per source``: the shard bytes over ``S`` (the stored numbers, ``numbers_per_source``, and each shard's header) plus the per-source bookkeeping file (``valid``, ``shortfall``, ``missing_examples``) over ``S``.
 
-The format 4 layout folds the biases that equal their weight's ``U`` summed over columns (largest difference at most
-1e-3 of the largest entry, :func:`~lightning_attr.factored.bias_agreement`, as the simulation checks), and records the
-largest difference between the stored and the derived coordinates (relative to the largest stored one; 0 on a format 4
-store, which stores none). The ensemble's bytes are the members' summed: ``fixed + S x per_source`` against TRAK-1's
-``2048 S``; ``break_even_sources``: the least ``S`` at which ours is at most TRAK-1's (``None`` where our bytes per
-source exceed 2,048). Load cost: ``block()`` of a fresh store object on each layout's float32 copy, median of
-``--rounds`` alternating rounds (the derived coordinates' share: the difference), and
-:func:`~lightning_attr.factored.eigen_coordinates` alone.
+Layouts: ``"stored"``, format 3's content (the coordinates and every bias in the shards; written by this version's
+writer, in contiguous shards: format 3's shards also held an 8-byte source index per source, which the input store's
+own bytes, ``store_bytes``, include where it is a format 3 store) and ``"derived"``, format 4's, which folds the biases
+that equal their weight's ``U`` summed over columns (largest difference at most 1e-3 of the largest entry,
+:func:`~lightning_attr.factored.bias_agreement`, as the simulation checks), and records the largest difference between
+the stored and the derived coordinates (relative to the largest stored one; 0 on a format 4 store, which stores
+none). The ensemble's bytes are the members' summed: ``fixed + S x per_source`` against TRAK-1's ``2048 S``; ``break_even_sources``: the least ``S`` at which ours is at most TRAK-1's (``None`` where our bytes per
+source exceed 2,048). Load cost, medians of ``--rounds`` alternating rounds: ``block()`` of a fresh store object on
+each layout's float32 copy (the derived coordinates' share: the difference), :func:`~lightning_attr.factored.eigen_coordinates`
+alone, and with ``--readout-stores`` (``benchmarks/readout.py``'s ``--store-dir``, whose fitted model of the setting
+NAME is read) ``attribute()``'s first call on one test query against each layout's store (every member read).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,6 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import CODE_COMMIT  # noqa: E402
+from convergence import HERE as SETTINGS  # noqa: E402
+from readout import fitted  # noqa: E402
 
 from lightning_attr import ResponseStore  # noqa: E402
 from lightning_attr._io import atomic_write_json  # noqa: E402
@@ -52,13 +58,14 @@ from lightning_attr.factored import FactoredResponses, bias_agreement, eigen_coo
 from lightning_attr.store import FORMAT_VERSION  # noqa: E402
 
 TRAK1_BYTES_PER_SOURCE = 512 * 4  # dattri / traker TRAK-1: one 512-dimensional float32 projection per source
-LAYOUTS = ("format 3", "format 4")
+LAYOUTS = ("stored", "derived")  # format 3's content (coordinates, every bias) / format 4's (derived, folded)
 DTYPES = ("float32", "bfloat16")
 
 
 def _layouts(block: FactoredResponses) -> tuple[dict[str, FactoredResponses], float]:
     """``({layout: block}, largest relative difference of stored to derived coordinates)``: the block with its
-    coordinates and biases stored (format 3) and with them derived and folded where they reproduce (format 4)."""
+    coordinates and biases stored (``"stored"``, format 3's content) and with them derived and folded where they
+    reproduce (``"derived"``, format 4's)."""
     gradients, eigen = block.gradients, block.eigen
     derived = eigen_coordinates(eigen.basis, eigen.eigenvalues, eigen.damping, block.complement_gain, gradients)
     finite = torch.isfinite(eigen.coordinates).all(dim=1)
@@ -72,66 +79,86 @@ def _layouts(block: FactoredResponses) -> tuple[dict[str, FactoredResponses], fl
     folded = {b: w for (b, w), ok in zip(candidates.items(), agree) if ok}
     old = replace(block, folded_biases={}, derived_coordinates=False)
     new = FactoredResponses.derived(eigen.basis, eigen.eigenvalues, eigen.damping, block.complement_gain, gradients, folded)
-    return {"format 3": old, "format 4": new}, difference
+    return {"stored": old, "derived": new}, difference
 
 
-def _written(store: ResponseStore, scratch: Path, name: str, block: FactoredResponses, dtype: str) -> dict:
-    """``block`` written as checkpoint ``name`` of a scratch store (``store``'s manifest, parameter snapshot and per-source
-    bookkeeping; readable) in ``dtype``: its files' bytes."""
-    copy = ResponseStore(scratch, {**store.manifest, "format_version": FORMAT_VERSION, "checkpoints": []})
+def _scratch(store: ResponseStore, path: Path) -> ResponseStore:
+    """An empty store at ``path`` for ``store``'s model and sources, to write its checkpoints into again."""
+    path.mkdir(parents=True)
+    return ResponseStore(path, {**store.manifest, "format_version": FORMAT_VERSION, "checkpoints": []})
+
+
+def _written(copy: ResponseStore, store: ResponseStore, name: str, block: FactoredResponses, dtype: str) -> dict:
+    """``block`` written as checkpoint ``name`` of ``copy`` (with ``store``'s parameter snapshot and per-source
+    bookkeeping; listed in its manifest, so readable) in ``dtype``: its files' bytes."""
     entry, shards = copy.write_block(name, block, dtype)
     info = store.checkpoint_info(name)
     for key in ("params_file", "sources_file"):
-        shutil.copy(store.path / info[key], scratch / info[key])
-    copy.manifest["checkpoints"] = [{**info, **entry, "shards": shards, "dtype": dtype}]
+        shutil.copy(store.path / info[key], copy.path / info[key])
+    copy.manifest["checkpoints"].append({**info, **entry, "shards": shards, "dtype": dtype})
     copy._write_manifest()
     return {
         "numbers_per_source": entry["numbers_per_source"], "folded_biases": entry["folded_biases"],
         "coordinates": entry["coordinates"], "basis_bytes": entry["basis_bytes"],
-        "params_bytes": (scratch / info["params_file"]).stat().st_size, "shard_bytes": sum(s["bytes"] for s in shards),
-        "sources_file_bytes": (scratch / info["sources_file"]).stat().st_size,
+        "params_bytes": (copy.path / info["params_file"]).stat().st_size, "shard_bytes": sum(s["bytes"] for s in shards),
+        "sources_file_bytes": (copy.path / info["sources_file"]).stat().st_size,
     }  # fmt: skip
 
 
-def _median_load(paths: dict[str, Path], name: str, rounds: int) -> dict[str, float]:
-    """``{layout: median seconds}`` of ``ResponseStore.load(path).block(name)`` (a fresh store: nothing cached),
-    the layouts alternating within each round."""
-    seconds: dict[str, list[float]] = {layout: [] for layout in paths}
+def _alternating(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """``{name: median seconds}`` of each call, the calls alternating within each of ``rounds`` rounds."""
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
-        for layout, path in paths.items():
+        for name, call in calls.items():
             start = time.perf_counter()
-            ResponseStore.load(path).block(name)
-            seconds[layout].append(time.perf_counter() - start)
-    return {layout: statistics.median(s) for layout, s in seconds.items()}
+            call()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in seconds.items()}
 
 
-def measure(label: str, path: Path, rounds: int) -> dict:
+def _first_query(model, copies: dict[str, Path], x: torch.Tensor, y: torch.Tensor, rounds: int) -> dict[str, float]:
+    """``{layout: median seconds}`` of ``model.attribute()``'s first call on one query against each layout's store
+    (the module's cached attributors dropped before each: every member's block read and laid out again)."""
+
+    def first(path: Path):
+        model.__dict__.pop("_attributors", None)
+        return model.attribute((x, y), responses=path)
+
+    return _alternating({layout: partial(first, path) for layout, path in copies.items()}, rounds)
+
+
+def measure(label: str, path: Path, rounds: int, tmp: Path, readout_stores: Path | None) -> dict:
     store = ResponseStore.load(path)
     members, sources = [], store.n_sources
-    with tempfile.TemporaryDirectory(prefix="storage-") as tmp:
-        for name in store.checkpoints:
-            if store.codec(name) != "factored":
-                raise SystemExit(f"{path}: checkpoint {name!r} is codec {store.codec(name)!r}; this script measures 'factored' stores.")
-            blocks, difference = _layouts(store.block(name))
-            eigen = blocks["format 4"].eigen
-            start = time.perf_counter()
-            eigen_coordinates(eigen.basis, eigen.eigenvalues, eigen.damping, blocks["format 4"].complement_gain, blocks["format 4"].gradients)
-            derive_seconds = time.perf_counter() - start
-            member = {"checkpoint": name, "rank": eigen.rank, "coordinates_difference": difference, "derive_seconds": derive_seconds}
-            copies = {}
-            for layout in LAYOUTS:
-                for dtype in DTYPES:
-                    scratch = Path(tmp) / f"{layout.replace(' ', '')}-{dtype}"
-                    files = _written(store, scratch, name, blocks[layout], dtype)
-                    files["bytes_per_source"] = (files["shard_bytes"] + files["sources_file_bytes"]) / sources
-                    files["fixed_bytes"] = files["basis_bytes"] + files["params_bytes"]
-                    member[f"{layout}, {dtype}"] = files
-                    if dtype == "float32":
-                        copies[layout] = scratch
-            member["load_seconds"] = _median_load(copies, name, rounds)
-            members.append(member)
-            print(json.dumps({"store": label, **{k: v for k, v in member.items() if not k.startswith("format")}}), flush=True)
-    return {"store": label, "path": str(path), "sources": sources, "members": members, "ensemble": _ensemble(members, sources)}
+    copies = {(layout, dtype): _scratch(store, tmp / label / f"{layout.replace(' ', '')}-{dtype}") for layout in LAYOUTS for dtype in DTYPES}
+    for name in store.checkpoints:
+        if store.codec(name) != "factored":
+            raise SystemExit(f"{path}: checkpoint {name!r} is codec {store.codec(name)!r}; this script measures 'factored' stores.")
+        blocks, difference = _layouts(store.block(name))
+        new = blocks["derived"]
+        derive = _alternating({"derive": lambda: eigen_coordinates(new.eigen.basis, new.eigen.eigenvalues, new.eigen.damping, new.complement_gain, new.gradients)}, rounds)
+        member = {"checkpoint": name, "rank": new.rank, "coordinates_difference": difference, "derive_seconds": derive["derive"]}
+        for (layout, dtype), copy in copies.items():
+            files = _written(copy, store, name, blocks[layout], dtype)
+            files["bytes_per_source"] = (files["shard_bytes"] + files["sources_file_bytes"]) / sources
+            files["fixed_bytes"] = files["basis_bytes"] + files["params_bytes"]
+            member[f"{layout}, {dtype}"] = files
+        reads = {layout: partial(lambda p: ResponseStore.load(p).block(name), copies[layout, "float32"].path) for layout in LAYOUTS}
+        member["block_seconds"] = _alternating(reads, rounds)
+        members.append(member)
+        print(json.dumps({"store": label, **{k: v for k, v in member.items() if k.split(",")[0] not in LAYOUTS}}), flush=True)
+    on_disk = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
+    out = {
+        "store": label, "path": str(path), "format_version": store.manifest["format_version"], "store_bytes": on_disk,
+        "sources": sources, "members": members, "ensemble": _ensemble(members, sources),
+    }  # fmt: skip
+    if readout_stores is not None:  # benchmarks/readout.py's fitted model of this setting: attribute()'s first call
+        data = SETTINGS[label].load()
+        model, _, _ = fitted(label, data, readout_stores, factored=True)
+        floats = {layout: copies[layout, "float32"].path for layout in LAYOUTS}
+        out["first_query_seconds"] = _first_query(model, floats, data.x_test[:1], data.y_test[:1], rounds)
+        print(json.dumps({"store": label, "first_query_seconds": out["first_query_seconds"]}), flush=True)
+    return out
 
 
 def _ensemble(members: list[dict], sources: int) -> dict:
@@ -167,7 +194,7 @@ def table(results: list[dict]) -> str:
                 per = " / ".join(f"{x['numbers_per_source']} / {x['bytes_per_source']:.0f}" for x in m)
                 even = "never" if e["break_even_sources"] is None else f"{e['break_even_sources']:,}"
                 lines.append(
-                    f"| {r['store']} (S = {r['sources']:,}) | {key} | {fixed} | {per} | {e['total_bytes'] / 1e6:.1f} "
+                    f"| {r['store']} (S = {r['sources']:,}; format {r['format_version']}, {r['store_bytes'] / 1e6:.1f} MB) | {key} | {fixed} | {per} | {e['total_bytes'] / 1e6:.1f} "
                     f"(TRAK-1 {e['trak1_bytes'] / 1e6:.2f}) | {e['bytes_per_source']:.0f} ({e['per_source_vs_trak1']:.2f}x) | {even} |"
                 )
     return "\n".join(lines)
@@ -177,12 +204,16 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stores", nargs="+", required=True, help="NAME=PATH of codec 'factored' stores (format 3 or 4)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the load timing")
+    p.add_argument("--readout-stores", help="benchmarks/readout.py's --store-dir: time attribute()'s first call with its "
+                   "fitted model of each store whose NAME is a setting")  # fmt: skip
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "storage.json"))
     args = p.parse_args(argv)
     results = []
-    for item in args.stores:
-        label, _, path = item.partition("=")
-        results.append(measure(label, Path(path), args.rounds))
+    with tempfile.TemporaryDirectory(prefix="storage-") as tmp:
+        for item in args.stores:
+            label, _, path = item.partition("=")
+            readout_stores = Path(args.readout_stores) if args.readout_stores and label in SETTINGS else None
+            results.append(measure(label, Path(path), args.rounds, Path(tmp), readout_stores))
     print(table(results))
     atomic_write_json(Path(args.out), {"code_commit": CODE_COMMIT, "torch_threads": torch.get_num_threads(), "stores": results})
 
