@@ -18,9 +18,9 @@ Layout of a store directory::
 Format version 4: a codec ``"factored"`` checkpoint may leave out what its other numbers determine (manifest fields
 ``"coordinates": "derived"``, the eigen coordinates computed from the factors and the basis when read, and
 ``"folded_biases": {bias: weight}``, each the weight's ``U`` summed over its columns; :mod:`factored`); version 3
-factored checkpoints stored both and are read as they are. Version 3: a dense shard holds any sources in any order (its ``__source_index__`` says which;
-the simulation writes shards as sources finish, and each process of a distributed fit writes its own,
-:class:`ShardWriter`). Version 2 named each checkpoint's codec (``"dense"`` or ``"eigen"``, see
+factored checkpoints stored both and are read as they are. Version 3: a dense shard holds any sources in any order
+(its ``__source_index__`` says which; the simulation writes shards as sources finish, and each process of a
+distributed fit writes its own, :class:`ShardWriter`). Version 2 named each checkpoint's codec (``"dense"`` or ``"eigen"``, see
 :mod:`codecs`) with contiguous shards ``[start, stop)``; version 1 stores (dense only, no codec field)
 are read as dense. A checkpoint is listed in the manifest only once every shard of every source is
 written (:meth:`ResponseStore.commit` checks that each source is covered exactly once).
