@@ -439,7 +439,8 @@ def _pass_jacobian(
     with a zero tangent does not (an ad hoc timing of a Linear 64 -> 10 with 64 tangents: 0.37 vs 0.19 ms); but where
     the tangents are many numbers per call (:func:`_tangents_spread`), the zero tangent is paid as a full add that spreads
     the output's tangents over every query, and the biases carry none (``bias_tangents=False``; tried first there, and
-    the pass run again with them where vmap refuses it, e.g. an in-place activation on an output without a tangent).
+    the pass run again with them where vmap refuses it, e.g. an in-place activation on an output without a tangent: the
+    refusal is kept per module, layers and groups, so a later call of that pass does not try again).
 
     ``record`` (one query): the pass also does the capture pass's work (:func:`~lightning_attr.layer_readout.capturing`
     in its first call): returns ``(jacobian, inputs, seen)``, ``inputs`` per layer and call ``Tensor[E, *shape of one
@@ -447,11 +448,12 @@ def _pass_jacobian(
     outputs' shapes and whether a covered parameter was used outside its layer (its inputs emptied)."""
     queries, sizes = batch_size_of(batch), [g.size for g in groups]
     if bias_tangents is None:
-        if _tangents_spread(groups, queries, chunk_size):
+        refused = model.module.__dict__.setdefault("_basis_spread_refused", set())  # (layers, groups) vmap refused
+        if (tuple(layers), tuple(groups)) not in refused and _tangents_spread(groups, queries, chunk_size):
             try:
                 return _pass_jacobian(model, params, batch, layers, calls, groups, chunk_size, record, bias_tangents=False)
             except RuntimeError:  # e.g. an in-place activation on an output that carries no tangent: vmap refuses it
-                pass
+                refused.add((tuple(layers), tuple(groups)))  # not tried again for this network's pass
         bias_tangents = True
     moved = [n for g in groups if g.call is None for n in g.names]
     if bias_tangents:
