@@ -36,9 +36,10 @@ Timing: Q=1 in ``--rounds`` alternating rounds (each round scores query ``k`` wi
 rotated order; round 0 only warms up), and the whole batch in ``--batched-rounds`` alternating rounds. Reported:
 medians (ms per query) and the median over rounds of each function's time divided by TRAK-1's in the same
 round (the paired ratio: the machine's load changes between rounds, not within one). ``breakdown``: the
-readout kernels alone (the members' query gradients in the same passes times each member's responses, no store
-checks, no ensemble step) against the whole ``attribute()`` call, per Q (``--profile``: and torch.profiler's operators with the most self CPU time in the
-ensemble query). One JSON record per setting and ``--label`` in ``--out``, written after each setting (a rerun
+readout kernels alone (the members' query gradients, or with codec ``"factored"`` their layer factors, in the same
+passes times each member's responses, no store checks, no ensemble step) against the whole ``attribute()`` call, per Q
+and store (the default's, and with ``--factored`` the factored one) (``--profile``: and torch.profiler's operators with
+the most self CPU time in the default store's ensemble query). One JSON record per setting and ``--label`` in ``--out``, written after each setting (a rerun
 replaces the records of the settings and label it runs and keeps the others). Before / after a change of the
 library: run this script with ``PYTHONPATH`` pointing at each version and another ``--label``; each record's
 ratios to TRAK-1 are paired within its own process.
@@ -69,7 +70,7 @@ from lightning_attr.functional import functional_view  # noqa: E402
 from lightning_attr.models import Classifier  # noqa: E402
 from lightning_attr.attributor import ensemble_mean  # noqa: E402
 from lightning_attr.layer_readout import handled_layers, layer_parameters  # noqa: E402
-from lightning_attr.basis_readout import basis_layers  # noqa: E402
+from lightning_attr.basis_readout import basis_layers, member_query_factors  # noqa: E402
 from lightning_attr.readout import auto_chunk_size, linear_query_gradients, score_sources  # noqa: E402
 
 CHECKPOINT_EPOCHS = "auto"  # the default: after 10% and 20% of the epochs, and the final checkpoint
@@ -157,26 +158,34 @@ def paired_rounds(functions: dict, batches: list, reference: str) -> dict:
 def breakdown(model: Classifier, path: Path, batch: tuple, repeats: int) -> dict:
     """Milliseconds of ``attribute()`` (every checkpoint: the ensemble) against its readout kernels alone, with the
     chunk ``attribute()`` chooses: the members' query gradients along the layer bases in the same passes
-    (:func:`~lightning_attr.readout.linear_query_gradients`) times each checkpoint's responses, held as the attributor
-    holds them (a block that declines: its own readout at its parameter snapshot); no store checks, no ensemble step."""
+    (:func:`~lightning_attr.readout.linear_query_gradients`; a codec ``"factored"`` store: their layer factors,
+    :func:`~lightning_attr.basis_readout.member_query_factors`) times each checkpoint's responses, held as the
+    attributor holds them (a block that declines: its own readout at its parameter snapshot); no store checks, no
+    ensemble step."""
     store = ResponseStore.load(path)
-    split = None if basis_layers(model, store.space) is not None else layer_parameters(handled_layers(model, store.space))
+    layers = basis_layers(model, store.space)
+    split = None if layers is not None else layer_parameters(handled_layers(model, store.space))
     members = [(store.block(name, split=split), store.theta(name)) for name in store.checkpoints]
     thetas = torch.stack([at for _, at in members])
+    factored = layers is not None and all(hasattr(block, "factor_scores") for block, _ in members)
     with functional_view(model) as (fm, theta):
         batch = tuple(t.clone() for t in batch)
         chunk = auto_chunk_size(fm, theta, batch, store.n_sources)
 
         def kernels() -> list:
-            gradients = linear_query_gradients(fm, thetas, batch, store.n_sources, chunk)
+            if factored:
+                queries = member_query_factors(fm, thetas, batch, layers, chunk_size=chunk, laid_out=True)
+                if queries is not None:
+                    return [block.factor_scores(fm.space, q, at) for (block, at), q in zip(members, queries)]
+            gradients = None if factored else linear_query_gradients(fm, thetas, batch, store.n_sources, chunk)
             if gradients is None:
                 return [block.scores(fm, at, batch, "linear", chunk) for block, at in members]
             return [block.gradient_scores(g) for (block, _), g in zip(members, gradients)]
 
         kernel_ms = _median_ms(kernels, repeats)
     total_ms = _median_ms(lambda: model.attribute(batch, responses=str(path)), repeats)
-    return {"queries": len(batch[0]), "chunk_size": chunk, "attribute_ms": round(total_ms, 3), "readout_kernels_ms": round(kernel_ms, 3),
-            "rest_ms": round(total_ms - kernel_ms, 3)}  # fmt: skip
+    return {"store": store.codec(store.checkpoints[-1]), "queries": len(batch[0]), "chunk_size": chunk, "attribute_ms": round(total_ms, 3),
+            "readout_kernels_ms": round(kernel_ms, 3), "rest_ms": round(total_ms - kernel_ms, 3)}  # fmt: skip
 
 
 def top_ops(model: Classifier, path: Path, batch: tuple, repeats: int, rows: int = 8) -> list[dict]:
@@ -275,7 +284,8 @@ def run_setting(name: str, args) -> dict:
     batched = paired_rounds(functions, [(xq, yq)] * (args.batched_rounds + 1), "TRAK-1 (dattri)")
     for row in batched.values():
         row["ms_per_query"] = round(row.pop("ms") / len(xq), 4)
-    split = [breakdown(model, path, (xq[:q], yq[:q]), r) for q, r in ((1, 20), (len(xq), 2))]
+    stores = [path, factored_store(path)] if args.factored else [path]
+    split = [breakdown(model, p, (xq[:q], yq[:q]), r) for p in stores for q, r in ((1, 20), (len(xq), 2))]
     if args.profile:
         for part, (q, r) in zip(split, ((1, 10), (len(xq), 1))):
             part["top_ops"] = top_ops(model, path, (xq[:q], yq[:q]), r)
@@ -299,7 +309,7 @@ def _print(r: dict) -> None:
         b = r["batched"][name]
         print(f"  {name:32} {row['ms']:9.2f} {row['ratio_to_reference']:9.3f} {b['ms_per_query']:13.3f} {b['ratio_to_reference']:9.3f}")
     for split in r["breakdown"]:
-        print(f"  Q={split['queries']}: attribute {split['attribute_ms']:.1f} ms, readout kernels {split['readout_kernels_ms']:.1f} ms "
+        print(f"  {split.get('store', 'dense')} store, Q={split['queries']}: attribute {split['attribute_ms']:.1f} ms, readout kernels {split['readout_kernels_ms']:.1f} ms "
               f"(chunk {split['chunk_size']})")  # fmt: skip
         for op in split.get("top_ops", []):
             print(f"    {op['op']:36} {100 * op['share']:5.1f}%  {op['ms_per_call']:9.3f} ms per call")
