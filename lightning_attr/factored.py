@@ -27,8 +27,10 @@ At query time :func:`~lightning_attr.basis_readout.query_factors` gives, by forw
 (``dm/dz`` at its output rows) and their input ``X``: ``<J^T X, U V^T> = sum (J U) * (X V)`` costs
 ``Q x R x S x c (out + in)`` instead of ``Q x S x out x in``, or, for many queries of a convolution, the sources'
 matrices rebuilt once (``S out in (c + Q)``; :func:`factor_products` takes the cheaper), and ``t_q = V g_q`` one
-``[Q, P] x [P, k]`` product whatever ``S``. A model the layer bases do not cover is read with ``k`` tangents along
-``V`` and the factored layers' hooks (:class:`LowRankResponses`), forward mode too.
+``[Q, P] x [P, k]`` product whatever ``S``. A folded bias is read with its weight (its query gradient ``sum_r J_r``
+against ``U 1``: ``sum (J U) * (X V + 1)``, or ``U 1`` below the rebuilt ``U V^T``), not as a dense row. A model the
+layer bases do not cover is read with ``k`` tangents along ``V`` and the factored layers' hooks
+(:class:`LowRankResponses`), forward mode too.
 """
 
 from __future__ import annotations
@@ -172,17 +174,16 @@ class FactoredResponses:
     @cached_property
     def _source_rows(self) -> tuple[Tensor, Tensor]:
         """``(columns: LongTensor[r], rows: Tensor[k + r, S])``, laid out once for :meth:`factor_scores`: the positions in
-        ``P`` of the parameters ``gradients`` keeps dense (the rest: biases, ...; in the space's order) and, one source
+        ``P`` of the parameters ``gradients`` keeps dense but the folded biases (the rest: biases of layers kept dense,
+        ...; in the space's order; a folded bias is read with its weight's factors, :meth:`factor_scores`) and, one source
         per column, the eigen coordinates over the rest (``S (k + r)`` floats beside the blocks' own). One product of
         ``[V g_q, g_q[columns]]`` with it scores both terms; a source's numbers in a column rather than a row make the
         single query's matrix-vector product stream long rows: ``[1400, 256]`` coordinates of three members 0.60 ms
         as rows, 0.33 ms as columns (cache flushed, one thread)."""
-        space = self.gradients.space
-        starts = torch.tensor([0, *space.numels]).cumsum(0).tolist()
-        kept = [i for i, n in enumerate(space.names) if n in self.gradients.rest]
+        kept = [n for n in self.gradients.space.names if n in self.gradients.rest and n not in self.folded_biases]
         coordinates = self.eigen.coordinates
-        columns = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in kept]) if kept else torch.zeros(0, dtype=torch.long)
-        rest = [self.gradients.rest[space.names[i]].reshape(self.num_sources, -1) for i in kept]
+        columns = torch.cat([torch.arange(*self._spans[n]) for n in kept]) if kept else torch.zeros(0, dtype=torch.long)
+        rest = [self.gradients.rest[n].reshape(self.num_sources, -1) for n in kept]
         return columns.to(coordinates.device), torch.cat([coordinates, *rest], dim=1).T.contiguous()
 
     def scores(self, model: FunctionalModel, theta: Tensor, batch: Any, readout: str, chunk_size: int) -> Tensor:
@@ -228,24 +229,23 @@ class FactoredResponses:
         if columns.numel():
             coefficients = torch.cat([coefficients, gradients[:, columns]], dim=1)  # [Q, k + r]: and g_q's dense rest
         out = coefficients @ rows
-        parts: dict[str, Tensor] = {}  # the query gradients per parameter, laid out where a weight is read from them
         for name, (u, v) in self.gradients.factors.items():
             positions = query.factors[name][0].shape[1] if name in query.factors else None  # None: read as parameters
-            c, outs, ins = u.shape[2], u.shape[1], v.shape[1]
+            bias = self._bias_of.get(name)
+            c, outs, ins = u.shape[2], u.shape[1], v.shape[1] + (bias is not None)  # a folded bias: V's ones row
             cheaper = positions is not None and _factors_cheaper(queries, positions, c, outs, ins)
             rebuilt = None if cheaper else self._rebuilt(name)
-            if positions is None or not cheaper:
-                parts = parts or space.unflatten(gradients)
             if rebuilt is not None:  # the sources' matrices, rebuilt once: one product with the query gradients
-                out += parts[name].reshape(queries, -1) @ rebuilt
+                out += _layer_gradients(self._spans, gradients, name, bias) @ rebuilt
             elif positions is not None and _factors_cheaper(queries, positions, c, outs, ins, cached=False):
-                out += factor_products(*query.factors[name], u, v, self._factor_columns[name])
+                out += factor_products(*query.factors[name], u, v, self._factor_columns[name], bias=bias is not None)
             else:
-                out += rebuilt_products(parts[name].reshape(queries, u.shape[1], v.shape[1]), u, v)
+                out += rebuilt_products(_layer_gradients(self._spans, gradients, name, bias), u, v, bias=bias is not None)
         return out
 
     def _rebuilt(self, name: str) -> Tensor | None:
-        """``Tensor[out x in, S]``: the factored weight ``name``'s per-source matrices ``U_s V_s^T`` rebuilt, one source
+        """``Tensor[out x in (+ out), S]``: the factored weight ``name``'s per-source matrices ``U_s V_s^T`` rebuilt (and
+        below them its folded bias ``U_s 1``, :attr:`folded_biases`; the rows :func:`_layer_gradients` lays out), one source
         per column (the single query's product streams long rows, as :attr:`_source_rows`), kept for later queries;
         ``None`` where they would take this block's rebuilt matrices beyond attribute()'s default memory budget (the
         dense codec's limit for a member held in memory)."""
@@ -254,16 +254,27 @@ class FactoredResponses:
         cache = self._rebuilt_weights
         if name not in cache:
             u, v = self.gradients.factors[name]
+            bias = name in self._bias_of
             held = sum(t.numel() for t in cache.values())
-            if 4 * (held + u.shape[0] * u.shape[1] * v.shape[1]) > DEFAULT_MEMORY_BUDGET_MB * 2**20:
+            if 4 * (held + u.shape[0] * u.shape[1] * (v.shape[1] + bias)) > DEFAULT_MEMORY_BUDGET_MB * 2**20:
                 return None
-            cache[name] = torch.cat(list(_rebuilt_blocks(u, v)), dim=1)
+            cache[name] = torch.cat(list(_rebuilt_blocks(u, v, bias)), dim=1)
         return cache[name]
 
     @cached_property
     def _rebuilt_weights(self) -> dict[str, Tensor]:
         """The matrices :meth:`_rebuilt` has built, by weight name."""
         return {}
+
+    @cached_property
+    def _spans(self) -> dict[str, tuple[int, int]]:
+        """Each parameter's positions in ``P`` (:func:`_spans`)."""
+        return _spans(self.gradients.space)
+
+    @cached_property
+    def _bias_of(self) -> dict[str, str]:
+        """``{weight name: bias name}`` of the folded biases (:attr:`folded_biases` inverted)."""
+        return {weight: bias for bias, weight in self.folded_biases.items()}
 
     @cached_property
     def _factor_columns(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -300,19 +311,42 @@ def factor_columns(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return u.permute(1, 0, 2).reshape(u.shape[1], -1).contiguous(), v.permute(1, 0, 2).reshape(v.shape[1], -1).contiguous()
 
 
-def _rebuilt_blocks(u: Tensor, v: Tensor) -> Iterator[Tensor]:
+def _rebuilt_blocks(u: Tensor, v: Tensor, bias: bool = False) -> Iterator[Tensor]:
     """The sources' matrices ``U_s V_s^T`` (``u: Tensor[S, out, c]``, ``v: Tensor[S, in, c]``) rebuilt a chunk of sources
-    at a time, each chunk as ``Tensor[out x in, n]`` (one source per column, at most :data:`_PRODUCT_NUMBERS` numbers)."""
-    step = max(1, _PRODUCT_NUMBERS // (u.shape[1] * v.shape[1]))
+    at a time, each chunk as ``Tensor[out x in, n]`` (one source per column, at most :data:`_PRODUCT_NUMBERS` numbers);
+    ``bias``: with the folded bias ``U_s 1`` (``out`` rows) below, ``Tensor[out x in + out, n]``."""
+    step = max(1, _PRODUCT_NUMBERS // (u.shape[1] * (v.shape[1] + bias)))
     for s in range(0, u.shape[0], step):
-        yield (u[s : s + step] @ v[s : s + step].transpose(1, 2)).flatten(1).T
+        part = u[s : s + step]
+        matrices = (part @ v[s : s + step].transpose(1, 2)).flatten(1)
+        yield (torch.cat([matrices, part.sum(dim=2)], dim=1) if bias else matrices).T
 
 
-def factor_products(j: Tensor, x: Tensor, u: Tensor, v: Tensor, columns: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def _spans(space: ParameterSpace) -> dict[str, tuple[int, int]]:
+    """``{name: (start, stop)}``: each parameter's positions in ``P`` (``space``'s flat layout)."""
+    stops = torch.tensor(space.numels).cumsum(0).tolist()
+    return {name: (stop - numel, stop) for name, numel, stop in zip(space.names, space.numels, stops)}
+
+
+def _layer_gradients(spans: Mapping[str, tuple[int, int]], gradients: Tensor, weight: str, bias: str | None) -> Tensor:
+    """``Tensor[Q, out x in (+ out)]``: the query gradients ``gradients: Tensor[Q, P]`` (positions ``spans``,
+    :func:`_spans`) of the weight ``weight`` flattened, and of its folded bias ``bias`` after it (``None``: none), as
+    :func:`_rebuilt_blocks` lays out the sources' rows: a view where the bias follows the weight in ``P``, else a copy."""
+    (start, stop), after = spans[weight], spans[bias] if bias is not None else None
+    if after is None or after[0] == stop:
+        return gradients[:, start : stop if after is None else after[1]]
+    return torch.cat([gradients[:, start:stop], gradients[:, after[0] : after[1]]], dim=1)
+
+
+def factor_products(
+    j: Tensor, x: Tensor, u: Tensor, v: Tensor, columns: tuple[Tensor, Tensor] | None = None, *, bias: bool = False
+) -> Tensor:  # fmt: skip
     """``Tensor[Q, S]``: ``<J_q^T X_q, U_s V_s^T> = sum_{r, c} (J_r . U_c) (X_r . V_c)`` for query factors ``j: Tensor[Q,
     R, out]``, ``x: Tensor[Q, R, in]`` and source factors ``u: Tensor[S, out, c]``, ``v: Tensor[S, in, c]``
-    (``columns``: the same laid out by :func:`factor_columns`, if the caller keeps them): ``Q R S c (out + in)`` multiply-adds, each factor read once, sources in chunks of at most
-    :data:`_PRODUCT_NUMBERS` intermediate numbers."""
+    (``columns``: the same laid out by :func:`factor_columns`, if the caller keeps them): ``Q R S c (out + in)``
+    multiply-adds, each factor read once, sources in chunks of at most :data:`_PRODUCT_NUMBERS` intermediate numbers.
+    ``bias``: the layer's folded bias too (:attr:`FactoredResponses.folded_biases`), ``<sum_r J_r, U_s 1>``, the ones
+    column of ``[X | 1]`` against the ones row of ``[V; 1]``: ``sum_{r, c} (J_r . U_c) (X_r . V_c + 1)``."""
     queries, rows, outs = j.shape
     sources, ins, c = u.shape[0], v.shape[1], u.shape[2]
     cu, cv = columns if columns is not None else factor_columns(u, v)
@@ -321,17 +355,19 @@ def factor_products(j: Tensor, x: Tensor, u: Tensor, v: Tensor, columns: tuple[T
     parts = []
     for start in range(0, sources, step):
         cols = slice(start * c, min(start + step, sources) * c)
-        products = (j @ cu[:, cols]).mul_(x @ cv[:, cols])  # [Q R, n c]
+        inputs = x @ cv[:, cols]  # [Q R, n c]
+        products = (j @ cu[:, cols]).mul_(inputs.add_(1.0) if bias else inputs)
         parts.append(products.view(queries, -1) if rows == c == 1 else products.view(queries, rows, -1, c).sum(dim=(1, 3)))
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
-def rebuilt_products(gradients: Tensor, u: Tensor, v: Tensor) -> Tensor:
-    """``Tensor[Q, S]``: ``<G_q, U_s V_s^T>`` for query gradients ``gradients: Tensor[Q, out, in]``, the sources'
-    matrices rebuilt from ``u: Tensor[S, out, c]``, ``v: Tensor[S, in, c]`` a chunk of sources at a time
-    (``S out in (c + Q)`` multiply-adds, nothing kept)."""
+def rebuilt_products(gradients: Tensor, u: Tensor, v: Tensor, *, bias: bool = False) -> Tensor:
+    """``Tensor[Q, S]``: ``<G_q, U_s V_s^T>`` for query gradients ``gradients: Tensor[Q, out, in]`` (or flattened), the
+    sources' matrices rebuilt from ``u: Tensor[S, out, c]``, ``v: Tensor[S, in, c]`` a chunk of sources at a time
+    (``S out in (c + Q)`` multiply-adds, nothing kept). ``bias``: ``gradients: Tensor[Q, out x in + out]``, the folded
+    bias's gradient after the weight's (:func:`_layer_gradients`), read against ``U_s 1``."""
     flat = gradients.reshape(gradients.shape[0], -1)
-    parts = [flat @ block for block in _rebuilt_blocks(u, v)]
+    parts = [flat @ block for block in _rebuilt_blocks(u, v, bias)]
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
