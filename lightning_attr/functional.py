@@ -8,7 +8,7 @@ buffer update can leak into training.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,13 +33,25 @@ class _MethodCaller(nn.Module):
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
     """Puts every submodule in eval mode and restores each one's own flag afterwards."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    with _eval_mode(module, tuple(module.modules())):
+        yield
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module, modules: Sequence[nn.Module]) -> Iterator[None]:
+    """:func:`eval_mode` of ``module``, whose submodules (``module.modules()``) are ``modules``. ``module.eval()`` is not
+    called where it would change nothing (every submodule in eval mode already, none with its own ``train``), and only
+    the flags that differ are set back: each ``nn.Module.__setattr__`` costs about a microsecond, and a query pays this
+    at every ``attribute()`` call."""
+    flags = [(m, m.training) for m in modules]
+    if any(flag or type(m).train is not nn.Module.train for m, flag in flags):
+        module.eval()
     try:
         yield
     finally:
         for m, flag in flags:
-            m.training = flag
+            if m.training is not flag:
+                m.training = flag
 
 
 def has_recurrent_layer(module: nn.Module) -> bool:
@@ -59,9 +71,16 @@ def autodiff_kernels(module: nn.Module) -> Iterator[None]:
     - when the module holds an ``nn.RNNBase`` (RNN, GRU, LSTM), oneDNN and cuDNN are turned off: their
       fused RNN kernels have no forward-mode derivative. Only then: they also serve convolutions.
     """
+    with _autodiff_kernels(has_recurrent_layer(module)):
+        yield
+
+
+@contextlib.contextmanager
+def _autodiff_kernels(recurrent: bool) -> Iterator[None]:
+    """:func:`autodiff_kernels` of a module that holds an ``nn.RNNBase`` (``recurrent``) or not."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backends = [torch.backends.mkldnn, torch.backends.cudnn] if has_recurrent_layer(module) else []
+    backends = [torch.backends.mkldnn, torch.backends.cudnn] if recurrent else []
     fastpath = torch.backends.mha.get_fastpath_enabled()
     enabled = [b.enabled for b in backends]
     torch.backends.mha.set_fastpath_enabled(False)
@@ -81,17 +100,26 @@ def functional_view(module: nn.Module, space: ParameterSpace | None = None) -> I
     """Yields ``(FunctionalModel, theta: Tensor[P] float32)`` with everything set for side-effect-free work.
 
     Leaves inference mode (``Trainer.predict``), enables autograd, puts the module in eval mode, forks
-    the RNG and selects differentiable kernels (:func:`autodiff_kernels`), restoring all of it on exit.
+    the RNG and selects differentiable kernels (:func:`autodiff_kernels`), restoring all of it on exit. The module
+    tree is walked once for both (a query pays this at every ``attribute()`` call).
     """
-    devices = sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+    modules = tuple(module.modules())
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
-        stack.enter_context(torch.random.fork_rng(devices=devices))
-        stack.enter_context(eval_mode(module))
-        stack.enter_context(autodiff_kernels(module))
+        stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(module)))
+        stack.enter_context(_eval_mode(module, modules))
+        stack.enter_context(_autodiff_kernels(any(isinstance(m, nn.RNNBase) for m in modules)))
         model = FunctionalModel(module, space)
         yield model, model.space.current(module)
+
+
+def _cuda_devices(module: nn.Module) -> list[int]:
+    """The CUDA devices that hold ``module``'s parameters (whose RNG :func:`functional_view` forks); none without a
+    look at the parameters where CUDA was never initialized (no tensor can be on a CUDA device then)."""
+    if not torch.cuda.is_initialized():
+        return []
+    return sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
 
 
 def to_float32(batch: Any) -> Any:
@@ -116,7 +144,11 @@ class FunctionalModel:
         self.module = module
         self.space = space or ParameterSpace.of(module)
         self.has_outputs = uses_output_loss(module)
-        self._caller = _MethodCaller(module)
+        # the module's own caller, kept in its __dict__ (not a submodule: state_dict and modules() do not see it): an
+        # nn.Module costs about 20 us to build, at every attribute() call
+        self._caller = module.__dict__.get("_attribution_caller")
+        if self._caller is None or self._caller.inner is not module:
+            self._caller = module.__dict__["_attribution_caller"] = _MethodCaller(module)
 
     def _state(self, theta: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
         params = theta if isinstance(theta, dict) else self.space.unflatten(theta)

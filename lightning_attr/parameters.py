@@ -71,7 +71,7 @@ class ParameterSpace:
     def current(self, module: nn.Module) -> Tensor:
         """The module's parameters now, as a detached float32 ``Tensor[P]``."""
         params = dict(module.named_parameters())
-        return self.flatten({n: params[n].detach() for n in self.names})
+        return torch.cat([params[n].detach().reshape(-1) for n in self.names]).float()  # flatten's values, one cast
 
     def digest(self, flat: Tensor) -> str:
         """sha256 of a parameter vector's float32 bytes: identifies the weights responses belong to."""

@@ -75,3 +75,54 @@ def test_simulation_leaves_gradients_untouched(tmp_path):
     model.zero_grad(set_to_none=True)
     model.attribute((x[:4], y[:4]), responses=cb.dirpath)
     assert all(p.grad is None for p in model.parameters())
+
+
+class _OwnTrain(nn.Linear):
+    """A Linear layer whose ``train`` counts its calls (a module with its own ``train``)."""
+
+    calls = 0
+
+    def train(self, mode: bool = True):
+        type(self).calls += 1
+        return super().train(mode)
+
+
+@pytest.mark.parametrize("start", ["training", "mixed", "eval", "eval, own train"])
+def test_functional_view_puts_every_module_in_eval_mode_and_restores_each_flag(start):
+    """Inside functional_view every submodule is in eval mode (``module.eval()`` called, so a module's own ``train``
+    runs, even where every flag is already off); afterwards each module's own flag is back, also one the block
+    changed."""
+    from lightning_attr.functional import functional_view
+
+    layer = _OwnTrain(6, 3) if start == "eval, own train" else nn.Linear(6, 3)
+    model = Classifier(nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5), layer))
+    model.train(start in ("training", "mixed"))
+    if start == "mixed":
+        model.net[1].eval()
+    before = [m.training for m in model.modules()]
+    _OwnTrain.calls = 0
+    with functional_view(model) as (fm, _):
+        assert not any(m.training for m in model.modules())
+        model.net[0].train()  # changed inside: restored too
+    assert [m.training for m in model.modules()] == before
+    assert _OwnTrain.calls == (1 if start == "eval, own train" else 0)
+
+
+def test_functional_model_runs_its_own_module_and_flat_parameters_are_float32():
+    """The method caller kept in the module's ``__dict__`` is the module's own: one found there that wraps another
+    module (``copy.copy`` shares it) is replaced, so the outputs are this module's; the flat parameters of a module
+    with float64 and float32 parameters equal each parameter cast to float32, in the space's order."""
+    from lightning_attr.functional import FunctionalModel, functional_view
+
+    torch.manual_seed(0)
+    plain, squashed = Classifier(nn.Sequential(nn.Linear(4, 3))), Classifier(nn.Sequential(nn.Linear(4, 3), nn.Tanh()))
+    x, y = blobs(n=5, d=4, classes=3)
+    with functional_view(plain) as (fm, theta):
+        assert FunctionalModel(plain)._caller is fm._caller  # kept
+    squashed.__dict__["_attribution_caller"] = fm._caller  # another module's caller
+    with functional_view(squashed) as (fm, theta):
+        torch.testing.assert_close(fm.outputs(theta, (x, y)), squashed(x))
+    mixed = nn.Sequential(nn.Linear(4, 3).double(), nn.Linear(3, 2))
+    with functional_view(Classifier(mixed)) as (_, theta):
+        expected = torch.cat([p.detach().float().reshape(-1) for p in mixed.parameters()])
+    assert theta.dtype == torch.float32 and torch.equal(theta, expected)
