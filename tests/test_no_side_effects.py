@@ -126,3 +126,33 @@ def test_functional_model_runs_its_own_module_and_flat_parameters_are_float32():
     with functional_view(Classifier(mixed)) as (_, theta):
         expected = torch.cat([p.detach().float().reshape(-1) for p in mixed.parameters()])
     assert theta.dtype == torch.float32 and torch.equal(theta, expected)
+
+
+def test_a_module_read_by_functional_view_still_deep_copies_saves_and_loads(tmp_path):
+    """The method caller left in the module's ``__dict__`` does not leak: the module's state_dict and submodules are
+    as before, ``copy.deepcopy`` (as Lightning's WeightAveraging / AveragedModel does) gives a copy whose caller runs
+    the copy, and ``torch.save`` of the whole module loads back (``weights_only=False``: a pickled module, the user's
+    own file) with the same outputs."""
+    import copy
+
+    from lightning_attr.functional import functional_view
+
+    torch.manual_seed(0)
+    model = Classifier(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+    keys, children = list(model.state_dict()), [name for name, _ in model.named_modules()]
+    x, y = blobs(n=5, d=4, classes=2)
+    with functional_view(model) as (_, _theta):
+        pass
+    assert "_attribution_caller" in model.__dict__
+    assert list(model.state_dict()) == keys and [name for name, _ in model.named_modules()] == children
+    twin = copy.deepcopy(model)
+    assert twin.__dict__["_attribution_caller"].inner is twin  # the copy's own caller, not the original's
+    with torch.no_grad():
+        twin.net[0].weight.add_(1.0)
+    with functional_view(twin) as (fm, theta):
+        torch.testing.assert_close(fm.outputs(theta, (x, y)), twin(x))
+    assert not torch.allclose(twin(x), model(x))
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with functional_view(loaded) as (fm, theta):
+        torch.testing.assert_close(fm.outputs(theta, (x, y)), model(x))
