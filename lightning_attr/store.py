@@ -415,6 +415,10 @@ class ResponseStore:
             **codec_entry,
         }
         self.manifest["checkpoints"] = [c for c in self.manifest["checkpoints"] if c["name"] != name] + [entry]
+        # the entry is in this version's layout (a fit resumed into an older store adds it there): the manifest says so,
+        # and an older reader refuses the store by its version instead of calling the new checkpoint damaged; this
+        # reader reads each checkpoint by its own fields, the older ones as they are
+        self.manifest["format_version"] = FORMAT_VERSION
         self._write_manifest()
         self._cache.clear()
 

@@ -165,3 +165,21 @@ def test_online_checkpoint_windows(tmp_path):
     assert cb._products == 3 * 64 * 5 + averaging  # each window its own curvature averaging (averaged_rank)
     scores = model.attribute((x[:4], y[:4]), responses=cb.dirpath, checkpoints="all")
     assert scores.shape == (4, 64) and scores.isfinite().all()
+
+
+def test_a_checkpoint_added_to_an_older_store_stamps_this_format_version(tmp_path):
+    """A fit resumed into a store an older version wrote adds its checkpoint in this version's layout (format 4: a
+    factored checkpoint's coordinates and folded biases left out, contiguous shards): the manifest must then say version
+    4, or an older reader takes the store for one it reads and calls the new checkpoint damaged. The checkpoint the
+    older version wrote (tests/data/store_v1, format 1) still reads as it did."""
+    from pathlib import Path
+
+    target = _copy_store(Path(__file__).parent / "data" / "store_v1", tmp_path)
+    old = ResponseStore.load(target)
+    assert old.manifest["format_version"] == 1
+    responses = old.responses("final")
+    old.add_checkpoint("resumed", old.theta("final"), responses, info={}, source_stats=old.source_stats("final"))
+    again = ResponseStore.load(target)
+    assert json.loads((target / "manifest.json").read_text())["format_version"] == again.manifest["format_version"] == 4
+    assert again.checkpoints == ["final", "resumed"]
+    assert torch.equal(again.responses("final"), responses) and torch.equal(again.responses("resumed"), responses)
