@@ -42,6 +42,7 @@ from lightning_attr.parameters import ParameterSpace
 from lightning_attr.codecs import DEFAULT_MEMORY_BUDGET_MB, AnyBlock, DenseResponses, SplitResponses
 from lightning_attr.basis_readout import QueryFactors, basis_layers, member_query_factors
 from lightning_attr.layer_readout import handled_layers, layer_parameters
+from lightning_attr.module_cache import module_cache
 from lightning_attr.readout import auto_chunk_size, check_readout, linear_query_gradients, query_chunk_rows
 from lightning_attr.sources import split_batch
 from lightning_attr.store import ResponseStore, StoreError, check_store_path, manifest_stamp
@@ -475,11 +476,11 @@ def _deviation_norm(scores: Tensor) -> Tensor:
 def cached_attributor(
     module: nn.Module, responses: Responses, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
 ) -> Attributor:
-    """The module's :class:`Attributor` for ``responses`` (kept in ``module.__dict__``, the last few), so that
+    """The module's :class:`Attributor` for ``responses`` (kept in a :class:`~lightning_attr.module_cache.ModuleCache`, the last few), so that
     repeated queries against the same stores read nothing from disk (unless a member is streamed)."""
     specs = _store_specs(responses)
     key = (*(s if isinstance(s, ResponseStore) else os.path.abspath(os.fspath(s)) for s in specs), memory_budget_mb)
-    cache = module.__dict__.setdefault("_attributors", {})
+    cache = module_cache(module, "_attributors")
     if key not in cache:
         while len(cache) >= _KEPT_ATTRIBUTORS:
             cache.pop(next(iter(cache)))
@@ -529,7 +530,7 @@ def _weights_digest(module: Any, space: ParameterSpace, theta: Tensor) -> str:
     """``space.digest(theta)``, hashed again only when a parameter changed (in-place updates bump
     ``_version``): a query should not pay for hashing P floats."""
     key = tuple((p.data_ptr(), p._version) for p in module.parameters())
-    cache = module.__dict__.setdefault("_attribution_digest", {})
+    cache = module_cache(module, "_attribution_digest")
     if key not in cache:
         cache.clear()
         cache[key] = space.digest(theta)
@@ -537,7 +538,7 @@ def _weights_digest(module: Any, space: ParameterSpace, theta: Tensor) -> str:
 
 
 def _cached_space(module: Any) -> ParameterSpace:
-    cache = module.__dict__.setdefault("_attribution_space", {})
+    cache = module_cache(module, "_attribution_space")
     shapes = tuple((n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in module.named_parameters())
     if shapes not in cache:
         cache.clear()

@@ -49,6 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from lightning_attr.curvature import batch_size_of
 from lightning_attr.functional import FunctionalModel
 from lightning_attr.layer_readout import Captured, _Layer, adding_to_outputs, capture_layers, capturing, handled_layers, weight_rows
+from lightning_attr.module_cache import module_cache
 from lightning_attr.parameters import ParameterSpace
 
 _BASIS_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # layers whose weight gradient is built from J and their input
@@ -233,7 +234,7 @@ def _factors(
     members, queries = thetas.shape[0], batch_size_of(batch)
     params = model.space.unflatten(thetas)  # {name: Tensor[E, *shape]}
     step = max(1, chunk_size // members)  # the members share a call's activations
-    plans = model.module.__dict__.setdefault("_basis_plans", {})
+    plans = module_cache(model.module, "_basis_plans")
     key = (model.space, tuple(layers), members, _layout(batch), PASS_MACS) if queries == 1 else None
     plan, first = plans.get(key), None
     if plan is not None:

@@ -248,3 +248,31 @@ def test_a_second_collapsed_query_reads_nothing_and_holds_one_block(runs, monkey
     monkeypatch.setattr(ResponseStore, "_read", lambda self, file: reads.append(file) or original(self, file))
     torch.testing.assert_close(model.attribute((xq, yq), responses=[path0, path1], ensemble="collapsed"), first)
     assert reads == []
+
+
+def test_a_copy_or_pickle_of_the_module_carries_no_cached_attributor(runs):
+    """attribute() keeps its attributors (the stores' blocks), weights digests, parameter spaces and readout plans in
+    the module's ``__dict__``: a deep copy or a pickle of the module (``torch.save(model)``, Lightning's WeightAveraging,
+    a spawned process) starts with those caches empty, not megabytes of blocks and keys tied to this process's
+    parameters, and scores the same once it reads the store again."""
+    import copy
+    import io
+    import pickle
+
+    (model, path0), _ = runs[0]
+    xq, yq = runs[1]
+    model.__dict__.pop("_attributors", None)
+    scores = model.attribute((xq, yq), responses=path0)
+    caches = ("_attributors", "_attribution_digest", "_attribution_space")
+    assert all(model.__dict__[name] for name in caches)
+    cold = copy.deepcopy(model)
+    for name in caches:
+        cold.__dict__.pop(name)
+    pickled, reference = pickle.dumps(model), pickle.dumps(cold)
+    assert len(pickled) < len(reference) + 4096  # the block alone is 64 x P float32 (about 25 KB here)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    for twin in (copy.deepcopy(model), pickle.loads(pickled), torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
+        assert not any(twin.__dict__.get(name) for name in caches)
+        torch.testing.assert_close(twin.attribute((xq, yq), responses=path0), scores)
+    assert model.__dict__["_attributors"]  # the module's own cache is kept
