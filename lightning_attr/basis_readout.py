@@ -449,12 +449,12 @@ def _pass_jacobian(
     outputs' shapes and whether a covered parameter was used outside its layer (its inputs emptied)."""
     queries, sizes = batch_size_of(batch), [g.size for g in groups]
     if bias_tangents is None:
-        refused = model.module.__dict__.setdefault("_basis_spread_refused", set())  # (layers, groups) vmap refused
+        refused = module_cache(model.module, "_basis_spread_refused")  # {(layers, groups): True}: vmap refused them
         if (tuple(layers), tuple(groups)) not in refused and _tangents_spread(groups, queries, chunk_size):
             try:
                 return _pass_jacobian(model, params, batch, layers, calls, groups, chunk_size, record, bias_tangents=False)
             except RuntimeError:  # e.g. an in-place activation on an output that carries no tangent: vmap refuses it
-                refused.add((tuple(layers), tuple(groups)))  # not tried again for this network's pass
+                refused[tuple(layers), tuple(groups)] = True  # not tried again for this network's pass
         bias_tangents = True
     moved = [n for g in groups if g.call is None for n in g.names]
     if bias_tangents:
