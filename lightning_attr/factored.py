@@ -182,7 +182,8 @@ class FactoredResponses:
         as rows, 0.33 ms as columns (cache flushed, one thread)."""
         kept = [n for n in self.gradients.space.names if n in self.gradients.rest and n not in self.folded_biases]
         coordinates = self.eigen.coordinates
-        columns = torch.cat([torch.arange(*self._spans[n]) for n in kept]) if kept else torch.zeros(0, dtype=torch.long)
+        spans = self.gradients.space.spans
+        columns = torch.cat([torch.arange(*spans[n]) for n in kept]) if kept else torch.zeros(0, dtype=torch.long)
         rest = [self.gradients.rest[n].reshape(self.num_sources, -1) for n in kept]
         return columns.to(coordinates.device), torch.cat([coordinates, *rest], dim=1).T.contiguous()
 
@@ -236,11 +237,11 @@ class FactoredResponses:
             cheaper = positions is not None and _factors_cheaper(queries, positions, c, outs, ins)
             rebuilt = None if cheaper else self._rebuilt(name)
             if rebuilt is not None:  # the sources' matrices, rebuilt once: one product with the query gradients
-                out += _layer_gradients(self._spans, gradients, name, bias) @ rebuilt
+                out += _layer_gradients(space.spans, gradients, name, bias) @ rebuilt
             elif positions is not None and _factors_cheaper(queries, positions, c, outs, ins, cached=False):
                 out += factor_products(*query.factors[name], u, v, self._factor_columns[name], bias=bias is not None)
             else:
-                out += rebuilt_products(_layer_gradients(self._spans, gradients, name, bias), u, v, bias=bias is not None)
+                out += rebuilt_products(_layer_gradients(space.spans, gradients, name, bias), u, v, bias=bias is not None)
         return out
 
     def _rebuilt(self, name: str) -> Tensor | None:
@@ -265,11 +266,6 @@ class FactoredResponses:
     def _rebuilt_weights(self) -> dict[str, Tensor]:
         """The matrices :meth:`_rebuilt` has built, by weight name."""
         return {}
-
-    @cached_property
-    def _spans(self) -> dict[str, tuple[int, int]]:
-        """Each parameter's positions in ``P`` (:func:`_spans`)."""
-        return _spans(self.gradients.space)
 
     @cached_property
     def _bias_of(self) -> dict[str, str]:
@@ -322,15 +318,9 @@ def _rebuilt_blocks(u: Tensor, v: Tensor, bias: bool = False) -> Iterator[Tensor
         yield (torch.cat([matrices, part.sum(dim=2)], dim=1) if bias else matrices).T
 
 
-def _spans(space: ParameterSpace) -> dict[str, tuple[int, int]]:
-    """``{name: (start, stop)}``: each parameter's positions in ``P`` (``space``'s flat layout)."""
-    stops = torch.tensor(space.numels).cumsum(0).tolist()
-    return {name: (stop - numel, stop) for name, numel, stop in zip(space.names, space.numels, stops)}
-
-
 def _layer_gradients(spans: Mapping[str, tuple[int, int]], gradients: Tensor, weight: str, bias: str | None) -> Tensor:
     """``Tensor[Q, out x in (+ out)]``: the query gradients ``gradients: Tensor[Q, P]`` (positions ``spans``,
-    :func:`_spans`) of the weight ``weight`` flattened, and of its folded bias ``bias`` after it (``None``: none), as
+    :attr:`ParameterSpace.spans`) of the weight ``weight`` flattened, and of its folded bias ``bias`` after it (``None``: none), as
     :func:`_rebuilt_blocks` lays out the sources' rows: a view where the bias follows the weight in ``P``, else a copy."""
     (start, stop), after = spans[weight], spans[bias] if bias is not None else None
     if after is None or after[0] == stop:

@@ -39,6 +39,12 @@ class ParameterSpace:
         return tuple(int(torch.Size(s).numel()) for s in self.shapes)
 
     @cached_property
+    def spans(self) -> dict[str, tuple[int, int]]:
+        """``{name: (start, stop)}``: each parameter's positions in a flat ``Tensor[..., P]``."""
+        stops = torch.tensor(self.numels).cumsum(0).tolist()
+        return {name: (stop - numel, stop) for name, numel, stop in zip(self.names, self.numels, stops)}
+
+    @cached_property
     def size(self) -> int:
         """P, the number of trainable scalars."""
         return sum(self.numels)
@@ -61,12 +67,10 @@ class ParameterSpace:
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """``Tensor[*batch, P]`` -> ``{name: Tensor[*batch, *shape]}`` (views, no copy)."""
-        out, offset = {}, 0
         batch = flat.shape[:-1]
-        for name, shape, numel in zip(self.names, self.shapes, self.numels):
-            out[name] = flat[..., offset : offset + numel].reshape(*batch, *shape)
-            offset += numel
-        return out
+        return {
+            name: flat[..., start:stop].reshape(*batch, *shape) for (name, (start, stop)), shape in zip(self.spans.items(), self.shapes)
+        }
 
     def current(self, module: nn.Module) -> Tensor:
         """The module's parameters now, as a detached float32 ``Tensor[P]``."""
