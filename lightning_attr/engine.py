@@ -487,9 +487,9 @@ class SimulationEngine:
         block of owned sources: its dense gradients (for the dense rest and the checks) and one more pass for the factors,
         checked against them (:func:`check_factors`; each factored layer's bias against its ``U`` summed over columns,
         :func:`bias_agreement`: folded where every block agrees). Several processes sharing the curvature each fill their
-        sources' rows and sum them; without an all-reduce rank zero simulates every source. The eigen coordinates are then
-        computed from the summed gradients as the store derives them when it reads them
-        (:meth:`FactoredResponses.derived`). Rank zero keeps the block for :meth:`commit`."""
+        sources' rows and sum them; without an all-reduce rank zero simulates every source. The block is then built from the
+        summed gradients by the store's own reader (:meth:`FactoredResponses.from_tensors`: the folded biases rebuilt from
+        ``U``, the eigen coordinates derived). Rank zero keeps the block for :meth:`commit`."""
         s, source_map, n = self.settings, self.source_map, self.source_map.training_set_size
         inverse, record = self._deflated_inverse(model, theta, data, name)
         sources = self.owned if self._shares_curvature else torch.arange(source_map.num_sources)
@@ -537,10 +537,9 @@ class SimulationEngine:
         for tensor in rest.values():
             tensor[bad] = float("nan")
         folded = {b: w for (b, w), ok in zip(biases.items(), agree.tolist()) if ok}
-        for bias, weight in folded.items():  # exactly what the store rebuilds from U
-            rest[bias] = factors[weight][0].sum(dim=2).reshape(rest[bias].shape)
-        with self.phases("inverse"):  # the eigen coordinates, from the stored gradients as the store derives them
-            block_ = FactoredResponses.derived(basis, sigma, inverse.damping, gamma, LowRankResponses(self.space, factors, rest), folded)
+        stored = {k: t for k, t in LowRankResponses(self.space, factors, rest).tensors().items() if k not in folded}
+        with self.phases("inverse"):  # the block as the store reads it back: folded biases and eigen coordinates rebuilt
+            block_ = FactoredResponses.from_tensors(self.space, basis, sigma, inverse.damping, gamma, stored, folded)
         zeros = torch.zeros(count, dtype=torch.long)
         stats = {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()}
         _warn_invalid(self._warn, valid)
