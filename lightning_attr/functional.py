@@ -8,7 +8,7 @@ buffer update can leak into training.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -56,7 +56,11 @@ def _eval_mode(module: nn.Module, modules: Sequence[nn.Module]) -> Iterator[None
 
 def has_recurrent_layer(module: nn.Module) -> bool:
     """True when ``module`` holds an ``nn.RNNBase`` (RNN, GRU, LSTM)."""
-    return any(isinstance(m, nn.RNNBase) for m in module.modules())
+    return _any_recurrent(module.modules())
+
+
+def _any_recurrent(modules: Iterable[nn.Module]) -> bool:
+    return any(isinstance(m, nn.RNNBase) for m in modules)
 
 
 @contextlib.contextmanager
@@ -109,7 +113,7 @@ def functional_view(module: nn.Module, space: ParameterSpace | None = None) -> I
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(module)))
         stack.enter_context(_eval_mode(module, modules))
-        stack.enter_context(_autodiff_kernels(any(isinstance(m, nn.RNNBase) for m in modules)))
+        stack.enter_context(_autodiff_kernels(_any_recurrent(modules)))
         model = FunctionalModel(module, space)
         yield model, model.space.current(module)
 
