@@ -150,7 +150,7 @@ def member_scores(model, store: ResponseStore, queries: tuple, probes: tuple) ->
                 "paired": block.scores(fm, store.theta(c), batch, readout, chunk),
                 "at_final": at_final,
                 "scale": float(probe.std(dim=1).square().mean().sqrt()),
-                "norm": float(centred_norm(block.to_dense() if store.codec(c) == "eigen" else block.responses)),
+                "norm": float(centred_norm(block.responses if store.codec(c) == "dense" else block.to_dense())),
             }
     return out
 
