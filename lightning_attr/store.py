@@ -12,10 +12,14 @@ Layout of a store directory::
     <checkpoint>/factored-00000.safetensors    codec "factored" (and its basis.safetensors): {weight@U / weight@V:
                                                the gradient factors, param name: the dense rest but the folded
                                                biases; "coordinates": Tensor[S_shard, k] only where the manifest
-                                               says "coordinates": "stored"}; sources [start, stop) (format 3:
-                                               "__source_index__")
+                                               says "coordinates": "stored"; where the manifest says "encoding":
+                                               "float16-scaled", float16 with key@scale beside each}; sources
+                                               [start, stop) (format 3: "__source_index__")
 
-Format version 4: a codec ``"factored"`` checkpoint may leave out what its other numbers determine (manifest fields
+Format version 5: a codec ``"factored"`` checkpoint of a half-precision store (``dtype`` ``"float16"`` or ``"bfloat16"``)
+holds its basis in float16 and its shards as float16 with a power-of-two scale per source and factor column (manifest
+field ``"encoding": "float16-scaled"``, :mod:`half_precision`); version 4 half stores held both in the dtype named and
+are read as they are. Version 4: a codec ``"factored"`` checkpoint may leave out what its other numbers determine (manifest fields
 ``"coordinates": "derived"``, the eigen coordinates computed from the factors and the basis when read, and
 ``"folded_biases": {bias: weight}``, each the weight's ``U`` summed over its columns; :mod:`factored`); version 3
 factored checkpoints stored both and are read as they are. Version 3: a dense shard holds any sources in any order
@@ -44,6 +48,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from lightning_attr import half_precision
 from lightning_attr._io import atomic_save_tensors, atomic_write_bytes
 from lightning_attr.codecs import (
     AnyBlock, DenseResponses, EigenResponses, FactoredResponses, LowRankResponses, SplitResponses, StreamedResponses,
@@ -54,9 +59,10 @@ from lightning_attr.parameters import ParameterSpace
 from lightning_attr.sources import SourceMap
 
 FORMAT = "lightning_attr.responses"
-FORMAT_VERSION = 4
-# 1: dense responses only, no "codec" field; 2: contiguous shards; 3: codec "factored" keeps its coordinates and biases
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+# 1: dense responses only, no "codec" field; 2: contiguous shards; 3: codec "factored" keeps its coordinates and biases;
+# 4: half-precision factored checkpoints in the dtype named (no "encoding" field)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 SOURCE_INDEX = "__source_index__"  # a dense shard's LongTensor[S_shard] of source ids (format 3)
 _STATS = ("valid", "shortfall", "missing_examples")
 MANIFEST = "manifest.json"
@@ -451,17 +457,25 @@ class ResponseStore:
                 f"a factored block needs basis [k, P={space.size}], S={self.n_sources} sources and this store's parameter "
                 f"space; got basis {list(basis.shape)} and {block.num_sources} sources."
             )
-        basis_file, basis_bytes = self._write_basis(name, basis, dtype)
-        shards = self._write_contiguous(name, "factored", block.tensors(), dtype, shard_size)
-        return {**block.entry(), "basis_file": basis_file, "basis_bytes": basis_bytes}, shards
+        # half precision, whichever half dtype: the basis float16 (orthonormal rows, entries in [-1, 1]) and the shards
+        # scaled float16 (bfloat16's rounding is amplified by the cancellation in the derived response: half_precision)
+        half = dtype != "float32"
+        basis_file, basis_bytes = self._write_basis(name, basis, "float16" if half else dtype)
+        tensors = half_precision.encode(block.tensors()) if half else block.tensors()
+        shards = self._write_contiguous(name, "factored", tensors, None if half else dtype, shard_size)
+        entry = {**block.entry(), "basis_file": basis_file, "basis_bytes": basis_bytes}
+        return ({**entry, "encoding": half_precision.ENCODING} if half else entry), shards
 
-    def _write_contiguous(self, name: str, stem: str, tensors: dict[str, Tensor], dtype: str, shard_size: int) -> list[dict]:
+    def _write_contiguous(
+        self, name: str, stem: str, tensors: dict[str, Tensor], dtype: str | None, shard_size: int
+    ) -> list[dict]:  # fmt: skip
         """``tensors: {key: Tensor[S, ...]}`` of every source, in order, as shards ``<name>/<stem>-<i>.safetensors`` of
-        ``shard_size`` sources ``[start, stop)`` each (the manifest says which: no per-row source index)."""
+        ``shard_size`` sources ``[start, stop)`` each (the manifest says which: no per-row source index), in storage
+        dtype ``dtype`` (``None``: each tensor's own)."""
         shards = []
         for i, start in enumerate(range(0, self.n_sources, shard_size)):
             stop = min(start + shard_size, self.n_sources)
-            part = {k: t[start:stop].to("cpu", _DTYPES[dtype]).contiguous() for k, t in tensors.items()}
+            part = {k: t[start:stop].to("cpu", _DTYPES[dtype] if dtype else t.dtype).contiguous() for k, t in tensors.items()}
             file = f"{name}/{stem}-{i:05d}.safetensors"
             shards.append({"file": file, "start": start, "stop": stop, "bytes": atomic_save_tensors(self.path / file, part)})
         return shards
@@ -698,8 +712,9 @@ class ResponseStore:
         """Every shard of a ``"lorif"`` or ``"factored"`` checkpoint, each source's rows put in place (float32):
         ``{key: Tensor[S, ...]}``."""
         full: dict[str, Tensor] = {}
+        scaled = self.checkpoint_info(name).get("encoding") == half_precision.ENCODING
         for sources, tensors in self._iter_shards(name, codec):
-            for key, t in tensors.items():
+            for key, t in (half_precision.decode(tensors) if scaled else tensors).items():
                 if key not in full:
                     full[key] = torch.full((self.n_sources, *t.shape[1:]), float("nan"))
                 full[key][sources] = t.float()
@@ -722,6 +737,8 @@ class ResponseStore:
                 shapes[pname + FACTOR_KEYS[0]], shapes[pname + FACTOR_KEYS[1]] = (rows, out, c), (rows, inp, c)
             elif pname not in folded:
                 shapes[pname] = (rows, *shape)
+        if info.get("encoding") == half_precision.ENCODING:  # half precision: each tensor's scales beside it
+            shapes.update({key + half_precision.SCALE: half_precision.scale_shape(key, shape) for key, shape in shapes.items()})
         return shapes
 
     def _factored_fields(self, name: str) -> tuple[dict[str, str], bool]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SkipsNonFiniteInputs, blobs, exact_influence, fit, pearson, small_mlp
+from conftest import SkipsNonFiniteInputs, blobs, exact_influence, fit, small_mlp
 from torch import nn
 
 from lightning_attr import AttributionCallback, ResponseStore
@@ -213,18 +213,3 @@ def test_factored_tied_weights_stay_dense_and_factors_missing_a_use_are_refused(
         wrong["w"][source, row, column] += 0.01 * dense["w"].abs().max()
         with pytest.raises(RuntimeError, match="'w' do not reproduce"):
             check_factors({"w": (u, v)}, wrong, torch.ones(50, dtype=torch.bool))
-
-
-def test_factored_bfloat16_store_stays_close_to_float32(tmp_path):
-    x, y = blobs(n=120, d=6, classes=3, seed=15)
-    xq, yq = blobs(n=6, d=6, classes=3, seed=16)
-    scores = []
-    for dtype in ("float32", "bfloat16"):
-        torch.manual_seed(0)
-        model = small_mlp(6, 3, hidden=24)
-        cb = AttributionCallback(tmp_path / dtype, codec="factored", rank=64, checkpoint_epochs=None, store_dtype=dtype)
-        fit(model, x, y, [cb], epochs=4)
-        scores.append(model.attribute((xq, yq), responses=cb.dirpath))
-    assert ResponseStore.load(tmp_path / "bfloat16").checkpoint_info("final")["dtype"] == "bfloat16"
-    # bfloat16 keeps about 3 significant digits of each stored number: the scores move by a few percent at most
-    assert pearson(scores[1], scores[0]) > 0.995 and _close(scores[1], scores[0], rel=5e-2)

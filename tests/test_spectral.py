@@ -29,7 +29,7 @@ def test_eigen_codec_at_full_rank_equals_the_exact_damped_target(tmp_path):
     fit(model, x, y, [cb], epochs=8)
     store = ResponseStore.load(cb.dirpath)
     entry = store.checkpoint_info("final")
-    assert store.manifest["format_version"] == 4 and entry["codec"] == "eigen" and entry["rank"] == 163
+    assert store.manifest["format_version"] == 5 and entry["codec"] == "eigen" and entry["rank"] == 163
     assert entry["spectral"]["propagation"] == "spectral" and entry["spectral"]["horizon"] is None
     exact = exact_influence(model, x, y, xq, yq, entry["damping"])
     ours = model.attribute((xq, yq), responses=cb.dirpath)

@@ -28,7 +28,7 @@ def test_round_trip_gives_identical_scores(trained, tmp_path):
     assert reopened.checkpoints == ["epoch=2", "final"]
     assert torch.equal(first, model.attribute((xq, yq), responses=reopened))
     m = reopened.manifest
-    assert m["format_version"] == 4 and m["checkpoints"][0]["codec"] == "dense" and m["n_sources"] == 96 and len(m["parameters"]) == 4
+    assert m["format_version"] == 5 and m["checkpoints"][0]["codec"] == "dense" and m["n_sources"] == 96 and len(m["parameters"]) == 4
     assert m["settings"]["horizon"] == 20 and m["checkpoints"][-1]["step_rule"]["damping"] > 0
     # the parameter snapshot of the final checkpoint is the model's weights
     assert reopened.space.digest(reopened.theta("final")) == m["checkpoints"][-1]["weights_digest"]
@@ -168,9 +168,9 @@ def test_online_checkpoint_windows(tmp_path):
 
 
 def test_a_checkpoint_added_to_an_older_store_stamps_this_format_version(tmp_path):
-    """A fit resumed into a store an older version wrote adds its checkpoint in this version's layout (format 4: a
-    factored checkpoint's coordinates and folded biases left out, contiguous shards): the manifest must then say version
-    4, or an older reader takes the store for one it reads and calls the new checkpoint damaged. The checkpoint the
+    """A fit resumed into a store an older version wrote adds its checkpoint in this version's layout (format 5: a
+    factored checkpoint's coordinates and folded biases left out, contiguous shards, half precision as scaled float16):
+    the manifest must then say version 5, or an older reader takes the store for one it reads and calls the new checkpoint damaged. The checkpoint the
     older version wrote (tests/data/store_v1, format 1) still reads as it did."""
     from pathlib import Path
 
@@ -180,6 +180,6 @@ def test_a_checkpoint_added_to_an_older_store_stamps_this_format_version(tmp_pat
     responses = old.responses("final")
     old.add_checkpoint("resumed", old.theta("final"), responses, info={}, source_stats=old.source_stats("final"))
     again = ResponseStore.load(target)
-    assert json.loads((target / "manifest.json").read_text())["format_version"] == again.manifest["format_version"] == 4
+    assert json.loads((target / "manifest.json").read_text())["format_version"] == again.manifest["format_version"] == 5
     assert again.checkpoints == ["final", "resumed"]
     assert torch.equal(again.responses("final"), responses) and torch.equal(again.responses("resumed"), responses)

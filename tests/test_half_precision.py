@@ -1,0 +1,127 @@
+"""Half-precision stores of codec "factored" (``store_dtype="bfloat16"`` / ``"float16"``): the response is derived from
+the stored factors and basis as two terms that nearly cancel, so their rounding moves the scores more than a dense
+store's. Written as a float16 basis and float16 factors with a power-of-two scale per source and column
+(``lightning_attr.half_precision``), the scores must stay within 5e-3 of the float32 store's (bfloat16 as written by
+format 4: 2.6e-2) and as close as a bfloat16 dense store's (within 2x); a format 4 half store reads as before."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import blobs, fit, pearson, small_mlp
+from safetensors.torch import load_file, save_file
+
+from lightning_attr import AttributionCallback, ResponseStore
+from lightning_attr.factored import FactoredResponses
+from lightning_attr.half_precision import ENCODING, SCALE, decode, encode
+from lightning_attr.store import StoreError
+
+
+def _relative_error(ours: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest ``|ours - expected|`` over the largest ``|expected|``."""
+    return float((ours - expected).abs().max() / expected.abs().max())
+
+
+def _fit(path, codec: str, dtype: str):
+    """The same fit (seeded) of a 6-24-3 MLP, rank 64 of P = 243: ``(model, store path)``. Where format 4's bfloat16
+    factored store moved the scores by 2.6e-2 of the largest (float16: 2.9e-3; a bfloat16 dense store: 2.2e-3)."""
+    x, y = blobs(n=120, d=6, classes=3, seed=15)
+    torch.manual_seed(0)
+    model = small_mlp(6, 3, hidden=24)
+    cb = AttributionCallback(path / f"{codec}-{dtype}", codec=codec, rank=64, checkpoint_epochs=None, store_dtype=dtype)
+    fit(model, x, y, [cb], epochs=4)
+    return model, cb.dirpath
+
+
+def _bytes(path) -> int:
+    return sum(f.stat().st_size for f in ResponseStore.load(path).path.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_half_precision_factored_store_scores_as_closely_as_a_dense_one(tmp_path, dtype):
+    xq, yq = blobs(n=6, d=6, classes=3, seed=16)
+    model, full = _fit(tmp_path, "factored", "float32")
+    expected = model.attribute((xq, yq), responses=full)
+    _, half = _fit(tmp_path, "factored", dtype)
+    ours = model.attribute((xq, yq), responses=half)
+    store = ResponseStore.load(half)
+    entry = store.checkpoint_info("final")
+    assert entry["dtype"] == dtype and entry["encoding"] == ENCODING
+    # measured 2.9e-3 and Pearson 0.999998 (format 4's bfloat16 layout: 2.6e-2, 0.99974)
+    assert _relative_error(ours, expected) < 5e-3 and pearson(ours, expected) > 0.99999
+    assert _bytes(half) < 0.6 * _bytes(full)
+    if dtype == "bfloat16":  # as close as the dense codec's bfloat16 store of the same fit (2.2e-3)
+        dense_model, dense = _fit(tmp_path, "dense", dtype)
+        dense_error = _relative_error(dense_model.attribute((xq, yq), responses=dense), expected)
+        assert _relative_error(ours, expected) < 2 * dense_error
+    # on disk: a float16 basis, float16 factors and their bfloat16 power-of-two scales, one per source and column
+    basis = load_file(str(store.path / entry["basis_file"]))
+    assert {t.dtype for t in basis.values()} == {torch.float16}
+    shard = load_file(str(store.path / entry["shards"][0]["file"]))
+    assert set(shard) == {f"net.{i}.weight@{f}{s}" for i in (1, 3) for f in "UV" for s in ("", SCALE)}
+    for key, t in shard.items():
+        assert t.dtype == (torch.bfloat16 if key.endswith(SCALE) else torch.float16), key
+        if key.endswith(SCALE):
+            assert t.shape == shard[key[: -len(SCALE)]].shape[::2] and torch.equal(t.float().log2().round().exp2(), t.float())
+    # a shard without its scales is refused, not read as unscaled numbers
+    del shard["net.1.weight@U" + SCALE]
+    file = store.path / entry["shards"][0]["file"]
+    save_file(shard, str(file))
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    manifest["checkpoints"][0]["shards"][0]["bytes"] = file.stat().st_size
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="net.1.weight@U@scale"):
+        ResponseStore.load(half).block("final")
+
+
+def test_scaled_float16_keeps_every_column_to_float16_precision_whatever_its_magnitude():
+    """Factor columns from 1e-12 (plain float16 flushes them to zero) to 1e4, a zero column, a NaN source (invalid)."""
+    g = torch.Generator().manual_seed(0)
+    magnitudes = torch.tensor([1e-12, 1e-3, 1e4])
+    u = (1 + torch.rand(4, 5, 3, generator=g)) * magnitudes  # [S, out, c], entries within 2x of their column's largest
+    u[1, :, 2] = 0.0
+    u[3] = float("nan")
+    rest = torch.randn(4, 2, 3, generator=g) * torch.tensor([1e-9, 1.0, 1e3, 1.0])[:, None, None]  # a dense [S, 2, 3]
+    tensors = {"w@U": u, "b": rest}
+    stored = encode(tensors)
+    assert stored["w@U" + SCALE].shape == (4, 3) and stored["b" + SCALE].shape == (4,)
+    back = decode(stored)
+    assert set(back) == {"w@U", "b"}
+    for key, t in tensors.items():
+        finite = t.isfinite()
+        assert torch.equal(back[key].isnan(), t.isnan())
+        assert bool(((back[key] - t).abs() <= 2**-11 * t.abs())[finite].all()), key  # float16's unit roundoff
+    assert torch.equal(back["w@U"][1, :, 2], torch.zeros(5))
+    assert bool((u[:3, :, 0].half() == 0).all())  # what an unscaled float16 store keeps of the 1e-12 column
+
+
+def test_a_format_4_half_precision_factored_store_reads_as_before(tmp_path):
+    """Format 4 wrote a half store's basis and factors in the dtype named (no "encoding" field): read as they are."""
+    xq, yq = blobs(n=6, d=6, classes=3, seed=16)
+    model, full = _fit(tmp_path, "factored", "float32")
+    old = tmp_path / "format4"
+    shutil.copytree(full, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    entry = manifest["checkpoints"][0]
+    for file in [entry["basis_file"], *(s["file"] for s in entry["shards"])]:
+        save_file({k: t.bfloat16() for k, t in load_file(str(old / file)).items()}, str(old / file))
+    manifest.update(format_version=4)
+    entry.update(dtype="bfloat16")
+    for shard in entry["shards"]:
+        shard["bytes"] = (old / shard["file"]).stat().st_size
+    entry["basis_bytes"] = (old / entry["basis_file"]).stat().st_size
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    store, reference = ResponseStore.load(old), ResponseStore.load(full)
+    assert "encoding" not in store.checkpoint_info("final")
+    block, f32 = store.block("final"), reference.block("final")
+    rounded = {k: t.bfloat16().float() for k, t in f32.tensors().items()}
+    expected = FactoredResponses.from_tensors(
+        reference.space, f32.eigen.basis.bfloat16().float(), f32.eigen.eigenvalues, f32.eigen.damping, f32.complement_gain,
+        rounded, f32.folded_biases,
+    )  # fmt: skip
+    assert torch.equal(block.to_dense(), expected.to_dense())
+    ours = model.attribute((xq, yq), responses=old)
+    assert _relative_error(ours, model.attribute((xq, yq), responses=full)) < 5e-2  # format 4's bfloat16 accuracy
