@@ -1,7 +1,8 @@
 """Storage of codec "factored" stores, per checkpoint (ensemble member): the bytes fixed per member and the bytes per
 source, in the layout before store format 4 (eigen coordinates and every bias stored) and in format 4's (coordinates
 derived from the factors and the basis when read, each factored layer's bias folded into its weight's factors), in
-float32 and bfloat16 (``store_dtype``: the basis, the factors and the dense rest alike), against TRAK-1's 512 float32
+float32 and bfloat16 (``store_dtype``; store format 5 writes a half-precision factored checkpoint as a float16 basis and
+float16 shards with power-of-two scales, :mod:`lightning_attr.half_precision`), against TRAK-1's 512 float32
 (2,048 bytes) per source; and the load cost the derived coordinates add.
 
     OMP_NUM_THREADS=1 python benchmarks/storage.py \\

@@ -21,7 +21,9 @@ What the store keeps is less (format 4, :mod:`store`): ``c_s`` is a function of 
 is ``sum_t delta_t``, its ``U`` summed over columns (``[W | b]`` is the factored matrix ``U [V; 1]^T``;
 :func:`bias_agreement` checks it per source in the simulation, and a bias it fails stays dense). Per source and
 checkpoint the shards hold ``sum_l c (out + in)`` numbers and the parameters kept dense but those biases; the basis,
-``k x P``, is stored once per checkpoint.
+``k x P``, is stored once per checkpoint. In a half-precision store (format 5) the basis is float16 and the shards are
+float16 with a power-of-two scale per source and factor column (:mod:`half_precision`): ``r_s`` is the difference of
+two terms each 4-24 times the score (measured), so their rounding is amplified as a dense response's is not.
 
 At query time :func:`~lightning_attr.basis_readout.query_factors` gives, by forward mode, each layer's ``J``
 (``dm/dz`` at its output rows) and their input ``X``: ``<J^T X, U V^T> = sum (J U) * (X V)`` costs

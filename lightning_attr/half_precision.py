@@ -1,16 +1,19 @@
-"""Half-precision shards of codec ``"factored"``: float16 numbers with a float32 scale per source and factor column.
+"""Half-precision shards of codec ``"factored"``: float16 numbers with a power-of-two scale per source and factor column.
 
 A factored response is ``r_s = gamma g_s + V^T c_s`` with ``c_s = diag(1/(sigma + lam) - gamma) V g_s`` derived from the
-stored ``gamma g_s`` when the store is read (:mod:`factored`). Where ``g_s`` lies mostly in the top eigenspace (it
-does: gradients live where the curvature is), the two terms nearly cancel: on the digits MLP each is 17-20 times the
-score they leave, on a 24-unit test MLP 28 times. A relative rounding ``u`` of the stored factors then moves the scores
-by about ``u`` times that ratio, where a dense store's rounding moves them by ``u``: bfloat16 (``u = 2^-8``) factors
-moved the test MLP's scores by 1.2e-2 of the largest (a bfloat16 dense store: 2.2e-3). float16 carries three more bits
-(``u = 2^-11``), but not bfloat16's range (its smallest normal is 6.1e-5; the factors ``U = gamma delta / n`` reach
-1e-12). So a half-precision factored checkpoint keeps each source's factor columns (and each source's dense rows) as
-float16 after dividing them by a float32 scale, their largest magnitude over ``2^15``: every column then spans
-float16's normal range down to ``2^-29`` of its largest entry, whatever its magnitude. The scales cost one float32 per
-source and factor column (per source for a dense parameter): 4 of the digits MLP's 202 numbers per source.
+stored factors of ``gamma g_s`` and the basis ``V`` when the store is read (:mod:`factored`). The gradients lie mostly
+in the top eigenspace, where ``V^T c_s`` takes ``gamma g_s`` back out: the two terms' largest scores are 4-24 times the
+largest score they leave (``benchmarks/half_precision.py``). A relative rounding ``u`` of the basis or the factors moves
+the scores by about ``u`` times that, where a dense store's rounding of ``r_s`` moves them by ``u``: format 4's
+bfloat16 basis and factors (``u = 2^-8``) moved the trajectory ensemble's scores by 3.2e-2 / 5.3e-3 / 1.6e-3 of the
+largest on a 24-unit test MLP / the digits MLP / the MNIST-1D MLP, a bfloat16 dense store by 1.6e-3 / 3.9e-4 /
+2.5e-4. float16 carries three more bits (``u = 2^-11``) but not bfloat16's range (its smallest normal is 6.1e-5; the
+factors ``U = gamma delta / n`` reach 1e-23). So a half-precision factored checkpoint keeps its basis in float16
+(orthonormal rows: entries in [-1, 1]) and each source's factor columns (and each source's dense rows) in float16
+divided by a power-of-two scale that brings the column's largest magnitude into ``[2^14, 2^15)``: the division is exact,
+the scale is exact in bfloat16 (2 bytes), and every column keeps float16's relative precision down to ``2^-28`` of its
+largest entry, whatever its magnitude. Measured: 2.6e-3 / 6.6e-4 / 1.7e-4, for 0.4% more bytes than format 4's
+bfloat16 store (9.29 and 35.67 MB on the digits and MNIST-1D MLPs).
 
 :func:`encode` writes, :func:`decode` reads; :func:`scale_shape` is the shape the store checks for a scale tensor.
 """
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from lightning_attr.lowrank import FACTOR_KEYS
 
-SCALE = "@scale"  # shard key suffix of a tensor's scales: f"{key}@scale", float32
+SCALE = "@scale"  # shard key suffix of a tensor's scales: f"{key}@scale", bfloat16 powers of two
 ENCODING = "float16-scaled"  # the manifest's "encoding" of a factored checkpoint written this way
 _TOP_EXPONENT = 15  # a column's largest magnitude is stored in [2^14, 2^15) (float16's largest finite number is 65504)
 _LEAST_EXPONENT = -126  # scales stay normal numbers of bfloat16 (and float32)
@@ -40,8 +43,9 @@ def scale_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def encode(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """``{key: Tensor[S, ...]}`` (float32; NaN rows: invalid sources) -> ``{key: float16 Tensor[S, ...], key@scale:
-    float32 Tensor[scale_shape]}``. Each column (factor) or row (dense) is divided by its largest magnitude over
-    ``2^15`` (a zero or NaN column by 1: zeros and NaN stay what they are)."""
+    bfloat16 Tensor[scale_shape]}``. Each column (factor) or source's row (dense) is divided by the power of two that
+    brings its largest magnitude into ``[2^14, 2^15)`` (a zero or non-finite one by 1: zeros and NaN stay what they
+    are)."""
     out = {}
     for key, t in tensors.items():
         t = t.float()
