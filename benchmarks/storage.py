@@ -78,8 +78,8 @@ def _layouts(block: FactoredResponses) -> tuple[dict[str, FactoredResponses], fl
             candidates[bias] = weight
     agree = bias_agreement(gradients.factors, gradients.rest, finite, candidates).tolist()
     folded = {b: w for (b, w), ok in zip(candidates.items(), agree) if ok}
-    old = replace(block, folded_biases={}, derived_coordinates=False)
-    new = FactoredResponses.derived(eigen.basis, eigen.eigenvalues, eigen.damping, block.complement_gain, gradients, folded)
+    old = replace(block, folded_biases={}, coordinates=eigen.coordinates)
+    new = FactoredResponses(eigen.basis, eigen.eigenvalues, eigen.damping, block.complement_gain, gradients, folded)
     return {"stored": old, "derived": new}, difference
 
 
@@ -137,7 +137,7 @@ def measure(label: str, path: Path, rounds: int, tmp: Path, readout_stores: Path
             raise SystemExit(f"{path}: checkpoint {name!r} is codec {store.codec(name)!r}; this script measures 'factored' stores.")
         blocks, difference = _layouts(store.block(name))
         new = blocks["derived"]
-        derive = _alternating({"derive": lambda: eigen_coordinates(new.eigen.basis, new.eigen.eigenvalues, new.eigen.damping, new.complement_gain, new.gradients)}, rounds)
+        derive = _alternating({"derive": lambda: eigen_coordinates(new.basis, new.eigenvalues, new.damping, new.complement_gain, new.gradients)}, rounds)
         member = {"checkpoint": name, "rank": new.rank, "coordinates_difference": difference, "derive_seconds": derive["derive"]}
         for (layout, dtype), copy in copies.items():
             files = _written(copy, store, name, blocks[layout], dtype)

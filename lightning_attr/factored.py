@@ -38,7 +38,7 @@ layer bases do not cover is read with ``k`` tangents along ``V`` and the factore
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, ClassVar
@@ -88,9 +88,9 @@ class FactoredResponses:
     """Codec ``"factored"``: ``r_s = eigen.basis^T eigen.coordinates[s] + gradients[s]`` (module docstring).
 
     Attributes:
-        eigen: the top-k eigenvectors of the GGN (``basis: Tensor[k, P]``, orthonormal rows), their eigenvalues, the
-            damping ``lam`` and per source the coordinates ``diag(1/(sigma + lam) - gamma) V g_s`` (``Tensor[S, k]``
-            float32; NaN rows: invalid sources), as codec ``"eigen"`` holds them.
+        basis: ``Tensor[k, P]``, the top-k eigenvectors of the GGN (orthonormal rows).
+        eigenvalues: ``Tensor[k]``, their eigenvalues ``sigma``.
+        damping: ``lam``.
         complement_gain: ``gamma = 1 / (mu + lam)``, what the response is outside the basis.
         gradients: ``gamma g_s`` per source (:class:`LowRankResponses`: Linear / Conv weights as factors, the rest
             dense).
@@ -98,41 +98,61 @@ class FactoredResponses:
             ``c`` columns (the bias gradient is ``sum_t delta_t`` over the output rows: ``[W | b]`` is the factored
             matrix ``U [V; 1]^T``). ``gradients.rest`` holds them (for the readout) and the store does not
             (:meth:`tensors`, :meth:`from_tensors` rebuilds them).
-        derived_coordinates: ``eigen.coordinates`` are :func:`eigen_coordinates` of ``gradients`` (:meth:`derived`), so the
-            store does not keep them; ``False`` (a block built from given coordinates): it does.
+        coordinates: ``Tensor[S, k]`` float32, the eigen coordinates ``diag(1/(sigma + lam) - gamma) V g_s`` as given
+            (NaN rows: invalid sources), which the store then keeps (format 3's layout); ``None`` (the default, format
+            4's): derived from ``gradients`` (:func:`eigen_coordinates`, ``S P (k + c)`` multiply-adds) when
+            :attr:`eigen` is first read, and not stored. A block only written (the simulation's) never derives them.
     """
 
-    eigen: EigenResponses
+    basis: Tensor
+    eigenvalues: Tensor
+    damping: float
     complement_gain: float
     gradients: LowRankResponses
     folded_biases: Mapping[str, str] = field(default_factory=dict)
-    derived_coordinates: bool = False
+    coordinates: Tensor | None = None
     codec: ClassVar[str] = "factored"
 
-    @classmethod
-    def derived(
-        cls, basis: Tensor, eigenvalues: Tensor, damping: float, complement_gain: float, gradients: LowRankResponses,
-        folded_biases: Mapping[str, str] | None = None,
-    ) -> FactoredResponses:  # fmt: skip
-        """The block whose eigen coordinates are computed from ``gradients`` and the basis (:func:`eigen_coordinates`)."""
-        coordinates = eigen_coordinates(basis, eigenvalues, damping, complement_gain, gradients)
-        eigen = EigenResponses(basis, eigenvalues, damping, coordinates)
-        return cls(eigen, complement_gain, gradients, dict(folded_biases or {}), derived_coordinates=True)
+    @cached_property
+    def eigen(self) -> EigenResponses:
+        """The eigen term as codec ``"eigen"`` holds it: :attr:`basis`, :attr:`eigenvalues`, :attr:`damping` and the
+        coordinates ``Tensor[S, k]`` (given, or derived here once: :attr:`coordinates`)."""
+        coordinates = self.coordinates
+        if coordinates is None:
+            coordinates = eigen_coordinates(self.basis, self.eigenvalues, self.damping, self.complement_gain, self.gradients)
+        return EigenResponses(self.basis, self.eigenvalues, self.damping, coordinates)
+
+    @property
+    def derived_coordinates(self) -> bool:
+        """Whether the eigen coordinates are derived from :attr:`gradients` (not stored): :attr:`coordinates` is None."""
+        return self.coordinates is None
 
     @property
     def num_sources(self) -> int:
-        return self.eigen.num_sources
+        return self.gradients.num_sources
 
     @property
     def rank(self) -> int:
-        return self.eigen.rank
+        return int(self.basis.shape[0])
+
+    def _keeping(self, block: FactoredResponses, rows: Callable[[Tensor], Tensor]) -> FactoredResponses:
+        """``block`` (made from this one by :meth:`to` / :meth:`select`) with this block's derived coordinates passed
+        through ``rows`` where they are derived already (not derived again)."""
+        if self.derived_coordinates and "eigen" in self.__dict__:  # functools.cached_property keeps its value there
+            block.__dict__["eigen"] = replace(self.eigen, coordinates=rows(self.eigen.coordinates))
+        return block
 
     def to(self, device: torch.device | str) -> FactoredResponses:
-        return replace(self, eigen=self.eigen.to(device), gradients=self.gradients.to(device))
+        block = replace(
+            self, basis=self.basis.to(device), eigenvalues=self.eigenvalues.to(device), gradients=self.gradients.to(device),
+            coordinates=None if self.coordinates is None else self.coordinates.to(device),
+        )  # fmt: skip
+        return self._keeping(block, lambda t: t.to(device))
 
     def select(self, sources: Tensor) -> FactoredResponses:
-        """The responses of ``sources: LongTensor[C]`` (in that order)."""
-        return replace(self, eigen=replace(self.eigen, coordinates=self.eigen.coordinates[sources]), gradients=self.gradients.select(sources))
+        """The responses of ``sources: LongTensor[C]`` (in that order; coordinates still to derive: only theirs are)."""
+        coordinates = None if self.coordinates is None else self.coordinates[sources]
+        return self._keeping(replace(self, gradients=self.gradients.select(sources), coordinates=coordinates), lambda t: t[sources])
 
     def to_dense(self) -> Tensor:
         """The same responses as ``Tensor[S, P]`` (``S x P`` floats: for tests and small stores)."""
@@ -144,8 +164,8 @@ class FactoredResponses:
         ``"stored"``, and the numbers stored per source (``numbers_per_source``, of ``P`` dense)."""
         stored = sum(t[0].numel() for t in self.tensors().values()) if self.num_sources else 0
         return {
-            "codec": "factored", "rank": self.rank, "eigenvalues": [float(v) for v in self.eigen.eigenvalues.cpu()],
-            "damping": float(self.eigen.damping), "complement_gain": float(self.complement_gain),
+            "codec": "factored", "rank": self.rank, "eigenvalues": [float(v) for v in self.eigenvalues.cpu()],
+            "damping": float(self.damping), "complement_gain": float(self.complement_gain),
             "factored": self.gradients.entry()["factored"], "folded_biases": dict(self.folded_biases),
             "coordinates": "derived" if self.derived_coordinates else "stored", "numbers_per_source": stored,
         }  # fmt: skip
@@ -154,24 +174,21 @@ class FactoredResponses:
         """The shard tensors (``Tensor[S, ...]`` each): the factors and dense rest of ``gradients`` but the folded
         biases, and ``coordinates`` unless they are derived."""
         out = {k: t for k, t in self.gradients.tensors().items() if k not in self.folded_biases}
-        return out if self.derived_coordinates else {COORDINATES: self.eigen.coordinates, **out}
+        return out if self.coordinates is None else {COORDINATES: self.coordinates, **out}
 
     @classmethod
     def from_tensors(
         cls, space: ParameterSpace, basis: Tensor, eigenvalues: Tensor, damping: float, complement_gain: float,
         tensors: dict[str, Tensor], folded_biases: Mapping[str, str] | None = None,
     ) -> FactoredResponses:  # fmt: skip
-        """From shard tensors (:meth:`tensors`) and the basis: the folded biases rebuilt from their weight's ``U``, and
-        the coordinates derived (:meth:`derived`) where the shards do not hold them (``S k P`` multiply-adds)."""
+        """From shard tensors (:meth:`tensors`) and the basis: the folded biases rebuilt from their weight's ``U``; where
+        the shards do not hold the coordinates they are derived when first read (:attr:`eigen`)."""
         tensors, folded = dict(tensors), dict(folded_biases or {})
         coordinates = tensors.pop(COORDINATES, None)
         for bias, weight in folded.items():
             u = tensors[weight + FACTOR_KEYS[0]]
             tensors[bias] = u.sum(dim=2).reshape(u.shape[0], *space.shapes[space.names.index(bias)])
-        gradients = LowRankResponses.from_tensors(space, tensors)
-        if coordinates is None:
-            return cls.derived(basis, eigenvalues, damping, complement_gain, gradients, folded)
-        return cls(EigenResponses(basis, eigenvalues, damping, coordinates), complement_gain, gradients, folded)
+        return cls(basis, eigenvalues, damping, complement_gain, LowRankResponses.from_tensors(space, tensors), folded, coordinates)
 
     @cached_property
     def _source_rows(self) -> tuple[Tensor, Tensor]:
@@ -228,7 +245,7 @@ class FactoredResponses:
         queries = query.queries
         gradients = query.gradients(space, queries, theta)  # [Q, P]
         columns, rows = self._source_rows
-        coefficients = gradients @ self.eigen.basis.T  # [Q, k]: V g_q
+        coefficients = gradients @ self.basis.T  # [Q, k]: V g_q
         if columns.numel():
             coefficients = torch.cat([coefficients, gradients[:, columns]], dim=1)  # [Q, k + r]: and g_q's dense rest
         out = coefficients @ rows

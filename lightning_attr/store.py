@@ -451,7 +451,7 @@ class ResponseStore:
 
     def _write_factored(self, name: str, block: FactoredResponses, dtype: str, shard_size: int) -> tuple[dict, list]:
         space, k = self.space, block.rank
-        basis = block.eigen.basis
+        basis = block.basis
         if basis.shape != (k, space.size) or block.num_sources != self.n_sources or block.gradients.space != space:
             raise ValueError(
                 f"a factored block needs basis [k, P={space.size}], S={self.n_sources} sources and this store's parameter "

@@ -19,7 +19,6 @@ from lightning_attr.factored import FactoredResponses, factor_products, rebuilt_
 from lightning_attr.functional import functional_view
 from lightning_attr.lowrank import LowRankResponses
 from lightning_attr.models import Classifier
-from lightning_attr.spectral import EigenResponses
 
 
 class _Conv1dNet(nn.Module):
@@ -79,7 +78,7 @@ def _block(space, weights, sources: int, k: int, dense_bias: str | None = None) 
         bias = weight.removesuffix("weight") + "bias"
         if bias in rest and bias != dense_bias:
             rest[bias], folded[bias] = factors[weight][0].sum(dim=2), weight
-    return FactoredResponses(EigenResponses(basis, torch.ones(k), 0.1, coordinates), 2.0, LowRankResponses(space, factors, rest), folded)
+    return FactoredResponses(basis, torch.ones(k), 0.1, 2.0, LowRankResponses(space, factors, rest), folded, coordinates)
 
 
 def _gradients(fm, theta, batch) -> torch.Tensor:

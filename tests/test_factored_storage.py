@@ -90,7 +90,7 @@ def test_a_format_3_store_with_stored_coordinates_and_biases_reads_as_before(tmp
 
     def write_format3(coordinates: torch.Tensor) -> ResponseStore:
         """As format 3 wrote it: the shards of every tensor with a source index (ShardWriter), the basis as it is."""
-        layout3 = replace(block, eigen=replace(block.eigen, coordinates=coordinates), folded_biases={}, derived_coordinates=False)
+        layout3 = replace(block, coordinates=coordinates, folded_biases={})
         writer = ShardWriter(old_path, "final", new.space, stem="factored")
         writer.add_encoded(torch.arange(new.n_sources), layout3.tensors())
         writer.flush()
@@ -171,3 +171,34 @@ def test_eigen_coordinates_are_the_damped_filter_of_the_stored_gradients(monkeyp
     wrong = rest["b"].clone()
     wrong[5, 2] += 0.5  # one source's bias entry no longer its U summed
     assert bias_agreement({"w": (u, v)}, {"b": wrong}, valid, {"b": "w"}).tolist() == [False]
+
+
+def test_the_simulation_writes_a_block_without_deriving_its_coordinates_and_a_reader_derives_them_once(tmp_path, monkeypatch):
+    """The store does not keep the eigen coordinates (format 4), so the simulation, which only writes its block, never
+    derives them; a block read from the store derives them when first read, once, and a selection of it derives only
+    its sources' rows (or reuses the rows already derived): every way equal to deriving them all."""
+    calls = []
+    derive = factored_module.eigen_coordinates
+
+    def counted(*args, **kwargs):
+        calls.append(args[-1].num_sources)
+        return derive(*args, **kwargs)
+
+    monkeypatch.setattr(factored_module, "eigen_coordinates", counted)
+    x, y = blobs(n=50, d=6, classes=3, seed=37)
+    xq, yq = blobs(n=4, d=6, classes=3, seed=38)
+    model, dense, factored = _fit_codecs(tmp_path, _mlp(bias_last=True), x, y, epochs=2, rank=64, checkpoint_epochs=[1])
+    assert calls == []  # two checkpoints simulated and written: nothing derived
+    store = ResponseStore.load(factored)
+    block = store.block("final")
+    assert block.derived_coordinates and calls == []  # read, not yet used
+    full = block.eigen.coordinates
+    assert calls == [50] and block.eigen.coordinates is full  # derived once
+    assert torch.allclose(full, derive(block.basis, block.eigenvalues, block.damping, block.complement_gain, block.gradients))
+    picked = torch.tensor([7, 0, 31])
+    assert torch.equal(block.select(picked).eigen.coordinates, full[picked]) and calls == [50]  # reused, not derived
+    fresh = ResponseStore.load(factored).block("final").select(picked)
+    assert torch.allclose(fresh.eigen.coordinates, full[picked], atol=1e-6) and calls == [50, 3]  # only its 3 sources
+    assert torch.allclose(fresh.to_dense(), ResponseStore.load(dense).responses("final")[picked], atol=1e-6)
+    ours, expected = (model.attribute((xq, yq), responses=path) for path in (factored, dense))
+    assert _close(ours, expected)

@@ -399,7 +399,6 @@ def test_factor_scores_equal_the_dense_responses_times_the_query_gradients(bias,
     none."""
     from lightning_attr.factored import FactoredResponses
     from lightning_attr.lowrank import LowRankResponses
-    from lightning_attr.spectral import EigenResponses
 
     torch.manual_seed(0)
     model = Classifier(nn.Sequential(nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.Linear(8, 3, bias=bias)))
@@ -412,7 +411,7 @@ def test_factor_scores_equal_the_dense_responses_times_the_query_gradients(bias,
         coordinates[4] = float("nan")
         factors = {"net.0.weight": (torch.randn(sources, 8, 2), torch.randn(sources, 6, 2))}
         rest = {n: torch.randn(sources, *s) for n, s in zip(space.names, space.shapes) if n not in factors}
-        block = FactoredResponses(EigenResponses(basis, torch.ones(k), 0.1, coordinates), 2.0, LowRankResponses(space, factors, rest))
+        block = FactoredResponses(basis, torch.ones(k), 0.1, 2.0, LowRankResponses(space, factors, rest), coordinates=coordinates)
         layers = basis_readout.basis_layers(fm.module, space)
         query = basis_readout.query_factors(fm, theta, (x, y), layers, chunk_size=64)
         assert block.reads(query)
