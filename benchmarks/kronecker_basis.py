@@ -58,6 +58,7 @@ from lightning_attr._io import atomic_write_json, atomic_write_text  # noqa: E40
 from lightning_attr.attributor import ensemble_mean  # noqa: E402
 from lightning_attr.evaluation.exact import ExactInfluence  # noqa: E402
 from lightning_attr.kronecker import KroneckerBasis, fit_basis, kronecker_scores, loss_factors, projected_ggn, subspace_scores  # noqa: E402
+from lightning_attr.parameters import ParameterSpace  # noqa: E402
 from lightning_attr.spectral import top_eigenspace  # noqa: E402
 
 TRAK_DIM = 512  # TRAK-1's projection: floats per source, and per parameter at query time
@@ -107,9 +108,8 @@ class Member:
         if rule in self._projected and len(self._projected[rule][0]) >= k:
             return
         mask = self.mask(k, "projected", rule)
-        names, shapes = [n for n, _ in self.net.named_parameters()], [p.shape for p in self.net.parameters()]
         t = time.perf_counter()
-        curvature = projected_ggn(self.net, self.x, self.basis.directions(mask, names, shapes), chunk_size=max(1, 2**22 // (k * 128)))
+        curvature = projected_ggn(self.net, self.x, self.basis.directions(mask, ParameterSpace.of(self.net)), chunk_size=max(1, 2**22 // (k * 128)))
         self.projected_s[rule] = round(time.perf_counter() - t, 1)
         self._projected[rule] = mask, curvature.float()
 

@@ -35,6 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_attr.parameters import ParameterSpace
+
 _CHUNK = 512  # examples per pass when fitting the basis (memory: chunk x C x sum(out) pseudo-gradients)
 
 
@@ -92,10 +94,10 @@ class KroneckerBasis:
         x': Tensor[B, in'])}`` (:func:`loss_factors`)."""
         return torch.cat([layer.coordinates(*factors[layer.weight]) for layer in self.layers], dim=1)
 
-    def gradient_coordinates(self, gradients: Tensor, names: list[str], shapes: list[torch.Size]) -> Tensor:
-        """``Tensor[B, P]``: coordinates of flat gradients ``Tensor[B, P]`` laid out as ``names`` / ``shapes`` (e.g. a
-        module's ``named_parameters()`` order)."""
-        blocks = dict(zip(names, torch.split(gradients, [s.numel() for s in shapes], dim=1)))
+    def gradient_coordinates(self, gradients: Tensor, space: ParameterSpace) -> Tensor:
+        """``Tensor[B, P]``: coordinates of flat gradients ``Tensor[B, P]`` laid out as ``space`` (the module's
+        :class:`~lightning_attr.parameters.ParameterSpace`)."""
+        blocks = space.unflatten(gradients)
         parts = []
         for layer in self.layers:
             out = layer.shape[0]
@@ -112,12 +114,12 @@ class KroneckerBasis:
         ranking = self.eigenvalues() if weights is None else weights
         return ranking.topk(k).indices.sort().values
 
-    def directions(self, mask: Tensor, names: list[str], shapes: list[torch.Size]) -> Tensor:
-        """``Tensor[k, P]``: the basis vectors of the coordinates ``mask: LongTensor[k]`` in the parameter layout ``names``
-        / ``shapes`` (orthonormal rows: ``K[:, mask]^T``)."""
+    def directions(self, mask: Tensor, space: ParameterSpace) -> Tensor:
+        """``Tensor[k, P]``: the basis vectors of the coordinates ``mask: LongTensor[k]`` in the parameter layout
+        ``space`` (orthonormal rows: ``K[:, mask]^T``)."""
         dtype = self.layers[0].out_basis.dtype
-        offsets = dict(zip(names, torch.tensor([0] + [s.numel() for s in shapes]).cumsum(0).tolist()))
-        out = torch.zeros(len(mask), sum(s.numel() for s in shapes), dtype=dtype)
+        spans = space.spans
+        out = torch.zeros(len(mask), space.size, dtype=dtype)
         start = 0
         for layer in self.layers:
             rows, width = layer.shape
@@ -125,18 +127,17 @@ class KroneckerBasis:
             i, j = (mask[picked] - start) // width, (mask[picked] - start) % width
             vectors = layer.out_basis.T[i].unsqueeze(2) * layer.in_basis.T[j].unsqueeze(1)  # [k_l, out, in']
             cols = width - (layer.bias is not None)
-            w = offsets[layer.weight]
-            out[picked, w : w + rows * cols] = vectors[:, :, :cols].flatten(1)
+            out[picked, slice(*spans[layer.weight])] = vectors[:, :, :cols].flatten(1)
             if layer.bias is not None:
-                out[picked, offsets[layer.bias] : offsets[layer.bias] + rows] = vectors[:, :, cols]
+                out[picked, slice(*spans[layer.bias])] = vectors[:, :, cols]
             start += rows * width
         return out
 
-    def explicit_inverse(self, damping: float, names: list[str], shapes: list[torch.Size]) -> Tensor:
-        """``Tensor[P, P]``: ``K diag(1/(lambda + damping)) K^T`` in the parameter layout ``names`` / ``shapes``
-        (``P x P`` numbers: for tests on tiny networks)."""
-        eye = torch.eye(sum(s.numel() for s in shapes), dtype=self.layers[0].out_basis.dtype)
-        rotated = self.gradient_coordinates(eye, names, shapes)  # row p: the coordinates of unit vector p = K^T e_p
+    def explicit_inverse(self, damping: float, space: ParameterSpace) -> Tensor:
+        """``Tensor[P, P]``: ``K diag(1/(lambda + damping)) K^T`` in the parameter layout ``space`` (``P x P`` numbers:
+        for tests on tiny networks)."""
+        eye = torch.eye(space.size, dtype=self.layers[0].out_basis.dtype)
+        rotated = self.gradient_coordinates(eye, space)  # row p: the coordinates of unit vector p = K^T e_p
         return rotated @ (rotated / (self.eigenvalues() + damping)).T
 
 

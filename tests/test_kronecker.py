@@ -10,6 +10,7 @@ from torch import nn
 from lightning_attr.evaluation.exact import ExactInfluence
 from lightning_attr.kronecker import fit_basis, kronecker_scores, loss_factors, projected_ggn, subspace_scores
 from lightning_attr.models import mlp
+from lightning_attr.parameters import ParameterSpace
 
 
 def _tiny(bias_last: bool = True) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -65,7 +66,7 @@ def test_coordinates_eigenvalues_and_scores_against_explicit_matrices(bias_last)
     gradients = exact.gradients(x, y)  # [n, P]
     coordinates = basis.coordinates(loss_factors(net, x, y))
     assert torch.allclose(coordinates, gradients @ k, atol=1e-10)
-    assert torch.allclose(basis.gradient_coordinates(gradients, names, shapes), coordinates, atol=1e-10)
+    assert torch.allclose(basis.gradient_coordinates(gradients, ParameterSpace.of(net)), coordinates, atol=1e-10)
 
     # EK-FAC's eigenvalues are the explicit GGN's diagonal in the basis (each layer's block), not K-FAC's products
     ggn = explicit_ggn(net, x)
@@ -75,7 +76,7 @@ def test_coordinates_eigenvalues_and_scores_against_explicit_matrices(bias_last)
     # at full k the scores are (1/n) g_q^T K diag(1/(lambda + damping)) K^T g_b, the explicit matrix
     damping = 0.01
     explicit = k @ torch.diag(1 / (basis.eigenvalues() + damping)) @ k.T
-    assert torch.allclose(basis.explicit_inverse(damping, names, shapes), explicit, rtol=1e-8, atol=1e-10)
+    assert torch.allclose(basis.explicit_inverse(damping, ParameterSpace.of(net)), explicit, rtol=1e-8, atol=1e-10)
     xq, yq = blobs(n=9, d=5, classes=3, seed=1)
     g_query = exact.gradients(xq.double(), yq)
     expected = g_query @ explicit @ gradients.T / len(x)
@@ -94,14 +95,14 @@ def test_the_ggn_within_kronecker_directions_and_its_scores():
     k = _explicit_rotation(basis, names, shapes)
     ggn = explicit_ggn(net, x)
     mask = basis.top_coordinates(25)
-    directions = basis.directions(mask, names, shapes)
+    directions = basis.directions(mask, ParameterSpace.of(net))
     assert torch.allclose(directions, k[:, mask].T, atol=1e-12)
     curvature = projected_ggn(net, x, directions, chunk_size=25)  # 3 chunks
     assert torch.allclose(curvature, directions @ ggn @ directions.T, rtol=1e-8, atol=1e-14)
 
     # every direction: the exact damped-GGN influence (Rayleigh-Ritz over the whole space)
     everything = torch.arange(basis.num_coordinates)
-    full = projected_ggn(net, x, basis.directions(everything, names, shapes))
+    full = projected_ggn(net, x, basis.directions(everything, ParameterSpace.of(net)))
     coordinates = basis.coordinates(loss_factors(net, x, y))
     xq, yq = blobs(n=9, d=5, classes=3, seed=1)
     queries = basis.coordinates(loss_factors(net, xq.double(), yq))
