@@ -161,32 +161,39 @@ def check_coverage(covered: Tensor, what: str) -> None:
 
 
 class ShardWriter:
-    """Writes the dense responses of one checkpoint as they are simulated: rows of any sources, in any order.
+    """Writes the responses of one checkpoint as they are simulated: rows of any sources, in any order.
 
     Rows are buffered (in the storage dtype) until ``rows_per_shard`` of them are waiting, then written as
     one shard ``<name>/responses-<prefix><count>.safetensors`` holding ``{param name: Tensor[C, *shape]}``
-    and the sources ``"__source_index__": LongTensor[C]``. Peak memory: ``rows_per_shard * P`` numbers of
-    the storage dtype, whatever the number of sources. The shards are listed in the manifest only when the
-    checkpoint is committed (:meth:`ResponseStore.commit` / :meth:`ResponseStore.add_checkpoint`).
+    and the sources ``"__source_index__": LongTensor[C]`` (format 3's layout, listed as ``{"file", "rows", "bytes"}``).
+    Peak memory: ``rows_per_shard * P`` numbers of the storage dtype, whatever the number of sources. The shards are
+    listed in the manifest only when the checkpoint is committed (:meth:`ResponseStore.commit` /
+    :meth:`ResponseStore.add_checkpoint`).
 
     Args:
         path: the store directory. name: the checkpoint. space: the parameter space (``P``).
-        dtype: storage dtype name. prefix: distinguishes the shards of several processes (``"r1-"``).
+        dtype: storage dtype name (``None``: each tensor's own, e.g. already encoded half-precision factors).
+        prefix: distinguishes the shards of several processes (``"r1-"``).
         rows_per_shard: sources per shard (at least 1).
         encode: ``Tensor[C, P] -> {key: Tensor[C, ...]}``, the codec's shard tensors (default: one tensor per
             parameter, codec ``"dense"``; codec ``"lorif"``: :func:`lightning_attr.lowrank.encode_lowrank`).
         stem: shard file names' stem (``"responses"``; ``"factors"`` for codec ``"lorif"``).
+        indexed: ``False``: the rows come in source order from source 0 (codecs ``"eigen"`` / ``"factored"``, a block
+            of every source), and each shard is listed by its sources ``[start, stop)`` (``{"file", "start", "stop",
+            "bytes"}``) and holds no source index (format 2 / 4's contiguous layout); rows out of order are refused.
     """
 
     def __init__(
-        self, path: str | os.PathLike, name: str, space: ParameterSpace, dtype: str = "float32", *,
+        self, path: str | os.PathLike, name: str, space: ParameterSpace, dtype: str | None = "float32", *,
         prefix: str = "", rows_per_shard: int = 4096, encode: Callable[[Tensor], dict[str, Tensor]] | None = None,
-        stem: str = "responses",
+        stem: str = "responses", indexed: bool = True,
     ) -> None:  # fmt: skip
         check_checkpoint_name(name)
-        _check_dtype(dtype)
+        if dtype is not None:
+            _check_dtype(dtype)
         self.path, self.name, self.space, self.dtype, self.prefix = Path(path), name, space, dtype, prefix
-        self.encode, self.stem = encode or space.unflatten, stem
+        self.encode, self.stem, self.indexed = encode or space.unflatten, stem, indexed
+        self._next = 0  # indexed=False: the source the next row must be
         self.rows_per_shard = max(1, int(rows_per_shard))
         self.shards: list[dict] = []
         self._sources: list[Tensor] = []
@@ -203,11 +210,19 @@ class ShardWriter:
 
     def add_encoded(self, sources: Tensor, tensors: dict[str, Tensor]) -> None:
         """Queues already encoded rows: ``{key: Tensor[C, ...]}`` of ``sources: LongTensor[C]``."""
+        if not self.indexed:
+            expected = torch.arange(self._next, self._next + sources.numel())
+            if not torch.equal(sources.cpu(), expected):
+                raise ValueError(
+                    f"ShardWriter(indexed=False) writes sources in order: rows of sources {expected.tolist()[:3]}... were "
+                    f"due, got {sources.tolist()[:3]}.... Pass them in order, or use indexed=True (a source index per shard)."
+                )
+            self._next += sources.numel()
         start = 0
         while start < sources.numel():
             take = min(self.rows_per_shard - self._waiting, sources.numel() - start)
             self._sources.append(sources[start : start + take].cpu())
-            self._rows.append({k: t[start : start + take].to("cpu", _DTYPES[self.dtype]) for k, t in tensors.items()})
+            self._rows.append({k: t[start : start + take].to("cpu", _DTYPES[self.dtype] if self.dtype else t.dtype) for k, t in tensors.items()})
             self._waiting, start = self._waiting + take, start + take
             if self._waiting >= self.rows_per_shard:
                 self.flush()
@@ -220,6 +235,10 @@ class ShardWriter:
         tensors = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
         self._sources, self._rows, self._waiting = [], [], 0
         file = f"{self.name}/{self.stem}-{self.prefix}{len(self.shards):05d}.safetensors"
+        if not self.indexed:
+            start, stop = int(sources[0]), int(sources[-1]) + 1
+            self.shards.append({"file": file, "start": start, "stop": stop, "bytes": atomic_save_tensors(self.path / file, tensors)})
+            return
         tensors[SOURCE_INDEX] = sources
         self.shards.append({"file": file, "rows": int(sources.numel()), "bytes": atomic_save_tensors(self.path / file, tensors)})
 
@@ -229,6 +248,7 @@ class ShardWriter:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.shards = [dict(s) for s in state["shards"]]
+        self._next = max((s["stop"] for s in self.shards if "stop" in s), default=0)
 
 
 def write_part(
@@ -342,18 +362,12 @@ class ResponseStore:
         if isinstance(block, LowRankResponses):
             if block.num_sources != self.n_sources or block.space != self.space:
                 raise ValueError(f"a lorif block needs S={self.n_sources} sources of this store's parameter space.")
-            writer = ShardWriter(self.path, name, self.space, dtype, rows_per_shard=shard_size, stem="factors")
-            writer.add_encoded(torch.arange(self.n_sources), block.tensors())
-            writer.flush()
-            return block.entry(), writer.shards
+            return block.entry(), self._write_rows(name, "factors", block.tensors(), dtype, shard_size, indexed=True)
         if block.responses.shape != (self.n_sources, self.space.size):
             raise ValueError(
                 f"responses must be [S={self.n_sources}, P={self.space.size}], got {list(block.responses.shape)}."
             )
-        writer = ShardWriter(self.path, name, self.space, dtype, rows_per_shard=shard_size)
-        writer.add(torch.arange(self.n_sources), block.responses)
-        writer.flush()
-        return {"codec": "dense"}, writer.shards
+        return {"codec": "dense"}, self._write_rows(name, "responses", self.space.unflatten(block.responses), dtype, shard_size, indexed=True)
 
     def commit(
         self, name: str, theta: Tensor, *, info: dict[str, Any], parts: int, dtype: str = "float32"
@@ -436,7 +450,7 @@ class ResponseStore:
                 f"{list(block.basis.shape)} and {list(block.coordinates.shape)}."
             )
         basis_file, basis_bytes = self._write_basis(name, block.basis, dtype)
-        shards = self._write_contiguous(name, "coordinates", {"coordinates": block.coordinates}, dtype, shard_size)
+        shards = self._write_rows(name, "coordinates", {"coordinates": block.coordinates}, dtype, shard_size, indexed=False)
         entry = {
             "codec": "eigen", "rank": k, "basis_file": basis_file, "basis_bytes": basis_bytes,
             "eigenvalues": [float(v) for v in block.eigenvalues.cpu()], "damping": float(block.damping),
@@ -462,23 +476,21 @@ class ResponseStore:
         half = dtype != "float32"
         basis_file, basis_bytes = self._write_basis(name, basis, "float16" if half else dtype)
         tensors = half_precision.encode(block.tensors()) if half else block.tensors()
-        shards = self._write_contiguous(name, "factored", tensors, None if half else dtype, shard_size)
+        shards = self._write_rows(name, "factored", tensors, None if half else dtype, shard_size, indexed=False)
         entry = {**block.entry(), "basis_file": basis_file, "basis_bytes": basis_bytes}
         return ({**entry, "encoding": half_precision.ENCODING} if half else entry), shards
 
-    def _write_contiguous(
-        self, name: str, stem: str, tensors: dict[str, Tensor], dtype: str | None, shard_size: int
+    def _write_rows(
+        self, name: str, stem: str, tensors: dict[str, Tensor], dtype: str | None, shard_size: int, *, indexed: bool
     ) -> list[dict]:  # fmt: skip
         """``tensors: {key: Tensor[S, ...]}`` of every source, in order, as shards ``<name>/<stem>-<i>.safetensors`` of
-        ``shard_size`` sources ``[start, stop)`` each (the manifest says which: no per-row source index), in storage
-        dtype ``dtype`` (``None``: each tensor's own)."""
-        shards = []
-        for i, start in enumerate(range(0, self.n_sources, shard_size)):
-            stop = min(start + shard_size, self.n_sources)
-            part = {k: t[start:stop].to("cpu", _DTYPES[dtype] if dtype else t.dtype).contiguous() for k, t in tensors.items()}
-            file = f"{name}/{stem}-{i:05d}.safetensors"
-            shards.append({"file": file, "start": start, "stop": stop, "bytes": atomic_save_tensors(self.path / file, part)})
-        return shards
+        ``shard_size`` sources each (:class:`ShardWriter`), in storage dtype ``dtype`` (``None``: each tensor's own):
+        with a per-row source index (``indexed``: codecs ``"dense"`` and ``"lorif"``, format 3's layout) or listed by
+        ``[start, stop)`` (codecs ``"eigen"`` and ``"factored"``)."""
+        writer = ShardWriter(self.path, name, self.space, dtype, rows_per_shard=shard_size, stem=stem, indexed=indexed)
+        writer.add_encoded(torch.arange(self.n_sources), tensors)
+        writer.flush()
+        return writer.shards
 
     # ------------------------------------------------------------------ load / validate
     @classmethod

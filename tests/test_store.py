@@ -183,3 +183,48 @@ def test_a_checkpoint_added_to_an_older_store_stamps_this_format_version(tmp_pat
     assert json.loads((target / "manifest.json").read_text())["format_version"] == again.manifest["format_version"] == 5
     assert again.checkpoints == ["final", "resumed"]
     assert torch.equal(again.responses("final"), responses) and torch.equal(again.responses("resumed"), responses)
+
+
+def test_every_codec_writes_its_own_shard_layout_through_one_writer(tmp_path):
+    """ResponseStore.write_block writes every codec's shards through ShardWriter: codecs "dense" and "lorif" with a
+    source index per shard (listed by their rows), "eigen" and "factored" listed by ``[start, stop)`` with no index (the
+    layouts stores already hold); 5 sources in shards of 2 read back as written. ShardWriter(indexed=False) refuses
+    rows out of source order."""
+    from safetensors.torch import load_file
+
+    from lightning_attr.codecs import EigenResponses, FactoredResponses, LowRankResponses
+    from lightning_attr.parameters import ParameterSpace
+    from lightning_attr.sources import SourceMap
+    from lightning_attr.store import SOURCE_INDEX, ShardWriter
+
+    g = torch.Generator().manual_seed(0)
+    space = ParameterSpace(("w", "b"), ((4, 3), (4,)), ("float32",) * 2)
+    store = ResponseStore.create(tmp_path / "r", space, SourceMap.build(None, 5), {})
+    factors = {"w": (torch.randn(5, 4, 1, generator=g), torch.randn(5, 3, 1, generator=g))}
+    gradients = LowRankResponses(space, factors, {"b": torch.randn(5, 4, generator=g)})
+    basis = torch.linalg.qr(torch.randn(space.size, 2, generator=g))[0].T.contiguous()
+    blocks = {
+        "dense": torch.randn(5, space.size, generator=g), "lorif": gradients,
+        "eigen": EigenResponses(basis, torch.tensor([2.0, 1.0]), 0.1, torch.randn(5, 2, generator=g)),
+        "factored": FactoredResponses(basis, torch.tensor([2.0, 1.0]), 0.1, 0.5, gradients),
+    }  # fmt: skip
+    stats = {k: torch.zeros(5, dtype=torch.long) for k in ("valid", "shortfall", "missing_examples")}
+    stats["valid"] += 1
+    for name, block in blocks.items():
+        store.add_checkpoint(name, torch.zeros(space.size), block, info={}, source_stats=stats, shard_size=2)
+    store = ResponseStore.load(store.path)
+    for name, block in blocks.items():
+        shards = store.checkpoint_info(name)["shards"]
+        indexed = name in ("dense", "lorif")
+        assert [set(s) for s in shards] == [{"file", "rows", "bytes"} if indexed else {"file", "start", "stop", "bytes"}] * 3
+        if indexed:
+            assert [load_file(str(store.path / s["file"]))[SOURCE_INDEX].tolist() for s in shards] == [[0, 1], [2, 3], [4]]
+        else:
+            assert [(s["start"], s["stop"]) for s in shards] == [(0, 2), (2, 4), (4, 5)]
+            assert all(SOURCE_INDEX not in load_file(str(store.path / s["file"])) for s in shards)
+        expected = block if isinstance(block, torch.Tensor) else block.to_dense()
+        assert torch.allclose(store.block(name).to_dense() if name != "dense" else store.responses(name), expected, atol=1e-6)
+    writer = ShardWriter(tmp_path / "r", "more", space, indexed=False)
+    writer.add_encoded(torch.arange(2), space.unflatten(torch.zeros(2, space.size)))
+    with pytest.raises(ValueError, match=r"writes sources in order.*indexed=True"):
+        writer.add_encoded(torch.tensor([3, 4]), space.unflatten(torch.zeros(2, space.size)))
