@@ -539,7 +539,7 @@ class SimulationEngine:
         folded = {b: w for (b, w), ok in zip(biases.items(), agree.tolist()) if ok}
         stored = {k: t for k, t in LowRankResponses(self.space, factors, rest).tensors().items() if k not in folded}
         # the block as the store reads it back: the folded biases rebuilt; its eigen coordinates, which the store does not
-        # keep, are derived only if read (the writer does not read them: 0.5 s per member on the MNIST-1D MLP)
+        # keep, are derived only if read (the writer does not read them: 0.45 s CPU per member on the MNIST-1D MLP)
         block_ = FactoredResponses.from_tensors(self.space, basis, sigma, inverse.damping, gamma, stored, folded)
         zeros = torch.zeros(count, dtype=torch.long)
         stats = {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()}

@@ -17,8 +17,9 @@ convolution with many positions, Conv3d, grouped convolutions, ...). Nothing is 
 dense codec's up to float rounding (tested).
 
 What the store keeps is less (format 4, :mod:`store`): ``c_s`` is a function of ``gamma g_s`` and ``V``
-(:func:`eigen_coordinates`, ``S P (k + c)`` multiply-adds when the store is read), and a factored layer's bias gradient
-is ``sum_t delta_t``, its ``U`` summed over columns (``[W | b]`` is the factored matrix ``U [V; 1]^T``;
+(:func:`eigen_coordinates`, ``S P (k + c)`` multiply-adds when a readout first reads them,
+:attr:`FactoredResponses.eigen`; the simulation, which only writes the store, never does), and a factored layer's bias
+gradient is ``sum_t delta_t``, its ``U`` summed over columns (``[W | b]`` is the factored matrix ``U [V; 1]^T``;
 :func:`bias_agreement` checks it per source in the simulation, and a bias it fails stays dense). Per source and
 checkpoint the shards hold ``sum_l c (out + in)`` numbers and the parameters kept dense but those biases; the basis,
 ``k x P``, is stored once per checkpoint. In a half-precision store (format 5) the basis is float16 and the shards are

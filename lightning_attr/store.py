@@ -20,7 +20,7 @@ Format version 5: a codec ``"factored"`` checkpoint of a half-precision store (`
 holds its basis in float16 and its shards as float16 with a power-of-two scale per source and factor column (manifest
 field ``"encoding": "float16-scaled"``, :mod:`half_precision`); version 4 half stores held both in the dtype named and
 are read as they are. Version 4: a codec ``"factored"`` checkpoint may leave out what its other numbers determine (manifest fields
-``"coordinates": "derived"``, the eigen coordinates computed from the factors and the basis when read, and
+``"coordinates": "derived"``, the eigen coordinates computed from the factors and the basis when first read, and
 ``"folded_biases": {bias: weight}``, each the weight's ``U`` summed over its columns; :mod:`factored`); version 3
 factored checkpoints stored both and are read as they are. Version 3: a dense shard holds any sources in any order
 (its ``__source_index__`` says which; the simulation writes shards as sources finish, and each process of a
