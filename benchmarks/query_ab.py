@@ -30,9 +30,12 @@ HERE = Path(__file__).resolve().parent
 SCORED = 20  # queries whose scores the two trees must agree on
 
 
-def _worker(setting: str, store_dir: str, flush_mb: int, scores_path: str) -> None:
+def _worker(tree: str, setting: str, store_dir: str, flush_mb: int, scores_path: str) -> None:
     """Serves timed single queries on stdin (a query index per line; ``scores`` writes the first :data:`SCORED` queries'
-    scores to ``scores_path``), one JSON line per request on stdout."""
+    scores to ``scores_path``), one JSON line per request on stdout, with the code of ``tree``: its ``benchmarks`` and
+    root first on ``sys.path`` (this script's folder, ``sys.path[0]``, would otherwise give every tree this tree's bench
+    modules, which put this tree's root first)."""
+    sys.path[:] = [str(Path(tree) / "benchmarks"), tree, *(p for p in sys.path if Path(p or ".").resolve() != HERE)]
     import torch
     from convergence import HERE as SETTINGS
     from readout import factored_store, fitted
@@ -41,6 +44,10 @@ def _worker(setting: str, store_dir: str, flush_mb: int, scores_path: str) -> No
     torch.set_num_threads(1)
     torch.manual_seed(0)
     data = SETTINGS[setting].load()
+    import lightning_attr
+
+    if Path(lightning_attr.__file__).resolve().parents[1] != Path(tree).resolve():
+        raise SystemExit(f"the worker for {tree} imported lightning_attr from {lightning_attr.__file__}.")
     model, path, _ = fitted(setting, data, Path(store_dir), factored=True)
     store = str(factored_store(path))
     x, y = data.x_test, data.y_test
@@ -68,7 +75,7 @@ class _Worker:
 
     def __init__(self, tree: Path, setting: str, args: argparse.Namespace, scores_path: Path) -> None:
         env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'benchmarks'}", "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", setting, args.store_dir, str(args.flush_mb), str(scores_path)]
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(tree), setting, args.store_dir, str(args.flush_mb), str(scores_path)]
         self.tree, self.process = tree, subprocess.Popen(command, env=env, cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.reply()  # ready
 
@@ -162,6 +169,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+        _worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
     else:
         main()

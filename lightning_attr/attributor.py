@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
+from functools import cached_property, partial
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -122,6 +122,7 @@ class Attributor:
         self._members: dict[tuple[int, str, str], _Member] = {}
         self._verified: set[tuple[int, str]] = set()
         self._chunk_sizes: dict[tuple, int] = {}  # auto chunk size per query-batch shape
+        self._last_stack: tuple[tuple[Tensor, ...], tuple[int, ...], Tensor] | None = None  # _stacked's last answer
 
     def stores(self) -> list[ResponseStore]:
         """The stores, each re-opened if its manifest changed; checked to hold the same sources."""
@@ -177,28 +178,31 @@ class Attributor:
             raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}.")
         stores = self.stores()
         check_batch(batch, stores[0].batch_format())
-        with functional_view(self.module, _cached_space(self.module)) as (model, theta):
-            live_digest = self._check(stores, model.space, theta, strict)
-            batch = _query_batch(batch, theta.device)
+        with functional_view(self.module, _cached_space(self.module), current=False) as (model, _):
+            weights = _LiveWeights(self.module, model.space)
+            live_digest = self._check(stores, model.space, weights, strict)
+            batch = _query_batch(batch, weights.device)
             names = [_checkpoint_names(store, checkpoints) for store in stores]
             several = sum(map(len, names)) > 1
             if chunk_size is None and readout != "gradient":  # "gradient" vmaps nothing over sources
-                chunk_size = self._auto_chunk_size(model, theta, batch, stores[0].n_sources)
+                chunk_size = self._auto_chunk_size(model, weights, batch, stores[0].n_sources)
             read: list[tuple[_Member, Tensor]] = []  # every member and the parameters it is read out at
+            live: list[bool] = []  # whether it is read at the module's weights
             for i, store in enumerate(stores):
                 if ensemble == "collapsed" and len(names[i]) > 1:
                     latest = max(names[i], key=store.checkpoints.index)
-                    members = [(latest, self._collapsed(i, store, names[i], theta.device, strict))]
+                    members = [(latest, self._collapsed(i, store, names[i], weights.device, strict))]
                 else:
-                    members = [(name, self._member(i, store, name, theta.device, strict, several)) for name in names[i]]
+                    members = [(name, self._member(i, store, name, weights.device, strict, several)) for name in names[i]]
                 for name, member in members:
                     _warn_incomplete(member)
-                    read.append((member, self._read_at(store, name, member, theta, live_digest, strict)))
+                    at, at_live = self._read_at(store, name, member, weights, live_digest, strict)
+                    read.append((member, at))
+                    live.append(at_live)
                 if i == 0:
                     first_store_last = len(read) - 1
-            live = [at is theta for _, at in read]
-            gradients = _shared_query_gradients(model, read, batch, readout, chunk_size, stores[0].n_sources)
-            factors = _shared_query_factors(model, read, batch, readout, chunk_size)
+            gradients = _shared_query_gradients(model, read, batch, readout, chunk_size, stores[0].n_sources, self._stacked)
+            factors = _shared_query_factors(model, read, batch, readout, chunk_size, self._stacked)
             per_member = []
             for (member, at), g, f in zip(read, gradients, factors):
                 if g is not None:
@@ -218,26 +222,40 @@ class Attributor:
         check_readout(readout)
         store = self.stores()[0]
         data, sources = _training_batch_sources(batch, store)
-        with functional_view(self.module, _cached_space(self.module)) as (model, theta):
-            live_digest = self._check([store], model.space, theta, strict)
+        with functional_view(self.module, _cached_space(self.module), current=False) as (model, _):
+            weights = _LiveWeights(self.module, model.space)
+            live_digest = self._check([store], model.space, weights, strict)
             name = _checkpoint_names(store, "last")[0]
-            member = self._member(0, store, name, theta.device, strict, ensemble=False)
-            at = self._read_at(store, name, member, theta, live_digest, strict)
+            member = self._member(0, store, name, weights.device, strict, ensemble=False)
+            at, _ = self._read_at(store, name, member, weights, live_digest, strict)
             _warn_incomplete(member)
-            sources = sources.to(theta.device)
-            scores = member.responses.paired(model, at, _query_batch(data, theta.device), sources, readout)
+            sources = sources.to(weights.device)
+            scores = member.responses.paired(model, at, _query_batch(data, weights.device), sources, readout)
             return scores.masked_fill(~member.valid[sources], float("nan"))
 
     # ------------------------------------------------------------------ internals
-    def _auto_chunk_size(self, model: FunctionalModel, theta: Tensor, batch: Any, num_sources: int) -> int:
-        """:func:`~lightning_attr.readout.auto_chunk_size`, measured once per shape of the query batch."""
+    def _auto_chunk_size(self, model: FunctionalModel, weights: _LiveWeights, batch: Any, num_sources: int) -> int:
+        """:func:`~lightning_attr.readout.auto_chunk_size` at the module's weights, measured once per shape of the query
+        batch."""
         leaves = tree_flatten(batch)[0]
         key = (num_sources, *((tuple(t.shape), t.dtype) if isinstance(t, Tensor) else repr(t) for t in leaves))
         if key not in self._chunk_sizes:
             if len(self._chunk_sizes) >= _KEPT_CHUNK_SIZES:
                 self._chunk_sizes.pop(next(iter(self._chunk_sizes)))
-            self._chunk_sizes[key] = auto_chunk_size(model, theta, batch, num_sources)
+            self._chunk_sizes[key] = auto_chunk_size(model, weights.theta, batch, num_sources)
         return self._chunk_sizes[key]
+
+    def _stacked(self, thetas: list[Tensor]) -> Tensor:
+        """``torch.stack(thetas)``: ``Tensor[E, P]``, the parameters of the members read together, kept for the next
+        query while it reads the same tensors (the members' snapshots, held by this attributor: the same objects at
+        every query of a store that did not change), so that its per-member parameters
+        (:func:`~lightning_attr.basis_readout.member_query_factors`) are laid out once, not at every query."""
+        last = self._last_stack
+        if last is not None and len(last[0]) == len(thetas) and all(a is b and a._version == v for a, b, v in zip(thetas, *last[:2])):
+            return last[2]
+        stacked = torch.stack(thetas)
+        self._last_stack = (tuple(thetas), tuple(t._version for t in thetas), stacked)
+        return stacked
 
     def _split(self, space: ParameterSpace) -> tuple[str, ...] | None:
         """The parameters a dense member holds on their own: those of the module's Linear / Conv layers, whose weight
@@ -251,30 +269,32 @@ class Attributor:
             return None
         return layer_parameters(handled_layers(self.module, space))
 
-    def _check(self, stores: list[ResponseStore], space: ParameterSpace, theta: Tensor, strict: bool) -> str | None:
+    def _check(self, stores: list[ResponseStore], space: ParameterSpace, weights: _LiveWeights, strict: bool) -> str | None:
         """Fingerprint of every store; for a single store under ``strict``, the module's weights. Returns the
         live weights' digest (``None`` when nothing needs it)."""
         single = len(self._stores) == 1
-        live_digest = _weights_digest(self.module, space, theta) if strict or not single else None
+        live_digest = _weights_digest(self.module, space, weights) if strict or not single else None
         for opened, store in zip(self._stores, stores):
             opened.check_model(space, live_digest if (strict and single) else None)
         return live_digest
 
     def _read_at(
-        self, store: ResponseStore, name: str, member: _Member, theta: Tensor, live_digest: str | None, strict: bool
-    ) -> Tensor:
-        """The parameters a member is read out at: the live ones for the member simulated at them (and, with a
-        single store and ``strict=False``, for its last checkpoint whatever they are), else its snapshot."""
+        self, store: ResponseStore, name: str, member: _Member, weights: _LiveWeights, live_digest: str | None, strict: bool
+    ) -> tuple[Tensor, bool]:
+        """``(theta: Tensor[P], live)``: the parameters a member is read out at, and whether they are the module's: the
+        live ones for the member simulated at them (its snapshot where it has one: the same float32 numbers, their
+        digest says so, and the same tensor at every query) and, with a single store and ``strict=False``, for its last
+        checkpoint whatever they are; else its snapshot."""
         if live_digest is not None and member.entry["weights_digest"] == live_digest:
-            return theta
+            return (member.theta if member.theta is not None else weights.theta), True
         if len(self._stores) == 1 and not strict and name == store.checkpoints[-1]:
-            return theta
+            return weights.theta, True
         if member.theta is None:
             raise StoreError(
                 f"Checkpoint {name!r} of {store.path} has no parameter snapshot and the module's weights are not "
                 "the ones it was simulated at: load that fit's final weights (or re-run the simulation)."
             )
-        return member.theta
+        return member.theta, False
 
     def _member(
         self, i: int, store: ResponseStore, name: str, device: torch.device, strict: bool, ensemble: bool
@@ -413,8 +433,9 @@ def _laid_out(responses: Tensor, space: ParameterSpace, split: Sequence[str] | N
 
 
 def _shared_query_gradients(
-    model: FunctionalModel, read: list[tuple[_Member, Tensor]], batch: Any, readout: str, chunk_size: int | None, num_sources: int
-) -> list[Tensor | None]:
+    model: FunctionalModel, read: list[tuple[_Member, Tensor]], batch: Any, readout: str, chunk_size: int | None, num_sources: int,
+    stack: Callable[[list[Tensor]], Tensor] = torch.stack,
+) -> list[Tensor | None]:  # fmt: skip
     """Per member, the query gradients ``Tensor[Q, P]`` its linear readout multiplies its responses with, for every
     member of the dense codec at once (:func:`~lightning_attr.readout.linear_query_gradients`: one capture per member,
     then the same vmapped jvp passes for all of them); ``None`` for a member that reads its queries another way (another
@@ -423,15 +444,16 @@ def _shared_query_gradients(
     out: list[Tensor | None] = [None] * len(read)
     if readout != "linear" or not dense:
         return out
-    gradients = linear_query_gradients(model, torch.stack([read[k][1] for k in dense]), batch, num_sources, chunk_size)
+    gradients = linear_query_gradients(model, stack([read[k][1] for k in dense]), batch, num_sources, chunk_size)
     for k, g in zip(dense, gradients if gradients is not None else ()):
         out[k] = g
     return out
 
 
 def _shared_query_factors(
-    model: FunctionalModel, read: list[tuple[_Member, Tensor]], batch: Any, readout: str, chunk_size: int | None
-) -> list[QueryFactors | None]:
+    model: FunctionalModel, read: list[tuple[_Member, Tensor]], batch: Any, readout: str, chunk_size: int | None,
+    stack: Callable[[list[Tensor]], Tensor] = torch.stack,
+) -> list[QueryFactors | None]:  # fmt: skip
     """Per member of codec ``"factored"``, the query's layer factors at its parameters, every such member in the same
     vmapped passes (:func:`~lightning_attr.basis_readout.member_query_factors`), when the layer bases cover the network
     and each member's ``Q x P`` query gradients fit one query chunk; ``None`` elsewhere (the member reads its own)."""
@@ -441,7 +463,7 @@ def _shared_query_factors(
     rows = query_chunk_rows(read[0][1])
     if layers is None or batch_size_of(batch) > rows:
         return out
-    thetas = torch.stack([read[k][1] for k in factored])
+    thetas = stack([read[k][1] for k in factored])
     # chunk_size: Attributor.scores resolved it (the linear readout), shared by the members read together; the members'
     # query gradients are laid out at once where they fit one query chunk together
     laid_out = len(factored) * batch_size_of(batch) <= rows
@@ -458,11 +480,11 @@ def ensemble_mean(per_member: list[Tensor], reference: int = -1) -> Tensor:
     Computed as ``sum_e s_e / d_e`` rescaled by ``d_ref / d_sum`` (``d``: :func:`_deviation_norm`, the std times
     ``sqrt(S - 1)``; the mean's ``1 / E`` and the ``sqrt(S - 1)`` cancel in the rescaling), accumulated in one ``[B, S]``
     buffer: on the MNIST-1D MLP's batch (three members, ``[300, 4000]`` each, one thread) 46 ms -> 7 ms."""
-    norms = [_deviation_norm(s).clamp_min_(1e-30) for s in per_member]  # [B, 1] each
-    total = per_member[0] / norms[0]
+    norms = [_deviation_norm(s) for s in per_member]  # [B, 1] each; the reference's is used unclamped at the end
+    total = per_member[0] / norms[0].clamp_min(1e-30)
     for scores, norm in zip(per_member[1:], norms[1:]):
-        total.addcdiv_(scores, norm)
-    return total.mul_(_deviation_norm(per_member[reference]) / _deviation_norm(total).clamp_min_(1e-30))
+        total.addcdiv_(scores, norm.clamp_min(1e-30))
+    return total.mul_(norms[reference] / _deviation_norm(total).clamp_min_(1e-30))
 
 
 def _deviation_norm(scores: Tensor) -> Tensor:
@@ -526,14 +548,28 @@ def _training_batch_sources(batch: Any, store: ResponseStore) -> tuple[Any, Tens
     return data, sources
 
 
-def _weights_digest(module: Any, space: ParameterSpace, theta: Tensor) -> str:
-    """``space.digest(theta)``, hashed again only when a parameter changed (in-place updates bump
+class _LiveWeights:
+    """The module's weights at a query: their device, and (read only where something needs them) the flat
+    ``theta: Tensor[P]`` float32 of :meth:`ParameterSpace.current` (a query whose members are all read at their
+    snapshots does not lay the module's weights out)."""
+
+    def __init__(self, module: nn.Module, space: ParameterSpace) -> None:
+        self.module, self.space = module, space
+        self.device = module.get_parameter(space.names[0]).device
+
+    @cached_property
+    def theta(self) -> Tensor:
+        return self.space.current(self.module)
+
+
+def _weights_digest(module: Any, space: ParameterSpace, weights: _LiveWeights) -> str:
+    """``space.digest(weights.theta)``, hashed again only when a parameter changed (in-place updates bump
     ``_version``): a query should not pay for hashing P floats."""
     key = tuple((p.data_ptr(), p._version) for p in module.parameters())
     cache = module_cache(module, "_attribution_digest")
     if key not in cache:
         cache.clear()
-        cache[key] = space.digest(theta)
+        cache[key] = space.digest(weights.theta)
     return cache[key]
 
 

@@ -246,14 +246,12 @@ class FactoredResponses:
         queries = query.queries
         gradients = query.gradients(space, queries, theta)  # [Q, P]
         columns, rows = self._source_rows
-        coefficients = gradients @ self.basis.T  # [Q, k]: V g_q
+        coefficients = torch.mm(gradients, self._basis_columns)  # [Q, k]: V g_q
         if columns.numel():
             coefficients = torch.cat([coefficients, gradients[:, columns]], dim=1)  # [Q, k + r]: and g_q's dense rest
-        out = coefficients @ rows
-        for name, (u, v) in self.gradients.factors.items():
+        out = torch.mm(coefficients, rows)
+        for name, (u, v), bias, c, outs, ins in self._factored_layers:
             positions = query.factors[name][0].shape[1] if name in query.factors else None  # None: read as parameters
-            bias = self._bias_of.get(name)
-            c, outs, ins = u.shape[2], u.shape[1], v.shape[1] + (bias is not None)  # a folded bias: V's ones row
             cheaper = positions is not None and _factors_cheaper(queries, positions, c, outs, ins)
             rebuilt = None if cheaper else self._rebuilt(name)
             if rebuilt is not None:  # the sources' matrices, rebuilt once: one product with the query gradients
@@ -281,6 +279,18 @@ class FactoredResponses:
                 return None
             cache[name] = torch.cat(list(_rebuilt_blocks(u, v, bias)), dim=1)
         return cache[name]
+
+    @cached_property
+    def _basis_columns(self) -> Tensor:
+        """``Tensor[P, k]``: the eigen basis ``V`` transposed (a view, taken once), the right operand of ``V g_q``."""
+        return self.basis.T
+
+    @cached_property
+    def _factored_layers(self) -> tuple[tuple[str, tuple[Tensor, Tensor], str | None, int, int, int], ...]:
+        """Per factored weight, what :meth:`factor_scores` reads at every query, looked up once: ``(name, (u, v), folded
+        bias name or None, c, out, in)``, ``in`` counting a folded bias's ones row of ``V``."""
+        return tuple((name, (u, v), self._bias_of.get(name), u.shape[2], u.shape[1], v.shape[1] + (name in self._bias_of))
+                     for name, (u, v) in self.gradients.factors.items())  # fmt: skip
 
     @cached_property
     def _rebuilt_weights(self) -> dict[str, Tensor]:
@@ -364,9 +374,10 @@ def factor_products(
     step = max(1, _PRODUCT_NUMBERS // (queries * rows * c))
     parts = []
     for start in range(0, sources, step):
+        whole = start == 0 and step >= sources  # one chunk: the columns themselves, no slice
         cols = slice(start * c, min(start + step, sources) * c)
-        inputs = x @ cv[:, cols]  # [Q R, n c]
-        products = (j @ cu[:, cols]).mul_(inputs.add_(1.0) if bias else inputs)
+        inputs = torch.mm(x, cv if whole else cv[:, cols])  # [Q R, n c]
+        products = torch.mm(j, cu if whole else cu[:, cols]).mul_(inputs.add_(1.0) if bias else inputs)
         parts.append(products.view(queries, -1) if rows == c == 1 else products.view(queries, rows, -1, c).sum(dim=(1, 3)))
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 

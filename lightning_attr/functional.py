@@ -100,8 +100,11 @@ def _autodiff_kernels(recurrent: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def functional_view(module: nn.Module, space: ParameterSpace | None = None) -> Iterator[tuple[FunctionalModel, Tensor]]:
-    """Yields ``(FunctionalModel, theta: Tensor[P] float32)`` with everything set for side-effect-free work.
+def functional_view(
+    module: nn.Module, space: ParameterSpace | None = None, *, current: bool = True
+) -> Iterator[tuple[FunctionalModel, Tensor | None]]:
+    """Yields ``(FunctionalModel, theta: Tensor[P] float32)`` with everything set for side-effect-free work
+    (``current=False``: ``theta`` is ``None``, for a caller that reads the module's weights only where it needs them).
 
     Leaves inference mode (``Trainer.predict``), enables autograd, puts the module in eval mode, forks
     the RNG and selects differentiable kernels (:func:`autodiff_kernels`), restoring all of it on exit. The module
@@ -115,7 +118,7 @@ def functional_view(module: nn.Module, space: ParameterSpace | None = None) -> I
         stack.enter_context(_eval_mode(module, modules))
         stack.enter_context(_autodiff_kernels(_any_recurrent(modules)))
         model = FunctionalModel(module, space)
-        yield model, model.space.current(module)
+        yield model, model.space.current(module) if current else None
 
 
 def _cuda_devices(module: nn.Module) -> list[int]:
