@@ -144,15 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--label", default="q1", help="names this comparison in --out (records are kept per setting and label)")
     p.add_argument("--out", default=None, help="JSON: one record per setting and label (a rerun replaces its own)")
     args = p.parse_args(argv)
-    trees = {"this": HERE.parent}
-    if args.reference is not None:
-        reference = Path(args.reference).resolve()
-        if not (reference / "lightning_attr").is_dir() or not (reference / "benchmarks" / "readout.py").is_file():
-            raise SystemExit(f"--reference {reference} is not a source tree of this project (no lightning_attr/ or benchmarks/readout.py).")
-        trees = {"reference": reference, **trees}
     sys.path.insert(0, str(HERE))
     from bench import current_commit
+    from setup_phases import source_trees
 
+    trees = source_trees(args.reference, "readout.py")
     from lightning_attr._io import atomic_write_json
 
     out = Path(args.out) if args.out else None

@@ -66,6 +66,18 @@ def _run(code: Path, setting: str, options: dict, cache_dir: str) -> dict:
     return json.loads(lines[-1])
 
 
+def source_trees(reference: str | None, script: str) -> dict[str, Path]:
+    """``{"reference": tree, "this": tree}``: this source tree, after the ``reference`` one where it is given (checked to
+    be a tree of this project, with ``lightning_attr/`` and ``benchmarks/<script>``)."""
+    trees = {"this": HERE.parent}
+    if reference is None:
+        return trees
+    tree = Path(reference).resolve()
+    if not (tree / "lightning_attr").is_dir() or not (tree / "benchmarks" / script).is_file():
+        raise SystemExit(f"--reference {tree} is not a source tree of this project (no lightning_attr/ or benchmarks/{script}).")
+    return {"reference": tree, **trees}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", nargs="+", default=["digits-mlp-wide"])
@@ -76,12 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="JSON of every fit (none by default)")
     args = p.parse_args(argv)
     options = json.loads(args.options)
-    codes = {"this": HERE.parent}
-    if args.reference is not None:
-        reference = Path(args.reference).resolve()
-        if not (reference / "lightning_attr").is_dir() or not (reference / "benchmarks" / "bench.py").is_file():
-            raise SystemExit(f"--reference {reference} is not a source tree of this project (no lightning_attr/ or benchmarks/bench.py).")
-        codes = {"reference": reference, **codes}
+    codes = source_trees(args.reference, "bench.py")
     fits: list[dict] = []
     for setting in args.settings:
         for round_ in range(args.rounds):
