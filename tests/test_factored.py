@@ -213,3 +213,36 @@ def test_factored_tied_weights_stay_dense_and_factors_missing_a_use_are_refused(
         wrong["w"][source, row, column] += 0.01 * dense["w"].abs().max()
         with pytest.raises(RuntimeError, match="'w' do not reproduce"):
             check_factors({"w": (u, v)}, wrong, torch.ones(50, dtype=torch.bool))
+
+
+def test_single_queries_reuse_the_members_parameters_and_read_changed_weights(tmp_path):
+    """A single query of the factored ensemble lays the members' parameters out once (the attributor's stacked snapshots,
+    the same tensor at every query) and reads the module's weights again once they change in place (strict=False: the
+    last checkpoint is read at the live weights): the same scores as a cold copy of the module, not the earlier ones."""
+    import copy
+
+    from lightning_attr.attributor import cached_attributor
+
+    x, y = blobs(n=160, d=8, classes=3, seed=6)
+    xq, yq = blobs(n=3, d=8, classes=3, seed=7)
+    torch.manual_seed(0)
+    model = small_mlp(8, 3, hidden=32)
+    cb = AttributionCallback(tmp_path / "factored", codec="factored")
+    fit(model, x, y, [cb], epochs=10)
+    assert len(ResponseStore.load(cb.dirpath).checkpoints) == 3
+    first = model.attribute((xq[:1], yq[:1]), responses=cb.dirpath)
+    stacked = cached_attributor(model, cb.dirpath)._last_stack[2]
+    again = model.attribute((xq[:1], yq[:1]), responses=cb.dirpath)
+    assert torch.equal(first, again)
+    assert cached_attributor(model, cb.dirpath)._last_stack[2] is stacked  # the snapshots, stacked once
+    assert model.__dict__["_basis_member_parameters"]["last"][0] is stacked  # and laid out per parameter once
+    cold = copy.deepcopy(model)  # a copy starts with empty caches
+    assert _close(cold.attribute((xq[:1], yq[:1]), responses=cb.dirpath), first)
+    with torch.no_grad():
+        model.net[1].weight.mul_(1.5)
+        cold.net[1].weight.mul_(1.5)
+    with pytest.raises(StoreError):  # strict: the module's weights are not the last checkpoint's any more
+        model.attribute((xq[:1], yq[:1]), responses=cb.dirpath)
+    changed = model.attribute((xq[:1], yq[:1]), responses=cb.dirpath, strict=False)
+    assert not _close(changed, first)
+    assert _close(changed, cold.attribute((xq[:1], yq[:1]), responses=cb.dirpath, strict=False))
