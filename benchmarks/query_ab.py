@@ -10,7 +10,7 @@ under ``--store-dir`` (a missing one is fitted there first, by the reference's c
 in each round ``k``, every worker in turn (the order alternates round by round) writes ``--flush-mb`` of memory (so the
 query reads its store from memory, not from the cache, as it does in the bench when dattri's TRAK-1 runs between two of
 our queries) and times ``model.attribute((x_k, y_k), responses=store)`` on test query ``k``: the trajectory ensemble
-(``checkpoints="all"``, the default) at Q=1. Reported per tree: the medians of wall and thread milliseconds, and per
+(``checkpoints="all"``, the default) at Q=1 (``--queries Q``: test queries ``k .. k + Q - 1`` in one call). Reported per tree: the medians of wall and thread milliseconds, and per
 round the ratio of this tree's to the reference's (its median: the paired ratio, which the machine's load moves less
 than either time). The workers' scores of the first 20 queries are compared (largest absolute difference).
 """
@@ -30,9 +30,10 @@ HERE = Path(__file__).resolve().parent
 SCORED = 20  # queries whose scores the two trees must agree on
 
 
-def _worker(tree: str, setting: str, store_dir: str, flush_mb: int, scores_path: str) -> None:
+def _worker(tree: str, setting: str, store_dir: str, flush_mb: int, scores_path: str, per_call: int = 1) -> None:
     """Serves timed single queries on stdin (a query index per line; ``scores`` writes the first :data:`SCORED` queries'
-    scores to ``scores_path``), one JSON line per request on stdout, with the code of ``tree``: its ``benchmarks`` and
+    scores to ``scores_path``), ``per_call`` test queries a call from that index on, one JSON line per request on stdout,
+    with the code of ``tree``: its ``benchmarks`` and
     root first on ``sys.path`` (this script's folder, ``sys.path[0]``, would otherwise give every tree this tree's bench
     modules, which put this tree's root first)."""
     sys.path[:] = [str(Path(tree) / "benchmarks"), tree, *(p for p in sys.path if Path(p or ".").resolve() != HERE)]
@@ -62,10 +63,10 @@ def _worker(tree: str, setting: str, store_dir: str, flush_mb: int, scores_path:
             save_file({"scores": scores.contiguous()}, scores_path)
             print(json.dumps({"scores": scores_path}), flush=True)
             continue
-        k = int(request) % len(x)
+        k = int(request) % (len(x) - per_call + 1)
         scratch.add_(1.0)  # evicts the store's tensors from the cache
         wall, thread = time.perf_counter(), time.thread_time()
-        model.attribute((x[k : k + 1], y[k : k + 1]), responses=store)
+        model.attribute((x[k : k + per_call], y[k : k + per_call]), responses=store)
         thread, wall = time.thread_time() - thread, time.perf_counter() - wall
         print(json.dumps({"wall_ms": 1e3 * wall, "thread_ms": 1e3 * thread}), flush=True)
 
@@ -75,7 +76,8 @@ class _Worker:
 
     def __init__(self, tree: Path, setting: str, args: argparse.Namespace, scores_path: Path) -> None:
         env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'benchmarks'}", "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(tree), setting, args.store_dir, str(args.flush_mb), str(scores_path)]
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(tree), setting, args.store_dir, str(args.flush_mb),
+                   str(scores_path), str(args.queries)]  # fmt: skip
         self.tree, self.process = tree, subprocess.Popen(command, env=env, cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.reply()  # ready
 
@@ -118,7 +120,7 @@ def compare(setting: str, trees: dict[str, Path], args: argparse.Namespace) -> d
     finally:
         for worker in workers.values():
             worker.close()
-    record = {"setting": setting, "rounds": args.rounds, "flush_mb": args.flush_mb, "load_average": [round(x, 2) for x in loads]}
+    record = {"setting": setting, "queries_per_call": args.queries, "rounds": args.rounds, "flush_mb": args.flush_mb, "load_average": [round(x, 2) for x in loads]}
     for name in names:
         record[name] = {key: round(statistics.median(values), 3) for key, values in times[name].items()}
     if "reference" in names:
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reference", default=None, help="another source tree (e.g. a git worktree of a commit) to alternate with")
     p.add_argument("--store-dir", default="benchmarks/results/cache/readout", help="benchmarks/readout.py --factored's fits and stores")
     p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--queries", type=int, default=1, help="test queries per timed call (1: the single query)")
     p.add_argument("--flush-mb", type=int, default=64, help="memory written before each query (evicts the cache)")
     p.add_argument("--scratch", default="/tmp/query_ab", help="where the workers write their scores")
     p.add_argument("--label", default="q1", help="names this comparison in --out (records are kept per setting and label)")
@@ -165,6 +168,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
+        _worker(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6], int(sys.argv[7]))
     else:
         main()
