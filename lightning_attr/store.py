@@ -530,6 +530,14 @@ class ResponseStore:
         return store
 
     def _check_files(self, ckpt: dict[str, Any]) -> None:
+        encoding = ckpt.get("encoding")
+        if encoding is not None and (encoding != half_precision.ENCODING or ckpt.get("codec") != "factored"):
+            raise StoreError(
+                f"Checkpoint {ckpt['name']!r} of {self.path}: manifest field encoding={encoding!r} (codec "
+                f"{ckpt.get('codec')!r}) is not one this version reads (codec 'factored' only, {half_precision.ENCODING!r}): "
+                "a newer lightning_attr wrote it (install the version that wrote it to read it), or the store is damaged "
+                "(re-run the simulation)."
+            )
         for shard in ckpt["shards"]:
             file = self.path / shard["file"]
             if not file.is_file():
@@ -606,12 +614,22 @@ class ResponseStore:
         if space.fingerprint() != self.manifest["fingerprint"]:
             raise StoreError(_model_mismatch(self.path, self.space, space))
         if weights_digest is not None and self.checkpoints:
-            expected = self.checkpoint_info(self.checkpoints[-1])["weights_digest"]
-            if weights_digest != expected:
+            last = self.checkpoint_info(self.checkpoints[-1])
+            if weights_digest != last["weights_digest"]:
+                step = f" (global step {last['global_step']})" if "global_step" in last else ""
+                # the callback always writes 'final' last: a store of its own without it lost the end of its fit
+                unfinished = "settings" in self.manifest and "final" not in self.checkpoints
                 raise StoreError(
-                    f"The model's weights differ from the weights the responses in {self.path} were simulated "
-                    "for (end of the fit that wrote them). Load the final weights of that fit, or pass "
-                    "strict=False to read out anyway (the scores then describe the stored model, not yours)."
+                    f"The model's weights differ from the weights the responses in {self.path} were simulated for (its "
+                    f"last checkpoint, {last['name']!r}{step}). "
+                    + (
+                        "The store lists no 'final' checkpoint: the fit that wrote it stopped before it wrote its "
+                        "end-of-fit checkpoint (interrupted or killed), so no response matches its final weights. Re-run "
+                        "the fit, or load the weights of that checkpoint"
+                        if unfinished
+                        else "Load the final weights of the fit that wrote it"
+                    )
+                    + ", or pass strict=False to read out anyway (the scores then describe the stored model, not yours)."
                 )
 
     def _read(self, file: Path) -> dict[str, Tensor]:
@@ -753,6 +771,16 @@ class ResponseStore:
             shapes.update({key + half_precision.SCALE: half_precision.scale_shape(key, shape) for key, shape in shapes.items()})
         return shapes
 
+    def _encoding_hint(self, name: str) -> str:
+        """What checkpoint ``name``'s manifest says of its shards' encoding, for an error about their tensors (codec
+        ``"factored"``, the only one encoded; ``""`` for the others)."""
+        if self.codec(name) != "factored":
+            return ""
+        if self.checkpoint_info(name).get("encoding") == half_precision.ENCODING:
+            return (f" (the manifest says encoding {half_precision.ENCODING!r}: every tensor has its power-of-two scales "
+                    f"beside it, key{half_precision.SCALE})")  # fmt: skip
+        return f" (the manifest names no encoding: no key{half_precision.SCALE} scales)"
+
     def _factored_fields(self, name: str) -> tuple[dict[str, str], bool]:
         """``(folded biases {bias: weight}, coordinates derived)`` of a ``"factored"`` checkpoint (format 3: none, stored),
         checked against the parameter space and the factored weights: a :class:`StoreError` names what is inconsistent."""
@@ -829,12 +857,17 @@ class ResponseStore:
             for key, shape in shapes.items():
                 got = tuple(tensors[key].shape) if key in tensors else None
                 if got != shape:
-                    raise StoreError(f"{shard['file']}: tensor {key!r} is {got}, expected {shape}.")
+                    raise StoreError(
+                        f"{shard['file']}: tensor {key!r} is {'missing' if got is None else got}, expected {shape}"
+                        + self._encoding_hint(name) + ": the shard and the manifest disagree, the store is damaged. "
+                        "Re-run the simulation."
+                    )
             unexpected = sorted(set(tensors) - set(shapes)) if codec == "factored" else []
             if unexpected:
                 raise StoreError(
                     f"{shard['file']}: tensors {unexpected[:4]} are not in checkpoint {name!r}'s layout (the manifest "
-                    "derives or folds them): the shard and the manifest disagree, the store is damaged. Re-run the simulation."
+                    f"derives or folds them{self._encoding_hint(name)}): the shard and the manifest disagree, the store is "
+                    "damaged. Re-run the simulation."
                 )
             sources = sources.long()
             if sources.numel() and (int(sources.min()) < 0 or int(sources.max()) >= self.n_sources):

@@ -137,7 +137,7 @@ def test_a_factored_store_whose_manifest_and_shards_disagree_is_refused(tmp_path
         broken.block("final")
     # the manifest says stored coordinates, the shard has none: refused by name, not derived or read as zeros
     broken = edited(lambda c: c.update(coordinates="stored"))
-    with pytest.raises(StoreError, match=r"'coordinates' is None, expected \(40, \d+\)"):
+    with pytest.raises(StoreError, match=r"'coordinates' is missing, expected \(40, \d+\)"):
         broken.block("final")
     # a shard that still holds a folded bias: the shard and the manifest disagree
     manifest_file.write_text(original)

@@ -125,3 +125,23 @@ def test_a_format_4_half_precision_factored_store_reads_as_before(tmp_path):
     assert torch.equal(block.to_dense(), expected.to_dense())
     ours = model.attribute((xq, yq), responses=old)
     assert _relative_error(ours, model.attribute((xq, yq), responses=full)) < 5e-2  # format 4's bfloat16 accuracy
+
+
+def test_a_scaled_shard_and_its_manifest_that_disagree_are_refused_naming_the_encoding(tmp_path):
+    """A format 5 manifest whose shards lack every scale (float16 numbers as format 4 wrote them), and a manifest whose
+    encoding this version does not know, are each a StoreError that names the encoding and the fix: never numbers read
+    without their scales (before: "tensor 'net.1.weight@U@scale' is None", and an unknown encoding was taken for none)."""
+    _, half = _fit(tmp_path, "factored", "float16")
+    store = ResponseStore.load(half)
+    entry = store.checkpoint_info("final")
+    file = store.path / entry["shards"][0]["file"]
+    save_file({k: t for k, t in load_file(str(file)).items() if not k.endswith(SCALE)}, str(file))
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    manifest["checkpoints"][0]["shards"][0]["bytes"] = file.stat().st_size
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=rf"net.1.weight@U@scale' is missing.*{ENCODING}.*Re-run the simulation"):
+        ResponseStore.load(half).block("final")
+    manifest["checkpoints"][0]["encoding"] = "float8-scaled"
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=rf"encoding='float8-scaled'.*{ENCODING}.*install the version that wrote it"):
+        ResponseStore.load(half)

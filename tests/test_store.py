@@ -228,3 +228,16 @@ def test_every_codec_writes_its_own_shard_layout_through_one_writer(tmp_path):
     writer.add_encoded(torch.arange(2), space.unflatten(torch.zeros(2, space.size)))
     with pytest.raises(ValueError, match=r"writes sources in order.*indexed=True"):
         writer.add_encoded(torch.tensor([3, 4]), space.unflatten(torch.zeros(2, space.size)))
+
+
+def test_a_store_without_its_end_of_fit_checkpoint_says_so_when_the_weights_differ(trained, tmp_path):
+    """A fit killed while it wrote its 'final' checkpoint leaves a store that lists the earlier ones only. The final
+    weights then differ from the last checkpoint's: the error names that checkpoint and the missing 'final' (before:
+    "Load the final weights of that fit", which the user had loaded)."""
+    model, path, (xq, yq) = trained
+    target = _copy_store(path, tmp_path)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["checkpoints"] = [c for c in manifest["checkpoints"] if c["name"] != "final"]
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"'epoch=2' \(global step \d+\).*no 'final' checkpoint.*Re-run the fit"):
+        model.attribute((xq, yq), responses=target)
