@@ -96,8 +96,9 @@ def check_store_path(path: Any) -> str | os.PathLike:
             "with the callback, or pass the directory of an existing store."
         )
     if not isinstance(path, (str, os.PathLike)):
+        hint = ": pass its dirpath (responses=cb.dirpath, set when fit starts)" if hasattr(path, "dirpath") else ""
         raise StoreError(
-            f"responses must be a store directory (str or os.PathLike) or a ResponseStore, got {type(path).__name__}."
+            f"responses must be a store directory (str or os.PathLike) or a ResponseStore, got {type(path).__name__}{hint}."
         )
     return path
 

@@ -136,6 +136,9 @@ def test_attribute_before_any_fit_is_refused(trained):
         model.attribute((xq, yq), responses=cb.dirpath)
     with pytest.raises(StoreError, match="responses is None"):
         model.self_influence((xq, yq, torch.arange(8)), responses=None)
+    # the callback itself instead of its dirpath (a new user's first guess): the error says which attribute to pass
+    with pytest.raises(StoreError, match=r"got AttributionCallback: pass its dirpath \(responses=cb.dirpath, set when fit starts\)"):
+        model.attribute((xq, yq), responses=cb)
 
 
 def test_existing_store_is_not_overwritten(trained, tmp_path):
