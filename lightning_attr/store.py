@@ -778,9 +778,9 @@ class ResponseStore:
         if self.codec(name) != "factored":
             return ""
         if self.checkpoint_info(name).get("encoding") == half_precision.ENCODING:
-            return (f" (the manifest says encoding {half_precision.ENCODING!r}: every tensor has its power-of-two scales "
-                    f"beside it, key{half_precision.SCALE})")  # fmt: skip
-        return f" (the manifest names no encoding: no key{half_precision.SCALE} scales)"
+            return (f"the manifest says encoding {half_precision.ENCODING!r}: every tensor has its power-of-two scales "
+                    f"beside it, key{half_precision.SCALE}")  # fmt: skip
+        return f"the manifest names no encoding: no key{half_precision.SCALE} scales"
 
     def _factored_fields(self, name: str) -> tuple[dict[str, str], bool]:
         """``(folded biases {bias: weight}, coordinates derived)`` of a ``"factored"`` checkpoint (format 3: none, stored),
@@ -846,6 +846,7 @@ class ResponseStore:
                 yield shard["start"], coordinates.float()
             return
         space, covered = self.space, torch.zeros(self.n_sources, dtype=torch.long)
+        hint = self._encoding_hint(name)  # for an error about the shards' tensors
         for shard in self.checkpoint_info(name)["shards"]:
             tensors = self._read(self.path / shard["file"])
             if "rows" in shard:  # format 3: the shard names its sources
@@ -860,15 +861,15 @@ class ResponseStore:
                 if got != shape:
                     raise StoreError(
                         f"{shard['file']}: tensor {key!r} is {'missing' if got is None else got}, expected {shape}"
-                        + self._encoding_hint(name) + ": the shard and the manifest disagree, the store is damaged. "
+                        f"{f' ({hint})' if hint else ''}: the shard and the manifest disagree, the store is damaged. "
                         "Re-run the simulation."
                     )
             unexpected = sorted(set(tensors) - set(shapes)) if codec == "factored" else []
             if unexpected:
                 raise StoreError(
                     f"{shard['file']}: tensors {unexpected[:4]} are not in checkpoint {name!r}'s layout (the manifest "
-                    f"derives or folds them{self._encoding_hint(name)}): the shard and the manifest disagree, the store is "
-                    "damaged. Re-run the simulation."
+                    f"derives or folds them{'; ' + hint if hint else ''}): the shard and the manifest disagree, the store "
+                    "is damaged. Re-run the simulation."
                 )
             sources = sources.long()
             if sources.numel() and (int(sources.min()) < 0 or int(sources.max()) >= self.n_sources):
