@@ -175,6 +175,11 @@ class FactoredResponses:
         """The shard tensors (``Tensor[S, ...]`` each): the factors and dense rest of ``gradients`` but the folded
         biases, and ``coordinates`` unless they are derived."""
         out = {k: t for k, t in self.gradients.tensors().items() if k not in self.folded_biases}
+        if self.coordinates is not None and COORDINATES in out:
+            raise ValueError(
+                f"A parameter named {COORDINATES!r} shares the shard key of stored eigen coordinates: build the block "
+                "without coordinates (they are derived when read), or rename the parameter."
+            )
         return out if self.coordinates is None else {COORDINATES: self.coordinates, **out}
 
     @classmethod
@@ -183,9 +188,10 @@ class FactoredResponses:
         tensors: dict[str, Tensor], folded_biases: Mapping[str, str] | None = None,
     ) -> FactoredResponses:  # fmt: skip
         """From shard tensors (:meth:`tensors`) and the basis: the folded biases rebuilt from their weight's ``U``; where
-        the shards do not hold the coordinates they are derived when first read (:attr:`eigen`)."""
+        the shards do not hold the coordinates they are derived when first read (:attr:`eigen`). A parameter named
+        ``"coordinates"`` is that parameter's dense rest, never stored coordinates (a store of such a model derives them)."""
         tensors, folded = dict(tensors), dict(folded_biases or {})
-        coordinates = tensors.pop(COORDINATES, None)
+        coordinates = None if COORDINATES in space.names else tensors.pop(COORDINATES, None)
         for bias, weight in folded.items():
             u = tensors[weight + FACTOR_KEYS[0]]
             tensors[bias] = u.sum(dim=2).reshape(u.shape[0], *space.shapes[space.names.index(bias)])

@@ -11,12 +11,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import blobs, exact_influence
+from conftest import blobs, exact_influence, fit
 from safetensors.torch import load_file, save_file
 from test_factored import _close, _fit_codecs
 from torch import nn
 
-from lightning_attr import ResponseStore
+from lightning_attr import AttributionCallback, ResponseStore
 from lightning_attr import factored as factored_module
 from lightning_attr.factored import COORDINATES, bias_agreement, eigen_coordinates
 from lightning_attr.lowrank import LowRankResponses
@@ -74,6 +74,36 @@ def test_a_bias_used_outside_its_layer_stays_dense_and_equals_dense(tmp_path):
     assert "net.fc2.bias" in load_file(str(_shard(store)))
     ours, expected = (model.attribute((xq, yq), responses=path) for path in (factored, dense))
     assert _close(ours, expected)
+
+
+class _OffsetClassifier(Classifier):
+    """A 6-24-3 MLP plus a learned logit offset that is a parameter of the module itself, named like the shards' key of
+    stored eigen coordinates: ``coordinates: Tensor[3]``, kept dense by codec "factored"."""
+
+    def __init__(self) -> None:
+        super().__init__(_mlp(bias_last=True)().net, lr=0.1, momentum=0.9, weight_decay=1e-3)
+        self.coordinates = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + self.coordinates
+
+
+def test_a_parameter_named_coordinates_is_a_dense_rest_not_the_stored_eigen_coordinates(tmp_path):
+    """Before: the end of the fit failed with a bare KeyError 'coordinates' (the block was read back as if its shards
+    held eigen coordinates, and lost the parameter's gradients), with the default codec. Now its scores are codec
+    "dense"'s, in float32 and in a half-precision store."""
+    x, y = blobs(n=60, d=6, classes=3, seed=34)
+    xq, yq = blobs(n=5, d=6, classes=3, seed=35)
+    model, dense, factored = _fit_codecs(tmp_path, _OffsetClassifier, x, y, rank=1000, checkpoint_epochs=None)
+    store = ResponseStore.load(factored)
+    assert store.checkpoint_info("final")["coordinates"] == "derived" and COORDINATES in load_file(str(_shard(store)))
+    expected = model.attribute((xq, yq), responses=dense)
+    assert _close(model.attribute((xq, yq), responses=factored), expected)
+    torch.manual_seed(0)
+    half = _OffsetClassifier()
+    cb = AttributionCallback(tmp_path / "half", codec="factored", rank=1000, checkpoint_epochs=None, store_dtype="float16")
+    fit(half, x, y, [cb], epochs=4)
+    assert _close(half.attribute((xq, yq), responses=cb.dirpath), expected, rel=5e-3)
 
 
 def test_a_format_3_store_with_stored_coordinates_and_biases_reads_as_before(tmp_path):
