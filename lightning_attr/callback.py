@@ -113,7 +113,9 @@ class AttributionCallback(Callback):
             either half dtype as a float16 basis and float16 factors scaled per source and column
             (:mod:`~lightning_attr.half_precision`: its derived response cancels, and bfloat16 rounding moved its scores
             6.5-20x more than a bfloat16 dense store's).
-        num_examples: size ``n`` of the training set if ``len(train_dataloader.dataset)`` is not it.
+        num_examples: the range ``n`` of the example indices when the batches carry their own index column (the
+            training dataset is not an :class:`IndexedDataset`); beside an ``IndexedDataset`` (or a ``Subset`` of one)
+            it must be that dataset's length, and the sources are its members.
         index_key: the key of the example index in dict batches (``IndexedDataset`` over dict items puts it
             there); tuple batches carry it last. ``attribution_outputs`` receives the batch without it.
         seed: seed of the callback's private generator (probes, replay order). The global RNG is never drawn.
@@ -245,7 +247,7 @@ class AttributionCallback(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
-        n, members = (self.num_examples, None) if self.num_examples else _training_examples(trainer)
+        n, members = _training_examples(trainer, self.num_examples)
         self._source_map = SourceMap.build(self.sources, n, members)
         self._space = ParameterSpace.of(pl_module)
         rank = self.settings.fixed_rank()  # "auto": the eigenspace's first 256 pairs (it may grow beyond)
@@ -635,19 +637,30 @@ def _steps_per_epoch(trainer: L.Trainer) -> int:
     return math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
 
 
-def _training_examples(trainer: L.Trainer) -> tuple[int, Tensor | None]:
+def _training_examples(trainer: L.Trainer, num_examples: int | None = None) -> tuple[int, Tensor | None]:
     """``(n, members)``: the range ``n`` of the example indices and, for a ``Subset`` of an
     :class:`IndexedDataset` (``random_split``), the ``LongTensor[m]`` indices it holds (``None``: all ``n``).
-    The dataset must be one of those: class labels would otherwise pass for example indices."""
+    The dataset must be one of those (class labels would otherwise pass for example indices), unless ``num_examples``
+    says that the batches carry their own index in ``[0, num_examples)``. Beside an :class:`IndexedDataset`,
+    ``num_examples`` must be its length, and the members are still read from it: an index the fit never reads would
+    be a source that end mode never simulates."""
     dataset = getattr(trainer.train_dataloader, "dataset", None)
     found = indexed_base(dataset)
     if found is None:
+        if num_examples:
+            return num_examples, None
         raise MisconfigurationException(
             f"The training dataset is a {type(dataset).__name__}, not an IndexedDataset (or a Subset of one): wrap "
             "it as IndexedDataset(dataset) so batches carry example indices. If your batches already carry "
             "the example index, pass num_examples=len(train_set) to say so."
         )
     base, members = found
+    if num_examples and num_examples != len(base):
+        raise MisconfigurationException(
+            f"num_examples={num_examples}, but the training set is an IndexedDataset of {len(base)} examples (or a "
+            "Subset of one): the examples it does not hold would be sources that no batch trains on. The callback "
+            "reads the example count and the members from the IndexedDataset: leave num_examples unset."
+        )
     whole = members.numel() == len(base) and bool((members == torch.arange(len(base))).all())
     return len(base), None if whole else members
 

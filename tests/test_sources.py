@@ -169,3 +169,21 @@ def test_random_split_of_an_indexed_dataset_is_a_training_set(tmp_path):
     outside = torch.tensor(held_out.indices[:2])
     with pytest.raises(IndexError, match=f"example {int(outside[0])} was not in the training set"):
         on_subset.self_influence((x[outside], y[outside], outside), responses=cb.dirpath)
+
+
+def test_num_examples_beside_an_indexed_dataset_keeps_its_members_and_is_checked_against_it(tmp_path):
+    """``num_examples`` is for batches that carry their own index; given beside an IndexedDataset (or a Subset of one)
+    it was taken as the whole training set: the examples outside the subset (or past the dataset's end) became sources
+    that end mode never simulated and scored a plain 0, with no warning (online mode: NaN). Now the members are the
+    sources, whatever num_examples says, and a num_examples that is not the indexed dataset's length is refused."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    x, y = blobs(n=64, d=6, classes=3)
+    full = IndexedDataset(TensorDataset(x, y))
+    train = torch.utils.data.random_split(full, [48, 16], generator=torch.Generator().manual_seed(1))[0]
+    cb = AttributionCallback(tmp_path / "s", mode="end", checkpoint_epochs=None, num_examples=64)
+    _fit_loader(small_mlp(6, 3), train, [cb])
+    store = ResponseStore.load(cb.dirpath)
+    assert store.n_sources == 48 and store.source_ids == sorted(train.indices)
+    with pytest.raises(MisconfigurationException, match=r"num_examples=80.*IndexedDataset of 64 examples.*leave num_examples unset"):
+        _fit_loader(small_mlp(6, 3), full, [AttributionCallback(tmp_path / "t", mode="end", num_examples=80)])
