@@ -644,7 +644,7 @@ def _training_examples(trainer: L.Trainer, num_examples: int | None = None) -> t
     says that the batches carry their own index in ``[0, num_examples)``. Beside an :class:`IndexedDataset`,
     ``num_examples`` must be its length, and the members are still read from it: an index the fit never reads would
     be a source that end mode never simulates."""
-    dataset = getattr(trainer.train_dataloader, "dataset", None)
+    dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
     found = indexed_base(dataset)
     if found is None:
         if num_examples:

@@ -618,8 +618,8 @@ class ResponseStore:
             last = self.checkpoint_info(self.checkpoints[-1])
             if weights_digest != last["weights_digest"]:
                 step = f" (global step {last['global_step']})" if "global_step" in last else ""
-                # the callback always writes 'final' last: a store of its own without it lost the end of its fit
-                unfinished = "settings" in self.manifest and "final" not in self.checkpoints
+                # the callback (its settings hold a mode) always writes 'final' last: its store without it lost the end of its fit
+                unfinished = "mode" in self.manifest.get("settings", {}) and "final" not in self.checkpoints
                 raise StoreError(
                     f"The model's weights differ from the weights the responses in {self.path} were simulated for (its "
                     f"last checkpoint, {last['name']!r}{step}). "

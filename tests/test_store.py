@@ -244,3 +244,8 @@ def test_a_store_without_its_end_of_fit_checkpoint_says_so_when_the_weights_diff
     (target / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(StoreError, match=r"'epoch=2' \(global step \d+\).*no 'final' checkpoint.*Re-run the fit"):
         model.attribute((xq, yq), responses=target)
+    # a store the callback did not write (ResponseStore.create / add_checkpoint: no settings) names its own checkpoints
+    manifest["settings"] = {}
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"'epoch=2' \(global step \d+\)\)\. Load the final weights of the fit"):
+        model.attribute((xq, yq), responses=target)
