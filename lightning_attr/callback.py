@@ -205,6 +205,7 @@ class AttributionCallback(Callback):
         self._fit_start = 0.0
         self._restored: dict[str, Any] | None = None
         self._batch_format: dict | None = None  # the training batches' format, checked against queries
+        self._trained: Tensor | None = None  # BoolTensor[n]: the examples this process's training batches held so far
 
     @property
     def _products(self) -> int:
@@ -249,6 +250,7 @@ class AttributionCallback(Callback):
         self._fit_start = time.perf_counter()
         n, members = _training_examples(trainer, self.num_examples)
         self._source_map = SourceMap.build(self.sources, n, members)
+        self._trained = self._restored_trained(n)
         self._space = ParameterSpace.of(pl_module)
         rank = self.settings.fixed_rank()  # "auto": the eigenspace's first 256 pairs (it may grow beyond)
         per_example = self._source_map.is_per_example
@@ -291,6 +293,24 @@ class AttributionCallback(Callback):
                     self.dirpath, self._space, self._source_map, self.settings.to_manifest(), overwrite=True
                 )
         trainer.strategy.barrier()
+
+    def _restored_trained(self, n: int) -> Tensor:
+        """``BoolTensor[n]``: the examples trained on before this fit started: none, or those a resumed fit's state
+        recorded (a state without the record, from an older version: every example, as that version assumed)."""
+        if self._restored is None:
+            return torch.zeros(n, dtype=torch.bool)
+        trained = self._restored.get("trained")
+        if trained is None or trained.shape != (n,):
+            return torch.ones(n, dtype=torch.bool)
+        return trained.bool().cpu().clone()
+
+    def _trained_by_every_process(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Tensor:
+        """``BoolTensor[n]``: the examples some process's training batches held (each process sees its own batches;
+        summed over the processes by the strategy's all-reduce, so every process must call it)."""
+        if trainer.world_size == 1:
+            return self._trained
+        counts = self._trained.to(pl_module.device, torch.float32)
+        return _sum_over_processes(trainer)(counts).cpu() > 0
 
     def _example_rows(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int] | None:
         """For ``codec="auto"``'s count (:func:`~lightning_attr.factored.factored_numbers`) in end mode: the rows per
@@ -414,6 +434,7 @@ class AttributionCallback(Callback):
                 f"Training batch holds example index {int(index.cpu()[stranger][0])}, which is not in the training "
                 "subset the callback found at the start of the fit (train_dataloader.dataset)."
             )
+        self._trained[index.cpu()] = True  # end mode simulates the examples trained on (SimulationEngine._trained_on)
         if self._engine.active(trainer.current_epoch):
             self._pending.append((data, index))
 
@@ -447,12 +468,14 @@ class AttributionCallback(Callback):
     # ------------------------------------------------------------------ checkpoints
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
+        if not self._online and trainer.world_size > 1:  # in the state a checkpoint saves (rank zero's): every process's
+            self._trained = self._trained_by_every_process(trainer, pl_module)
         if not self._online and epoch in self._end_epochs and epoch != trainer.max_epochs:
             weights = _Weights.now(trainer, pl_module, self._space, f"epoch={epoch}")
             if trainer.world_size > 1:  # simulated after the fit, by one process alone (_simulate_end_checkpoints)
                 self._deferred.append(weights)
             else:
-                self._simulate(trainer, pl_module, weights)
+                self._simulate(trainer, pl_module, weights, trained=self._trained)
                 self._commit(trainer, weights)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -533,27 +556,31 @@ class AttributionCallback(Callback):
         (:func:`checkpoint_owners`: a trajectory ensemble's members need no collective and no replicated eigenspace
         algebra that way), the rest are shared by all; each checkpoint is committed once its processes are done."""
         checkpoints = [*self._deferred, _Weights.now(trainer, pl_module, self._space, "final")]
+        trained = self._trained_by_every_process(trainer, pl_module)
         owners = checkpoint_owners(len(checkpoints), trainer.world_size)
         alone = [(w, owner) for w, owner in zip(checkpoints, owners) if owner is not None]
         for weights, owner in alone:
             if owner == trainer.global_rank:
-                self._simulate(trainer, pl_module, weights, alone=True)
+                self._simulate(trainer, pl_module, weights, alone=True, trained=trained)
         for weights, owner in alone:
             if owner != trainer.global_rank:
                 self._engine.skip_checkpoint(weights.name)
             self._commit(trainer, weights)
         for weights, owner in zip(checkpoints, owners):
             if owner is None:
-                self._simulate(trainer, pl_module, weights)
+                self._simulate(trainer, pl_module, weights, trained=trained)
                 self._commit(trainer, weights)
         self._deferred = []
 
-    def _simulate(self, trainer: L.Trainer, pl_module: L.LightningModule, weights: _Weights, alone: bool = False) -> None:
+    def _simulate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, weights: _Weights, alone: bool = False, trained: Tensor | None = None
+    ) -> None:  # fmt: skip
         """Simulates this process's sources of a checkpoint (``alone``: every source, :meth:`SimulationEngine.simulate_checkpoint`)
-        at ``weights`` (their parameters and buffers)."""
+        at ``weights`` (their parameters and buffers); ``trained``: ``BoolTensor[n]``, the examples the fit trained on
+        (every process's batches)."""
         with weights.buffers_in(pl_module), functional_view(pl_module, self._space) as (model, _):
             data = self._training_data(trainer, weights.theta.device)
-            self._engine.simulate_checkpoint(model, weights.theta, data, weights.name, weights.step, alone=alone)
+            self._engine.simulate_checkpoint(model, weights.theta, data, weights.name, weights.step, alone=alone, trained=trained)
 
     def _commit(self, trainer: L.Trainer, weights: _Weights, stopped_by: str | None = None) -> None:
         """After every process wrote its part of checkpoint ``weights.name`` (a barrier), rank zero lists it in the
@@ -576,6 +603,7 @@ class AttributionCallback(Callback):
         return {
             "dirpath": self.dirpath, "products": engine.products, "seconds": engine.seconds,
             "cpu_seconds": engine.cpu_seconds, **engine.state_dict(), "deferred": [vars(w) for w in self._deferred],
+            "trained": self._trained.clone(),  # this process's; a resumed fit adds its batches to them
         }  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -122,6 +122,19 @@ class TrainingData:
         self.dataset, self.collate_fn, self.index_key, self.device = dataset, collate_fn, index_key, device
         found = indexed_base(dataset)  # an IndexedDataset (or a Subset of one): the example index of each position
         self._index_of_position = None if found is None else found[1]
+        self._only: Tensor | None = None  # BoolTensor[n]: the example indices read (batches carrying their own index)
+
+    def restricted(self, examples: Tensor) -> TrainingData:
+        """The training set read as if it held only ``examples`` (``BoolTensor[n]`` over the example indices: those the
+        fit trained on). An :class:`IndexedDataset` (or a ``Subset`` of one) becomes the ``Subset`` of those positions,
+        read in the same batches as a fit over that subset; batches that carry their own index are filtered."""
+        data = TrainingData(self.dataset, self.collate_fn, self.index_key, self.device)
+        if self._index_of_position is None:
+            data._only = examples if self._only is None else examples & self._only
+        else:
+            data.dataset = Subset(self.dataset, examples[self._index_of_position].nonzero().squeeze(1).tolist())
+            data._index_of_position = self._index_of_position[examples[self._index_of_position]]
+        return data
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -134,6 +147,8 @@ class TrainingData:
         ``BoolTensor[n]``, keep only those example indices (empty batches are skipped); an :class:`IndexedDataset`
         (or a ``Subset`` of one) then reads those examples alone, in batches of ``batch_size``."""
         dataset = self.dataset
+        if self._only is not None:
+            examples = self._only if examples is None else examples & self._only
         if examples is not None and self._index_of_position is not None:
             dataset = Subset(dataset, examples[self._index_of_position].nonzero().squeeze(1).tolist())
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=self.collate_fn):
@@ -154,8 +169,14 @@ class TrainingData:
             self.dataset, batch_size, shuffle=True, generator=generator, collate_fn=self.collate_fn,
             drop_last=len(self.dataset) >= batch_size,
         )  # fmt: skip
-        batches = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), count)
-        return [self._on_device(split_batch(b, self.index_key)[0]) for b in batches]
+        batches = (split_batch(b, self.index_key) for b in itertools.chain.from_iterable(itertools.repeat(loader)))
+        if self._only is not None:  # batches carrying their own index: those the fit trained on (at least one)
+            if not bool(self._only.any()):
+                return []
+            batches = (select_examples(d, keep.nonzero().squeeze(1)) for d, i in batches for keep in [self._only[i]] if keep.any())
+        else:
+            batches = (d for d, _ in batches)
+        return [self._on_device(d) for d in itertools.islice(batches, count)]
 
 
 @dataclass
@@ -229,6 +250,11 @@ class SimulationEngine:
         self._restored: dict[str, Any] = {}
         self._codec_entries: dict[str, dict] = {}  # checkpoint -> manifest fields of codec "lorif" (until its part is written)
         self._alone = False  # simulating a checkpoint by itself (simulate_checkpoint(alone=True))
+        # while simulating a checkpoint whose fit left examples out of every batch: LongTensor[S], the examples of each
+        # source none of whose examples was trained on (0 for the others; simulate_checkpoint(trained=...))
+        self._never_trained: Tensor | None = None
+        self._untrained: dict[str, int] | None = None  # ... and its counts, for the manifest entry
+        self._warned_untrained = False
 
     # ------------------------------------------------------------------ shared
     @property
@@ -397,6 +423,8 @@ class SimulationEngine:
         sources it simulated (``sources``, default :attr:`owned`; ``stats`` None: none of them), its costs so far and
         ``info`` (the checkpoint's ``step_rule`` / ``spectral`` record) for :meth:`commit`."""
         owned = (self.owned if sources is None else sources) if stats is not None else torch.zeros(0, dtype=torch.long)
+        if self._untrained is not None and stats is not None:  # the manifest entry says what the fit left out
+            info = {**(info or {}), "untrained": self._untrained}
         stats = stats or {k: torch.zeros(self.source_map.num_sources, dtype=torch.long) for k in ("valid", "shortfall", "missing_examples")}
         codec_entry = self._codec_entries.pop(name, codec_entry)
         write_part(
@@ -421,7 +449,8 @@ class SimulationEngine:
 
     # ------------------------------------------------------------------ end mode
     def simulate_checkpoint(
-        self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str, step: int, alone: bool = False
+        self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str, step: int, alone: bool = False,
+        trained: Tensor | None = None,
     ) -> None:  # fmt: skip
         """Simulates the owned sources at ``theta`` (end mode or codecs ``"eigen"`` / ``"factored"``) and writes this
         process's part of checkpoint ``name`` (codecs ``"eigen"`` / ``"factored"``: the processes share the work when
@@ -429,10 +458,14 @@ class SimulationEngine:
 
         ``alone``: on several processes, this process simulates every source of the checkpoint by itself, with no
         collective (the same arithmetic as one process), while the others call :meth:`skip_checkpoint`: a trajectory
-        ensemble's members go to different processes instead of each being shared (callback: ``checkpoint_owners``)."""
+        ensemble's members go to different processes instead of each being shared (callback: ``checkpoint_owners``).
+
+        ``trained``: ``BoolTensor[n]``, the examples the fit trained on (some training batch held them; None: all). Where
+        it leaves out examples of the training set, the checkpoint is simulated as if the training set were the trained
+        examples (:meth:`_trained_on`)."""
         self._alone = alone
         try:
-            with self.timed():
+            with self.timed(), self._trained_on(trained, data) as data:
                 if self.settings.codec in ("eigen", "factored") and not (self._shares_curvature or alone or self.partition.rank == 0):
                     self.skip_checkpoint(name)
                 elif self.settings.codec == "eigen":
@@ -443,6 +476,69 @@ class SimulationEngine:
                     self._simulate_dense(model, theta, data, name, step)
         finally:
             self._alone = False
+
+    @contextmanager
+    def _trained_on(self, trained: Tensor | None, data: TrainingData) -> Iterator[TrainingData]:
+        """Inside the block, the source map and ``data`` hold only the examples the fit trained on (``trained``:
+        ``BoolTensor[n]``), when it left some out of every batch (a sampler over part of the dataset, ``drop_last``).
+
+        The weights never moved for an untrained example, so its leave-one-out effect is zero and it is no part of the
+        loss whose curvature and ``1/n`` the response takes: the curvature is over the trained examples, ``n`` their
+        count, and a source's gradient the sum over its trained examples. So a source (a group) that lost some of its
+        examples is scored as the removal of the ones trained on; one none of whose examples was trained on has no
+        response: its row is NaN and its ``missing_examples`` (the mechanism of online mode's examples never injected)
+        counts its examples, so it scores NaN. Nothing changes where every example was trained on, or none was (a fit
+        that ran no batch, or resumed from a checkpoint without the record: the examples are taken as trained on)."""
+        full = self.source_map
+        left_out = None if trained is None else full.in_training_set & ~trained.cpu()
+        if left_out is None or not bool(left_out.any()) or not bool(trained.any()):
+            yield data
+            return
+        e2s = full.example_to_source
+        self.source_map = SourceMap(e2s.where(~left_out, -1), full.source_ids)
+        sizes, kept = full.sizes(), self.source_map.sizes()
+        self._never_trained = sizes.where(kept == 0, 0)
+        self._untrained = {
+            "examples": int(left_out.sum()), "sources": int((kept == 0).sum()), "partly_trained_sources": int(((kept > 0) & (kept < sizes)).sum()),
+            "trained_examples": self.source_map.training_set_size,
+        }  # fmt: skip
+        self._warn_untrained()
+        try:
+            yield data.restricted(trained.cpu())
+        finally:
+            self.source_map, self._never_trained, self._untrained = full, None, None
+
+    def _warn_untrained(self) -> None:
+        """Once per fit: how many sources were never trained on, why that happens, what they score and what to do."""
+        if self._warned_untrained:
+            return
+        self._warned_untrained = True
+        counts, partly = self._untrained, self._untrained["partly_trained_sources"]
+        self._warn(
+            f"{counts['sources']} of {self.source_map.num_sources} sources were never trained on: no training batch held any "
+            f"of their examples ({counts['examples']} training examples were in none; the train loader's sampler "
+            "covers part of the dataset, e.g. SubsetRandomSampler, or drop_last=True without shuffling drops the same examples "
+            "every epoch). Removing them changes nothing the fit learned, so they score NaN (recorded per source in the "
+            f"store as missing_examples), and the responses take the {counts['trained_examples']} examples trained on "
+            "as the training set"
+            + (f"; {partly} sources that lost some of their examples are scored as the removal of those trained on" if partly else "")
+            + ". To attribute to them, train on them; to leave them out, make the training dataset the Subset trained on "
+            "(Subset(IndexedDataset(data), indices)): its other examples are then no sources."
+        )
+
+    def _end_stats(self, valid: Tensor) -> dict[str, Tensor]:
+        """End mode's per-source bookkeeping of a checkpoint (``Tensor[S]`` each): ``valid`` (finite gradients), no
+        ``shortfall``, and as ``missing_examples`` the examples of the sources never trained on (:meth:`_trained_on`)."""
+        zeros = torch.zeros(self.source_map.num_sources, dtype=torch.long)
+        missing = zeros.clone() if self._never_trained is None else self._never_trained.clone()
+        return {"valid": valid, "shortfall": zeros, "missing_examples": missing}
+
+    def _unscorable(self, sources: Tensor, finite: Tensor) -> Tensor:
+        """``BoolTensor`` like ``finite``: of ``sources`` (``LongTensor``), those whose rows are written NaN: non-finite
+        gradients, or never trained on (no reader may take either for zero)."""
+        if self._never_trained is None:
+            return ~finite
+        return ~finite | (self._never_trained[sources.cpu()] > 0).to(finite.device)
 
     def _simulate_dense(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str, step: int) -> None:
         s, source_map = self.settings, self.source_map
@@ -469,17 +565,16 @@ class SimulationEngine:
             with self.phases("inverse"):
                 responses = solve(u0).div_(source_map.training_set_size)
             del u0
-            responses[~finite] = float("nan")  # non-finite gradients: no reader may take them for zero
+            responses[self._unscorable(block, finite)] = float("nan")  # no reader may take them for zero
             valid[block] = finite.cpu()
             with self.phases("write"):
                 writer.add(block, responses)
             del responses
         if progress is not None:
             progress.close()
-        zeros = torch.zeros(source_map.num_sources, dtype=torch.long)
         with self.phases("write"):
             writer.flush()
-            self._write_part(name, writer.shards, {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()}, {"step_rule": record})
+            self._write_part(name, writer.shards, self._end_stats(valid), {"step_rule": record})
 
     def _simulate_factored(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> None:
         """Codec ``"factored"``: the dense default's responses (the same :meth:`_deflated_inverse`) kept as eigen
@@ -531,7 +626,7 @@ class SimulationEngine:
             factors = {k: (summed[len(rest) + 2 * i], summed[len(rest) + 2 * i + 1]) for i, k in enumerate(factors)}
             valid, agree = invalid == 0, (disagree == 0).cpu()
         valid = valid.cpu()
-        bad = ~valid.to(theta.device)
+        bad = self._unscorable(torch.arange(count), valid).to(theta.device)
         for u, _ in factors.values():
             u[bad] = float("nan")  # non-finite gradients: no reader may take them for zero
         for tensor in rest.values():
@@ -541,10 +636,8 @@ class SimulationEngine:
         # the block as the store reads it back: the folded biases rebuilt; its eigen coordinates, which the store does not
         # keep, are derived only if read (the writer does not read them: 0.45 s CPU per member on the MNIST-1D MLP)
         block_ = FactoredResponses.from_tensors(self.space, basis, sigma, inverse.damping, gamma, stored, folded)
-        zeros = torch.zeros(count, dtype=torch.long)
-        stats = {"valid": valid, "shortfall": zeros, "missing_examples": zeros.clone()}
         _warn_invalid(self._warn, valid)
-        self._write_block(name, block_, {"step_rule": record}, stats)  # the dense default's record and key
+        self._write_block(name, block_, {"step_rule": record}, self._end_stats(valid))  # the dense default's record and key
 
     def _deflated_inverse(self, model: FunctionalModel, theta: Tensor, data: TrainingData, name: str) -> tuple[DeflatedInverse, dict]:
         """``propagation="spectral"``: the top eigenspace of the GGN over the whole training set at ``theta`` (``rank`` pairs,
@@ -642,10 +735,9 @@ class SimulationEngine:
         if not tally:  # rank zero writes the summed block
             return self.skip_checkpoint(name)
         self.products += info["curvature_products"]
-        zeros = torch.zeros(source_map.num_sources, dtype=torch.long)
-        stats = {"valid": finite.cpu(), "shortfall": zeros, "missing_examples": zeros.clone()}
+        stats = self._end_stats(finite.cpu())
         _warn_invalid(self._warn, stats["valid"])
-        block.coordinates[~finite] = float("nan")
+        block.coordinates[self._unscorable(torch.arange(source_map.num_sources), finite)] = float("nan")
         self._write_block(name, block, {"spectral": info}, stats)
 
     def commit(self, store: ResponseStore, name: str, theta: Tensor, info: dict[str, Any], parts: int) -> None:
