@@ -63,7 +63,14 @@ class AttributionCallback(Callback):
             from the training set with a private generator. ``"online"``: propagate on the live batches and
             parameters of the last epoch(s) of the fit (sources are injected during the epoch that ends
             ``horizon`` propagation steps before the end of the fit, see ``curvature_batch_size``; what is still
-            live when a fit ends early is finished on replayed batches at the final weights).
+            live when a fit ends early is finished on replayed batches at the final weights). End mode simulates the
+            examples the fit trained on (that some training batch held, on any process, before the checkpoint; kept in
+            the callback's state for resume): where the train loader's sampler covers part of the dataset
+            (``SubsetRandomSampler``, ``drop_last=True`` without shuffling), the curvature, ``n`` and each source's
+            gradient are over its trained examples, a source none of whose examples was trained on scores NaN
+            (``missing_examples`` in the store, as online mode's examples never injected) and one warning says how many;
+            a group source that lost some of its examples is scored as the removal of those trained on
+            (:meth:`SimulationEngine._trained_on <lightning_attr.engine.SimulationEngine._trained_on>`).
         sources: ``None`` for one source per training example, or each example's source id (``Tensor[n]``
             or a sequence of ints/strings), or a callable mapping ``LongTensor[n]`` example indices to ids.
         checkpoint_epochs: extra response checkpoints along the trajectory (1-based epoch numbers), read with the

@@ -677,10 +677,16 @@ class ResponseStore:
             else f"checkpoint {name!r} in {self.path} lacks part of its sources"
         )
         return (
-            f"{head}. {int(missing.sum())} sources hold training examples that were never injected and "
+            f"{head}. {int(missing.sum())} sources hold training examples that were never injected (online; in end mode, "
+            "that no training batch held) and "
             f"{int(short.sum())} were propagated for fewer than horizon steps: those {unusable} of {self.n_sources} "
-            "sources score NaN. Re-run the fit (or resume it from a checkpoint taken before the simulation "
-            "window opened) to score them."
+            "sources score NaN. "
+            + (
+                "The fit's batches never held their examples (a sampler over part of the dataset, drop_last): train on "
+                "them to score them, or make the training dataset the Subset trained on."
+                if info.get("untrained") and not partial
+                else "Re-run the fit (or resume it from a checkpoint taken before the simulation window opened) to score them."
+            )
         )
 
     def codec(self, name: str) -> str:

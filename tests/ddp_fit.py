@@ -38,14 +38,17 @@ class CrashOnRankOne(L.Callback):
 
 
 # checkpoint_epochs [2] unless given. End mode on 2 processes: 2 checkpoints go to one process each (the callback's
-# checkpoint_owners); 3 (eigen, factored): two alone, the final one shared; 1 (subset): shared
+# checkpoint_owners); 3 (eigen, factored, untrained): two alone, the final one shared; 1 (subset): shared. "untrained": the
+# sampler reads examples 0-159 only (each process its half of them), so 160-191 are never trained on
 MODES = {
     "online": {"mode": "online"}, "end": {"mode": "end"}, "end_steps": {"mode": "end", "propagation": "heavy_ball"},
     "groups": {"mode": "online", "sources": [i % 10 for i in range(192)]},
     "eigen": {"mode": "end", "codec": "eigen", "rank": 24, "checkpoint_epochs": [2, 4]},
     "factored": {"mode": "end", "codec": "factored", "rank": 24, "checkpoint_epochs": [2, 4]},
     "subset": {"mode": "end", "checkpoint_epochs": None},
+    "untrained": {"mode": "end", "codec": "dense", "checkpoint_epochs": [2, 4]},
 }
+UNTRAINED = 32  # mode "untrained": the last examples, in no process's batches
 
 
 def fit_stores(out: str, devices: int, modes: Sequence[str] = tuple(MODES), crash_at: int | None = None) -> None:
@@ -69,7 +72,8 @@ def fit_stores(out: str, devices: int, modes: Sequence[str] = tuple(MODES), cras
         train = IndexedDataset(TensorDataset(x, y))
         if name == "subset":  # 160 of the 192 examples: their indices (up to 191) are not their positions
             train = random_split(train, [160, 32], generator=torch.Generator().manual_seed(0))[0]
-        loader = DataLoader(train, batch_size=GLOBAL_BATCH // devices, sampler=_Interleaved(len(train), devices))
+        read = len(train) - (UNTRAINED if name == "untrained" else 0)
+        loader = DataLoader(train, batch_size=GLOBAL_BATCH // devices, sampler=_Interleaved(read, devices))
         trainer.fit(model, loader)
 
 

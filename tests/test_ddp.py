@@ -16,7 +16,7 @@ import lightning as L
 import pytest
 import torch
 
-from ddp_fit import fit_stores
+from ddp_fit import UNTRAINED, fit_stores
 from lightning_attr import AttributionCallback
 from lightning_attr.callback import _Weights
 from lightning_attr.engine import checkpoint_owners
@@ -55,6 +55,7 @@ WRITERS = {
     "online": {"epoch=2": (0, 1), "final": (0, 1)}, "groups": {"epoch=2": (0, 1), "final": (0, 1)},
     "end": {"epoch=2": (0,), "final": (1,)}, "end_steps": {"epoch=2": (0,), "final": (1,)}, "subset": {"final": (0, 1)},
     "eigen": {"epoch=2": (0,), "epoch=4": (1,), "final": (0, 1)}, "factored": {"epoch=2": (0,), "epoch=4": (1,), "final": (0, 1)},
+    "untrained": {"epoch=2": (0,), "epoch=4": (1,), "final": (0, 1)},
 }
 
 
@@ -91,6 +92,27 @@ def test_two_processes_write_the_single_process_store(stores, mode):
         assert torch.isfinite(a).all() and bool(two.scorable(name).all())
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
         assert not any(p.name.startswith("part-") for p in (two.path / name).iterdir())  # merged, then removed
+
+
+def test_examples_no_process_trained_on_score_nan_and_the_rest_as_on_one_process(stores):
+    """Each process's batches hold its half of examples 0-159 (160-191: none). The processes sum their records of the
+    examples trained on before the end-mode simulation: the last 32 sources score NaN (``missing_examples``) on 2
+    processes as on one, every other example counts as trained on (without the sum each process would take the other's
+    half for untrained), and the responses of the 160 equal the single-process store's, alone or shared."""
+    one, two = ResponseStore.load(stores / "one" / "untrained"), ResponseStore.load(stores / "two" / "untrained")
+    assert one.checkpoints == two.checkpoints == list(WRITERS["untrained"])
+    trained = torch.arange(192) < 192 - UNTRAINED
+    for name in two.checkpoints:
+        info = two.checkpoint_info(name)
+        assert {s["file"].split("/")[1][:13] for s in info["shards"]} == {f"responses-r{r}-" for r in WRITERS["untrained"][name]}
+        assert info["untrained"] == one.checkpoint_info(name)["untrained"] == {
+            "examples": UNTRAINED, "sources": UNTRAINED, "partly_trained_sources": 0, "trained_examples": 192 - UNTRAINED
+        }  # fmt: skip
+        assert torch.equal(two.scorable(name), trained) and torch.equal(one.scorable(name), trained)
+        a, b = one.responses(name), two.responses(name)
+        assert a[~trained].isnan().all() and b[~trained].isnan().all() and b[trained].isfinite().all()
+        torch.testing.assert_close(b[trained], a[trained], rtol=1e-4, atol=1e-5 * float(a[trained].abs().max()))
+    assert len(re.findall(r"32 of 192 sources were never trained on", (stores / "two.log").read_text())) == 1
 
 
 @pytest.mark.parametrize("codec", ["eigen", "factored"])
