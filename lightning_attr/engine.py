@@ -628,7 +628,7 @@ class SimulationEngine:
         valid = valid.cpu()
         bad = self._unscorable(torch.arange(count), valid).to(theta.device)
         for u, _ in factors.values():
-            u[bad] = float("nan")  # non-finite gradients: no reader may take them for zero
+            u[bad] = float("nan")  # non-finite gradients or never trained on: no reader may take them for zero
         for tensor in rest.values():
             tensor[bad] = float("nan")
         folded = {b: w for (b, w), ok in zip(biases.items(), agree.tolist()) if ok}

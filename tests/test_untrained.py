@@ -123,3 +123,31 @@ def test_a_resumed_fit_keeps_the_examples_trained_on_before_the_checkpoint(tmp_p
     info = ResponseStore.load(store).checkpoint_info("final")
     assert info["n_missing_examples"] == 0 and info["global_step"] == 6
     assert model.attribute((x[:2], y[:2]), responses=store).isfinite().all()
+
+
+@pytest.mark.parametrize("codec", ["dense", "eigen"])
+def test_batches_that_carry_their_own_index_are_filtered_to_the_examples_trained_on(tmp_path, codec):
+    """``num_examples`` (batches carry their own index, no IndexedDataset): the simulation's reads of the training set
+    are filtered by index instead of read from a Subset; the same scores as the IndexedDataset fit, the same NaN."""
+    x, y = blobs(n=96, d=6, classes=3)
+    members = torch.arange(0, 96, 3)  # 32 of 96
+    options = dict(horizon=6, curvature_batch_size=32, checkpoint_epochs=None, rank=24, codec=codec)
+    torch.manual_seed(0)
+    model, own = small_mlp(6, 3), small_mlp(6, 3)
+    own.load_state_dict(model.state_dict())
+    stores = {}
+    for name, net, data, extra in (
+        ("indexed", model, IndexedDataset(TensorDataset(x, y)), {}),
+        ("own", own, TensorDataset(x, y, torch.arange(96)), {"num_examples": 96}),
+    ):
+        stores[name] = AttributionCallback(tmp_path / name, **options, **extra)
+        sampler = SubsetRandomSampler(members.tolist(), generator=torch.Generator().manual_seed(0))
+        with pytest.warns(UserWarning, match=f"64 {WARNING}"):
+            _fit(net, DataLoader(data, batch_size=16, sampler=sampler), [stores[name]])
+    query = (x[:5], y[:5])
+    with pytest.warns(UserWarning, match="score NaN"):
+        expected = model.attribute(query, responses=stores["indexed"].dirpath)
+    with pytest.warns(UserWarning, match="score NaN"):
+        scores = own.attribute(query, responses=stores["own"].dirpath)
+    assert scores[:, members].isfinite().all() and scores.isnan().sum() == 5 * 64
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6 * float(expected[:, members].abs().max()), equal_nan=True)
