@@ -474,25 +474,33 @@ def _shared_query_factors(
 
 def ensemble_mean(per_member: list[Tensor], reference: int = -1) -> Tensor:
     """Ensemble of ``E`` members' scores, ``Tensor[B, S]`` each: the mean of the per-query std-normalized
-    scores (std over sources, NaN counted as 0), put back on the per-query std of ``per_member[reference]``.
-    A source NaN in any member is NaN.
+    scores (std over each member's scorable sources: a NaN source is left out of its mean and std), put back on the
+    per-query std of ``per_member[reference]``. A source NaN in any member is NaN. So the scores of a store whose
+    unscorable sources are NaN (never injected, never trained on) equal those of the same store without them.
 
-    Computed as ``sum_e s_e / d_e`` rescaled by ``d_ref / d_sum`` (``d``: :func:`_deviation_norm`, the std times
-    ``sqrt(S - 1)``; the mean's ``1 / E`` and the ``sqrt(S - 1)`` cancel in the rescaling), accumulated in one ``[B, S]``
-    buffer: on the MNIST-1D MLP's batch (three members, ``[300, 4000]`` each, one thread) 46 ms -> 7 ms."""
-    norms = [_deviation_norm(s) for s in per_member]  # [B, 1] each; the reference's is used unclamped at the end
-    total = per_member[0] / norms[0].clamp_min(1e-30)
-    for scores, norm in zip(per_member[1:], norms[1:]):
-        total.addcdiv_(scores, norm.clamp_min(1e-30))
-    return total.mul_(norms[reference] / _deviation_norm(total).clamp_min_(1e-30))
+    Computed as ``sum_e s_e / d_e`` rescaled by ``d_ref / d_sum`` (``d``: :func:`_deviation_std`; the mean's ``1 / E``
+    cancels in the rescaling), accumulated in one ``[B, S]`` buffer: on the MNIST-1D MLP's batch (three members,
+    ``[300, 4000]`` each, one thread) 46 ms -> 7 ms."""
+    stds = [_deviation_std(s) for s in per_member]  # [B, 1] each; the reference's is used unclamped at the end
+    total = per_member[0] / stds[0].clamp_min(1e-30)
+    for scores, std in zip(per_member[1:], stds[1:]):
+        total.addcdiv_(scores, std.clamp_min(1e-30))
+    return total.mul_(stds[reference] / _deviation_std(total).clamp_min_(1e-30))
 
 
-def _deviation_norm(scores: Tensor) -> Tensor:
-    """``Tensor[B, 1]``: the norm over sources (dimension 1) of ``scores: Tensor[B, S]`` minus its mean, NaN counted
-    as 0: the std over sources times ``sqrt(S - 1)``, in two passes (the mean, then the deviations). ``Tensor.std``'s
-    kernel took 6.6 ms on one ``[300, 4000]`` block against 0.5-0.8 ms for this (one thread)."""
+def _deviation_std(scores: Tensor) -> Tensor:
+    """``Tensor[B, 1]``: the std over sources (dimension 1) of ``scores: Tensor[B, S]``, NaN sources left out (a row
+    with fewer than two scorable sources: its deviation norm), in two passes (the mean, then the deviations).
+    ``Tensor.std``'s kernel took 6.6 ms on one ``[300, 4000]`` block against 0.5-0.8 ms for this (one thread)."""
+    missing = scores.isnan()
     deviations = scores.nan_to_num(0.0)
-    return torch.linalg.vector_norm(deviations.sub_(deviations.mean(dim=1, keepdim=True)), dim=1, keepdim=True)
+    if not bool(missing.any()):
+        norm = torch.linalg.vector_norm(deviations.sub_(deviations.mean(dim=1, keepdim=True)), dim=1, keepdim=True)
+        return norm / max(scores.shape[1] - 1, 1) ** 0.5
+    count = (~missing).sum(dim=1, keepdim=True)
+    mean = deviations.sum(dim=1, keepdim=True) / count.clamp_min(1)
+    norm = torch.linalg.vector_norm(deviations.sub_(mean).masked_fill_(missing, 0.0), dim=1, keepdim=True)
+    return norm / (count - 1).clamp_min(1).to(norm.dtype).sqrt()
 
 
 def cached_attributor(
