@@ -17,8 +17,10 @@ scored by the linear readout ``<g_q, r_s>`` with the exact query gradients (auto
 ``stores``: the checkpoints written as stores, each read by ``attribute()``'s defaults (the trajectory ensemble):
 ``float32`` (the fit's), ``format 4 bfloat16`` (the fit's files cast to bfloat16, format 4's half layout),
 ``half`` (this version's ``store_dtype="bfloat16"``: the basis float16, the shards float16 with power-of-two scales,
-:mod:`lightning_attr.half_precision`) and ``dense bfloat16`` (the same responses as dense rows in bfloat16): megabytes
-on disk and the ensemble's scores against the float32 store's. ``half + float32 basis`` counts what keeping the basis in
+:mod:`lightning_attr.half_precision`), ``dense bfloat16`` / ``dense float16`` (the same responses as dense rows, this
+version's half store of codec "dense": scaled float16 in either dtype) and ``dense ... plain (before)`` (the dense rows
+cast plainly, as a dense half store was written before it was scaled): megabytes on disk and the ensemble's scores
+against the float32 store's, per source too (the sources a plain float16 cast flushes to zero score 0). ``half + float32 basis`` counts what keeping the basis in
 float32 would add (its bytes twice the float16 basis's).
 """
 
@@ -41,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench import CODE_COMMIT, SETTINGS, dir_bytes, fit, load_average  # noqa: E402
+from conftest import written_plain  # noqa: E402
 
 from lightning_attr import AttributionCallback, ResponseStore  # noqa: E402
 from lightning_attr._io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -113,9 +116,16 @@ def rounded(store: ResponseStore, block: FactoredResponses, basis: str | None, f
 
 
 def agreement(ours: Tensor, expected: Tensor) -> dict[str, float]:
-    """``max |ours - expected| / max |expected|`` and the Pearson correlation of all entries."""
+    """Scores ``[Q, S]``: ``max |ours - expected| / max |expected|``, the Pearson correlation of all entries, per source
+    ``max_q |ours - expected| / max_q |expected|`` (its largest and its 99th percentile), and the sources that score 0
+    on every query where ``expected`` does not."""
     pair = torch.stack([ours.flatten().double(), expected.flatten().double()])
-    return {"max_rel_diff": float((ours - expected).abs().max() / expected.abs().max()), "pearson": float(torch.corrcoef(pair)[0, 1])}
+    per_source = (ours - expected).abs().amax(0) / expected.abs().amax(0)
+    return {
+        "max_rel_diff": float((ours - expected).abs().max() / expected.abs().max()), "pearson": float(torch.corrcoef(pair)[0, 1]),
+        "worst_source": float(per_source.max()), "worst_1pct_sources": float(per_source.quantile(0.99)),
+        "zero_sources": int(((ours == 0).all(0) & (expected != 0).any(0)).sum()),
+    }  # fmt: skip
 
 
 def parts(model: nn.Module, store: ResponseStore, xq: Tensor, yq: Tensor) -> dict[str, dict]:
@@ -148,7 +158,7 @@ def write_layouts(full: Path, workdir: Path) -> dict[str, Path]:
     """The float32 store ``full`` as the layouts of ``stores`` (module docstring): ``{layout: store path}``."""
     source = ResponseStore.load(full)
     paths = {"float32": full}
-    for layout in ("format 4 bfloat16", "half", "dense bfloat16"):
+    for layout in ("format 4 bfloat16", "half", "dense bfloat16", "dense float16"):
         paths[layout] = path = workdir / layout.replace(" ", "-")
         shutil.copytree(full, path)
         store = ResponseStore.load(path)
@@ -157,11 +167,11 @@ def write_layouts(full: Path, workdir: Path) -> dict[str, Path]:
             if layout == "half":
                 store.add_checkpoint(name, source.theta(name), block, info=_entry_info(entry, set()),
                                      source_stats=source.source_stats(name), dtype="bfloat16")  # fmt: skip
-            elif layout == "dense bfloat16":
+            elif layout.startswith("dense"):
                 for file in [entry["basis_file"], *(shard["file"] for shard in entry["shards"])]:
                     (path / file).unlink()
                 store.add_checkpoint(name, source.theta(name), block.to_dense(), info=_entry_info(entry, set(block.entry())),
-                                     source_stats=source.source_stats(name), dtype="bfloat16")  # fmt: skip
+                                     source_stats=source.source_stats(name), dtype=layout.split()[1])  # fmt: skip
         if layout == "format 4 bfloat16":  # format 4 cast every stored number to the dtype named
             manifest = json.loads((path / "manifest.json").read_text())
             for entry in manifest["checkpoints"]:
@@ -172,6 +182,8 @@ def write_layouts(full: Path, workdir: Path) -> dict[str, Path]:
                 entry.update(dtype="bfloat16", basis_bytes=(path / entry["basis_file"]).stat().st_size)
             manifest["format_version"] = 4
             (path / "manifest.json").write_text(json.dumps(manifest))
+    for dtype in HALF:  # the dense rows cast plainly, as this version's dense half stores were written before scaling
+        paths[f"dense {dtype} plain (before)"] = written_plain(paths["dense float16"], workdir / f"dense-{dtype}-plain", dtype)
     return paths
 
 
@@ -192,9 +204,11 @@ def stores(model: nn.Module, full: Path, workdir: Path, xq: Tensor, yq: Tensor) 
 def markdown(results: dict) -> str:
     lines = ["<!-- generated by benchmarks/half_precision.py; do not edit -->", ""]
     for name, r in results["settings"].items():
-        lines += [f"### {name}", "", "| layout | store MB | ensemble max abs diff / max abs score | Pearson |", "| --- | --- | --- | --- |"]
+        lines += [f"### {name}", "", "| layout | store MB | ensemble max abs diff / max abs score | Pearson | per source: worst / "
+                  "worst 1% | sources scoring 0 |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
         for layout, s in r["stores"].items():
-            diff = f"{s['max_rel_diff']:.2e} | {s['pearson']:.7f}" if "pearson" in s else "– | –"
+            diff = (f"{s['max_rel_diff']:.2e} | {s['pearson']:.7f} | {s['worst_source']:.2e} / {s['worst_1pct_sources']:.2e} | "
+                    f"{s['zero_sources']}" if "pearson" in s else "– | – | – | –")  # fmt: skip
             lines.append(f"| {layout} | {s['mb']:.2f} | {diff} |")
         checkpoints = list(r["parts"])
         lines += ["", "| rounded (linear readout, exact query gradients) | " + " | ".join(checkpoints) + " |",

@@ -116,10 +116,10 @@ class AttributionCallback(Callback):
         memory_budget_mb: bounds the simulation's ``[C, P]`` blocks (README, "Memory"): end mode simulates
             ``C = floor(memory_budget_mb * 2**20 / (28 P))`` sources at a time and writes each block's shard as soon
             as it is done; online, retired sources go to shards of at most ``C`` rows. ``S x P`` is never held.
-        store_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage of responses. Codec ``"factored"`` stores
-            either half dtype as a float16 basis and float16 factors scaled per source and column
-            (:mod:`~lightning_attr.half_precision`: its derived response cancels, and bfloat16 rounding moved its scores
-            6.5-20x more than a bfloat16 dense store's).
+        store_dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` storage of responses. Codecs ``"dense"``,
+            ``"lorif"`` and ``"factored"`` store either half dtype as float16 scaled by a power of two per source (and
+            factor column), the factored basis in float16 (:mod:`~lightning_attr.half_precision`: a plain float16 cast
+            flushed small responses to zero; bfloat16 keeps 3 fewer bits, and the factored response cancels them).
         num_examples: the range ``n`` of the example indices when the batches carry their own index column (the
             training dataset is not an :class:`IndexedDataset`); beside an ``IndexedDataset`` (or a ``Subset`` of one)
             it must be that dataset's length, and the sources are its members.

@@ -46,6 +46,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Subset
 
+from lightning_attr import half_precision
 from lightning_attr.allocator import retain_freed_memory
 from lightning_attr.column_split import ColumnSplit
 from lightning_attr.curvature_average import CurvatureAverage
@@ -248,7 +249,7 @@ class SimulationEngine:
         self._pool: list[Any] = []
         self._warned_non_finite = False
         self._restored: dict[str, Any] = {}
-        self._codec_entries: dict[str, dict] = {}  # checkpoint -> manifest fields of codec "lorif" (until its part is written)
+        self._codec_entries: dict[str, dict] = {}  # checkpoint -> manifest fields of its shard writer (until its part is written)
         self._alone = False  # simulating a checkpoint by itself (simulate_checkpoint(alone=True))
         # while simulating a checkpoint whose fit left examples out of every batch: LongTensor[S], the examples of each
         # source none of whose examples was trained on (0 for the others; simulate_checkpoint(trained=...))
@@ -364,13 +365,15 @@ class SimulationEngine:
         """The shard writer of checkpoint ``name`` in the codec of the settings (``"lorif"``: factors per layer)."""
         prefix = f"r{self.partition.rank}-" if self.partition.world_size > 1 else ""
         s, rows, encode = self.settings, self.settings.block_size(self.dim), None
+        self._codec_entries[name] = {"codec": "dense"}
         if s.codec == "lorif":
             layers = factored_layers(model.module, self.space)
             encode = partial(encode_lowrank, space=self.space, layers=layers, rank=s.fixed_rank())
             self._codec_entries[name] = lowrank_entry(layers, s.fixed_rank())
+        self._codec_entries[name].update(half_precision.entry(s.codec, s.store_dtype))  # scaled float16 (half dtypes)
         return ShardWriter(
             self.store_path, name, self.space, s.store_dtype, prefix=prefix, rows_per_shard=rows, encode=encode,
-            stem="factors" if encode else "responses",
+            stem="factors" if encode else "responses", scaled=half_precision.scaled(s.codec, s.store_dtype),
         )  # fmt: skip
 
     def _sum_together(self, tensors: list[Tensor]) -> list[Tensor]:

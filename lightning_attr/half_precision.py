@@ -1,4 +1,5 @@
-"""Half-precision shards of codec ``"factored"``: float16 numbers with a power-of-two scale per source and factor column.
+"""Half-precision shards (codecs ``"dense"``, ``"lorif"``, ``"factored"``): float16 numbers with a power-of-two scale per
+source and factor column.
 
 A factored response is ``r_s = gamma g_s + V^T c_s`` with ``c_s = diag(1/(sigma + lam) - gamma) V g_s`` derived from the
 stored factors of ``gamma g_s`` and the basis ``V`` when the store is read (:mod:`factored`). The gradients lie mostly
@@ -15,6 +16,14 @@ the scale is exact in bfloat16 (2 bytes), and every column keeps float16's relat
 largest entry, whatever its magnitude. Measured: 2.6e-3 / 6.6e-4 / 1.7e-4, for 0.4% more bytes than format 4's
 bfloat16 store (9.29 and 35.67 MB on the digits and MNIST-1D MLPs).
 
+Codecs ``"dense"`` and ``"lorif"`` store the response (or its SVD factors) itself, whose entries ``~ G^-1 g_b / n`` fall
+below float16's 6e-8 for well-fit examples of a large training set: a plain float16 cast flushed them to zero (2,000
+blobs: the worst source's scores 4.8 (dense) / 5.5 (lorif) of its largest score off; a source whose response lies
+below 6e-8 stored as 0, scoring 0). Written the same way (one scale per source and parameter, per source and column of
+a ``@U`` / ``@V`` factor): 4.9e-3 / 6.7e-3, for 1.6% / 6.7% more bytes. bfloat16 has the range but 3 fewer bits: a
+bfloat16 half store of these codecs is scaled float16 too (digits MLP, dense: the worst source 9.8e-3 plain bfloat16,
+1.2e-3 scaled; 40.58 -> 40.62 MB; ``benchmarks/results/half-precision-dense.md``). Codec ``"eigen"`` casts as before.
+
 :func:`encode` writes, :func:`decode` reads; :func:`scale_shape` is the shape the store checks for a scale tensor.
 """
 
@@ -26,13 +35,28 @@ from torch import Tensor
 from lightning_attr.lowrank import FACTOR_KEYS
 
 SCALE = "@scale"  # shard key suffix of a tensor's scales: f"{key}@scale", bfloat16 powers of two
-ENCODING = "float16-scaled"  # the manifest's "encoding" of a factored checkpoint written this way
+ENCODING = "float16-scaled"  # the manifest's "encoding" of a checkpoint written this way
+SCALED_CODECS = ("dense", "lorif", "factored")  # the codecs whose half-precision shards are written scaled (not "eigen")
 _TOP_EXPONENT = 15  # a column's largest magnitude is stored in [2^14, 2^15) (float16's largest finite number is 65504)
 _LEAST_EXPONENT = -126  # scales stay normal numbers of bfloat16 (and float32)
 
 
 def _is_factor(key: str) -> bool:
     return key.endswith(FACTOR_KEYS)
+
+
+def scaled(codec: str, dtype: str | None) -> bool:
+    """Whether a checkpoint of ``codec`` in store dtype ``dtype`` is written as scaled float16 (:data:`ENCODING`): codecs
+    ``"dense"``, ``"lorif"`` and ``"factored"`` in either half dtype. Plain float16 flushes a response entry below 6e-8
+    to zero (dense responses of 12,000 blobs: 14.5% of the entries, 12 sources entirely), and scaled float16 keeps 3
+    more bits than bfloat16 for the same 2 bytes (README, "Half precision")."""
+    return dtype in ("float16", "bfloat16") and codec in SCALED_CODECS
+
+
+def entry(codec: str, dtype: str | None) -> dict[str, str]:
+    """The manifest field of a checkpoint of ``codec`` in store dtype ``dtype``: ``{"encoding": ENCODING}`` where it is
+    written scaled (:func:`scaled`), else ``{}``."""
+    return {"encoding": ENCODING} if scaled(codec, dtype) else {}
 
 
 def scale_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -70,4 +94,4 @@ def decode(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-__all__ = ["ENCODING", "SCALE", "decode", "encode", "scale_shape"]
+__all__ = ["ENCODING", "SCALE", "SCALED_CODECS", "decode", "encode", "entry", "scale_shape", "scaled"]

@@ -19,7 +19,10 @@ Layout of a store directory::
 Format version 5: a codec ``"factored"`` checkpoint of a half-precision store (``dtype`` ``"float16"`` or ``"bfloat16"``)
 holds its basis in float16 and its shards as float16 with a power-of-two scale per source and factor column (manifest
 field ``"encoding": "float16-scaled"``, :mod:`half_precision`); version 4 half stores held both in the dtype named and
-are read as they are. Version 4: a codec ``"factored"`` checkpoint may leave out what its other numbers determine (manifest fields
+are read as they are, with a warning. Codecs ``"dense"`` and ``"lorif"`` write their half shards the same way (the
+same field); their earlier format 5 half stores, cast plainly and naming no encoding, are read as they are (plain
+float16: with a warning). A reader of format 5 before that refuses a dense or lorif checkpoint with an encoding (by
+name, "a newer lightning_attr wrote it"), so the version stays 5. Version 4: a codec ``"factored"`` checkpoint may leave out what its other numbers determine (manifest fields
 ``"coordinates": "derived"``, the eigen coordinates computed from the factors and the basis when first read, and
 ``"folded_biases": {bias: weight}``, each the weight's ``U`` summed over its columns; :mod:`factored`); version 3
 factored checkpoints stored both and are read as they are. Version 3: a dense shard holds any sources in any order
@@ -39,6 +42,7 @@ import json
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -67,6 +71,7 @@ SOURCE_INDEX = "__source_index__"  # a dense shard's LongTensor[S_shard] of sour
 _STATS = ("valid", "shortfall", "missing_examples")
 MANIFEST = "manifest.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_STEM_CODECS = {"responses": "dense", "factors": "lorif", "factored": "factored", "coordinates": "eigen"}  # shard stem -> codec
 
 
 class StoreError(RuntimeError):
@@ -182,18 +187,22 @@ class ShardWriter:
         indexed: ``False``: the rows come in source order from source 0 (codecs ``"eigen"`` / ``"factored"``, a block
             of every source), and each shard is listed by its sources ``[start, stop)`` (``{"file", "start", "stop",
             "bytes"}``) and holds no source index (format 2 / 4's contiguous layout); rows out of order are refused.
+        scaled: the rows are written as float16 with a power-of-two scale per source (and factor column) beside each
+            tensor (:func:`lightning_attr.half_precision.encode`; manifest ``"encoding": "float16-scaled"``), whatever
+            half ``dtype`` is named: a half-precision store of codecs ``"dense"``, ``"lorif"`` and ``"factored"``
+            (:func:`lightning_attr.half_precision.scaled`).
     """
 
     def __init__(
         self, path: str | os.PathLike, name: str, space: ParameterSpace, dtype: str | None = "float32", *,
         prefix: str = "", rows_per_shard: int = 4096, encode: Callable[[Tensor], dict[str, Tensor]] | None = None,
-        stem: str = "responses", indexed: bool = True,
+        stem: str = "responses", indexed: bool = True, scaled: bool = False,
     ) -> None:  # fmt: skip
         check_checkpoint_name(name)
         if dtype is not None:
             _check_dtype(dtype)
         self.path, self.name, self.space, self.dtype, self.prefix = Path(path), name, space, dtype, prefix
-        self.encode, self.stem, self.indexed = encode or space.unflatten, stem, indexed
+        self.encode, self.stem, self.indexed, self.scaled = encode or space.unflatten, stem, indexed, scaled
         self._next = 0  # indexed=False: the source the next row must be
         self.rows_per_shard = max(1, int(rows_per_shard))
         self.shards: list[dict] = []
@@ -219,11 +228,14 @@ class ShardWriter:
                     f"due, got {sources.tolist()[:3]}.... Pass them in order, or use indexed=True (a source index per shard)."
                 )
             self._next += sources.numel()
+        if self.scaled:  # each row is scaled on its own: chunks encode as the whole would
+            tensors = half_precision.encode(tensors)
+        cast = _DTYPES[self.dtype] if self.dtype and not self.scaled else None
         start = 0
         while start < sources.numel():
             take = min(self.rows_per_shard - self._waiting, sources.numel() - start)
             self._sources.append(sources[start : start + take].cpu())
-            self._rows.append({k: t[start : start + take].to("cpu", _DTYPES[self.dtype] if self.dtype else t.dtype) for k, t in tensors.items()})
+            self._rows.append({k: t[start : start + take].to("cpu", cast or t.dtype) for k, t in tensors.items()})
             self._waiting, start = self._waiting + take, start + take
             if self._waiting >= self.rows_per_shard:
                 self.flush()
@@ -363,12 +375,14 @@ class ResponseStore:
         if isinstance(block, LowRankResponses):
             if block.num_sources != self.n_sources or block.space != self.space:
                 raise ValueError(f"a lorif block needs S={self.n_sources} sources of this store's parameter space.")
-            return block.entry(), self._write_rows(name, "factors", block.tensors(), dtype, shard_size, indexed=True)
+            shards = self._write_rows(name, "factors", block.tensors(), dtype, shard_size, indexed=True)
+            return {**block.entry(), **half_precision.entry("lorif", dtype)}, shards
         if block.responses.shape != (self.n_sources, self.space.size):
             raise ValueError(
                 f"responses must be [S={self.n_sources}, P={self.space.size}], got {list(block.responses.shape)}."
             )
-        return {"codec": "dense"}, self._write_rows(name, "responses", self.space.unflatten(block.responses), dtype, shard_size, indexed=True)
+        shards = self._write_rows(name, "responses", self.space.unflatten(block.responses), dtype, shard_size, indexed=True)
+        return {"codec": "dense", **half_precision.entry("dense", dtype)}, shards
 
     def commit(
         self, name: str, theta: Tensor, *, info: dict[str, Any], parts: int, dtype: str = "float32"
@@ -476,19 +490,19 @@ class ResponseStore:
         # scaled float16 (bfloat16's rounding is amplified by the cancellation in the derived response: half_precision)
         half = dtype != "float32"
         basis_file, basis_bytes = self._write_basis(name, basis, "float16" if half else dtype)
-        tensors = half_precision.encode(block.tensors()) if half else block.tensors()
-        shards = self._write_rows(name, "factored", tensors, None if half else dtype, shard_size, indexed=False)
-        entry = {**block.entry(), "basis_file": basis_file, "basis_bytes": basis_bytes}
-        return ({**entry, "encoding": half_precision.ENCODING} if half else entry), shards
+        shards = self._write_rows(name, "factored", block.tensors(), dtype, shard_size, indexed=False)
+        return {**block.entry(), "basis_file": basis_file, "basis_bytes": basis_bytes, **half_precision.entry("factored", dtype)}, shards
 
     def _write_rows(
         self, name: str, stem: str, tensors: dict[str, Tensor], dtype: str | None, shard_size: int, *, indexed: bool
     ) -> list[dict]:  # fmt: skip
         """``tensors: {key: Tensor[S, ...]}`` of every source, in order, as shards ``<name>/<stem>-<i>.safetensors`` of
-        ``shard_size`` sources each (:class:`ShardWriter`), in storage dtype ``dtype`` (``None``: each tensor's own):
-        with a per-row source index (``indexed``: codecs ``"dense"`` and ``"lorif"``, format 3's layout) or listed by
-        ``[start, stop)`` (codecs ``"eigen"`` and ``"factored"``)."""
-        writer = ShardWriter(self.path, name, self.space, dtype, rows_per_shard=shard_size, stem=stem, indexed=indexed)
+        ``shard_size`` sources each (:class:`ShardWriter`), in storage dtype ``dtype`` (a half dtype of codec ``stem``'s
+        ``"dense"`` / ``"lorif"`` / ``"factored"``: scaled float16, :func:`half_precision.scaled`): with a per-row source
+        index (``indexed``: codecs ``"dense"`` and ``"lorif"``, format 3's layout) or listed by ``[start, stop)`` (codecs
+        ``"eigen"`` and ``"factored"``)."""
+        scaled = half_precision.scaled(_STEM_CODECS[stem], dtype)
+        writer = ShardWriter(self.path, name, self.space, dtype, rows_per_shard=shard_size, stem=stem, indexed=indexed, scaled=scaled)
         writer.add_encoded(torch.arange(self.n_sources), tensors)
         writer.flush()
         return writer.shards
@@ -528,14 +542,40 @@ class ResponseStore:
         store = cls(path, manifest)
         for ckpt in manifest["checkpoints"]:
             store._check_files(ckpt)
+        store._warn_unscaled()
         return store
+
+    def _warn_unscaled(self) -> None:
+        """One warning for the half-precision checkpoints an older version wrote without scales, which this version
+        writes as scaled float16 (:func:`half_precision.scaled`): they read as they are, less accurately."""
+        legacy = [c for c in self.manifest["checkpoints"] if half_precision.scaled(c.get("codec", "dense"), c.get("dtype"))
+                  and "encoding" not in c and (c.get("codec") == "factored" or c.get("dtype") == "float16")]  # fmt: skip
+        if not legacy:
+            return
+        why = {
+            ("factored", "bfloat16"): "format 4's bfloat16 basis and factors: the derived response cancels their rounding "
+            "into the scores, about 10x the error of scaled float16 (2.55e-2 against 2.6e-3 of the largest score on a test MLP)",
+            ("factored", "float16"): "format 4's plain float16 factors: those below 6e-8 (the factors reach 1e-23) were "
+            "flushed to zero",
+        }  # fmt: skip
+        reasons = sorted({why.get((c.get("codec"), c["dtype"]), "plain float16 responses: entries below 6e-8 were flushed "
+                               "to zero, so small sources score 0 or far off") for c in legacy})  # fmt: skip
+        warnings.warn(
+            f"{self.path}: checkpoints {[c['name'] for c in legacy]} were written by an older lightning_attr in half "
+            f"precision without scales ({'; '.join(reasons)}). They are read as they are. Re-run the simulation (fit with "
+            "the callback again) to write this version's scaled float16 (manifest encoding "
+            f"{half_precision.ENCODING!r}), or use store_dtype='float32'.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _check_files(self, ckpt: dict[str, Any]) -> None:
         encoding = ckpt.get("encoding")
-        if encoding is not None and (encoding != half_precision.ENCODING or ckpt.get("codec") != "factored"):
+        if encoding is not None and (encoding != half_precision.ENCODING or ckpt.get("codec", "dense") not in half_precision.SCALED_CODECS):
             raise StoreError(
                 f"Checkpoint {ckpt['name']!r} of {self.path}: manifest field encoding={encoding!r} (codec "
-                f"{ckpt.get('codec')!r}) is not one this version reads (codec 'factored' only, {half_precision.ENCODING!r}): "
+                f"{ckpt.get('codec')!r}) is not one this version reads ({half_precision.ENCODING!r} of codecs "
+                f"{list(half_precision.SCALED_CODECS)}): "
                 "a newer lightning_attr wrote it (install the version that wrote it to read it), or the store is damaged "
                 "(re-run the simulation)."
             )
@@ -749,9 +789,8 @@ class ResponseStore:
         """Every shard of a ``"lorif"`` or ``"factored"`` checkpoint, each source's rows put in place (float32):
         ``{key: Tensor[S, ...]}``."""
         full: dict[str, Tensor] = {}
-        scaled = self.checkpoint_info(name).get("encoding") == half_precision.ENCODING
         for sources, tensors in self._iter_shards(name, codec):
-            for key, t in (half_precision.decode(tensors) if scaled else tensors).items():
+            for key, t in tensors.items():
                 if key not in full:
                     full[key] = torch.full((self.n_sources, *t.shape[1:]), float("nan"))
                 full[key][sources] = t.float()
@@ -779,9 +818,9 @@ class ResponseStore:
         return shapes
 
     def _encoding_hint(self, name: str) -> str:
-        """What checkpoint ``name``'s manifest says of its shards' encoding, for an error about their tensors (codec
-        ``"factored"``, the only one encoded; ``""`` for the others)."""
-        if self.codec(name) != "factored":
+        """What checkpoint ``name``'s manifest says of its shards' encoding, for an error about their tensors (codecs
+        ``"dense"``, ``"lorif"``, ``"factored"``; ``""`` for ``"eigen"``, never encoded)."""
+        if self.codec(name) not in half_precision.SCALED_CODECS:
             return ""
         if self.checkpoint_info(name).get("encoding") == half_precision.ENCODING:
             return (f"the manifest says encoding {half_precision.ENCODING!r}: every tensor has its power-of-two scales "
@@ -853,6 +892,7 @@ class ResponseStore:
             return
         space, covered = self.space, torch.zeros(self.n_sources, dtype=torch.long)
         hint = self._encoding_hint(name)  # for an error about the shards' tensors
+        scaled = self.checkpoint_info(name).get("encoding") == half_precision.ENCODING
         for shard in self.checkpoint_info(name)["shards"]:
             tensors = self._read(self.path / shard["file"])
             if "rows" in shard:  # format 3: the shard names its sources
@@ -881,5 +921,6 @@ class ResponseStore:
             if sources.numel() and (int(sources.min()) < 0 or int(sources.max()) >= self.n_sources):
                 raise StoreError(f"{shard['file']}: source ids outside [0, {self.n_sources}); the store is damaged.")
             covered.index_add_(0, sources, torch.ones_like(sources))
+            tensors = half_precision.decode(tensors) if scaled else tensors  # float32, the scales consumed
             yield sources, space.flatten(tensors, batch_dims=1) if codec == "dense" else tensors
         check_coverage(covered, f"checkpoint {name!r} of {self.path}")

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import lightning as L
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_attr import IndexedDataset
+from lightning_attr.half_precision import SCALE, decode
 from lightning_attr.models import Classifier, mlp
 
 
@@ -101,6 +106,29 @@ def exact_influence(model: nn.Module, x_train, y_train, x_query, y_query, dampin
     g_query = jacrev(losses)(theta, x_query.double(), y_query)  # [Q, P]
     solved = torch.linalg.solve(ggn + damping * torch.eye(ggn.shape[0], dtype=ggn.dtype), g_train.T)
     return (g_query @ solved / n).float()
+
+
+def written_plain(store_path, path, dtype: str, version: int = 5):
+    """A copy at ``path`` of the store at ``store_path`` as a version without scales wrote it: every float tensor of its
+    shards and basis cast to ``dtype`` (format 4's half stores, and format 5's dense and lorif ones before they were
+    scaled), no "encoding" field, manifest format ``version``."""
+    shutil.copytree(store_path, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    for entry in manifest["checkpoints"]:
+        for item in [*([{"file": entry["basis_file"]}] if "basis_file" in entry else []), *entry["shards"]]:
+            tensors = load_file(str(path / item["file"]))
+            index = {k: t for k, t in tensors.items() if not t.is_floating_point()}  # a dense shard's source index
+            floats = {k: t for k, t in tensors.items() if t.is_floating_point()}
+            floats = decode(floats) if any(k.endswith(SCALE) for k in floats) else floats  # scaled shards (not a basis)
+            save_file({**{k: t.to(getattr(torch, dtype)) for k, t in floats.items()}, **index}, str(path / item["file"]))
+            item["bytes"] = (path / item["file"]).stat().st_size
+        if "basis_file" in entry:
+            entry["basis_bytes"] = (path / entry["basis_file"]).stat().st_size
+        entry.pop("encoding", None)
+        entry.update(dtype=dtype)
+    manifest.update(format_version=version)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
