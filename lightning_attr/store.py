@@ -178,7 +178,7 @@ class ShardWriter:
 
     Args:
         path: the store directory. name: the checkpoint. space: the parameter space (``P``).
-        dtype: storage dtype name (``None``: each tensor's own, e.g. already encoded half-precision factors).
+        dtype: storage dtype name (``None``: each tensor's own).
         prefix: distinguishes the shards of several processes (``"r1-"``).
         rows_per_shard: sources per shard (at least 1).
         encode: ``Tensor[C, P] -> {key: Tensor[C, ...]}``, the codec's shard tensors (default: one tensor per
