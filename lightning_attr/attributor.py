@@ -494,7 +494,7 @@ def _deviation_std(scores: Tensor) -> Tensor:
     ``Tensor.std``'s kernel took 6.6 ms on one ``[300, 4000]`` block against 0.5-0.8 ms for this (one thread)."""
     missing = scores.isnan()
     deviations = scores.nan_to_num(0.0)
-    if not bool(missing.any()):
+    if not bool(missing.any()):  # the common case, two passes fewer: [300, 4000] 2.1 ms against 3.6-4.4 (one thread)
         norm = torch.linalg.vector_norm(deviations.sub_(deviations.mean(dim=1, keepdim=True)), dim=1, keepdim=True)
         return norm / max(scores.shape[1] - 1, 1) ** 0.5
     count = (~missing).sum(dim=1, keepdim=True)

@@ -488,7 +488,7 @@ class ResponseStore:
             )
         # half precision, whichever half dtype: the basis float16 (orthonormal rows, entries in [-1, 1]) and the shards
         # scaled float16 (bfloat16's rounding is amplified by the cancellation in the derived response: half_precision)
-        half = dtype != "float32"
+        half = half_precision.scaled("factored", dtype)  # the rule the shards' writer applies (_write_rows)
         basis_file, basis_bytes = self._write_basis(name, basis, "float16" if half else dtype)
         shards = self._write_rows(name, "factored", block.tensors(), dtype, shard_size, indexed=False)
         return {**block.entry(), "basis_file": basis_file, "basis_bytes": basis_bytes, **half_precision.entry("factored", dtype)}, shards
